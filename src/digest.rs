@@ -1,0 +1,318 @@
+//! Content digests (`sha256:<hex>`) and readers/writers that refuse bytes which
+//! do not match the digest they claim.
+
+use std::fmt;
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use sha2::{Digest as _, Sha256};
+
+use crate::error::{Error, Result};
+
+/// A validated `algorithm:hex` content digest. Only sha256 can be computed;
+/// sha512 digests parse so they can be named in errors.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Digest(String);
+
+impl Digest {
+    pub fn parse(s: &str) -> Result<Self> {
+        let bad = |reason: &str| Error::Digest {
+            input: s.to_string(),
+            reason: reason.to_string(),
+        };
+        let (algo, hex) = s.split_once(':').ok_or_else(|| bad("missing ':'"))?;
+        let want = match algo {
+            "sha256" => 64,
+            "sha512" => 128,
+            "" => return Err(bad("empty algorithm")),
+            _ => return Err(bad("unsupported algorithm (want sha256)")),
+        };
+        if hex.len() != want {
+            return Err(bad(&format!(
+                "{algo} needs {want} hex digits, found {}",
+                hex.len()
+            )));
+        }
+        if !hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+            return Err(bad("hex part must be lowercase hexadecimal"));
+        }
+        Ok(Digest(s.to_string()))
+    }
+
+    /// The sha256 digest of `bytes`.
+    pub fn of(bytes: &[u8]) -> Self {
+        let mut h = Hasher::new();
+        h.update(bytes);
+        h.finish()
+    }
+
+    pub fn algorithm(&self) -> &str {
+        self.0.split_once(':').map(|(a, _)| a).unwrap_or_default()
+    }
+
+    pub fn hex(&self) -> &str {
+        self.0.split_once(':').map(|(_, h)| h).unwrap_or_default()
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Short form for humans: `sha256:0123456789ab`.
+    pub fn short(&self) -> &str {
+        &self.0[..self.0.len().min(19)]
+    }
+
+    /// Check `bytes` against this digest.
+    pub fn verify(&self, bytes: &[u8]) -> Result<()> {
+        let actual = Digest::of(bytes);
+        if &actual != self {
+            return Err(Error::DigestMismatch {
+                expected: self.clone(),
+                actual,
+            });
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Display for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Digest({})", self.0)
+    }
+}
+
+impl FromStr for Digest {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Digest::parse(s)
+    }
+}
+
+impl serde::Serialize for Digest {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Digest {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Digest::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Incremental sha256 that also counts bytes.
+#[derive(Clone, Default)]
+pub struct Hasher {
+    sha: Sha256,
+    len: u64,
+}
+
+impl Hasher {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn update(&mut self, bytes: &[u8]) {
+        self.sha.update(bytes);
+        self.len += bytes.len() as u64;
+    }
+
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn finish(self) -> Digest {
+        Digest(format!("sha256:{}", hex::encode(self.sha.finalize())))
+    }
+
+    /// Finish and compare against the expected digest and (if known) size.
+    pub fn verify(self, expected: &Digest, size: Option<u64>) -> Result<()> {
+        let len = self.len;
+        if let Some(size) = size.filter(|&s| s != len) {
+            return Err(Error::SizeMismatch {
+                digest: expected.clone(),
+                expected: size,
+                actual: len,
+            });
+        }
+        let actual = self.finish();
+        if &actual != expected {
+            return Err(Error::DigestMismatch {
+                expected: expected.clone(),
+                actual,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// A reader that hashes what passes through and, at end of stream, fails with
+/// `Error::DigestMismatch`/`SizeMismatch` (inside an `io::Error`) instead of
+/// returning EOF when the bytes are not the expected blob. It also refuses to
+/// read past the expected size.
+pub struct VerifyingReader<R> {
+    inner: R,
+    hasher: Option<Hasher>,
+    expected: Digest,
+    size: Option<u64>,
+}
+
+impl<R: Read> VerifyingReader<R> {
+    pub fn new(inner: R, expected: Digest, size: Option<u64>) -> Self {
+        Self {
+            inner,
+            hasher: Some(Hasher::new()),
+            expected,
+            size,
+        }
+    }
+}
+
+impl<R: Read> Read for VerifyingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let Some(hasher) = self.hasher.as_mut() else {
+            return Ok(0);
+        };
+        let n = self.inner.read(buf)?;
+        if n == 0 {
+            let hasher = self.hasher.take().expect("present");
+            hasher.verify(&self.expected, self.size)?;
+            return Ok(0);
+        }
+        hasher.update(&buf[..n]);
+        if let Some(size) = self.size.filter(|&s| hasher.len() > s) {
+            return Err(Error::SizeMismatch {
+                digest: self.expected.clone(),
+                expected: size,
+                actual: hasher.len(),
+            }
+            .into());
+        }
+        Ok(n)
+    }
+}
+
+/// Writes a blob to a temporary file beside `dest` and renames it into place
+/// only once its digest and size check out, so a file at `dest` is always a
+/// whole, verified blob.
+pub struct BlobWriter {
+    tmp: tempfile::NamedTempFile,
+    dest: PathBuf,
+    hasher: Hasher,
+    expected: Digest,
+    size: Option<u64>,
+}
+
+impl BlobWriter {
+    pub fn create(dest: impl AsRef<Path>, expected: Digest, size: Option<u64>) -> Result<Self> {
+        let dest = dest.as_ref().to_path_buf();
+        let dir = dest.parent().unwrap_or(Path::new("."));
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir.display().to_string(), e))?;
+        let tmp = tempfile::Builder::new()
+            .prefix(".tmp-")
+            .tempfile_in(dir)
+            .map_err(|e| Error::io(dir.display().to_string(), e))?;
+        Ok(Self {
+            tmp,
+            dest,
+            hasher: Hasher::new(),
+            expected,
+            size,
+        })
+    }
+
+    /// Verify and move into place. On error the temporary file is removed.
+    pub fn commit(self) -> Result<PathBuf> {
+        self.hasher.verify(&self.expected, self.size)?;
+        self.tmp
+            .as_file()
+            .sync_data()
+            .map_err(|e| Error::io(self.dest.display().to_string(), e))?;
+        self.tmp
+            .persist(&self.dest)
+            .map_err(|e| Error::io(self.dest.display().to_string(), e.error))?;
+        Ok(self.dest)
+    }
+}
+
+impl Write for BlobWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.tmp.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.tmp.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EMPTY: &str = "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+
+    #[test]
+    fn parse_and_hash() {
+        assert_eq!(Digest::of(b"").as_str(), EMPTY);
+        assert_eq!(Digest::parse(EMPTY).unwrap().hex().len(), 64);
+        for bad in [
+            "sha256",
+            "sha256:abc",
+            "md5:00",
+            &EMPTY.to_uppercase(),
+            ":00",
+        ] {
+            assert!(Digest::parse(bad).is_err(), "{bad} accepted");
+        }
+    }
+
+    #[test]
+    fn verifying_reader_rejects_wrong_bytes() {
+        let d = Digest::of(b"hello");
+        let mut ok = String::new();
+        VerifyingReader::new(&b"hello"[..], d.clone(), Some(5))
+            .read_to_string(&mut ok)
+            .unwrap();
+        assert_eq!(ok, "hello");
+        let mut out = Vec::new();
+        let err = VerifyingReader::new(&b"hellp"[..], d.clone(), None)
+            .read_to_end(&mut out)
+            .unwrap_err();
+        assert!(err.to_string().contains("failed verification"), "{err}");
+        let err = VerifyingReader::new(&b"hello!"[..], d, Some(5))
+            .read_to_end(&mut out)
+            .unwrap_err();
+        assert!(err.to_string().contains("expected 5 bytes"), "{err}");
+    }
+
+    #[test]
+    fn blob_writer_leaves_nothing_on_mismatch() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("blob");
+        let mut w = BlobWriter::create(&dest, Digest::of(b"good"), None).unwrap();
+        w.write_all(b"evil").unwrap();
+        assert!(w.commit().is_err());
+        assert!(!dest.exists());
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+
+        let mut w = BlobWriter::create(&dest, Digest::of(b"good"), Some(4)).unwrap();
+        w.write_all(b"good").unwrap();
+        w.commit().unwrap();
+        assert_eq!(std::fs::read(&dest).unwrap(), b"good");
+    }
+}

@@ -1,0 +1,1 @@
+//! estargz: in progress.

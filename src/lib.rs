@@ -1,0 +1,29 @@
+//! ggfs: container registries as a filesystem.
+//!
+//! The library behind the `ggfs` CLI and the `ggfs-mountd` FUSE daemon:
+//! references and digests, a registry client with docker-compatible auth,
+//! immutable image views over registries, OCI layouts and docker tarballs,
+//! and the random-access layer readers the mount is built on.
+
+pub mod auth;
+pub mod copy;
+pub mod digest;
+pub mod error;
+pub mod estargz;
+pub mod export;
+pub mod image;
+pub mod layout;
+pub mod manifest;
+pub mod mutate;
+pub mod reference;
+pub mod registry;
+pub mod server;
+pub mod tarball;
+pub mod tarindex;
+pub mod zran;
+pub mod zstd_chunked;
+
+pub use digest::Digest;
+pub use error::{Error, Result};
+pub use manifest::{Platform, RawManifest};
+pub use reference::{Reference, Repository};

@@ -1,0 +1,1 @@
+//! mutate: in progress.

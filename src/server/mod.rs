@@ -1,0 +1,1 @@
+//! Embedded OCI distribution registry (axum): in progress.

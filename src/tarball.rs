@@ -1,0 +1,1 @@
+//! tarball: in progress.

@@ -1,0 +1,1 @@
+//! tarindex: in progress.

@@ -1,0 +1,1 @@
+//! zran: in progress.

@@ -1,0 +1,1 @@
+//! zstd_chunked: in progress.
