@@ -1,1 +1,198 @@
-//! copy: in progress.
+//! Copy an image or a whole index from any source to any sink, blobs first,
+//! manifests last, so a tag never points at a manifest whose blobs are missing.
+
+use std::sync::Arc;
+
+use futures::{StreamExt, TryStreamExt};
+
+use crate::digest::Digest;
+use crate::error::{Error, Result};
+use crate::image::{ByteStream, Sink, Source};
+use crate::manifest::{self, Descriptor, Parsed, Platform, RawManifest};
+
+/// What happened to one blob, for progress reporting and for tests that
+/// check a copy within one registry moved no bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BlobOutcome {
+    /// The sink already had it.
+    Present,
+    /// Made present without moving bytes (cross-repository mount).
+    Mounted,
+    /// Bytes were streamed from source to sink.
+    Uploaded,
+}
+
+/// Called as bytes of a blob flow, and when a blob is done.
+pub trait Progress: Send + Sync {
+    fn start(&self, _digest: &Digest, _size: u64) {}
+    fn advance(&self, _digest: &Digest, _bytes: u64) {}
+    fn finish(&self, _digest: &Digest, _outcome: BlobOutcome) {}
+}
+
+/// No progress reporting.
+pub struct Quiet;
+impl Progress for Quiet {}
+
+pub struct CopyOptions {
+    /// Copy only this platform's image out of an index.
+    pub platform: Option<Platform>,
+    /// Blobs transferred at once.
+    pub jobs: usize,
+    pub progress: Arc<dyn Progress>,
+}
+
+impl Default for CopyOptions {
+    fn default() -> Self {
+        Self {
+            platform: None,
+            jobs: 4,
+            progress: Arc::new(Quiet),
+        }
+    }
+}
+
+/// Summary of a copy.
+#[derive(Debug, Default, Clone)]
+pub struct CopyReport {
+    /// Digest of the top manifest written to the sink.
+    pub digest: Option<Digest>,
+    pub blobs_present: usize,
+    pub blobs_mounted: usize,
+    pub blobs_uploaded: usize,
+    pub bytes_uploaded: u64,
+}
+
+/// Copy `reference` (tag or digest) from `src` to `dst`, tagging it `tag`
+/// there (or storing it by digest only when `tag` is `None`).
+pub async fn copy(
+    src: Arc<dyn Source>,
+    reference: &str,
+    dst: Arc<dyn Sink>,
+    tag: Option<&str>,
+    opts: &CopyOptions,
+) -> Result<CopyReport> {
+    let mut report = CopyReport::default();
+    let raw = src.manifest(reference).await?;
+    let top = match (&opts.platform, raw.is_index()) {
+        (Some(p), true) => pick_platform(src.as_ref(), &raw, p).await?,
+        _ => raw,
+    };
+    copy_manifest(&src, &top, &dst, opts, &mut report).await?;
+    dst.put_manifest(&top, tag).await?;
+    dst.finish().await?;
+    report.digest = Some(top.digest.clone());
+    Ok(report)
+}
+
+/// The child manifest of an index for one platform, verified.
+pub async fn pick_platform(
+    src: &dyn Source,
+    index: &RawManifest,
+    platform: &Platform,
+) -> Result<RawManifest> {
+    let idx = index.index()?;
+    let desc = idx
+        .manifests()
+        .iter()
+        .find(|d| d.platform().as_ref().is_some_and(|p| platform.matches(p)))
+        .ok_or_else(|| Error::NoPlatform {
+            what: format!("index {}", index.digest),
+            platform: platform.to_string(),
+        })?;
+    fetch_child(src, desc).await
+}
+
+async fn fetch_child(src: &dyn Source, desc: &Descriptor) -> Result<RawManifest> {
+    let digest = manifest::digest_of(desc)?;
+    let raw = src.manifest(digest.as_str()).await?;
+    if raw.digest != digest {
+        return Err(Error::DigestMismatch {
+            expected: digest,
+            actual: raw.digest,
+        });
+    }
+    Ok(raw)
+}
+
+/// Copy everything `raw` references (blobs, child manifests), not `raw` itself.
+async fn copy_manifest(
+    src: &Arc<dyn Source>,
+    raw: &RawManifest,
+    dst: &Arc<dyn Sink>,
+    opts: &CopyOptions,
+    report: &mut CopyReport,
+) -> Result<()> {
+    match raw.parse()? {
+        Parsed::Image(m) => {
+            let blobs = std::iter::once(m.config()).chain(m.layers().iter());
+            let blobs: Vec<(Digest, u64)> = blobs
+                .map(|d| Ok((manifest::digest_of(d)?, d.size())))
+                .collect::<Result<_>>()?;
+            copy_blobs(src, dst, blobs, opts, report).await
+        }
+        Parsed::Index(idx) => {
+            for desc in idx.manifests() {
+                let child = fetch_child(src.as_ref(), desc).await?;
+                Box::pin(copy_manifest(src, &child, dst, opts, report)).await?;
+                dst.put_manifest(&child, None).await?;
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn copy_blobs(
+    src: &Arc<dyn Source>,
+    dst: &Arc<dyn Sink>,
+    mut blobs: Vec<(Digest, u64)>,
+    opts: &CopyOptions,
+    report: &mut CopyReport,
+) -> Result<()> {
+    blobs.sort();
+    blobs.dedup();
+    let outcomes: Vec<(BlobOutcome, u64)> = futures::stream::iter(blobs)
+        .map(|(digest, size)| async move {
+            let outcome = copy_blob(src, dst, &digest, size, opts).await?;
+            opts.progress.finish(&digest, outcome);
+            Ok::<_, Error>((outcome, size))
+        })
+        .buffer_unordered(opts.jobs.max(1))
+        .try_collect()
+        .await?;
+    for (outcome, size) in outcomes {
+        match outcome {
+            BlobOutcome::Present => report.blobs_present += 1,
+            BlobOutcome::Mounted => report.blobs_mounted += 1,
+            BlobOutcome::Uploaded => {
+                report.blobs_uploaded += 1;
+                report.bytes_uploaded += size;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Copy one blob: skip when present, mount when the sink can, else stream.
+pub async fn copy_blob(
+    src: &Arc<dyn Source>,
+    dst: &Arc<dyn Sink>,
+    digest: &Digest,
+    size: u64,
+    opts: &CopyOptions,
+) -> Result<BlobOutcome> {
+    if dst.has_blob(digest).await? {
+        return Ok(BlobOutcome::Present);
+    }
+    if dst.mount_blob(digest, src.as_ref()).await? {
+        return Ok(BlobOutcome::Mounted);
+    }
+    opts.progress.start(digest, size);
+    let stream = src.blob(digest).await?;
+    let stream = counted(stream, digest.clone(), opts.progress.clone());
+    dst.put_blob(digest, size, stream).await?;
+    Ok(BlobOutcome::Uploaded)
+}
+
+fn counted(stream: ByteStream, digest: Digest, progress: Arc<dyn Progress>) -> ByteStream {
+    Box::pin(stream.inspect_ok(move |chunk| progress.advance(&digest, chunk.len() as u64)))
+}
