@@ -14,6 +14,15 @@ pub enum Error {
     #[error("blob {expected} failed verification: its bytes hash to {actual}")]
     DigestMismatch { expected: Digest, actual: Digest },
 
+    /// Part of a blob (an eStargz chunk, a TOC) whose bytes do not match the
+    /// digest that vouches for them; `what` names the part and its blob.
+    #[error("{what} failed verification: expected {expected}, its bytes hash to {actual}")]
+    ContentMismatch {
+        what: String,
+        expected: Digest,
+        actual: Digest,
+    },
+
     #[error("blob {digest} failed verification: expected {expected} bytes, got {actual}")]
     SizeMismatch {
         digest: Digest,
