@@ -1,1 +1,433 @@
-//! layout: in progress.
+//! OCI image-layout directories (`oci-layout`, `index.json`,
+//! `blobs/<alg>/<hex>`) as a [`Source`] and a [`Sink`], compatible with what
+//! umoci, skopeo (`oci:DIR:TAG`) and containerd read and write.
+//!
+//! Tags are the `org.opencontainers.image.ref.name` annotation of an
+//! index.json entry. Blobs are written through [`BlobWriter`] (verified,
+//! temporary file renamed into place) and index.json is replaced atomically.
+
+use std::io::{SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::StreamExt;
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+
+use crate::digest::{BlobWriter, Digest};
+use crate::error::{from_io, Error, Result};
+use crate::image::{ByteStream, Sink, Source};
+use crate::manifest::{media, RawManifest, MAX_MANIFEST_SIZE};
+
+/// The annotation that names an index.json entry (the "tag").
+pub const REF_NAME: &str = "org.opencontainers.image.ref.name";
+/// containerd names entries with the full image name instead.
+const CONTAINERD_NAME: &str = "io.containerd.image.name";
+const LAYOUT_VERSION: &str = "1.0.0";
+
+/// An OCI image-layout directory.
+pub struct Layout {
+    root: PathBuf,
+    /// Serialises index.json read-modify-write cycles within this process.
+    index_lock: Mutex<()>,
+}
+
+/// One entry of index.json, as far as lookups need it.
+#[derive(Clone, Debug)]
+pub struct Entry {
+    pub digest: Digest,
+    pub media_type: Option<String>,
+    pub size: u64,
+    pub name: Option<String>,
+}
+
+impl Layout {
+    /// Open an existing layout; fails unless `oci-layout` and `index.json` exist.
+    pub fn open(root: impl AsRef<Path>) -> Result<Self> {
+        let root = root.as_ref().to_path_buf();
+        let marker = root.join("oci-layout");
+        let text = std::fs::read(&marker).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => Error::NotFound(format!(
+                "OCI layout {} (no oci-layout file)",
+                root.display()
+            )),
+            _ => Error::io(marker.display().to_string(), e),
+        })?;
+        let v: Value = serde_json::from_slice(&text)
+            .map_err(|e| Error::invalid(marker.display().to_string(), e.to_string()))?;
+        if v.get("imageLayoutVersion")
+            .and_then(Value::as_str)
+            .is_none()
+        {
+            return Err(Error::invalid(
+                marker.display().to_string(),
+                "no imageLayoutVersion",
+            ));
+        }
+        let layout = Self::unchecked(root);
+        layout.read_index()?;
+        Ok(layout)
+    }
+
+    /// Open a layout, creating the directory, `oci-layout` and an empty
+    /// `index.json` where missing.
+    pub fn create(root: impl AsRef<Path>) -> Result<Self> {
+        let root = root.as_ref().to_path_buf();
+        let blobs = root.join("blobs").join("sha256");
+        std::fs::create_dir_all(&blobs).map_err(|e| Error::io(blobs.display().to_string(), e))?;
+        let layout = Self::unchecked(root);
+        let marker = layout.root.join("oci-layout");
+        if !marker.exists() {
+            let v = json!({ "imageLayoutVersion": LAYOUT_VERSION });
+            layout.write_atomic(&marker, &serde_json::to_vec(&v).expect("json"))?;
+        }
+        if !layout.index_path().exists() {
+            let v = json!({ "schemaVersion": 2, "mediaType": media::OCI_INDEX, "manifests": [] });
+            layout.write_index(&v)?;
+        }
+        Self::open(&layout.root)
+    }
+
+    fn unchecked(root: PathBuf) -> Self {
+        Self {
+            root,
+            index_lock: Mutex::new(()),
+        }
+    }
+
+    /// `oci:/path`, for messages.
+    pub fn label(&self) -> String {
+        format!("oci:{}", self.root.display())
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Where a blob lives: `blobs/<alg>/<hex>`.
+    pub fn blob_path(&self, digest: &Digest) -> PathBuf {
+        self.root
+            .join("blobs")
+            .join(digest.algorithm())
+            .join(digest.hex())
+    }
+
+    fn index_path(&self) -> PathBuf {
+        self.root.join("index.json")
+    }
+
+    fn read_index(&self) -> Result<Value> {
+        let path = self.index_path();
+        let bytes = std::fs::read(&path).map_err(|e| Error::io(path.display().to_string(), e))?;
+        let v: Value = serde_json::from_slice(&bytes)
+            .map_err(|e| Error::invalid(path.display().to_string(), e.to_string()))?;
+        if !v.get("manifests").is_some_and(Value::is_array) {
+            return Err(Error::invalid(
+                path.display().to_string(),
+                "no \"manifests\" array",
+            ));
+        }
+        Ok(v)
+    }
+
+    fn write_index(&self, v: &Value) -> Result<()> {
+        let bytes = serde_json::to_vec(v).expect("json");
+        self.write_atomic(&self.index_path(), &bytes)
+    }
+
+    /// Write a small file via a temporary file and rename, so readers never
+    /// see it half written.
+    fn write_atomic(&self, path: &Path, bytes: &[u8]) -> Result<()> {
+        let ctx = || path.display().to_string();
+        let mut tmp = tempfile::Builder::new()
+            .prefix(".tmp-")
+            .tempfile_in(&self.root)
+            .map_err(|e| Error::io(ctx(), e))?;
+        tmp.write_all(bytes).map_err(|e| Error::io(ctx(), e))?;
+        tmp.as_file().sync_data().map_err(|e| Error::io(ctx(), e))?;
+        tmp.persist(path).map_err(|e| Error::io(ctx(), e.error))?;
+        Ok(())
+    }
+
+    /// The entries of index.json, in order.
+    pub fn entries(&self) -> Result<Vec<Entry>> {
+        let index = self.read_index()?;
+        let what = format!("{}", self.index_path().display());
+        index["manifests"]
+            .as_array()
+            .expect("checked in read_index")
+            .iter()
+            .map(|m| parse_entry(m, &what))
+            .collect()
+    }
+
+    /// The tags (ref.name annotations) present in index.json.
+    pub fn tags(&self) -> Result<Vec<String>> {
+        Ok(self.entries()?.into_iter().filter_map(|e| e.name).collect())
+    }
+
+    /// Find the entry for a tag, or for `""` the only entry.
+    pub fn resolve_tag(&self, tag: &str) -> Result<Entry> {
+        let entries = self.entries()?;
+        if tag.is_empty() {
+            return match entries.as_slice() {
+                [only] => Ok(only.clone()),
+                _ => Err(Error::invalid(
+                    format!("OCI layout {}", self.root.display()),
+                    format!(
+                        "holds {} manifests; name one of the tags {:?}",
+                        entries.len(),
+                        self.tags()?
+                    ),
+                )),
+            };
+        }
+        // ref.name first; containerd's full-name annotation as a fallback.
+        let by_ref = entries.iter().find(|e| e.name.as_deref() == Some(tag));
+        by_ref
+            .cloned()
+            .or_else(|| self.find_containerd_name(tag))
+            .ok_or_else(|| {
+                Error::NotFound(format!("tag {tag:?} in OCI layout {}", self.root.display()))
+            })
+    }
+
+    fn find_containerd_name(&self, tag: &str) -> Option<Entry> {
+        let index = self.read_index().ok()?;
+        let m = index["manifests"]
+            .as_array()?
+            .iter()
+            .find(|m| m["annotations"][CONTAINERD_NAME].as_str() == Some(tag))?;
+        parse_entry(m, "index.json").ok()
+    }
+
+    /// Point `tag` at a manifest: replaces the entry carrying that tag (in
+    /// place) or appends one. index.json is rewritten atomically.
+    pub fn set_tag(&self, manifest: &RawManifest, tag: &str) -> Result<()> {
+        let _guard = self.index_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let mut index = self.read_index()?;
+        let entry = json!({
+            "mediaType": manifest.media_type,
+            "digest": manifest.digest,
+            "size": manifest.bytes.len(),
+            "annotations": { REF_NAME: tag },
+        });
+        let list = index["manifests"].as_array_mut().expect("checked");
+        let named = |m: &Value| m["annotations"][REF_NAME].as_str() == Some(tag);
+        match list.iter().position(named) {
+            Some(i) => {
+                list[i] = entry;
+                let mut first = true;
+                list.retain(|m| !named(m) || std::mem::take(&mut first));
+            }
+            None => list.push(entry),
+        }
+        self.write_index(&index)
+    }
+
+    /// Read a whole blob that must be small (manifests), verified.
+    fn read_small_blob(&self, digest: &Digest) -> Result<Bytes> {
+        let path = self.blob_path(digest);
+        let meta = std::fs::metadata(&path).map_err(|e| self.blob_err(digest, e))?;
+        if meta.len() > MAX_MANIFEST_SIZE {
+            return Err(Error::TooLarge {
+                what: format!("manifest {digest} in {}", self.label()),
+                size: meta.len(),
+                limit: MAX_MANIFEST_SIZE,
+            });
+        }
+        let bytes = std::fs::read(&path).map_err(|e| self.blob_err(digest, e))?;
+        digest.verify(&bytes)?;
+        Ok(Bytes::from(bytes))
+    }
+
+    fn blob_err(&self, digest: &Digest, e: std::io::Error) -> Error {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            Error::NotFound(format!("blob {digest} in {}", self.label()))
+        } else {
+            Error::io(self.blob_path(digest).display().to_string(), e)
+        }
+    }
+
+    fn manifest_by_digest(&self, digest: &Digest) -> Result<RawManifest> {
+        let bytes = self.read_small_blob(digest)?;
+        // The index entry, if any, knows the media type better than a sniff.
+        let mt = self
+            .entries()?
+            .into_iter()
+            .find(|e| &e.digest == digest)
+            .and_then(|e| e.media_type);
+        RawManifest::verified(bytes, mt.as_deref(), digest)
+    }
+}
+
+fn parse_entry(m: &Value, what: &str) -> Result<Entry> {
+    let bad = |r: &str| Error::invalid(format!("{what} entry"), r.to_string());
+    let digest = m["digest"].as_str().ok_or_else(|| bad("no digest"))?;
+    Ok(Entry {
+        digest: Digest::parse(digest)?,
+        media_type: m["mediaType"].as_str().map(str::to_string),
+        size: m["size"].as_u64().ok_or_else(|| bad("no size"))?,
+        name: m["annotations"][REF_NAME].as_str().map(str::to_string),
+    })
+}
+
+#[async_trait]
+impl Source for Layout {
+    fn name(&self) -> String {
+        self.label()
+    }
+
+    async fn manifest(&self, reference: &str) -> Result<RawManifest> {
+        if let Ok(digest) = Digest::parse(reference) {
+            return self.manifest_by_digest(&digest);
+        }
+        let entry = self.resolve_tag(reference)?;
+        let bytes = self.read_small_blob(&entry.digest)?;
+        if bytes.len() as u64 != entry.size {
+            return Err(Error::SizeMismatch {
+                digest: entry.digest,
+                expected: entry.size,
+                actual: bytes.len() as u64,
+            });
+        }
+        RawManifest::verified(bytes, entry.media_type.as_deref(), &entry.digest)
+    }
+
+    async fn blob(&self, digest: &Digest) -> Result<ByteStream> {
+        let file = tokio::fs::File::open(self.blob_path(digest))
+            .await
+            .map_err(|e| self.blob_err(digest, e))?;
+        Ok(Box::pin(tokio_util::io::ReaderStream::with_capacity(
+            file,
+            256 * 1024,
+        )))
+    }
+
+    async fn blob_range(&self, digest: &Digest, offset: u64, len: u64) -> Result<Bytes> {
+        let path = self.blob_path(digest);
+        let ctx = || format!("blob {digest} in {} at {offset}+{len}", self.label());
+        let mut file = tokio::fs::File::open(&path)
+            .await
+            .map_err(|e| self.blob_err(digest, e))?;
+        let size = file
+            .metadata()
+            .await
+            .map_err(|e| Error::io(ctx(), e))?
+            .len();
+        if offset.checked_add(len).is_none_or(|end| end > size) {
+            return Err(Error::invalid(
+                ctx(),
+                format!("range past the blob's end ({size} bytes)"),
+            ));
+        }
+        file.seek(SeekFrom::Start(offset))
+            .await
+            .map_err(|e| Error::io(ctx(), e))?;
+        let mut buf = vec![0; len as usize];
+        file.read_exact(&mut buf)
+            .await
+            .map_err(|e| Error::io(ctx(), e))?;
+        Ok(Bytes::from(buf))
+    }
+
+    async fn blob_size(&self, digest: &Digest) -> Result<u64> {
+        let meta = tokio::fs::metadata(self.blob_path(digest))
+            .await
+            .map_err(|e| self.blob_err(digest, e))?;
+        Ok(meta.len())
+    }
+}
+
+#[async_trait]
+impl Sink for Layout {
+    fn name(&self) -> String {
+        self.label()
+    }
+
+    async fn has_blob(&self, digest: &Digest) -> Result<bool> {
+        Ok(tokio::fs::try_exists(self.blob_path(digest))
+            .await
+            .unwrap_or(false))
+    }
+
+    async fn put_blob(&self, digest: &Digest, size: u64, mut data: ByteStream) -> Result<()> {
+        if self.has_blob(digest).await? {
+            return Ok(());
+        }
+        let ctx = || format!("writing blob {digest} to {}", self.label());
+        let mut writer = BlobWriter::create(self.blob_path(digest), digest.clone(), Some(size))?;
+        while let Some(chunk) = data.next().await {
+            let chunk = chunk.map_err(|e| from_io(ctx(), e))?;
+            writer.write_all(&chunk).map_err(|e| Error::io(ctx(), e))?;
+        }
+        tokio::task::spawn_blocking(move || writer.commit())
+            .await
+            .map_err(|e| Error::invalid(ctx(), e.to_string()))??;
+        Ok(())
+    }
+
+    async fn put_manifest(&self, manifest: &RawManifest, tag: Option<&str>) -> Result<()> {
+        let path = self.blob_path(&manifest.digest);
+        if !path.exists() {
+            let size = manifest.bytes.len() as u64;
+            let mut w = BlobWriter::create(&path, manifest.digest.clone(), Some(size))?;
+            w.write_all(&manifest.bytes)
+                .map_err(|e| Error::io(path.display().to_string(), e))?;
+            w.commit()?;
+        }
+        match tag {
+            Some(tag) => self.set_tag(manifest, tag),
+            None => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stream(bytes: &'static [u8]) -> ByteStream {
+        Box::pin(futures::stream::iter([Ok(Bytes::from_static(bytes))]))
+    }
+
+    #[tokio::test]
+    async fn round_trip_and_retag() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = Layout::create(dir.path().join("l")).unwrap();
+        let d = Digest::of(b"layer");
+        l.put_blob(&d, 5, stream(b"layer")).await.unwrap();
+        assert_eq!(l.blob_size(&d).await.unwrap(), 5);
+        assert_eq!(&l.blob_range(&d, 1, 3).await.unwrap()[..], b"aye");
+        assert!(l.blob_range(&d, 4, 2).await.is_err());
+
+        let bad = Digest::of(b"other");
+        let err = l.put_blob(&bad, 5, stream(b"layer")).await.unwrap_err();
+        assert!(err.to_string().contains("failed verification"), "{err}");
+        assert!(!l.blob_path(&bad).exists());
+
+        let m1 = RawManifest::new(
+            Bytes::from_static(br#"{"schemaVersion":2,"layers":[]}"#),
+            None,
+        )
+        .unwrap();
+        let m2 = RawManifest::new(
+            Bytes::from_static(br#"{"schemaVersion":2,"layers":[ ]}"#),
+            None,
+        )
+        .unwrap();
+        l.put_manifest(&m1, Some("a")).await.unwrap();
+        l.put_manifest(&m1, Some("b")).await.unwrap();
+        l.put_manifest(&m2, Some("a")).await.unwrap();
+        assert_eq!(l.tags().unwrap(), ["a", "b"]);
+        assert_eq!(l.manifest("a").await.unwrap().digest, m2.digest);
+        assert_eq!(
+            l.manifest(m1.digest.as_str()).await.unwrap().digest,
+            m1.digest
+        );
+        assert!(l.manifest("zzz").await.unwrap_err().is_not_found());
+        assert!(l.manifest("").await.is_err(), "two entries: ambiguous");
+    }
+}

@@ -1,1 +1,847 @@
-//! mutate: in progress.
+//! Functional image mutations, after go-containerregistry's `mutate`: each
+//! returns a new [`Image`] whose new blobs (layers, config, manifest) are
+//! served from local temporary files or memory by an [`Overlay`] source and
+//! everything else from the base image's source.
+//!
+//! Configs and manifests are edited as JSON values so fields this crate does
+//! not model survive the round trip.
+
+use std::collections::{BTreeMap, HashMap};
+use std::ffi::OsString;
+use std::fs::File;
+use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use serde_json::{json, Map, Value};
+
+use crate::digest::{Digest, Hasher};
+use crate::error::{Error, Result};
+use crate::image::{ByteStream, Image, Source};
+use crate::manifest::{media, Compression, Platform, RawManifest};
+
+/// Layer media type for an uncompressed docker schema-2 layer.
+const DOCKER_LAYER_TAR: &str = "application/vnd.docker.image.rootfs.diff.tar";
+
+/// A layer built locally: its compressed blob in a temporary file (removed
+/// when the last handle goes), with digest and DiffID computed while writing.
+#[derive(Clone, Debug)]
+pub struct LocalLayer {
+    pub digest: Digest,
+    pub diff_id: Digest,
+    pub size: u64,
+    pub compression: Compression,
+    file: Arc<tempfile::TempPath>,
+}
+
+impl LocalLayer {
+    /// The compressed blob on disk.
+    pub fn path(&self) -> &Path {
+        &self.file
+    }
+
+    /// The media type this layer gets in a manifest of `manifest_media_type`.
+    pub fn media_type(&self, manifest_media_type: &str) -> &'static str {
+        let docker = manifest_media_type == media::DOCKER_MANIFEST;
+        match (self.compression, docker) {
+            (Compression::None, true) => DOCKER_LAYER_TAR,
+            (Compression::Gzip, true) => media::DOCKER_LAYER_GZIP,
+            (Compression::None, false) => media::OCI_LAYER,
+            (Compression::Gzip, false) => media::OCI_LAYER_GZIP,
+            (Compression::Zstd, _) => media::OCI_LAYER_ZSTD,
+        }
+    }
+}
+
+/// Hashes (and counts) what is written through it.
+struct HashWriter<W> {
+    inner: W,
+    hasher: Hasher,
+}
+
+impl<W: Write> Write for HashWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+enum Encoder<W: Write> {
+    None(W),
+    Gzip(flate2::write::GzEncoder<W>),
+    Zstd(zstd::stream::write::Encoder<'static, W>),
+}
+
+impl<W: Write> Encoder<W> {
+    fn new(c: Compression, w: W) -> io::Result<Self> {
+        Ok(match c {
+            Compression::None => Encoder::None(w),
+            // GzEncoder's header has mtime 0: output is reproducible.
+            Compression::Gzip => Encoder::Gzip(flate2::write::GzEncoder::new(
+                w,
+                flate2::Compression::default(),
+            )),
+            Compression::Zstd => Encoder::Zstd(zstd::stream::write::Encoder::new(w, 3)?),
+        })
+    }
+    fn finish(self) -> io::Result<W> {
+        match self {
+            Encoder::None(w) => Ok(w),
+            Encoder::Gzip(e) => e.finish(),
+            Encoder::Zstd(e) => e.finish(),
+        }
+    }
+}
+
+impl<W: Write> Write for Encoder<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Encoder::None(w) => w.write(buf),
+            Encoder::Gzip(e) => e.write(buf),
+            Encoder::Zstd(e) => e.write(buf),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Encoder::None(w) => w.flush(),
+            Encoder::Gzip(e) => e.flush(),
+            Encoder::Zstd(e) => e.flush(),
+        }
+    }
+}
+
+type TarSink = HashWriter<Encoder<HashWriter<BufWriter<File>>>>;
+
+/// A temporary file being filled with a compressed tar, hashing both sides.
+struct LayerWriter {
+    tmp: tempfile::TempPath,
+    sink: TarSink,
+    compression: Compression,
+}
+
+impl LayerWriter {
+    fn new(compression: Compression) -> Result<Self> {
+        let ctx = |e| Error::io("creating a temporary layer file", e);
+        let (file, tmp) = tempfile::NamedTempFile::new().map_err(ctx)?.into_parts();
+        let outer = HashWriter {
+            inner: BufWriter::new(file),
+            hasher: Hasher::new(),
+        };
+        let sink = HashWriter {
+            inner: Encoder::new(compression, outer).map_err(ctx)?,
+            hasher: Hasher::new(),
+        };
+        Ok(Self {
+            tmp,
+            sink,
+            compression,
+        })
+    }
+
+    fn finish(
+        sink: TarSink,
+        tmp: tempfile::TempPath,
+        compression: Compression,
+    ) -> Result<LocalLayer> {
+        let ctx = |e| Error::io(format!("writing layer {}", tmp.display()), e);
+        let diff_id = sink.hasher.finish();
+        let mut outer = sink.inner.finish().map_err(ctx)?;
+        outer.flush().map_err(ctx)?;
+        let size = outer.hasher.len();
+        Ok(LocalLayer {
+            digest: outer.hasher.finish(),
+            diff_id,
+            size,
+            compression,
+            file: Arc::new(tmp),
+        })
+    }
+}
+
+/// Build a layer from a tar stream (compressed or not: it is sniffed and
+/// decompressed first), recompressed with `compression`.
+pub fn layer_from_reader(
+    reader: impl Read + Send + 'static,
+    compression: Compression,
+) -> Result<LocalLayer> {
+    let mut reader = io::BufReader::new(reader);
+    let head = io::BufRead::fill_buf(&mut reader)
+        .map_err(|e| Error::io("reading layer tar", e))?
+        .to_vec();
+    let mut input = crate::image::decompress(Compression::sniff(&head), Box::new(reader))?;
+    let mut w = LayerWriter::new(compression)?;
+    io::copy(&mut input, &mut w.sink).map_err(|e| Error::io("reading layer tar", e))?;
+    LayerWriter::finish(w.sink, w.tmp, w.compression)
+}
+
+/// Build a layer from a tar file (plain, gzip or zstd).
+pub fn layer_from_tar(path: impl AsRef<Path>, compression: Compression) -> Result<LocalLayer> {
+    let path = path.as_ref();
+    let file = File::open(path).map_err(|e| Error::io(path.display().to_string(), e))?;
+    layer_from_reader(file, compression)
+        .map_err(|e| Error::invalid(format!("layer tar {}", path.display()), e.to_string()))
+}
+
+/// Build a reproducible layer from a directory: entries sorted by name,
+/// parents before children, mode/uid/gid/mtime and xattrs preserved,
+/// hardlinks detected by inode, devices and fifos kept, sockets skipped.
+/// Deletions are representable the way overlayfs records them: a 0/0
+/// character device becomes a `.wh.<name>` whiteout and a directory with the
+/// `trusted.overlay.opaque` (or `user.overlay.opaque`) xattr set to `y` gets
+/// a `.wh..wh..opq` marker; files already named `.wh.*` pass through as is.
+pub fn layer_from_dir(dir: impl AsRef<Path>, compression: Compression) -> Result<LocalLayer> {
+    let dir = dir.as_ref();
+    let meta = std::fs::metadata(dir).map_err(|e| Error::io(dir.display().to_string(), e))?;
+    if !meta.is_dir() {
+        return Err(Error::invalid(dir.display().to_string(), "not a directory"));
+    }
+    let w = LayerWriter::new(compression)?;
+    let (tmp, compression) = (w.tmp, w.compression);
+    let mut builder = tar::Builder::new(w.sink);
+    let mut walk = DirWalk {
+        root: dir,
+        links: HashMap::new(),
+    };
+    walk.append_children(&mut builder, Path::new(""))?;
+    let sink = builder
+        .into_inner()
+        .map_err(|e| Error::io(format!("writing layer of {}", dir.display()), e))?;
+    LayerWriter::finish(sink, tmp, compression)
+}
+
+struct DirWalk<'a> {
+    root: &'a Path,
+    /// (dev, inode) of multiply-linked files already written → their name.
+    links: HashMap<(u64, u64), PathBuf>,
+}
+
+impl DirWalk<'_> {
+    fn append_children<W: Write>(&mut self, b: &mut tar::Builder<W>, rel: &Path) -> Result<()> {
+        let dir = self.root.join(rel);
+        let ctx = |e| Error::io(dir.display().to_string(), e);
+        let mut names: Vec<OsString> = std::fs::read_dir(&dir)
+            .map_err(ctx)?
+            .map(|e| e.map(|e| e.file_name()))
+            .collect::<io::Result<_>>()
+            .map_err(ctx)?;
+        names.sort();
+        for name in names {
+            let rel = rel.join(&name);
+            let full = self.root.join(&rel);
+            let meta = std::fs::symlink_metadata(&full)
+                .map_err(|e| Error::io(full.display().to_string(), e))?;
+            self.append_entry(b, &full, &rel, &meta)
+                .map_err(|e| Error::io(format!("adding {} to layer", full.display()), e))?;
+            if meta.is_dir() {
+                self.append_children(b, &rel)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn append_entry<W: Write>(
+        &mut self,
+        b: &mut tar::Builder<W>,
+        full: &Path,
+        rel: &Path,
+        meta: &std::fs::Metadata,
+    ) -> io::Result<()> {
+        let mut h = base_header(meta);
+        let ft = meta.file_type();
+        let xattrs = read_xattrs(full)?;
+        if ft.is_char_device() && meta.rdev() == 0 {
+            // overlayfs whiteout: the OCI form is an empty `.wh.<name>` file.
+            let name = rel.file_name().unwrap_or_default().to_string_lossy();
+            let wh = rel.with_file_name(format!(".wh.{name}"));
+            h.set_entry_type(tar::EntryType::Regular);
+            return b.append_data(&mut h, wh, io::empty());
+        }
+        append_pax_xattrs(b, &xattrs)?;
+        if ft.is_dir() {
+            h.set_entry_type(tar::EntryType::Directory);
+            b.append_data(&mut h, rel, io::empty())?;
+            if is_opaque(&xattrs) {
+                let mut oh = base_header(meta);
+                oh.set_entry_type(tar::EntryType::Regular);
+                oh.set_mode(0o644);
+                b.append_data(&mut oh, rel.join(".wh..wh..opq"), io::empty())?;
+            }
+        } else if ft.is_symlink() {
+            h.set_entry_type(tar::EntryType::Symlink);
+            b.append_link(&mut h, rel, std::fs::read_link(full)?)?;
+        } else if ft.is_file() {
+            self.append_file(b, h, full, rel, meta)?;
+        } else if ft.is_char_device() || ft.is_block_device() || ft.is_fifo() {
+            h.set_entry_type(if ft.is_char_device() {
+                tar::EntryType::Char
+            } else if ft.is_block_device() {
+                tar::EntryType::Block
+            } else {
+                tar::EntryType::Fifo
+            });
+            if !ft.is_fifo() {
+                let (major, minor) = dev_numbers(meta.rdev());
+                h.set_device_major(major)?;
+                h.set_device_minor(minor)?;
+            }
+            b.append_data(&mut h, rel, io::empty())?;
+        } else {
+            tracing::warn!("skipping socket {}", full.display());
+        }
+        Ok(())
+    }
+
+    fn append_file<W: Write>(
+        &mut self,
+        b: &mut tar::Builder<W>,
+        mut h: tar::Header,
+        full: &Path,
+        rel: &Path,
+        meta: &std::fs::Metadata,
+    ) -> io::Result<()> {
+        if meta.nlink() > 1 {
+            let key = (meta.dev(), meta.ino());
+            if let Some(first) = self.links.get(&key) {
+                h.set_entry_type(tar::EntryType::Link);
+                return b.append_link(&mut h, rel, first);
+            }
+            self.links.insert(key, rel.to_path_buf());
+        }
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_size(meta.len());
+        // Guard against the file changing size under us: tar needs the
+        // declared size exactly.
+        let file = File::open(full)?;
+        let mut data = file.take(meta.len());
+        b.append_data(&mut h, rel, &mut data)
+    }
+}
+
+fn base_header(meta: &std::fs::Metadata) -> tar::Header {
+    let mut h = tar::Header::new_gnu();
+    h.set_mode(meta.mode() & 0o7777);
+    h.set_uid(meta.uid() as u64);
+    h.set_gid(meta.gid() as u64);
+    h.set_mtime(meta.mtime().max(0) as u64);
+    h.set_size(0);
+    h
+}
+
+/// Linux's dev_t encoding (glibc's major()/minor()).
+fn dev_numbers(rdev: u64) -> (u32, u32) {
+    let major = ((rdev >> 8) & 0xfff) | ((rdev >> 32) & !0xfff);
+    let minor = (rdev & 0xff) | ((rdev >> 12) & !0xff);
+    (major as u32, minor as u32)
+}
+
+fn read_xattrs(path: &Path) -> io::Result<Vec<(String, Vec<u8>)>> {
+    let names = match xattr::list(path) {
+        Ok(n) => n,
+        Err(e) if e.kind() == io::ErrorKind::Unsupported => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let mut out = Vec::new();
+    for name in names {
+        let Some(key) = name.to_str().map(str::to_string) else {
+            continue;
+        };
+        if let Some(v) = xattr::get(path, &name)? {
+            out.push((key, v));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+fn is_opaque(xattrs: &[(String, Vec<u8>)]) -> bool {
+    xattrs.iter().any(|(k, v)| {
+        (k == "trusted.overlay.opaque" || k == "user.overlay.opaque") && v.as_slice() == b"y"
+    })
+}
+
+/// Emit xattrs as `SCHILY.xattr.*` PAX records, leaving out overlayfs's own
+/// bookkeeping (represented as whiteouts instead).
+fn append_pax_xattrs<W: Write>(
+    b: &mut tar::Builder<W>,
+    xattrs: &[(String, Vec<u8>)],
+) -> io::Result<()> {
+    let records: Vec<(String, &[u8])> = xattrs
+        .iter()
+        .filter(|(k, _)| !k.starts_with("trusted.overlay.") && !k.starts_with("user.overlay."))
+        .map(|(k, v)| (format!("SCHILY.xattr.{k}"), v.as_slice()))
+        .collect();
+    if records.is_empty() {
+        return Ok(());
+    }
+    b.append_pax_extensions(records.iter().map(|(k, v)| (k.as_str(), *v)))
+}
+
+/// A blob held by an [`Overlay`].
+#[derive(Clone)]
+enum Blob {
+    Memory(Bytes),
+    File(Arc<tempfile::TempPath>),
+}
+
+/// Serves blobs and manifests created by mutations, and delegates
+/// everything else to the base image's source.
+pub struct Overlay {
+    base: Option<Arc<dyn Source>>,
+    blobs: HashMap<Digest, Blob>,
+    manifests: HashMap<Digest, RawManifest>,
+}
+
+impl Overlay {
+    fn base(&self, what: &str) -> Result<&Arc<dyn Source>> {
+        self.base
+            .as_ref()
+            .ok_or_else(|| Error::NotFound(format!("{what} in a locally built image")))
+    }
+}
+
+#[async_trait]
+impl Source for Overlay {
+    fn name(&self) -> String {
+        match &self.base {
+            Some(b) => format!("{} (mutated)", b.name()),
+            None => "local image".to_string(),
+        }
+    }
+
+    fn repository(&self) -> Option<&crate::reference::Repository> {
+        self.base.as_ref().and_then(|b| b.repository())
+    }
+
+    async fn manifest(&self, reference: &str) -> Result<RawManifest> {
+        if let Some(m) = Digest::parse(reference)
+            .ok()
+            .and_then(|d| self.manifests.get(&d))
+        {
+            return Ok(m.clone());
+        }
+        self.base(&format!("manifest {reference}"))?
+            .manifest(reference)
+            .await
+    }
+
+    async fn blob(&self, digest: &Digest) -> Result<ByteStream> {
+        match self.blobs.get(digest) {
+            Some(Blob::Memory(b)) => {
+                let b = b.clone();
+                Ok(Box::pin(futures::stream::iter([Ok(b)])))
+            }
+            Some(Blob::File(p)) => {
+                let f = tokio::fs::File::open(p.to_path_buf())
+                    .await
+                    .map_err(|e| Error::io(format!("layer {digest} at {}", p.display()), e))?;
+                Ok(Box::pin(tokio_util::io::ReaderStream::with_capacity(
+                    f,
+                    256 * 1024,
+                )))
+            }
+            None => self.base(&format!("blob {digest}"))?.blob(digest).await,
+        }
+    }
+
+    async fn blob_range(&self, digest: &Digest, offset: u64, len: u64) -> Result<Bytes> {
+        let ctx = || format!("blob {digest} at {offset}+{len}");
+        match self.blobs.get(digest) {
+            Some(Blob::Memory(b)) => {
+                let end = offset.checked_add(len).filter(|&e| e <= b.len() as u64);
+                let end = end.ok_or_else(|| Error::invalid(ctx(), "range past the blob's end"))?;
+                Ok(b.slice(offset as usize..end as usize))
+            }
+            Some(Blob::File(p)) => {
+                let p = p.to_path_buf();
+                let read = move || -> io::Result<Vec<u8>> {
+                    let mut f = File::open(&p)?;
+                    f.seek(SeekFrom::Start(offset))?;
+                    let mut buf = vec![0; len as usize];
+                    f.read_exact(&mut buf)?;
+                    Ok(buf)
+                };
+                let buf = tokio::task::spawn_blocking(read)
+                    .await
+                    .map_err(|e| Error::invalid(ctx(), e.to_string()))?
+                    .map_err(|e| Error::io(ctx(), e))?;
+                Ok(Bytes::from(buf))
+            }
+            None => {
+                self.base(&format!("blob {digest}"))?
+                    .blob_range(digest, offset, len)
+                    .await
+            }
+        }
+    }
+
+    async fn blob_size(&self, digest: &Digest) -> Result<u64> {
+        match self.blobs.get(digest) {
+            Some(Blob::Memory(b)) => Ok(b.len() as u64),
+            Some(Blob::File(p)) => Ok(std::fs::metadata(&**p)
+                .map_err(|e| Error::io(p.display().to_string(), e))?
+                .len()),
+            None => {
+                self.base(&format!("blob {digest}"))?
+                    .blob_size(digest)
+                    .await
+            }
+        }
+    }
+}
+
+/// Re-serialise config and manifest and wrap them in a new image view whose
+/// overlay serves the new blobs.
+fn rebuild(
+    base: Option<Arc<dyn Source>>,
+    manifest_media_type: &str,
+    config: &Value,
+    mut manifest: Value,
+    mut blobs: HashMap<Digest, Blob>,
+) -> Result<Image> {
+    let config = Bytes::from(serde_json::to_vec(config).expect("json"));
+    let config_digest = Digest::of(&config);
+    manifest["config"]["digest"] = json!(config_digest);
+    manifest["config"]["size"] = json!(config.len());
+    let bytes = Bytes::from(serde_json::to_vec(&manifest).expect("json"));
+    let raw = RawManifest::new(bytes, Some(manifest_media_type))?;
+    let parsed = raw.image()?;
+    blobs.insert(config_digest, Blob::Memory(config.clone()));
+    let source = Overlay {
+        base,
+        blobs,
+        manifests: HashMap::from([(raw.digest.clone(), raw.clone())]),
+    };
+    Ok(Image {
+        raw,
+        manifest: parsed,
+        config,
+        source: Arc::new(source),
+    })
+}
+
+fn json_of(bytes: &[u8], what: &str) -> Result<Value> {
+    let v: Value =
+        serde_json::from_slice(bytes).map_err(|e| Error::invalid(what, e.to_string()))?;
+    if !v.is_object() {
+        return Err(Error::invalid(what, "not a JSON object"));
+    }
+    Ok(v)
+}
+
+/// The image's config and manifest as editable JSON.
+fn editable(image: &Image) -> Result<(Value, Value)> {
+    let config = json_of(
+        &image.config,
+        &format!("config of image {}", image.digest()),
+    )?;
+    let manifest = json_of(&image.raw.bytes, &format!("manifest {}", image.digest()))?;
+    Ok((config, manifest))
+}
+
+/// Get `v[key]` as an object, creating (or replacing a null with) one.
+fn object<'a>(v: &'a mut Value, key: &str) -> &'a mut Map<String, Value> {
+    if !v[key].is_object() {
+        v[key] = Value::Object(Map::new());
+    }
+    v[key].as_object_mut().expect("just made an object")
+}
+
+fn with_base(
+    image: &Image,
+    config: &Value,
+    manifest: Value,
+    blobs: HashMap<Digest, Blob>,
+) -> Result<Image> {
+    rebuild(
+        Some(image.source.clone()),
+        &image.raw.media_type,
+        config,
+        manifest,
+        blobs,
+    )
+}
+
+/// An image with no layers and a minimal config for `platform` (an OCI
+/// manifest), the starting point for images built from scratch.
+pub fn empty(platform: &Platform) -> Result<Image> {
+    let mut config = json!({
+        "architecture": platform.architecture,
+        "os": platform.os,
+        "config": {},
+        "rootfs": { "type": "layers", "diff_ids": [] },
+    });
+    if let Some(v) = &platform.variant {
+        config["variant"] = json!(v);
+    }
+    let manifest = json!({
+        "schemaVersion": 2,
+        "mediaType": media::OCI_MANIFEST,
+        "config": { "mediaType": media::OCI_CONFIG, "digest": Digest::of(b""), "size": 0 },
+        "layers": [],
+    });
+    rebuild(None, media::OCI_MANIFEST, &config, manifest, HashMap::new())
+}
+
+/// Append layers on top of `image`: manifest layers, `rootfs.diff_ids` and
+/// (when the config keeps one) history are extended.
+pub fn append(image: &Image, layers: Vec<LocalLayer>) -> Result<Image> {
+    let (mut config, mut manifest) = editable(image)?;
+    let base_layers = image.manifest.layers().len();
+    let created = now_rfc3339();
+    let mut blobs = HashMap::new();
+    for layer in layers {
+        let desc = json!({
+            "mediaType": layer.media_type(&image.raw.media_type),
+            "digest": layer.digest,
+            "size": layer.size,
+        });
+        push(&mut manifest, "layers", desc);
+        push(
+            object(&mut config, "rootfs"),
+            "diff_ids",
+            json!(layer.diff_id),
+        );
+        // History must list one non-empty entry per layer; only extend it
+        // when that invariant can hold.
+        if config["history"].is_array() || base_layers == 0 {
+            let entry = json!({ "created": created, "created_by": "ggfs append" });
+            push(config.as_object_mut().expect("object"), "history", entry);
+        }
+        blobs.insert(layer.digest.clone(), Blob::File(layer.file.clone()));
+    }
+    object(&mut config, "rootfs").insert("type".into(), json!("layers"));
+    with_base(image, &config, manifest, blobs)
+}
+
+fn push(
+    v: &mut impl std::ops::IndexMut<&'static str, Output = Value>,
+    key: &'static str,
+    item: Value,
+) {
+    if !v[key].is_array() {
+        v[key] = json!([]);
+    }
+    v[key].as_array_mut().expect("array").push(item);
+}
+
+/// `SOURCE_DATE_EPOCH` when set (reproducible builds), else now.
+fn now_rfc3339() -> String {
+    let epoch = std::env::var("SOURCE_DATE_EPOCH")
+        .ok()
+        .and_then(|s| s.parse::<i64>().ok());
+    let t = match epoch.and_then(|s| chrono::DateTime::from_timestamp(s, 0)) {
+        Some(t) => t,
+        None => chrono::Utc::now(),
+    };
+    t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}
+
+/// Changes to an image's runtime config. `None`/empty leaves a field alone.
+#[derive(Clone, Debug, Default)]
+pub struct ConfigEdits {
+    /// `KEY=VALUE` pairs; an existing KEY is replaced in place.
+    pub env: Vec<(String, String)>,
+    pub entrypoint: Option<Vec<String>>,
+    pub cmd: Option<Vec<String>>,
+    pub labels: BTreeMap<String, String>,
+    pub workdir: Option<String>,
+    pub user: Option<String>,
+}
+
+/// Apply [`ConfigEdits`] to the image config's `config` section.
+pub fn config(image: &Image, edits: &ConfigEdits) -> Result<Image> {
+    let (mut cfg, manifest) = editable(image)?;
+    let c = object(&mut cfg, "config");
+    for (k, v) in &edits.env {
+        set_env(c, k, v);
+    }
+    if let Some(e) = &edits.entrypoint {
+        c.insert("Entrypoint".into(), json!(e));
+    }
+    if let Some(cmd) = &edits.cmd {
+        c.insert("Cmd".into(), json!(cmd));
+    }
+    if !edits.labels.is_empty() {
+        let labels = object_in(c, "Labels");
+        for (k, v) in &edits.labels {
+            labels.insert(k.clone(), json!(v));
+        }
+    }
+    if let Some(w) = &edits.workdir {
+        c.insert("WorkingDir".into(), json!(w));
+    }
+    if let Some(u) = &edits.user {
+        c.insert("User".into(), json!(u));
+    }
+    with_base(image, &cfg, manifest, HashMap::new())
+}
+
+fn object_in<'a>(m: &'a mut Map<String, Value>, key: &str) -> &'a mut Map<String, Value> {
+    let v = m.entry(key).or_insert_with(|| json!({}));
+    if !v.is_object() {
+        *v = json!({});
+    }
+    v.as_object_mut().expect("object")
+}
+
+fn set_env(c: &mut Map<String, Value>, key: &str, value: &str) {
+    let item = json!(format!("{key}={value}"));
+    let env = c.entry("Env").or_insert_with(|| json!([]));
+    if !env.is_array() {
+        *env = json!([]);
+    }
+    let list = env.as_array_mut().expect("array");
+    let prefix = format!("{key}=");
+    match list
+        .iter_mut()
+        .find(|e| e.as_str().is_some_and(|s| s.starts_with(&prefix)))
+    {
+        Some(slot) => *slot = item,
+        None => list.push(item),
+    }
+}
+
+/// Merge annotations into the manifest.
+pub fn annotations(image: &Image, add: &BTreeMap<String, String>) -> Result<Image> {
+    let (cfg, mut manifest) = editable(image)?;
+    let a = object(&mut manifest, "annotations");
+    for (k, v) in add {
+        a.insert(k.clone(), json!(v));
+    }
+    with_base(image, &cfg, manifest, HashMap::new())
+}
+
+/// Set the config's os, architecture and variant.
+pub fn set_platform(image: &Image, platform: &Platform) -> Result<Image> {
+    let (mut cfg, manifest) = editable(image)?;
+    let c = cfg.as_object_mut().expect("object");
+    c.insert("os".into(), json!(platform.os));
+    c.insert("architecture".into(), json!(platform.architecture));
+    match &platform.variant {
+        Some(v) => c.insert("variant".into(), json!(v)),
+        None => c.remove("variant"),
+    };
+    with_base(image, &cfg, manifest, HashMap::new())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entries(layer: &LocalLayer) -> Vec<(String, tar::EntryType, Vec<u8>)> {
+        let f = File::open(layer.path()).unwrap();
+        let r = crate::image::decompress(layer.compression, Box::new(f)).unwrap();
+        let mut a = tar::Archive::new(r);
+        a.entries()
+            .unwrap()
+            .map(|e| {
+                let mut e = e.unwrap();
+                let p = e.path().unwrap().to_string_lossy().into_owned();
+                let t = e.header().entry_type();
+                let link = e
+                    .link_name()
+                    .unwrap()
+                    .map(|l| l.to_string_lossy().into_owned());
+                let mut data = Vec::new();
+                e.read_to_end(&mut data).unwrap();
+                (p, t, link.map(String::into_bytes).unwrap_or(data))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn dir_layer_is_sorted_reproducible_and_hashes_match() {
+        let d = tempfile::tempdir().unwrap();
+        let r = d.path();
+        std::fs::create_dir_all(r.join("b/sub")).unwrap();
+        std::fs::write(r.join("b/sub/f"), "x").unwrap();
+        std::fs::write(r.join("a"), "hello").unwrap();
+        std::fs::hard_link(r.join("a"), r.join("c")).unwrap();
+        std::os::unix::fs::symlink("a", r.join("d")).unwrap();
+        std::fs::write(r.join(".wh.gone"), "").unwrap();
+
+        let l1 = layer_from_dir(r, Compression::Gzip).unwrap();
+        let l2 = layer_from_dir(r, Compression::Gzip).unwrap();
+        assert_eq!(l1.digest, l2.digest, "reproducible");
+        let bytes = std::fs::read(l1.path()).unwrap();
+        assert_eq!(Digest::of(&bytes), l1.digest);
+        assert_eq!(bytes.len() as u64, l1.size);
+        let mut plain = Vec::new();
+        flate2::read::GzDecoder::new(&bytes[..])
+            .read_to_end(&mut plain)
+            .unwrap();
+        assert_eq!(Digest::of(&plain), l1.diff_id);
+
+        let names: Vec<_> = entries(&l1)
+            .into_iter()
+            .map(|(p, t, d)| (p, t, d))
+            .collect();
+        let paths: Vec<&str> = names.iter().map(|(p, _, _)| p.as_str()).collect();
+        assert_eq!(paths, [".wh.gone", "a", "b", "b/sub", "b/sub/f", "c", "d"]);
+        assert_eq!(names[5].1, tar::EntryType::Link);
+        assert_eq!(names[5].2, b"a");
+        assert_eq!(names[6].1, tar::EntryType::Symlink);
+        assert_eq!(names[1].2, b"hello");
+
+        let z = layer_from_dir(r, Compression::Zstd).unwrap();
+        assert_eq!(z.diff_id, l1.diff_id, "same tar, other compression");
+    }
+
+    #[tokio::test]
+    async fn append_and_config_edits() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("f"), "data").unwrap();
+        let layer = layer_from_dir(d.path(), Compression::Gzip).unwrap();
+        let base = empty(&"linux/amd64".parse().unwrap()).unwrap();
+        let img = append(&base, vec![layer.clone()]).unwrap();
+        let cfg = img.config_file().unwrap();
+        assert_eq!(cfg.rootfs().diff_ids(), &[layer.diff_id.to_string()]);
+        assert_eq!(cfg.history().as_ref().map(Vec::len), Some(1));
+        let layers = img.layers().unwrap();
+        assert_eq!(layers[0].digest, layer.digest);
+        assert_eq!(layers[0].media_type(), media::OCI_LAYER_GZIP);
+        // The overlay serves the layer, verified against the manifest.
+        let got = crate::image::read_blob(img.source.as_ref(), &layer.digest, 1 << 20)
+            .await
+            .unwrap();
+        assert_eq!(got.len() as u64, layer.size);
+        assert_eq!(
+            img.source
+                .manifest(img.digest().as_str())
+                .await
+                .unwrap()
+                .digest,
+            *img.digest()
+        );
+
+        let edits = ConfigEdits {
+            env: vec![("A".into(), "1".into()), ("A".into(), "2".into())],
+            cmd: Some(vec!["sh".into()]),
+            labels: BTreeMap::from([("l".into(), "v".into())]),
+            ..Default::default()
+        };
+        let img2 = config(&img, &edits).unwrap();
+        let v: Value = serde_json::from_slice(&img2.config).unwrap();
+        assert_eq!(v["config"]["Env"], json!(["A=2"]));
+        assert_eq!(v["config"]["Cmd"], json!(["sh"]));
+        assert_eq!(v["config"]["Labels"]["l"], "v");
+        assert_eq!(img2.layers().unwrap()[0].digest, layer.digest);
+        let img3 = set_platform(&img2, &"linux/arm64/v8".parse().unwrap()).unwrap();
+        let v: Value = serde_json::from_slice(&img3.config).unwrap();
+        assert_eq!(
+            (v["architecture"].as_str(), v["variant"].as_str()),
+            (Some("arm64"), Some("v8"))
+        );
+        let img4 = annotations(&img3, &BTreeMap::from([("k".into(), "v".into())])).unwrap();
+        assert_eq!(img4.manifest.annotations().as_ref().unwrap()["k"], "v");
+        // Layers still come through the chain of overlays.
+        assert!(img4.source.blob_size(&layer.digest).await.unwrap() > 0);
+    }
+}
