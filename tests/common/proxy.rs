@@ -1,0 +1,249 @@
+//! A loopback TCP proxy in front of a registry that counts what really
+//! crossed the wire: bytes from upstream to clients (headers included) and
+//! the HTTP/1.1 requests clients sent (parsed from the client stream, so
+//! keep-alive, bodies and chunked uploads are framed correctly).
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// One request a client sent through the proxy.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProxyRequest {
+    pub method: String,
+    /// Request target as sent, e.g. `/v2/foo/blobs/sha256:...`.
+    pub path: String,
+    /// The `Range` header, if any (`bytes=0-99`).
+    pub range: Option<String>,
+}
+
+#[derive(Default)]
+struct Stats {
+    down: AtomicU64,
+    up: AtomicU64,
+    requests: Mutex<Vec<ProxyRequest>>,
+}
+
+pub struct CountingProxy {
+    addr: String,
+    stats: Arc<Stats>,
+    stop: Arc<AtomicBool>,
+}
+
+impl CountingProxy {
+    /// Listens on a free loopback port and forwards to `upstream` (`host:port`).
+    pub fn start(upstream: &str) -> CountingProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind proxy");
+        let addr = listener.local_addr().expect("proxy addr").to_string();
+        let stats = Arc::new(Stats::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        let (st, sp, up) = (stats.clone(), stop.clone(), upstream.to_string());
+        std::thread::spawn(move || accept_loop(listener, &up, &st, &sp));
+        CountingProxy { addr, stats, stop }
+    }
+
+    /// `127.0.0.1:PORT` to point clients at.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// Bytes sent from upstream to clients since start or the last reset.
+    pub fn bytes_down(&self) -> u64 {
+        self.stats.down.load(Ordering::SeqCst)
+    }
+
+    /// Bytes sent from clients to upstream since start or the last reset.
+    pub fn bytes_up(&self) -> u64 {
+        self.stats.up.load(Ordering::SeqCst)
+    }
+
+    /// Requests seen since start or the last reset, in arrival order.
+    pub fn requests(&self) -> Vec<ProxyRequest> {
+        self.stats.requests.lock().unwrap().clone()
+    }
+
+    pub fn request_count(&self) -> usize {
+        self.stats.requests.lock().unwrap().len()
+    }
+
+    /// Zeroes the byte counters and forgets the requests seen.
+    pub fn reset(&self) {
+        self.stats.down.store(0, Ordering::SeqCst);
+        self.stats.up.store(0, Ordering::SeqCst);
+        self.stats.requests.lock().unwrap().clear();
+    }
+}
+
+impl Drop for CountingProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Wake the accept loop so it sees the flag.
+        let _ = TcpStream::connect(&self.addr);
+    }
+}
+
+fn accept_loop(listener: TcpListener, upstream: &str, stats: &Arc<Stats>, stop: &AtomicBool) {
+    for client in listener.incoming() {
+        if stop.load(Ordering::SeqCst) {
+            return;
+        }
+        let Ok(client) = client else { continue };
+        let Ok(server) = TcpStream::connect(upstream) else {
+            continue; // dropping the client closes it: the client sees a reset
+        };
+        let (c2, s2) = match (client.try_clone(), server.try_clone()) {
+            (Ok(c), Ok(s)) => (c, s),
+            _ => continue,
+        };
+        let st = stats.clone();
+        std::thread::spawn(move || pump_up(client, server, &st));
+        let st = stats.clone();
+        std::thread::spawn(move || pump(s2, c2, &st.down));
+    }
+}
+
+/// Upstream to client, counting.
+fn pump(mut from: TcpStream, mut to: TcpStream, counter: &AtomicU64) {
+    let mut buf = vec![0u8; 64 * 1024];
+    while let Ok(n) = from.read(&mut buf) {
+        if n == 0 || to.write_all(&buf[..n]).is_err() {
+            break;
+        }
+        counter.fetch_add(n as u64, Ordering::SeqCst);
+    }
+    let _ = to.shutdown(Shutdown::Write);
+}
+
+/// Client to upstream, counting bytes and parsing requests.
+fn pump_up(mut from: TcpStream, mut to: TcpStream, stats: &Stats) {
+    let mut parser = RequestParser::default();
+    let mut buf = vec![0u8; 64 * 1024];
+    while let Ok(n) = from.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        parser.feed(&buf[..n], &stats.requests);
+        if to.write_all(&buf[..n]).is_err() {
+            break;
+        }
+        stats.up.fetch_add(n as u64, Ordering::SeqCst);
+    }
+    let _ = to.shutdown(Shutdown::Write);
+}
+
+/// Frames HTTP/1.1 requests in a client byte stream.
+enum State {
+    Head(Vec<u8>),
+    Body(u64),
+    ChunkSize(Vec<u8>),
+    ChunkData(u64),
+    ChunkEnd(u8),
+    Trailer(Vec<u8>),
+}
+
+struct RequestParser {
+    state: State,
+}
+
+impl Default for RequestParser {
+    fn default() -> Self {
+        RequestParser {
+            state: State::Head(Vec::new()),
+        }
+    }
+}
+
+impl RequestParser {
+    fn feed(&mut self, mut data: &[u8], log: &Mutex<Vec<ProxyRequest>>) {
+        while !data.is_empty() {
+            let used = self.step(data, log);
+            data = &data[used..];
+        }
+    }
+
+    /// Consumes a prefix of `data`, returning its length (at least 1).
+    fn step(&mut self, data: &[u8], log: &Mutex<Vec<ProxyRequest>>) -> usize {
+        match &mut self.state {
+            State::Body(left) | State::ChunkData(left) => {
+                let n = (*left).min(data.len() as u64);
+                *left -= n;
+                if *left == 0 {
+                    self.state = match self.state {
+                        State::ChunkData(_) => State::ChunkEnd(2),
+                        _ => State::Head(Vec::new()),
+                    };
+                }
+                n as usize
+            }
+            State::ChunkEnd(left) => {
+                *left -= 1;
+                if *left == 0 {
+                    self.state = State::ChunkSize(Vec::new());
+                }
+                1
+            }
+            State::Head(buf) => {
+                buf.push(data[0]);
+                if buf.ends_with(b"\r\n\r\n") {
+                    let head = std::mem::take(buf);
+                    self.state = start_request(&head, log);
+                }
+                1
+            }
+            State::ChunkSize(buf) => {
+                buf.push(data[0]);
+                if buf.ends_with(b"\r\n") {
+                    let line = String::from_utf8_lossy(buf).into_owned();
+                    let hex = line.trim().split(';').next().unwrap_or("");
+                    self.state = match u64::from_str_radix(hex.trim(), 16) {
+                        Ok(0) | Err(_) => State::Trailer(Vec::new()),
+                        Ok(n) => State::ChunkData(n),
+                    };
+                }
+                1
+            }
+            State::Trailer(buf) => {
+                buf.push(data[0]);
+                if buf.as_slice() == b"\r\n" || buf.ends_with(b"\r\n\r\n") {
+                    self.state = State::Head(Vec::new());
+                }
+                1
+            }
+        }
+    }
+}
+
+/// Logs the request whose head is `head` and returns the body state.
+fn start_request(head: &[u8], log: &Mutex<Vec<ProxyRequest>>) -> State {
+    let text = String::from_utf8_lossy(head);
+    let mut lines = text.split("\r\n");
+    let mut first = lines.next().unwrap_or("").split(' ');
+    let method = first.next().unwrap_or("").to_string();
+    let path = first.next().unwrap_or("").to_string();
+    let (mut range, mut length, mut chunked) = (None, 0u64, false);
+    for line in lines {
+        let Some((name, value)) = line.split_once(':') else {
+            continue;
+        };
+        let value = value.trim();
+        match name.trim().to_ascii_lowercase().as_str() {
+            "range" => range = Some(value.to_string()),
+            "content-length" => length = value.parse().unwrap_or(0),
+            "transfer-encoding" => chunked = value.to_ascii_lowercase().contains("chunked"),
+            _ => {}
+        }
+    }
+    log.lock().unwrap().push(ProxyRequest {
+        method,
+        path,
+        range,
+    });
+    if chunked {
+        State::ChunkSize(Vec::new())
+    } else if length > 0 {
+        State::Body(length)
+    } else {
+        State::Head(Vec::new())
+    }
+}
