@@ -1,26 +1,316 @@
 //! Registry client (OCI distribution API): manifests, blobs with Range,
 //! uploads with cross-repo mount, tags, catalog, referrers, delete.
 //!
-//! CONTRACT (filled in by the registry work; signatures are what callers use):
-//!
 //! ```ignore
-//! pub struct ClientOptions { pub insecure: Vec<String> /* registries */, pub insecure_all: bool, pub jobs: usize }
-//! #[derive(Clone)] pub struct Client;              // one per process, cheap to clone
-//! impl Client {
-//!     pub fn new(opts: ClientOptions) -> Result<Client>;
-//!     pub fn repo(&self, repo: &Repository) -> RegistryRepo;   // implements image::Source + image::Sink
-//!     pub async fn ping(&self, registry: &str) -> Result<()>;
-//!     pub async fn catalog(&self, registry: &str) -> Result<Vec<String>>;          // all pages
-//!     pub async fn catalog_page(&self, registry: &str, n: usize, last: Option<&str>) -> Result<Page>;
-//! }
-//! #[derive(Clone)] pub struct RegistryRepo;        // Arc inside
-//! impl RegistryRepo {
-//!     pub fn repository(&self) -> &Repository;
-//!     pub async fn tags(&self) -> Result<Vec<String>>;                              // all pages
-//!     pub async fn tags_page(&self, n: usize, last: Option<&str>) -> Result<Page>;
-//!     pub async fn head_manifest(&self, reference: &str) -> Result<Option<(Digest, String /*media type*/, u64)>>;
-//!     pub async fn delete(&self, reference: &str) -> Result<()>;
-//!     pub async fn referrers(&self, subject: &Digest, artifact_type: Option<&str>) -> Result<ImageIndex>;
-//! }
-//! pub struct Page { pub items: Vec<String>, pub next: Option<String> /* `last` for the next call */ }
+//! let client = Client::new(ClientOptions::default())?;
+//! let repo = client.repo(&Repository::parse("localhost:5000/app")?);
+//! let m = repo.get_manifest("latest").await?;   // also via image::Source
 //! ```
+//!
+//! One [`Client`] per process: it holds the token cache, the keychain, and the
+//! `jobs` semaphore bounding concurrent requests. Plain HTTP is used for
+//! loopback registries and those listed insecure, HTTPS otherwise.
+
+mod blobs;
+mod list;
+mod manifests;
+mod transport;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use reqwest::{Method, StatusCode};
+
+use crate::auth::{self, Credential, Keychain};
+use crate::digest::Digest;
+use crate::error::{Error, Result};
+use crate::image::{ByteStream, Sink, Source};
+use crate::manifest::RawManifest;
+use crate::reference::Repository;
+
+pub use list::Page;
+pub use transport::{is_loopback, RetryPolicy};
+use transport::{Req, Transport};
+
+/// Uploads at most this large go in one PUT; larger ones are streamed in
+/// PATCH chunks of this size.
+pub const DEFAULT_CHUNK_SIZE: usize = 16 * 1024 * 1024;
+
+#[derive(Clone, Debug)]
+pub struct ClientOptions {
+    /// Registries (host[:port]) spoken to over plain HTTP.
+    pub insecure: Vec<String>,
+    /// Plain HTTP everywhere.
+    pub insecure_all: bool,
+    /// Concurrent requests per client (0 counts as 1).
+    pub jobs: usize,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        ClientOptions {
+            insecure: Vec::new(),
+            insecure_all: false,
+            jobs: 8,
+        }
+    }
+}
+
+/// A registry client; cheap to clone (state is shared).
+#[derive(Clone)]
+pub struct Client {
+    t: Arc<Transport>,
+    chunk_size: usize,
+}
+
+/// Options beyond [`ClientOptions`]: keychain, retries, chunk size.
+pub struct ClientBuilder {
+    opts: ClientOptions,
+    keychain: Option<Keychain>,
+    retry: RetryPolicy,
+    chunk_size: usize,
+}
+
+impl ClientBuilder {
+    /// Where credentials come from (default: [`Keychain::from_env`]).
+    pub fn keychain(mut self, k: Keychain) -> Self {
+        self.keychain = Some(k);
+        self
+    }
+    pub fn retry(mut self, r: RetryPolicy) -> Self {
+        self.retry = r;
+        self
+    }
+    /// Upload chunk size (and the monolithic-upload threshold).
+    pub fn chunk_size(mut self, n: usize) -> Self {
+        self.chunk_size = n.max(1);
+        self
+    }
+    pub fn build(self) -> Result<Client> {
+        let t = Transport::new(
+            self.keychain.unwrap_or_else(Keychain::from_env),
+            self.opts
+                .insecure
+                .iter()
+                .map(|r| crate::reference::normalize_registry(r))
+                .collect(),
+            self.opts.insecure_all,
+            self.opts.jobs,
+            self.retry,
+        )?;
+        Ok(Client {
+            t: Arc::new(t),
+            chunk_size: self.chunk_size,
+        })
+    }
+}
+
+impl Client {
+    pub fn new(opts: ClientOptions) -> Result<Client> {
+        Self::builder(opts).build()
+    }
+
+    pub fn builder(opts: ClientOptions) -> ClientBuilder {
+        ClientBuilder {
+            opts,
+            keychain: None,
+            retry: RetryPolicy::default(),
+            chunk_size: DEFAULT_CHUNK_SIZE,
+        }
+    }
+
+    pub fn repo(&self, repo: &Repository) -> RegistryRepo {
+        RegistryRepo {
+            inner: Arc::new(RepoInner {
+                client: self.clone(),
+                repo: repo.clone(),
+            }),
+        }
+    }
+
+    /// `http` or `https`: what this client speaks to `registry`.
+    pub fn scheme(&self, registry: &str) -> &'static str {
+        self.t.scheme(registry)
+    }
+
+    /// Check that `registry` answers the v2 API (authenticating if asked).
+    pub async fn ping(&self, registry: &str) -> Result<()> {
+        let req = Req::new(Method::GET, self.t.url(registry, "")?, registry);
+        let resp = self.t.send(&req).await?;
+        if resp.status().is_success() {
+            return Ok(());
+        }
+        Err(transport::status_error(registry, &format!("registry {registry}"), resp).await)
+    }
+
+    /// Verify `cred` against `registry` without using the keychain: Basic
+    /// against `/v2/`, or a token request to the realm it names.
+    pub async fn check_credential(&self, registry: &str, cred: &Credential) -> Result<()> {
+        let url = self.t.url(registry, "")?;
+        let req = Req::new(Method::GET, url.clone(), registry);
+        let first = self.t.send_plain(&req, None).await?;
+        if first.status() != StatusCode::UNAUTHORIZED {
+            return Ok(());
+        }
+        let header = first.header("www-authenticate").unwrap_or("").to_string();
+        let auth_err = |message: String| Error::Auth {
+            registry: registry.to_string(),
+            message,
+        };
+        let challenges = auth::parse_challenges(&header)?;
+        let challenge = auth::pick_challenge(&challenges)
+            .ok_or_else(|| auth_err(format!("no Basic or Bearer challenge in {header:?}")))?;
+        let authorization = if challenge.is_bearer() {
+            let t = auth::fetch_token(&self.t.http, registry, challenge, &[], Some(cred)).await?;
+            format!("Bearer {}", t.token)
+        } else {
+            cred.basic_header().ok_or_else(|| {
+                auth_err("an identity token cannot answer a Basic challenge".into())
+            })?
+        };
+        let resp = self.t.send_plain(&req, Some(&authorization)).await?;
+        match resp.status() {
+            s if s.is_success() => Ok(()),
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Err(auth_err(format!(
+                "credentials rejected: GET /v2/ answered {}",
+                resp.status()
+            ))),
+            _ => {
+                Err(transport::status_error(registry, &format!("registry {registry}"), resp).await)
+            }
+        }
+    }
+}
+
+/// One repository on a registry. Implements [`Source`] and [`Sink`].
+#[derive(Clone)]
+pub struct RegistryRepo {
+    inner: Arc<RepoInner>,
+}
+
+struct RepoInner {
+    client: Client,
+    repo: Repository,
+}
+
+impl RegistryRepo {
+    pub fn repository(&self) -> &Repository {
+        &self.inner.repo
+    }
+
+    pub fn client(&self) -> &Client {
+        &self.inner.client
+    }
+
+    fn t(&self) -> &Transport {
+        &self.inner.client.t
+    }
+
+    fn registry(&self) -> &str {
+        &self.inner.repo.registry
+    }
+
+    fn name(&self) -> &str {
+        &self.inner.repo.name
+    }
+
+    /// `https://reg/v2/<name>/<path>`.
+    fn url(&self, path: &str) -> Result<url::Url> {
+        self.t()
+            .url(self.registry(), &format!("{}/{path}", self.name()))
+    }
+
+    fn req(&self, method: Method, url: url::Url, actions: &str) -> Req {
+        let scope = format!("repository:{}:{actions}", self.name());
+        Req::new(method, url, self.registry()).repo(self.name(), vec![scope])
+    }
+
+    fn pull(&self, method: Method, url: url::Url) -> Req {
+        self.req(method, url, "pull")
+    }
+
+    fn push(&self, method: Method, url: url::Url) -> Req {
+        self.req(method, url, "pull,push")
+    }
+}
+
+/// A tag or digest, checked before it goes into a URL path.
+fn check_reference(reference: &str) -> Result<()> {
+    if reference.contains(':') {
+        return Digest::parse(reference).map(|_| ());
+    }
+    let b = reference.as_bytes();
+    let word = |x: u8| x.is_ascii_alphanumeric() || x == b'_';
+    let ok = !b.is_empty()
+        && b.len() <= 128
+        && word(b[0])
+        && b.iter().all(|&x| word(x) || x == b'.' || x == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::Reference {
+            input: reference.to_string(),
+            reason: "not a tag or digest".into(),
+        })
+    }
+}
+
+#[async_trait]
+impl Source for RegistryRepo {
+    fn name(&self) -> String {
+        self.inner.repo.to_string()
+    }
+
+    fn repository(&self) -> Option<&Repository> {
+        Some(&self.inner.repo)
+    }
+
+    async fn manifest(&self, reference: &str) -> Result<RawManifest> {
+        self.get_manifest(reference).await
+    }
+
+    async fn blob(&self, digest: &Digest) -> Result<ByteStream> {
+        self.get_blob(digest).await
+    }
+
+    async fn blob_range(&self, digest: &Digest, offset: u64, len: u64) -> Result<Bytes> {
+        self.get_blob_range(digest, offset, len).await
+    }
+
+    async fn blob_size(&self, digest: &Digest) -> Result<u64> {
+        self.head_blob(digest)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("blob {digest} in {}", self.inner.repo)))
+    }
+}
+
+#[async_trait]
+impl Sink for RegistryRepo {
+    fn name(&self) -> String {
+        self.inner.repo.to_string()
+    }
+
+    async fn has_blob(&self, digest: &Digest) -> Result<bool> {
+        Ok(self.head_blob(digest).await?.is_some())
+    }
+
+    async fn put_blob(&self, digest: &Digest, size: u64, data: ByteStream) -> Result<()> {
+        self.upload_blob(digest, size, data).await
+    }
+
+    /// Mounts from `from` when it is a repository on this same registry.
+    /// `Ok(true)` only when the registry answered 201 (mounted).
+    async fn mount_blob(&self, digest: &Digest, from: &dyn Source) -> Result<bool> {
+        match from.repository() {
+            Some(r) if r.registry == self.inner.repo.registry && r.name != self.inner.repo.name => {
+                self.mount(digest, &r.name).await
+            }
+            _ => Ok(false),
+        }
+    }
+
+    async fn put_manifest(&self, manifest: &RawManifest, tag: Option<&str>) -> Result<()> {
+        self.push_manifest(manifest, tag).await.map(|_| ())
+    }
+}

@@ -1,0 +1,327 @@
+//! Blobs: streamed GET, Range GET, HEAD, uploads (monolithic or chunked,
+//! with cross-repository mount) and DELETE.
+
+use std::io;
+
+use bytes::{Bytes, BytesMut};
+use futures::{StreamExt, TryStreamExt};
+use reqwest::header::{CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, LOCATION, RANGE};
+use reqwest::{Method, StatusCode};
+use url::Url;
+
+use super::transport::{http_err, status_error, Resp};
+use super::RegistryRepo;
+use crate::digest::Digest;
+use crate::error::{from_io, Error, Result};
+use crate::image::{verify_stream, ByteStream};
+
+const OCTET_STREAM: &str = "application/octet-stream";
+
+/// What POST /blobs/uploads/ gave us.
+enum Started {
+    /// 201: the blob was mounted from another repository.
+    Mounted,
+    /// 202: an upload session at this URL.
+    Session(Url),
+}
+
+impl RegistryRepo {
+    fn blob_what(&self, digest: &Digest) -> String {
+        format!("blob {digest} in {}", self.repository())
+    }
+
+    fn blob_url(&self, digest: &Digest) -> Result<Url> {
+        self.url(&format!("blobs/{digest}"))
+    }
+
+    /// The whole blob as a stream, unverified (see [`crate::image::Source::blob`]).
+    /// The `jobs` slot is released once headers arrive, so a caller copying
+    /// between two repositories of one client cannot deadlock on it.
+    pub async fn get_blob(&self, digest: &Digest) -> Result<ByteStream> {
+        let req = self.pull(Method::GET, self.blob_url(digest)?).redirects();
+        let resp = self.t().send(&req).await?;
+        if resp.status() != StatusCode::OK {
+            return Err(status_error(self.registry(), &self.blob_what(digest), resp).await);
+        }
+        let Resp { inner, permit } = resp;
+        drop(permit);
+        Ok(Box::pin(inner.bytes_stream().map_err(io::Error::other)))
+    }
+
+    /// `len` bytes at `offset`. Accepts 206, or a 200 with the whole blob
+    /// from which the range is cut without buffering more than `len` bytes.
+    /// Shorter than `len` only when the blob ends first.
+    pub async fn get_blob_range(&self, digest: &Digest, offset: u64, len: u64) -> Result<Bytes> {
+        let what = self.blob_what(digest);
+        if len == 0 {
+            return Ok(Bytes::new());
+        }
+        let end = offset.checked_add(len - 1).ok_or_else(|| {
+            Error::invalid(format!("range of {what}"), "offset + length overflows")
+        })?;
+        let req = self
+            .pull(Method::GET, self.blob_url(digest)?)
+            .redirects()
+            .header(RANGE, &format!("bytes={offset}-{end}"));
+        let resp = self.t().send(&req).await?;
+        match resp.status() {
+            StatusCode::PARTIAL_CONTENT => {
+                if let Some(start) = resp
+                    .header(CONTENT_RANGE.as_str())
+                    .and_then(content_range_start)
+                {
+                    if start != offset {
+                        return Err(Error::Registry {
+                            registry: self.registry().to_string(),
+                            message: format!(
+                                "{what}: asked for bytes from {offset}, got bytes from {start}"
+                            ),
+                        });
+                    }
+                }
+                read_window(resp, &what, 0, len).await
+            }
+            StatusCode::OK => read_window(resp, &what, offset, len).await,
+            StatusCode::RANGE_NOT_SATISFIABLE => Err(Error::invalid(
+                format!("range {offset}-{end} of {what}"),
+                "past the end of the blob",
+            )),
+            _ => Err(status_error(self.registry(), &what, resp).await),
+        }
+    }
+
+    /// The blob's size, or `None` when the repository does not have it.
+    pub async fn head_blob(&self, digest: &Digest) -> Result<Option<u64>> {
+        let what = self.blob_what(digest);
+        let req = self.pull(Method::HEAD, self.blob_url(digest)?).redirects();
+        let resp = self.t().send(&req).await?;
+        match resp.status() {
+            StatusCode::OK => {
+                let len = resp
+                    .header(CONTENT_LENGTH.as_str())
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .ok_or_else(|| Error::Registry {
+                        registry: self.registry().to_string(),
+                        message: format!("HEAD of {what} gave no Content-Length"),
+                    })?;
+                Ok(Some(len))
+            }
+            StatusCode::NOT_FOUND => Ok(None),
+            _ => Err(status_error(self.registry(), &what, resp).await),
+        }
+    }
+
+    /// Upload a blob, verifying `data` against `digest` and `size` on the
+    /// way (the registry checks the digest too before the blob appears).
+    /// Blobs up to the chunk size go in one PUT; larger ones are streamed
+    /// in PATCH chunks, holding one chunk in memory at a time.
+    pub async fn upload_blob(&self, digest: &Digest, size: u64, data: ByteStream) -> Result<()> {
+        let what = self.blob_what(digest);
+        let data = verify_stream(data, digest.clone(), Some(size));
+        let Started::Session(loc) = self.start_upload(None).await? else {
+            return Ok(());
+        };
+        let result = if size <= self.client().chunk_size as u64 {
+            self.upload_monolithic(loc.clone(), digest, data, &what)
+                .await
+        } else {
+            self.upload_chunked(loc.clone(), digest, data, &what).await
+        };
+        if result.is_err() {
+            self.cancel_upload(loc).await;
+        }
+        result
+    }
+
+    async fn upload_monolithic(
+        &self,
+        loc: Url,
+        digest: &Digest,
+        mut data: ByteStream,
+        what: &str,
+    ) -> Result<()> {
+        let mut buf = BytesMut::new();
+        while let Some(chunk) = data.next().await {
+            buf.extend_from_slice(&chunk.map_err(|e| from_io(what, e))?);
+        }
+        self.finish_upload(loc, digest, buf.freeze()).await
+    }
+
+    async fn upload_chunked(
+        &self,
+        mut loc: Url,
+        digest: &Digest,
+        mut data: ByteStream,
+        what: &str,
+    ) -> Result<()> {
+        let chunk_size = self.client().chunk_size;
+        let mut buf = BytesMut::with_capacity(chunk_size);
+        let mut offset = 0u64;
+        while let Some(chunk) = data.next().await {
+            buf.extend_from_slice(&chunk.map_err(|e| from_io(what, e))?);
+            while buf.len() >= chunk_size {
+                let part = buf.split_to(chunk_size).freeze();
+                loc = self.patch(loc, offset, part, what).await?;
+                offset += chunk_size as u64;
+            }
+        }
+        if !buf.is_empty() {
+            loc = self.patch(loc, offset, buf.freeze(), what).await?;
+        }
+        self.finish_upload(loc, digest, Bytes::new()).await
+    }
+
+    /// POST to open an upload session, or (with `mount`) to mount a blob
+    /// from another repository of this registry.
+    async fn start_upload(&self, mount: Option<(&Digest, &str)>) -> Result<Started> {
+        let mut url = self.url("blobs/uploads/")?;
+        let mut req = self.push(Method::POST, url.clone());
+        if let Some((digest, from)) = mount {
+            url.query_pairs_mut()
+                .append_pair("mount", digest.as_str())
+                .append_pair("from", from);
+            req.url = url;
+            req.scopes.push(format!("repository:{from}:pull"));
+        }
+        let req = req.header(CONTENT_LENGTH, "0").body(Bytes::new());
+        let resp = self.t().send(&req).await?;
+        let what = format!("blob upload to {}", self.repository());
+        match resp.status() {
+            StatusCode::CREATED if mount.is_some() => Ok(Started::Mounted),
+            StatusCode::ACCEPTED => Ok(Started::Session(self.location(&resp, &what)?)),
+            _ => Err(status_error(self.registry(), &what, resp).await),
+        }
+    }
+
+    /// The upload URL the registry named (relative or absolute).
+    fn location(&self, resp: &Resp, what: &str) -> Result<Url> {
+        let loc = resp
+            .header(LOCATION.as_str())
+            .ok_or_else(|| Error::Registry {
+                registry: self.registry().to_string(),
+                message: format!("{what}: {} gave no Location", resp.status()),
+            })?;
+        resp.url()
+            .join(loc)
+            .map_err(|e| Error::invalid(format!("{what}: Location {loc:?}"), e.to_string()))
+    }
+
+    async fn patch(&self, loc: Url, offset: u64, part: Bytes, what: &str) -> Result<Url> {
+        let end = offset + part.len() as u64 - 1;
+        let req = self
+            .push(Method::PATCH, loc)
+            .header(CONTENT_TYPE, OCTET_STREAM)
+            .header(CONTENT_RANGE, &format!("{offset}-{end}"))
+            .body(part);
+        let resp = self.t().send(&req).await?;
+        if resp.status() != StatusCode::ACCEPTED {
+            return Err(status_error(self.registry(), what, resp).await);
+        }
+        // Range is inclusive: `0-<last byte received>`.
+        if let Some(range) = resp.header(RANGE.as_str()) {
+            let got = range
+                .rsplit('-')
+                .next()
+                .and_then(|n| n.trim().parse::<u64>().ok());
+            if got != Some(end) {
+                return Err(Error::Registry {
+                    registry: self.registry().to_string(),
+                    message: format!(
+                        "{what}: sent bytes up to {end}, registry holds Range {range:?}"
+                    ),
+                });
+            }
+        }
+        self.location(&resp, what)
+    }
+
+    /// PUT `?digest=` closes the session; the registry verifies the digest.
+    async fn finish_upload(&self, mut loc: Url, digest: &Digest, body: Bytes) -> Result<()> {
+        let what = self.blob_what(digest);
+        loc.query_pairs_mut().append_pair("digest", digest.as_str());
+        let req = self
+            .push(Method::PUT, loc)
+            .header(CONTENT_TYPE, OCTET_STREAM)
+            .header(CONTENT_LENGTH, &body.len().to_string())
+            .body(body);
+        let resp = self.t().send(&req).await?;
+        if resp.status() != StatusCode::CREATED {
+            return Err(status_error(self.registry(), &what, resp).await);
+        }
+        match resp.header("docker-content-digest") {
+            Some(d) if d != digest.as_str() => Err(Error::Registry {
+                registry: self.registry().to_string(),
+                message: format!("{what}: registry stored it as {d}"),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Best effort: abandon an upload session.
+    async fn cancel_upload(&self, loc: Url) {
+        let req = self.push(Method::DELETE, loc);
+        if let Err(e) = self.t().send(&req).await {
+            tracing::debug!(error = %e, "cancelling upload session");
+        }
+    }
+
+    /// Mount `digest` from repository `from` (same registry). `Ok(true)`
+    /// when the registry answered 201; `Ok(false)` when it opened an upload
+    /// session instead (abandoned here; upload the blob).
+    pub async fn mount(&self, digest: &Digest, from: &str) -> Result<bool> {
+        match self.start_upload(Some((digest, from))).await? {
+            Started::Mounted => Ok(true),
+            Started::Session(loc) => {
+                self.cancel_upload(loc).await;
+                Ok(false)
+            }
+        }
+    }
+
+    /// Delete a blob (registries may refuse: 405 UNSUPPORTED).
+    pub async fn delete_blob(&self, digest: &Digest) -> Result<()> {
+        let what = self.blob_what(digest);
+        let req = self.req(Method::DELETE, self.blob_url(digest)?, "delete");
+        let resp = self.t().send(&req).await?;
+        match resp.status() {
+            StatusCode::ACCEPTED | StatusCode::OK | StatusCode::NO_CONTENT => Ok(()),
+            _ => Err(status_error(self.registry(), &what, resp).await),
+        }
+    }
+}
+
+/// `bytes 10-19/100` → 10.
+fn content_range_start(v: &str) -> Option<u64> {
+    let v = v.trim().strip_prefix("bytes")?.trim_start();
+    v.split('-').next()?.trim().parse().ok()
+}
+
+/// Skip `skip` bytes of the body, then keep at most `len`; stop reading
+/// (dropping the connection) once we have them.
+async fn read_window(mut resp: Resp, what: &str, mut skip: u64, len: u64) -> Result<Bytes> {
+    let mut out = BytesMut::with_capacity(len.min(64 << 20) as usize);
+    while (out.len() as u64) < len {
+        let Some(mut chunk) = resp.inner.chunk().await.map_err(|e| http_err(what, e))? else {
+            break;
+        };
+        if skip >= chunk.len() as u64 {
+            skip -= chunk.len() as u64;
+            continue;
+        }
+        let _ = chunk.split_to(skip as usize);
+        skip = 0;
+        let want = (len - out.len() as u64).min(chunk.len() as u64) as usize;
+        out.extend_from_slice(&chunk[..want]);
+    }
+    Ok(out.freeze())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn content_range() {
+        assert_eq!(super::content_range_start("bytes 10-19/100"), Some(10));
+        assert_eq!(super::content_range_start("bytes 0-0/*"), Some(0));
+        assert_eq!(super::content_range_start("items 1-2"), None);
+    }
+}

@@ -1,0 +1,611 @@
+//! HTTP to one or more registries: scheme choice, auth (Basic, Bearer with a
+//! token cache per registry and scope set), retries with backoff, manual
+//! redirects that drop credentials off-host, the `jobs` semaphore, and
+//! distribution-spec error bodies turned into [`Error`]s.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use reqwest::header::{
+    HeaderMap, HeaderValue, AUTHORIZATION, LOCATION, RETRY_AFTER, WWW_AUTHENTICATE,
+};
+use reqwest::{Method, StatusCode};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use url::Url;
+
+use crate::auth::{self, Challenge, Credential, Keychain, Token};
+use crate::error::{Error, Result};
+
+/// How hard to retry transient failures (408, 429, 5xx, connection errors).
+#[derive(Clone, Debug)]
+pub struct RetryPolicy {
+    /// Total tries, the first included.
+    pub attempts: u32,
+    /// Delay before the first retry; doubles each time.
+    pub base_delay: Duration,
+    /// Longest wait honoured from a `Retry-After` header (and for backoff).
+    pub max_delay: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            attempts: 5,
+            base_delay: Duration::from_millis(200),
+            max_delay: Duration::from_secs(10),
+        }
+    }
+}
+
+/// One request, replayable: retries and auth refreshes resend it whole.
+#[derive(Clone)]
+pub(crate) struct Req {
+    pub method: Method,
+    pub url: Url,
+    pub headers: HeaderMap,
+    pub body: Option<Bytes>,
+    /// Registry (host[:port]) whose credentials may go with the request.
+    pub registry: String,
+    /// Repository, for keychain lookups of namespaced credentials.
+    pub repo: Option<String>,
+    /// Token scopes this request needs.
+    pub scopes: Vec<String>,
+    /// Follow redirects (GET/HEAD of blobs and manifests).
+    pub follow_redirects: bool,
+}
+
+impl Req {
+    pub fn new(method: Method, url: Url, registry: &str) -> Self {
+        Req {
+            method,
+            url,
+            headers: HeaderMap::new(),
+            body: None,
+            registry: registry.to_string(),
+            repo: None,
+            scopes: Vec::new(),
+            follow_redirects: false,
+        }
+    }
+
+    pub fn header(mut self, name: reqwest::header::HeaderName, value: &str) -> Self {
+        if let Ok(v) = HeaderValue::from_str(value) {
+            self.headers.insert(name, v);
+        }
+        self
+    }
+
+    pub fn body(mut self, body: Bytes) -> Self {
+        self.body = Some(body);
+        self
+    }
+
+    pub fn repo(mut self, repo: &str, scopes: Vec<String>) -> Self {
+        self.repo = Some(repo.to_string());
+        self.scopes = scopes;
+        self
+    }
+
+    pub fn scopes(mut self, scopes: Vec<String>) -> Self {
+        self.scopes = scopes;
+        self
+    }
+
+    pub fn redirects(mut self) -> Self {
+        self.follow_redirects = true;
+        self
+    }
+
+    /// PATCH appends to an upload: resending after the server may have seen
+    /// it could duplicate bytes, so only connection failures are retried.
+    fn idempotent(&self) -> bool {
+        self.method != Method::PATCH
+    }
+}
+
+/// A response plus the `jobs` slot it occupies until dropped.
+pub(crate) struct Resp {
+    pub inner: reqwest::Response,
+    pub permit: Option<OwnedSemaphorePermit>,
+}
+
+impl Resp {
+    pub fn status(&self) -> StatusCode {
+        self.inner.status()
+    }
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.inner.headers().get(name).and_then(|v| v.to_str().ok())
+    }
+    pub fn url(&self) -> &Url {
+        self.inner.url()
+    }
+    /// Read the whole body, refusing more than `limit` bytes.
+    pub async fn bytes_capped(mut self, what: &str, limit: u64) -> Result<Bytes> {
+        if let Some(len) = self.inner.content_length().filter(|&l| l > limit) {
+            return Err(Error::TooLarge {
+                what: what.to_string(),
+                size: len,
+                limit,
+            });
+        }
+        let mut buf = Vec::new();
+        while let Some(chunk) = self.inner.chunk().await.map_err(|e| http_err(what, e))? {
+            buf.extend_from_slice(&chunk);
+            if buf.len() as u64 > limit {
+                return Err(Error::TooLarge {
+                    what: what.to_string(),
+                    size: buf.len() as u64,
+                    limit,
+                });
+            }
+        }
+        Ok(Bytes::from(buf))
+    }
+}
+
+pub(crate) fn http_err(context: &str, source: reqwest::Error) -> Error {
+    // reqwest's Display can include the URL; ours never carry secrets.
+    Error::Http {
+        context: context.to_string(),
+        source,
+    }
+}
+
+/// Shared state of a client.
+pub(crate) struct Transport {
+    pub http: reqwest::Client,
+    keychain: Keychain,
+    insecure: Vec<String>,
+    insecure_all: bool,
+    jobs: Arc<Semaphore>,
+    retry: RetryPolicy,
+    challenges: Mutex<HashMap<String, Challenge>>,
+    tokens: Mutex<HashMap<(String, String), Token>>,
+    creds: Mutex<HashMap<(String, Option<String>), Option<Credential>>>,
+}
+
+const MAX_REDIRECTS: usize = 5;
+const MAX_ERROR_BODY: u64 = 64 * 1024;
+
+impl Transport {
+    pub fn new(
+        keychain: Keychain,
+        insecure: Vec<String>,
+        insecure_all: bool,
+        jobs: usize,
+        retry: RetryPolicy,
+    ) -> Result<Self> {
+        let http = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .user_agent(concat!("ggfs/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(Duration::from_secs(30))
+            .build()
+            .map_err(|e| http_err("building the HTTP client", e))?;
+        Ok(Transport {
+            http,
+            keychain,
+            insecure,
+            insecure_all,
+            jobs: Arc::new(Semaphore::new(jobs.max(1))),
+            retry,
+            challenges: Mutex::new(HashMap::new()),
+            tokens: Mutex::new(HashMap::new()),
+            creds: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// `http` for loopback and registries marked insecure, `https` otherwise.
+    pub fn scheme(&self, registry: &str) -> &'static str {
+        if self.insecure_all || self.insecure.iter().any(|r| r == registry) || is_loopback(registry)
+        {
+            "http"
+        } else {
+            "https"
+        }
+    }
+
+    /// `<scheme>://<registry>/v2/` followed by `path`.
+    pub fn url(&self, registry: &str, path: &str) -> Result<Url> {
+        let s = format!("{}://{}/v2/{}", self.scheme(registry), registry, path);
+        Url::parse(&s).map_err(|e| Error::invalid(format!("URL {s:?}"), e.to_string()))
+    }
+
+    /// Send with auth, retries and (when asked) redirects. Answers every
+    /// status except 401/403, which become [`Error::Auth`].
+    pub async fn send(&self, req: &Req) -> Result<Resp> {
+        let mut auth = self.authorization(req, None).await?;
+        let mut challenged = false;
+        loop {
+            let resp = self.send_following(req, auth.as_deref()).await?;
+            if !self.same_origin(&req.registry, resp.url()) {
+                // A redirect target's own auth is none of our business.
+                return Ok(resp);
+            }
+            match resp.status() {
+                StatusCode::UNAUTHORIZED if !challenged => {
+                    challenged = true;
+                    let challenge = self.learn_challenge(req, &resp)?;
+                    self.forget_token(req);
+                    auth = self.authorization(req, Some(&challenge)).await?;
+                    if auth.is_none() {
+                        return Err(self.auth_error(req, resp, "credentials required").await);
+                    }
+                }
+                StatusCode::UNAUTHORIZED => {
+                    return Err(self.auth_error(req, resp, "credentials rejected").await)
+                }
+                StatusCode::FORBIDDEN => {
+                    return Err(self.auth_error(req, resp, "access denied").await)
+                }
+                _ => return Ok(resp),
+            }
+        }
+    }
+
+    /// Send with exactly the given `Authorization` (credential checks).
+    pub async fn send_plain(&self, req: &Req, auth: Option<&str>) -> Result<Resp> {
+        self.send_following(req, auth).await
+    }
+
+    /// Send, then follow redirects for GET/HEAD: credentials go only to the
+    /// registry's own origin, never to a redirect target elsewhere.
+    async fn send_following(&self, req: &Req, auth: Option<&str>) -> Result<Resp> {
+        let own = self.same_origin(&req.registry, &req.url);
+        let mut resp = self
+            .send_retrying(req, &req.url, auth.filter(|_| own))
+            .await?;
+        for _ in 0..MAX_REDIRECTS {
+            if !req.follow_redirects || !resp.status().is_redirection() {
+                return Ok(resp);
+            }
+            let Some(loc) = resp.header(LOCATION.as_str()) else {
+                return Ok(resp);
+            };
+            let next = resp
+                .url()
+                .join(loc)
+                .map_err(|e| Error::invalid(format!("redirect Location {loc:?}"), e.to_string()))?;
+            tracing::debug!(from = %resp.url().path(), to = %redact_url(&next), "following redirect");
+            let same = self.same_origin(&req.registry, &next);
+            drop(resp);
+            resp = self
+                .send_retrying(req, &next, auth.filter(|_| same))
+                .await?;
+        }
+        if resp.status().is_redirection() {
+            return Err(Error::Registry {
+                registry: req.registry.clone(),
+                message: format!("more than {MAX_REDIRECTS} redirects for {}", req.url.path()),
+            });
+        }
+        Ok(resp)
+    }
+
+    fn same_origin(&self, registry: &str, url: &Url) -> bool {
+        match self.url(registry, "") {
+            Ok(base) => base.origin() == url.origin(),
+            Err(_) => false,
+        }
+    }
+
+    /// One logical request with retries on 408/429/5xx and connection errors.
+    async fn send_retrying(&self, req: &Req, url: &Url, auth: Option<&str>) -> Result<Resp> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let last = attempt >= self.retry.attempts;
+            let permit = self.jobs.clone().acquire_owned().await.ok();
+            let mut b = self
+                .http
+                .request(req.method.clone(), url.clone())
+                .headers(req.headers.clone());
+            if let Some(a) = auth {
+                b = b.header(AUTHORIZATION, a);
+            }
+            if let Some(body) = &req.body {
+                b = b.body(body.clone());
+            }
+            match b.send().await {
+                Ok(inner) => {
+                    let status = inner.status();
+                    tracing::debug!(method = %req.method, url = %redact_url(url), %status, attempt);
+                    if last || !retryable_status(status) || !req.idempotent() {
+                        return Ok(Resp { inner, permit });
+                    }
+                    let wait = self.delay(attempt, inner.headers().get(RETRY_AFTER));
+                    drop((inner, permit));
+                    tokio::time::sleep(wait).await;
+                }
+                Err(e) => {
+                    tracing::debug!(method = %req.method, url = %redact_url(url), error = %e, attempt);
+                    let transient =
+                        e.is_connect() || (req.idempotent() && (e.is_timeout() || e.is_request()));
+                    if last || !transient {
+                        let ctx = format!("{} {}", req.method, redact_url(url));
+                        return Err(http_err(&ctx, e.without_url()));
+                    }
+                    drop(permit);
+                    tokio::time::sleep(self.delay(attempt, None)).await;
+                }
+            }
+        }
+    }
+
+    /// Exponential backoff, or the server's `Retry-After` (seconds), capped.
+    fn delay(&self, attempt: u32, retry_after: Option<&HeaderValue>) -> Duration {
+        let backoff = self
+            .retry
+            .base_delay
+            .saturating_mul(1 << (attempt - 1).min(16));
+        let asked = retry_after
+            .and_then(|v| v.to_str().ok())
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
+        asked.unwrap_or(backoff).min(self.retry.max_delay)
+    }
+
+    fn learn_challenge(&self, req: &Req, resp: &Resp) -> Result<Challenge> {
+        let header = resp.header(WWW_AUTHENTICATE.as_str()).unwrap_or("");
+        let parsed = auth::parse_challenges(header).map_err(|e| Error::Auth {
+            registry: req.registry.clone(),
+            message: format!("401 with an unusable WWW-Authenticate header: {e}"),
+        })?;
+        let c = auth::pick_challenge(&parsed)
+            .cloned()
+            .ok_or_else(|| Error::Auth {
+                registry: req.registry.clone(),
+                message: format!("no Basic or Bearer challenge in {header:?}"),
+            })?;
+        lock(&self.challenges).insert(req.registry.clone(), c.clone());
+        Ok(c)
+    }
+
+    fn token_key(req: &Req, extra: &[String]) -> (String, String) {
+        let set: BTreeSet<&String> = req.scopes.iter().chain(extra).collect();
+        let scopes: Vec<&str> = set.into_iter().map(String::as_str).collect();
+        (req.registry.clone(), scopes.join(" "))
+    }
+
+    fn forget_token(&self, req: &Req) {
+        lock(&self.tokens).remove(&Self::token_key(req, &[]));
+    }
+
+    /// The credential configured for the request's registry (cached).
+    pub fn credential(&self, registry: &str, repo: Option<&str>) -> Result<Option<Credential>> {
+        let key = (registry.to_string(), repo.map(str::to_string));
+        if let Some(c) = lock(&self.creds).get(&key) {
+            return Ok(c.clone());
+        }
+        let c = self.keychain.resolve(registry, repo)?;
+        lock(&self.creds).insert(key, c.clone());
+        Ok(c)
+    }
+
+    /// The `Authorization` value for a request, given the registry's known
+    /// challenge (or `fresh`, just received with a 401).
+    async fn authorization(&self, req: &Req, fresh: Option<&Challenge>) -> Result<Option<String>> {
+        let challenge = match fresh {
+            Some(c) => c.clone(),
+            None => match lock(&self.challenges).get(&req.registry) {
+                Some(c) => c.clone(),
+                None => return Ok(None),
+            },
+        };
+        let cred = self.credential(&req.registry, req.repo.as_deref())?;
+        if challenge.is_basic() {
+            return Ok(cred.and_then(|c| c.basic_header()));
+        }
+        // Bearer: reuse a fresh token for this scope set, else fetch one
+        // covering our scopes plus any the challenge names.
+        let extra = fresh.map(Challenge::scopes).unwrap_or_default();
+        let key = Self::token_key(req, &[]);
+        if fresh.is_none() {
+            if let Some(t) = lock(&self.tokens).get(&key).filter(|t| t.is_fresh()) {
+                return Ok(Some(format!("Bearer {}", t.token)));
+            }
+        }
+        let scopes: Vec<String> = Self::token_key(req, &extra)
+            .1
+            .split(' ')
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+            .collect();
+        let token = auth::fetch_token(
+            &self.http,
+            &req.registry,
+            &challenge,
+            &scopes,
+            cred.as_ref(),
+        )
+        .await?;
+        let header = format!("Bearer {}", token.token);
+        lock(&self.tokens).insert(key, token);
+        Ok(Some(header))
+    }
+
+    async fn auth_error(&self, req: &Req, resp: Resp, what: &str) -> Error {
+        let status = resp.status();
+        let detail = error_detail(resp).await;
+        let who = match self.credential(&req.registry, req.repo.as_deref()) {
+            Ok(Some(Credential::Basic { username, .. })) => format!(" for user {username:?}"),
+            Ok(Some(Credential::IdentityToken { .. })) => {
+                " for the configured identity token".into()
+            }
+            _ => " (no credentials configured)".into(),
+        };
+        Error::Auth {
+            registry: req.registry.clone(),
+            message: format!(
+                "{what}{who}: {} {} answered {status}{detail}",
+                req.method,
+                req.url.path()
+            ),
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn retryable_status(s: StatusCode) -> bool {
+    s == StatusCode::REQUEST_TIMEOUT || s == StatusCode::TOO_MANY_REQUESTS || s.is_server_error()
+}
+
+/// Loopback registries speak plain HTTP, as docker allows.
+pub fn is_loopback(registry: &str) -> bool {
+    let host = match registry.rsplit_once(':') {
+        Some((h, p)) if !p.contains(']') && !h.is_empty() => h,
+        _ => registry,
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// A URL for logs: no query (upload state, signed redirect targets).
+pub fn redact_url(url: &Url) -> String {
+    let mut u = url.clone();
+    u.set_query(None);
+    let _ = u.set_password(None);
+    u.to_string()
+}
+
+/// `: CODE: message` from a distribution-spec error body, or the start of
+/// whatever else the server said.
+pub(crate) async fn error_detail(resp: Resp) -> String {
+    let body = resp
+        .bytes_capped("error body", MAX_ERROR_BODY)
+        .await
+        .unwrap_or_default();
+    format_error_body(&body)
+}
+
+pub(crate) fn format_error_body(body: &[u8]) -> String {
+    #[derive(serde::Deserialize)]
+    struct Errors {
+        errors: Vec<ErrorEntry>,
+    }
+    #[derive(serde::Deserialize)]
+    struct ErrorEntry {
+        code: Option<String>,
+        message: Option<String>,
+    }
+    if let Ok(e) = serde_json::from_slice::<Errors>(body) {
+        let parts: Vec<String> = e
+            .errors
+            .iter()
+            .map(|x| {
+                let code = x.code.as_deref().unwrap_or("UNKNOWN");
+                match x.message.as_deref().filter(|m| !m.is_empty()) {
+                    Some(m) => format!("{code}: {m}"),
+                    None => code.to_string(),
+                }
+            })
+            .collect();
+        if !parts.is_empty() {
+            return format!(": {}", parts.join("; "));
+        }
+    }
+    let text: String = String::from_utf8_lossy(&body[..body.len().min(200)])
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    let text = text.trim();
+    if text.is_empty() {
+        String::new()
+    } else {
+        format!(": {text}")
+    }
+}
+
+/// Turn an unexpected response into an error: 404 names `what` as not
+/// found; anything else carries the registry's code and message.
+pub(crate) async fn status_error(registry: &str, what: &str, resp: Resp) -> Error {
+    let status = resp.status();
+    if status == StatusCode::NOT_FOUND {
+        let detail = error_detail(resp).await;
+        let known = detail.contains("_UNKNOWN");
+        return Error::NotFound(if known {
+            format!("{what} ({})", detail.trim_start_matches(": "))
+        } else {
+            what.to_string()
+        });
+    }
+    let method_path = resp.url().path().to_string();
+    let detail = error_detail(resp).await;
+    Error::Registry {
+        registry: registry.to_string(),
+        message: format!("{what}: {method_path} answered {status}{detail}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_hosts() {
+        for r in [
+            "localhost",
+            "localhost:5000",
+            "127.0.0.1:5000",
+            "127.9.8.7",
+            "[::1]:5000",
+            "[::1]",
+        ] {
+            assert!(is_loopback(r), "{r}");
+        }
+        for r in [
+            "ghcr.io",
+            "10.0.0.1:5000",
+            "localhost.example.com",
+            "[::2]:80",
+        ] {
+            assert!(!is_loopback(r), "{r}");
+        }
+    }
+
+    #[test]
+    fn error_bodies() {
+        let b = br#"{"errors":[{"code":"MANIFEST_UNKNOWN","message":"manifest unknown","detail":{}},{"code":"DENIED"}]}"#;
+        assert_eq!(
+            format_error_body(b),
+            ": MANIFEST_UNKNOWN: manifest unknown; DENIED"
+        );
+        assert_eq!(
+            format_error_body(b"<html>\n oops</html>"),
+            ": <html>  oops</html>"
+        );
+        assert_eq!(format_error_body(b""), "");
+    }
+
+    #[test]
+    fn backoff_is_capped_and_honours_retry_after() {
+        let t = Transport::new(
+            Keychain::anonymous(),
+            vec![],
+            false,
+            1,
+            RetryPolicy::default(),
+        )
+        .unwrap();
+        assert_eq!(t.delay(1, None), Duration::from_millis(200));
+        assert_eq!(t.delay(3, None), Duration::from_millis(800));
+        assert_eq!(t.delay(30, None), Duration::from_secs(10));
+        assert_eq!(
+            t.delay(1, Some(&HeaderValue::from_static("2"))),
+            Duration::from_secs(2)
+        );
+        assert_eq!(
+            t.delay(1, Some(&HeaderValue::from_static("3600"))),
+            Duration::from_secs(10)
+        );
+        assert_eq!(t.scheme("localhost:5000"), "http");
+        assert_eq!(t.scheme("ghcr.io"), "https");
+    }
+}
