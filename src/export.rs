@@ -191,6 +191,7 @@ mod tests {
         for &(path, kind, data) in entries {
             let mut h = tar::Header::new_gnu();
             h.set_mode(0o644);
+            h.set_size(0);
             match kind {
                 'd' => {
                     h.set_entry_type(tar::EntryType::Directory);

@@ -603,16 +603,13 @@ pub fn append(image: &Image, layers: Vec<LocalLayer>) -> Result<Image> {
             "size": layer.size,
         });
         push(&mut manifest, "layers", desc);
-        push(
-            object(&mut config, "rootfs"),
-            "diff_ids",
-            json!(layer.diff_id),
-        );
+        object(&mut config, "rootfs");
+        push(&mut config["rootfs"], "diff_ids", json!(layer.diff_id));
         // History must list one non-empty entry per layer; only extend it
         // when that invariant can hold.
         if config["history"].is_array() || base_layers == 0 {
             let entry = json!({ "created": created, "created_by": "ggfs append" });
-            push(config.as_object_mut().expect("object"), "history", entry);
+            push(&mut config, "history", entry);
         }
         blobs.insert(layer.digest.clone(), Blob::File(layer.file.clone()));
     }
@@ -620,11 +617,7 @@ pub fn append(image: &Image, layers: Vec<LocalLayer>) -> Result<Image> {
     with_base(image, &config, manifest, blobs)
 }
 
-fn push(
-    v: &mut impl std::ops::IndexMut<&'static str, Output = Value>,
-    key: &'static str,
-    item: Value,
-) {
+fn push(v: &mut Value, key: &str, item: Value) {
     if !v[key].is_array() {
         v[key] = json!([]);
     }
