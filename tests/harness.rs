@@ -329,6 +329,8 @@ fn umoci_image_keeps_every_file_type() {
     );
     assert_eq!(entries["usr/bin/suid"].1 & 0o7777, 0o4755);
     assert!(entries["xattr/file"].2.contains(&"user.ggfs".to_string()));
+    let cap = &entries["usr/bin/cap"].2;
+    assert!(cap.contains(&"security.capability".to_string()), "{cap:?}");
     assert!(entries.contains_key(&format!("long/{}.txt", "l".repeat(251))));
 }
 

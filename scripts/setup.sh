@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Installs what the test suite and benchmarks need. Idempotent: apt runs
+# only when a tool is missing. Runs as root (the machines and CI do).
+set -euo pipefail
+
+# tool -> Debian package providing it
+declare -A TOOLS=(
+  [docker-registry]=docker-registry
+  [skopeo]=skopeo
+  [umoci]=umoci
+  [fusermount3]=fuse3
+  [ctr-remote]=stargz-snapshotter
+  [containerd]=containerd
+  [htpasswd]=apache2-utils
+  [setfattr]=attr
+  [getfattr]=attr
+  [hyperfine]=hyperfine
+  [jq]=jq
+  [curl]=curl
+  [openssl]=openssl
+)
+
+missing=()
+for tool in "${!TOOLS[@]}"; do
+  command -v "$tool" >/dev/null 2>&1 || missing+=("${TOOLS[$tool]}")
+done
+
+if ((${#missing[@]})); then
+  # Unique package names, stable order.
+  mapfile -t pkgs < <(printf '%s\n' "${missing[@]}" | sort -u)
+  echo "setup: installing ${pkgs[*]}" >&2
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${pkgs[@]}" >/dev/null
+fi
+
+# The FUSE daemon needs the device node; containers sometimes lack it.
+if [[ ! -c /dev/fuse ]]; then
+  echo "setup: /dev/fuse missing, creating it" >&2
+  mknod -m 0666 /dev/fuse c 10 229 || echo "setup: WARNING: cannot create /dev/fuse; mount tests will fail" >&2
+fi
+
+if ! cargo nextest --version >/dev/null 2>&1; then
+  echo "setup: installing cargo-nextest" >&2
+  cargo install --locked cargo-nextest
+fi
