@@ -1,0 +1,791 @@
+//! The embedded registry, started in-process on 127.0.0.1:0 and driven by a
+//! real client (skopeo) and by plain HTTP for the API's corners.
+
+use std::path::{Path, PathBuf};
+
+use ggfs::server::{Server, Storage};
+use ggfs::Digest;
+use reqwest::{Method, Response, StatusCode};
+use serde_json::{json, Value};
+
+const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+
+struct Reg {
+    server: Server,
+    http: reqwest::Client,
+}
+
+impl Reg {
+    async fn start(storage: Storage) -> Reg {
+        let server = Server::start(storage).await.expect("start registry");
+        Reg {
+            server,
+            http: reqwest::Client::new(),
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.server.url())
+    }
+
+    fn req(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
+        self.http.request(method, self.url(path))
+    }
+
+    /// Monolithic upload; returns the digest.
+    async fn push_blob(&self, repo: &str, bytes: &[u8]) -> Digest {
+        let d = Digest::of(bytes);
+        let r = self
+            .req(
+                Method::POST,
+                &format!("/v2/{repo}/blobs/uploads/?digest={d}"),
+            )
+            .body(bytes.to_vec())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::CREATED, "push blob to {repo}");
+        d
+    }
+
+    async fn put_manifest(&self, repo: &str, reference: &str, mt: &str, body: &[u8]) -> Response {
+        self.req(Method::PUT, &format!("/v2/{repo}/manifests/{reference}"))
+            .header("Content-Type", mt)
+            .body(body.to_vec())
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// Push a config and a layer, then an image manifest (by tag if given).
+    async fn push_image(
+        &self,
+        repo: &str,
+        tag: &str,
+        seed: &str,
+        extra: Value,
+    ) -> (Digest, Vec<u8>) {
+        let cfg = self
+            .push_blob(repo, format!("{{\"seed\":\"{seed}\"}}").as_bytes())
+            .await;
+        let layer = self
+            .push_blob(repo, format!("layer {seed}").as_bytes())
+            .await;
+        let mut m = json!({
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cfg, "size": 11 + seed.len()},
+            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": layer, "size": 6 + seed.len()}],
+        });
+        if let (Some(m), Some(extra)) = (m.as_object_mut(), extra.as_object()) {
+            m.extend(extra.clone());
+        }
+        let bytes = serde_json::to_vec(&m).unwrap();
+        let r = self.put_manifest(repo, tag, OCI_MANIFEST, &bytes).await;
+        assert_eq!(
+            r.status(),
+            StatusCode::CREATED,
+            "{}",
+            r.text().await.unwrap()
+        );
+        (Digest::of(&bytes), bytes)
+    }
+}
+
+fn header<'a>(r: &'a Response, name: &str) -> &'a str {
+    r.headers()
+        .get(name)
+        .unwrap_or_else(|| panic!("no {name} header"))
+        .to_str()
+        .unwrap()
+}
+
+async fn body(r: Response) -> Value {
+    let bytes = r.bytes().await.expect("response body");
+    serde_json::from_slice(&bytes).expect("JSON body")
+}
+
+/// The first error code of a spec error body.
+async fn error_code(r: Response) -> String {
+    let v: Value = body(r).await;
+    v["errors"][0]["code"]
+        .as_str()
+        .expect("errors[0].code")
+        .to_string()
+}
+
+// ---------- skopeo ----------
+
+async fn run(cmd: &str, args: &[&str]) {
+    let out = tokio::process::Command::new(cmd)
+        .args(args)
+        .output()
+        .await
+        .unwrap_or_else(|e| panic!("running {cmd}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// An OCI layout with one image `:t` holding one file layer, made by umoci.
+async fn make_layout(dir: &Path) -> PathBuf {
+    let layout = dir.join("src");
+    let file = dir.join("hello.txt");
+    std::fs::write(&file, "hello from ggfs\n").unwrap();
+    let l = layout.to_str().unwrap();
+    let img = format!("{l}:t");
+    run("umoci", &["init", "--layout", l]).await;
+    run("umoci", &["new", "--image", &img]).await;
+    run(
+        "umoci",
+        &[
+            "insert",
+            "--image",
+            &img,
+            file.to_str().unwrap(),
+            "/hello.txt",
+        ],
+    )
+    .await;
+    layout
+}
+
+/// The manifest digest an OCI layout's index.json gives for its only image.
+fn layout_manifest(layout: &Path) -> String {
+    let index: Value =
+        serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
+    index["manifests"][0]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// The digests (hex) of the image's manifest, config and layers.
+fn reachable(layout: &Path) -> Vec<String> {
+    let hex = |d: &Value| {
+        d.as_str()
+            .unwrap()
+            .trim_start_matches("sha256:")
+            .to_string()
+    };
+    let manifest = hex(&Value::String(layout_manifest(layout)));
+    let path = layout.join("blobs/sha256").join(&manifest);
+    let m: Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+    let mut names = vec![manifest, hex(&m["config"]["digest"])];
+    names.extend(
+        m["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| hex(&l["digest"])),
+    );
+    names.sort();
+    names
+}
+
+async fn skopeo_copy(src: &str, dst: &str) {
+    run(
+        "skopeo",
+        &[
+            "--insecure-policy",
+            "copy",
+            "--preserve-digests",
+            "--src-tls-verify=false",
+            "--dest-tls-verify=false",
+            src,
+            dst,
+        ],
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn skopeo_push_and_pull_round_trip() {
+    let tmp = tempfile::tempdir().unwrap();
+    let layout = make_layout(tmp.path()).await;
+    let reg = Reg::start(Storage::Memory).await;
+    let host = reg.server.host();
+    let remote = format!("docker://{host}/team/apps/hello:t");
+    skopeo_copy(&format!("oci:{}:t", layout.display()), &remote).await;
+
+    // Registry-to-registry copy (cross-repository mount path), then pull back.
+    let other = format!("docker://{host}/mirror:v1");
+    skopeo_copy(&remote, &other).await;
+    let back = tmp.path().join("back");
+    skopeo_copy(&other, &format!("oci:{}:t", back.display())).await;
+
+    assert_eq!(layout_manifest(&layout), layout_manifest(&back));
+    assert_eq!(reachable(&layout), reachable(&back));
+    assert_eq!(reachable(&layout).len(), 3, "manifest, config, one layer");
+    for name in reachable(&back) {
+        let bytes = std::fs::read(back.join("blobs/sha256").join(&name)).unwrap();
+        assert_eq!(Digest::of(&bytes).hex(), name, "pulled blob corrupt");
+    }
+    let tags: Value = body(
+        reg.req(Method::GET, "/v2/team/apps/hello/tags/list")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(tags, json!({"name": "team/apps/hello", "tags": ["t"]}));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disk_storage_survives_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let layout = make_layout(tmp.path()).await;
+    let root = tmp.path().join("registry");
+    let reg = Reg::start(Storage::Disk(root.clone())).await;
+    let remote = format!("docker://{}/a/b:t", reg.server.host());
+    skopeo_copy(&format!("oci:{}:t", layout.display()), &remote).await;
+    let stored = std::fs::read_dir(root.join("blobs/sha256"))
+        .unwrap()
+        .count();
+    assert_eq!(stored, reachable(&layout).len());
+    drop(reg);
+
+    let reg = Reg::start(Storage::Disk(root.clone())).await;
+    let back = tmp.path().join("back");
+    let remote = format!("docker://{}/a/b:t", reg.server.host());
+    skopeo_copy(&remote, &format!("oci:{}:t", back.display())).await;
+    assert_eq!(layout_manifest(&layout), layout_manifest(&back));
+    let cat: Value = body(reg.req(Method::GET, "/v2/_catalog").send().await.unwrap()).await;
+    assert_eq!(cat, json!({"repositories": ["a/b"]}));
+    assert_eq!(std::fs::read_dir(root.join("uploads")).unwrap().count(), 0);
+}
+
+// ---------- API corners ----------
+
+#[tokio::test]
+async fn base_endpoint_and_errors() {
+    let reg = Reg::start(Storage::Memory).await;
+    let r = reg.req(Method::GET, "/v2/").send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(
+        header(&r, "Docker-Distribution-API-Version"),
+        "registry/2.0"
+    );
+    let r = reg.req(Method::HEAD, "/v2/").send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+
+    let r = reg
+        .req(Method::GET, "/v2/Bad_Name/tags/list")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(error_code(r).await, "NAME_INVALID");
+    let r = reg
+        .req(Method::GET, "/v2/nope/tags/list")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    assert_eq!(error_code(r).await, "NAME_UNKNOWN");
+    let r = reg
+        .req(Method::GET, "/v2/x/blobs/sha256:zz")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_code(r).await, "DIGEST_INVALID");
+}
+
+#[tokio::test]
+async fn blob_range_requests() {
+    let reg = Reg::start(Storage::Memory).await;
+    let data: Vec<u8> = (0..100u8).collect();
+    let d = reg.push_blob("r/a/n/g/e", &data).await;
+    let path = format!("/v2/r/a/n/g/e/blobs/{d}");
+
+    let r = reg.req(Method::HEAD, &path).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(header(&r, "Content-Length"), "100");
+    assert_eq!(header(&r, "Docker-Content-Digest"), d.as_str());
+
+    let r = reg
+        .req(Method::GET, &path)
+        .header("Range", "bytes=10-19")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::PARTIAL_CONTENT);
+    assert_eq!(header(&r, "Content-Range"), "bytes 10-19/100");
+    assert_eq!(r.bytes().await.unwrap().as_ref(), &data[10..20]);
+
+    let r = reg
+        .req(Method::GET, &path)
+        .header("Range", "bytes=-5")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::PARTIAL_CONTENT);
+    assert_eq!(r.bytes().await.unwrap().as_ref(), &data[95..]);
+
+    let r = reg
+        .req(Method::GET, &path)
+        .header("Range", "bytes=100-")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::RANGE_NOT_SATISFIABLE);
+    assert_eq!(header(&r, "Content-Range"), "bytes */100");
+
+    let r = reg.req(Method::GET, &path).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.bytes().await.unwrap().as_ref(), &data[..]);
+}
+
+/// Chunked uploads, in memory and on disk: order is enforced, a wrong final
+/// digest leaves nothing behind, a right one makes the blob visible.
+#[tokio::test]
+async fn chunked_uploads() {
+    let tmp = tempfile::tempdir().unwrap();
+    for storage in [Storage::Memory, Storage::Disk(tmp.path().to_path_buf())] {
+        let reg = Reg::start(storage.clone()).await;
+        chunked_upload_checks(&reg).await;
+        if let Storage::Disk(root) = storage {
+            assert_eq!(std::fs::read_dir(root.join("uploads")).unwrap().count(), 0);
+            let blobs = std::fs::read_dir(root.join("blobs/sha256"))
+                .unwrap()
+                .count();
+            assert_eq!(blobs, 1, "only the verified blob is stored");
+        }
+    }
+}
+
+async fn start_session(reg: &Reg, repo: &str) -> String {
+    let r = reg
+        .req(Method::POST, &format!("/v2/{repo}/blobs/uploads/"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    assert!(r.headers().contains_key("Docker-Upload-UUID"));
+    header(&r, "Location").to_string()
+}
+
+async fn patch(reg: &Reg, loc: &str, range: &str, body: &[u8]) -> Response {
+    reg.req(Method::PATCH, loc)
+        .header("Content-Range", range)
+        .header("Content-Type", "application/octet-stream")
+        .body(body.to_vec())
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn chunked_upload_checks(reg: &Reg) {
+    let repo = "up/load";
+    let part1 = vec![1u8; 300_000];
+    let part2 = vec![2u8; 200_000];
+    let whole = [part1.clone(), part2.clone()].concat();
+    let good = Digest::of(&whole);
+    let wrong = Digest::of(b"something else");
+
+    // Wrong digest at close: refused, session gone, nothing visible.
+    let loc = start_session(reg, repo).await;
+    let r = patch(reg, &loc, "0-299999", &part1).await;
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    assert_eq!(header(&r, "Range"), "0-299999");
+    let r = patch(reg, &loc, "400000-599999", &part2).await;
+    assert_eq!(
+        r.status(),
+        StatusCode::RANGE_NOT_SATISFIABLE,
+        "out-of-order chunk"
+    );
+    assert_eq!(header(&r, "Range"), "0-299999");
+    let r = reg.req(Method::GET, &loc).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+    assert_eq!(header(&r, "Range"), "0-299999");
+    let r = reg
+        .req(Method::PUT, &format!("{loc}?digest={wrong}"))
+        .header("Content-Range", "300000-499999")
+        .body(part2.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(error_code(r).await, "DIGEST_INVALID");
+    for d in [&good, &wrong] {
+        let r = reg
+            .req(Method::HEAD, &format!("/v2/{repo}/blobs/{d}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            r.status(),
+            StatusCode::NOT_FOUND,
+            "{d} visible after a failed upload"
+        );
+    }
+    let r = reg.req(Method::GET, &loc).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    assert_eq!(error_code(r).await, "BLOB_UPLOAD_UNKNOWN");
+
+    // A chunk whose body is shorter than its Content-Range is undone.
+    let loc = start_session(reg, repo).await;
+    let r = patch(reg, &loc, "0-299999", &part1[..1000]).await;
+    assert_eq!(r.status(), StatusCode::RANGE_NOT_SATISFIABLE);
+    let r = reg.req(Method::GET, &loc).send().await.unwrap();
+    assert_eq!(header(&r, "Range"), "0-0");
+
+    // The right way: two chunks, close with the digest (and an empty body).
+    let r = patch(reg, &loc, "0-299999", &part1).await;
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    let r = patch(reg, &loc, "300000-499999", &part2).await;
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    let r = reg
+        .req(Method::PUT, &format!("{loc}?digest={good}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    assert_eq!(header(&r, "Docker-Content-Digest"), good.as_str());
+    let r = reg
+        .req(Method::GET, &format!("/v2/{repo}/blobs/{good}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.bytes().await.unwrap().as_ref(), &whole[..]);
+
+    // Monolithic with a wrong digest: refused, nothing kept.
+    let r = reg
+        .req(
+            Method::POST,
+            &format!("/v2/{repo}/blobs/uploads/?digest={wrong}"),
+        )
+        .body(b"not it".to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(error_code(r).await, "DIGEST_INVALID");
+}
+
+#[tokio::test]
+async fn cross_repository_mount_and_visibility() {
+    let reg = Reg::start(Storage::Memory).await;
+    let d = reg.push_blob("src/repo", b"shared layer").await;
+
+    // Not in "dst" until mounted, even though the registry has the bytes.
+    let r = reg
+        .req(Method::HEAD, &format!("/v2/dst/blobs/{d}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+
+    let r = reg
+        .req(
+            Method::POST,
+            &format!("/v2/dst/blobs/uploads/?mount={d}&from=src/repo"),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    assert_eq!(header(&r, "Location"), format!("/v2/dst/blobs/{d}"));
+    let r = reg
+        .req(Method::GET, &format!("/v2/dst/blobs/{d}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.bytes().await.unwrap().as_ref(), b"shared layer");
+
+    // The source repository lacks it: an ordinary upload session instead.
+    let r = reg
+        .req(
+            Method::POST,
+            &format!("/v2/third/blobs/uploads/?mount={d}&from=elsewhere"),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    assert!(header(&r, "Location").starts_with("/v2/third/blobs/uploads/"));
+    let r = reg
+        .req(Method::HEAD, &format!("/v2/third/blobs/{d}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+
+    // Deleting from one repository leaves the other's view alone.
+    let r = reg
+        .req(Method::DELETE, &format!("/v2/src/repo/blobs/{d}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    let r = reg
+        .req(Method::HEAD, &format!("/v2/src/repo/blobs/{d}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    let r = reg
+        .req(Method::HEAD, &format!("/v2/dst/blobs/{d}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn manifests_push_get_delete() {
+    let reg = Reg::start(Storage::Memory).await;
+    let repo = "m/a/n/i";
+    let missing = Digest::of(b"never pushed");
+    let orphan = json!({
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": missing, "size": 12},
+        "layers": []
+    });
+    let r = reg
+        .put_manifest(
+            repo,
+            "x",
+            OCI_MANIFEST,
+            &serde_json::to_vec(&orphan).unwrap(),
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(error_code(r).await, "MANIFEST_BLOB_UNKNOWN");
+
+    let (d, bytes) = reg.push_image(repo, "v1", "one", json!({})).await;
+    for reference in ["v1", d.as_str()] {
+        let r = reg
+            .req(Method::GET, &format!("/v2/{repo}/manifests/{reference}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(header(&r, "Content-Type"), OCI_MANIFEST);
+        assert_eq!(header(&r, "Docker-Content-Digest"), d.as_str());
+        assert_eq!(r.bytes().await.unwrap().as_ref(), &bytes[..]);
+    }
+    let r = reg
+        .req(Method::HEAD, &format!("/v2/{repo}/manifests/v1"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(header(&r, "Content-Length"), bytes.len().to_string());
+
+    // By digest: the bytes must hash to it.
+    let other = Digest::of(b"x");
+    let r = reg
+        .put_manifest(repo, other.as_str(), OCI_MANIFEST, &bytes)
+        .await;
+    assert_eq!(error_code(r).await, "DIGEST_INVALID");
+    let r = reg
+        .put_manifest(repo, d.as_str(), OCI_MANIFEST, &bytes)
+        .await;
+    assert_eq!(r.status(), StatusCode::CREATED);
+
+    // An index's children must be manifests in the repository.
+    let index = |child: &Digest| {
+        serde_json::to_vec(&json!({
+            "schemaVersion": 2, "mediaType": OCI_INDEX,
+            "manifests": [{"mediaType": OCI_MANIFEST, "digest": child, "size": 1}]
+        }))
+        .unwrap()
+    };
+    let config_digest = Digest::of(br#"{"seed":"one"}"#);
+    let r = reg
+        .put_manifest(repo, "idx", OCI_INDEX, &index(&config_digest))
+        .await;
+    assert_eq!(
+        error_code(r).await,
+        "MANIFEST_BLOB_UNKNOWN",
+        "a blob is not a manifest"
+    );
+    let r = reg.put_manifest(repo, "idx", OCI_INDEX, &index(&d)).await;
+    assert_eq!(r.status(), StatusCode::CREATED);
+
+    // Content-Type must agree with mediaType; over 4 MiB is refused.
+    let r = reg.put_manifest(repo, "bad", OCI_INDEX, &bytes).await;
+    assert_eq!(error_code(r).await, "MANIFEST_INVALID");
+    let mut big = serde_json::to_vec(&orphan).unwrap();
+    big.pop();
+    big.extend(format!(",\"annotations\":{{\"pad\":\"{}\"}}}}", "x".repeat(4 << 20)).bytes());
+    let r = reg.put_manifest(repo, "big", OCI_MANIFEST, &big).await;
+    assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
+
+    // Delete by tag removes the tag; by digest removes manifest and tags.
+    let r = reg
+        .req(Method::DELETE, &format!("/v2/{repo}/manifests/idx"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    let r = reg
+        .req(Method::DELETE, &format!("/v2/{repo}/manifests/{d}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    for reference in ["v1", d.as_str(), "idx"] {
+        let r = reg
+            .req(Method::GET, &format!("/v2/{repo}/manifests/{reference}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::NOT_FOUND, "{reference}");
+        assert_eq!(error_code(r).await, "MANIFEST_UNKNOWN");
+    }
+}
+
+/// Follow `Link: <...>; rel="next"` headers to the end, collecting `key`.
+async fn all_pages(reg: &Reg, first: &str, key: &str) -> (Vec<Vec<String>>, Vec<String>) {
+    let (mut pages, mut links) = (Vec::new(), Vec::new());
+    let mut next = Some(first.to_string());
+    while let Some(path) = next.take() {
+        let r = reg.req(Method::GET, &path).send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        if let Some(link) = r.headers().get("Link") {
+            let link = link.to_str().unwrap().to_string();
+            let target = link.trim_start_matches('<').split('>').next().unwrap();
+            assert!(link.ends_with("rel=\"next\""), "{link}");
+            next = Some(target.to_string());
+            links.push(link);
+        }
+        let v: Value = body(r).await;
+        let page = v[key].as_array().unwrap().iter();
+        pages.push(page.map(|t| t.as_str().unwrap().to_string()).collect());
+    }
+    (pages, links)
+}
+
+#[tokio::test]
+async fn tags_and_catalog_pagination() {
+    let reg = Reg::start(Storage::Memory).await;
+    for tag in ["t0", "t1", "t2", "t3", "t4"] {
+        reg.push_image("pag/ed", tag, "same", json!({})).await;
+    }
+    reg.push_blob("zz/last", b"x").await;
+    reg.push_blob("aa/first", b"x").await;
+
+    let (pages, links) = all_pages(&reg, "/v2/pag/ed/tags/list?n=2", "tags").await;
+    assert_eq!(pages, [vec!["t0", "t1"], vec!["t2", "t3"], vec!["t4"]]);
+    assert_eq!(links[0], "</v2/pag/ed/tags/list?n=2&last=t1>; rel=\"next\"");
+
+    let (pages, _) = all_pages(&reg, "/v2/_catalog?n=1", "repositories").await;
+    assert_eq!(pages, [vec!["aa/first"], vec!["pag/ed"], vec!["zz/last"]]);
+    let (pages, links) = all_pages(&reg, "/v2/_catalog", "repositories").await;
+    assert_eq!(pages.len(), 1);
+    assert!(links.is_empty());
+
+    let r = reg
+        .req(Method::GET, "/v2/pag/ed/tags/list?n=x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
+async fn referrers_api() {
+    let reg = Reg::start(Storage::Memory).await;
+    let repo = "ref/errs";
+    let (subject, subject_bytes) = reg.push_image(repo, "v1", "base", json!({})).await;
+    let subject_desc =
+        json!({"mediaType": OCI_MANIFEST, "digest": subject, "size": subject_bytes.len()});
+
+    let sig_extra = json!({"artifactType": "application/vnd.example.sig", "subject": subject_desc,
+                           "annotations": {"who": "me"}});
+    let sbom_extra =
+        json!({"artifactType": "application/vnd.example.sbom", "subject": subject_desc});
+    let (sig, _) = reg.push_image(repo, "sig", "sig", sig_extra).await;
+    let sbom_bytes = {
+        let (d, b) = reg.push_image(repo, "sbom", "sbom", sbom_extra).await;
+        (d, b)
+    };
+    // OCI-Subject answers a push that has a subject.
+    let r = reg
+        .put_manifest(repo, "sbom", OCI_MANIFEST, &sbom_bytes.1)
+        .await;
+    assert_eq!(header(&r, "OCI-Subject"), subject.as_str());
+
+    let path = format!("/v2/{repo}/referrers/{subject}");
+    let r = reg.req(Method::GET, &path).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(header(&r, "Content-Type"), OCI_INDEX);
+    assert!(r.headers().get("OCI-Filters-Applied").is_none());
+    let index: Value = body(r).await;
+    assert_eq!(index["mediaType"], OCI_INDEX);
+    assert_eq!(index["manifests"].as_array().unwrap().len(), 2);
+
+    let r = reg
+        .req(
+            Method::GET,
+            &format!("{path}?artifactType=application/vnd.example.sig"),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(header(&r, "OCI-Filters-Applied"), "artifactType");
+    let index: Value = body(r).await;
+    let m = &index["manifests"];
+    assert_eq!(m.as_array().unwrap().len(), 1);
+    assert_eq!(m[0]["digest"], sig.as_str());
+    assert_eq!(m[0]["artifactType"], "application/vnd.example.sig");
+    assert_eq!(m[0]["annotations"]["who"], "me");
+
+    // Deleting a referrer drops it; an unknown subject gives an empty index.
+    let r = reg
+        .req(Method::DELETE, &format!("/v2/{repo}/manifests/{sig}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    let index: Value = body(reg.req(Method::GET, &path).send().await.unwrap()).await;
+    assert_eq!(index["manifests"][0]["digest"], sbom_bytes.0.as_str());
+    let nobody = Digest::of(b"nobody");
+    let r = reg
+        .req(Method::GET, &format!("/v2/{repo}/referrers/{nobody}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let index: Value = body(r).await;
+    assert_eq!(index["manifests"], json!([]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_pushes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let reg = std::sync::Arc::new(Reg::start(Storage::Disk(tmp.path().to_path_buf())).await);
+    let mut tasks = Vec::new();
+    for i in 0..16 {
+        let reg = reg.clone();
+        tasks.push(tokio::spawn(async move {
+            let repo = format!("c/r{}", i % 4);
+            // Half push the same bytes, half their own.
+            let shared = reg.push_blob(&repo, b"same bytes everywhere").await;
+            let own = reg.push_blob(&repo, format!("own {i}").as_bytes()).await;
+            (repo, shared, own)
+        }));
+    }
+    for t in tasks {
+        let (repo, shared, own) = t.await.unwrap();
+        for d in [shared, own] {
+            let r = reg
+                .req(Method::HEAD, &format!("/v2/{repo}/blobs/{d}"))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), StatusCode::OK);
+        }
+    }
+    assert_eq!(
+        std::fs::read_dir(tmp.path().join("blobs/sha256"))
+            .unwrap()
+            .count(),
+        17
+    );
+}
