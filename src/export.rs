@@ -7,6 +7,11 @@
 //! (`.wh..wh..opq`) seen in a layer hide matching content of the layers below
 //! it, never of their own layer. Memory grows with the number of paths, not
 //! with bytes.
+//!
+//! A hardlink whose target an upper layer deleted or replaced still holds
+//! the old content (as after `umoci unpack` or on overlayfs), so it is
+//! emitted as a regular file carrying that content, found by reading its
+//! layer a second time (only such layers are).
 
 use std::collections::{HashMap, HashSet};
 use std::io::{self, Read, Write};
@@ -28,34 +33,43 @@ const HIDES_BELOW: u8 = 2;
 /// `out` when done. Layer blobs are verified against their digests as they
 /// stream; a bad layer fails the export with a digest error.
 pub async fn flatten<W: Write + Send + 'static>(image: &Image, out: W) -> Result<W> {
-    let layers = image.layers()?;
+    let mut layers = image.layers()?;
+    layers.reverse(); // top first
     let what = format!("exporting image {}", image.digest());
     let handle = tokio::runtime::Handle::current();
     tokio::task::spawn_blocking(move || {
-        let readers = layers.iter().rev().map(|l| {
+        let open = |i: usize| {
+            let l = &layers[i];
             let r = handle.block_on(l.uncompressed_reader())?;
             Ok((l.digest.to_string(), r))
-        });
-        flatten_readers(readers, out)
+        };
+        flatten_layers(layers.len(), open, out)
     })
     .await
     .map_err(|e| Error::invalid(what, e.to_string()))?
 }
 
-/// The blocking core: `layers` yields (name, uncompressed tar) from the TOP
-/// layer down; each is opened only when the one above is done.
-pub fn flatten_readers<W, I>(layers: I, out: W) -> Result<W>
-where
-    W: Write,
-    I: IntoIterator<Item = Result<(String, Box<dyn Read + Send>)>>,
-{
+/// The blocking core over `count` layers; `open(i)` gives layer `i` (0 = the
+/// top layer) as (name for errors, uncompressed tar). Each layer is read
+/// once, except that a layer is read a second time when it holds hardlinks
+/// whose target an upper layer deleted or replaced (the link keeps the old
+/// content, which must then be fetched again).
+pub fn flatten_layers<W: Write>(
+    count: usize,
+    mut open: impl FnMut(usize) -> Result<(String, Box<dyn Read + Send>)>,
+    out: W,
+) -> Result<W> {
     let mut builder = tar::Builder::new(out);
     let mut marks: HashMap<PathBuf, u8> = HashMap::new();
-    for layer in layers {
-        let (name, reader) = layer?;
-        let pending = flatten_layer(&mut builder, &marks, reader)
-            .map_err(|e| from_io(format!("reading layer {name}"), e))?;
-        for (path, flags) in pending {
+    for i in 0..count {
+        let (name, reader) = open(i)?;
+        let ctx = |e| from_io(format!("reading layer {name}"), e);
+        let scan = flatten_layer(&mut builder, &marks, reader).map_err(ctx)?;
+        if !scan.orphans.is_empty() {
+            let (_, reader) = open(i)?;
+            emit_orphans(&mut builder, reader, scan.orphans).map_err(ctx)?;
+        }
+        for (path, flags) in scan.pending {
             *marks.entry(path).or_default() |= flags;
         }
     }
@@ -64,17 +78,30 @@ where
         .map_err(|e| Error::io("writing the exported tar", e))
 }
 
-/// Emit one layer's visible entries; return the marks it adds for the layers
-/// below (applied only after the layer, so a layer never hides its own files).
+/// What one pass over a layer leaves to do.
+struct LayerScan {
+    /// Marks for the layers below, applied only after this layer so that a
+    /// layer never hides its own files.
+    pending: Vec<(PathBuf, u8)>,
+    /// Visible hardlinks whose target entry was hidden: target → link names.
+    orphans: HashMap<PathBuf, Vec<PathBuf>>,
+}
+
+/// Emit one layer's visible entries.
 fn flatten_layer<W: Write>(
     out: &mut tar::Builder<W>,
     marks: &HashMap<PathBuf, u8>,
     reader: Box<dyn Read + Send>,
-) -> io::Result<Vec<(PathBuf, u8)>> {
+) -> io::Result<LayerScan> {
     let mut archive = tar::Archive::new(reader);
-    let mut pending = Vec::new();
+    let mut scan = LayerScan {
+        pending: Vec::new(),
+        orphans: HashMap::new(),
+    };
     // Non-directories emitted from this layer: valid hardlink targets.
     let mut emitted_here: HashSet<PathBuf> = HashSet::new();
+    // Orphan link name → the hidden file it shares an inode with.
+    let mut orphan_root: HashMap<PathBuf, PathBuf> = HashMap::new();
     for entry in archive.entries()? {
         let mut entry = entry?;
         let Some(path) = normalize(&entry.path()?) else {
@@ -82,14 +109,13 @@ fn flatten_layer<W: Write>(
         };
         let file_name = path.file_name().unwrap_or_default().to_string_lossy();
         if file_name == OPAQUE_MARKER {
-            pending.push((
-                path.parent().unwrap_or(Path::new("")).to_path_buf(),
-                HIDES_BELOW,
-            ));
+            let dir = path.parent().unwrap_or(Path::new("")).to_path_buf();
+            scan.pending.push((dir, HIDES_BELOW));
             continue;
         }
         if let Some(target) = file_name.strip_prefix(WHITEOUT_PREFIX) {
-            pending.push((path.with_file_name(target), PRESENT | HIDES_BELOW));
+            let target = path.with_file_name(target);
+            scan.pending.push((target, PRESENT | HIDES_BELOW));
             continue;
         }
         if shadowed(marks, &path) {
@@ -97,23 +123,69 @@ fn flatten_layer<W: Write>(
         }
         let kind = entry.header().entry_type();
         if kind.is_hard_link() {
-            let target = entry.link_name()?.as_deref().and_then(normalize);
-            if !target.is_some_and(|t| emitted_here.contains(&t)) {
-                // Its target was deleted or replaced above: there is no
-                // earlier entry in our output with this inode's content.
-                tracing::debug!("dropping hardlink {} with a hidden target", path.display());
+            let Some(target) = entry.link_name()?.as_deref().and_then(normalize) else {
+                continue;
+            };
+            if !emitted_here.contains(&target) {
+                let root = orphan_root.get(&target).cloned().unwrap_or(target);
+                scan.orphans
+                    .entry(root.clone())
+                    .or_default()
+                    .push(path.clone());
+                orphan_root.insert(path.clone(), root);
+                scan.pending.push((path, PRESENT | HIDES_BELOW));
                 continue;
             }
         }
         copy_entry(out, &mut entry, &path)?;
         if kind.is_dir() {
-            pending.push((path, PRESENT));
+            scan.pending.push((path, PRESENT));
         } else {
             emitted_here.insert(path.clone());
-            pending.push((path, PRESENT | HIDES_BELOW));
+            scan.pending.push((path, PRESENT | HIDES_BELOW));
         }
     }
-    Ok(pending)
+    Ok(scan)
+}
+
+/// Second pass for hardlinks whose target was hidden: the first link name
+/// gets the target's content and metadata, the others link to it.
+fn emit_orphans<W: Write>(
+    out: &mut tar::Builder<W>,
+    reader: Box<dyn Read + Send>,
+    mut orphans: HashMap<PathBuf, Vec<PathBuf>>,
+) -> io::Result<()> {
+    let mut archive = tar::Archive::new(reader);
+    for entry in archive.entries()? {
+        if orphans.is_empty() {
+            break;
+        }
+        let mut entry = entry?;
+        let Some(path) = normalize(&entry.path()?) else {
+            continue;
+        };
+        if !entry.header().entry_type().is_file() {
+            continue;
+        }
+        let Some(links) = orphans.remove(&path) else {
+            continue;
+        };
+        let (first, rest) = links.split_first().expect("never empty");
+        copy_entry(out, &mut entry, first)?;
+        for link in rest {
+            let mut h = entry.header().clone();
+            h.set_entry_type(tar::EntryType::Link);
+            h.set_size(0);
+            out.append_link(&mut h, link, first)?;
+        }
+    }
+    for (target, links) in orphans {
+        tracing::warn!(
+            "dropping hardlinks {links:?}: their target {} is not in the layer",
+            target.display()
+        );
+    }
+    Ok(())
 }
 
 /// Is `path` hidden by an upper layer: the path itself taken, or an
@@ -216,11 +288,12 @@ mod tests {
     }
 
     fn flatten_bottom_up(layers: Vec<Vec<u8>>) -> Vec<(String, String)> {
-        let readers = layers.into_iter().rev().map(|l| {
-            let r: Box<dyn Read + Send> = Box::new(io::Cursor::new(l));
-            Ok(("l".to_string(), r))
-        });
-        let out = flatten_readers(readers, Vec::new()).unwrap();
+        let n = layers.len();
+        let open = |i: usize| {
+            let r: Box<dyn Read + Send> = Box::new(io::Cursor::new(layers[n - 1 - i].clone()));
+            Ok((format!("layer {i}"), r))
+        };
+        let out = flatten_layers(n, open, Vec::new()).unwrap();
         let mut a = tar::Archive::new(&out[..]);
         let mut got = Vec::new();
         for e in a.entries().unwrap() {
@@ -261,6 +334,7 @@ mod tests {
             ("f", 'f', "v1"),
             ("h", 'f', "hh"),
             ("hl", 'l', "h"),
+            ("hl2", 'l', "hl"),
         ]);
         let l2 = layer(&[
             ("./a/.wh.gone", 'f', ""),
@@ -272,7 +346,7 @@ mod tests {
             (".wh.h", 'f', ""),
         ]);
         let got = flatten_bottom_up(vec![l1, l2]);
-        let want = pairs(&[
+        let mut want = pairs(&[
             ("a", ""),
             ("a/keep", "k"),
             ("o", ""),
@@ -280,7 +354,10 @@ mod tests {
             ("x", "now a file"),
             ("f", "v2"),
         ]);
-        // hl: its target h was deleted above, so the link is dropped.
+        // hl keeps the content of h, which was deleted above.
+        want.push(("hl".to_string(), "hh".to_string()));
+        want.push(("hl2".to_string(), "-> hl".to_string()));
+        want.sort();
         assert_eq!(got, want);
     }
 
