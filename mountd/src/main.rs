@@ -1,1 +1,414 @@
-fn main() {}
+//! `ggfs-mountd`: mount a registry as a read-only filesystem.
+//!
+//! `ggfs-mountd mount REGISTRY MOUNTPOINT` returns once the mount is ready and
+//! keeps serving in the background (it re-executes itself with
+//! `--foreground` and waits on a pipe for the child's "ready" or its error);
+//! SIGINT/SIGTERM unmount cleanly. `ggfs-mountd unmount MOUNTPOINT` undoes it.
+
+mod backend;
+mod cache;
+mod fs;
+mod layer;
+mod ns;
+mod stats;
+mod tree;
+
+use std::ffi::OsString;
+use std::io::{Read, Write};
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "ggfs-mountd",
+    version,
+    about = "Mount a container registry as a filesystem"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Mount REGISTRY (host[:port]) at MOUNTPOINT.
+    Mount(MountArgs),
+    /// Unmount a ggfs mount.
+    Unmount { mountpoint: PathBuf },
+}
+
+#[derive(clap::Args, Clone)]
+struct MountArgs {
+    registry: String,
+    mountpoint: PathBuf,
+    /// Stay in the foreground instead of detaching once mounted.
+    #[arg(long)]
+    foreground: bool,
+    /// Disk cache directory [default: $XDG_CACHE_HOME/ggfs or ~/.cache/ggfs].
+    #[arg(long)]
+    cache_dir: Option<PathBuf>,
+    /// Disk cache bound, e.g. 10G, 512M.
+    #[arg(long, default_value = "10G", value_parser = cache::parse_size)]
+    cache_size: u64,
+    /// Seconds before a tag is resolved again (and tag/catalog lists refreshed).
+    #[arg(long, default_value_t = 60)]
+    tag_ttl: u64,
+    /// Show only this platform's directories in indexes (os/arch[/variant]).
+    #[arg(long)]
+    platform: Option<ggfs::Platform>,
+    /// Talk plain HTTP to the registry.
+    #[arg(long)]
+    insecure: bool,
+    /// Mount options: allow_other, allow_root.
+    #[arg(short = 'o')]
+    options: Vec<String>,
+    /// Write the daemon's log here (appending).
+    #[arg(long)]
+    log: Option<PathBuf>,
+    /// Internal: file descriptor to report readiness on.
+    #[arg(long, hide = true)]
+    ready_fd: Option<i32>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let res = match cli.cmd {
+        Cmd::Mount(args) if args.foreground => foreground(args),
+        Cmd::Mount(args) => daemonize(args),
+        Cmd::Unmount { mountpoint } => unmount(&mountpoint),
+    };
+    match res {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ggfs-mountd: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Start the daemon and wait until it says the mount is ready.
+fn daemonize(args: MountArgs) -> Result<()> {
+    preflight(&args)?;
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills two descriptors we then own.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("creating ready pipe");
+    }
+    let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    let wr_raw = fds[1];
+    let exe = std::env::current_exe().context("finding own executable")?;
+    let mut cmd = Command::new(exe);
+    cmd.args(child_args(&args, wr_raw))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        cmd.pre_exec(move || {
+            libc::setsid();
+            // Let the write end survive exec.
+            libc::fcntl(wr_raw, libc::F_SETFD, 0);
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().context("starting the mount daemon")?;
+    drop(wr);
+    let mut msg = String::new();
+    std::fs::File::from(rd)
+        .read_to_string(&mut msg)
+        .context("waiting for the mount daemon")?;
+    if msg.trim() == "ready" {
+        return Ok(());
+    }
+    let status = child.wait().ok();
+    let msg = msg.trim();
+    if msg.is_empty() {
+        bail!("the mount daemon exited before the mount was ready ({status:?})");
+    }
+    bail!("{msg}")
+}
+
+fn child_args(a: &MountArgs, fd: i32) -> Vec<OsString> {
+    let mut v: Vec<OsString> = vec!["mount".into(), a.registry.clone().into()];
+    v.push(a.mountpoint.clone().into());
+    v.push("--foreground".into());
+    v.push(format!("--ready-fd={fd}").into());
+    if let Some(d) = &a.cache_dir {
+        v.push("--cache-dir".into());
+        v.push(d.into());
+    }
+    v.push(format!("--cache-size={}", a.cache_size).into());
+    v.push(format!("--tag-ttl={}", a.tag_ttl).into());
+    if let Some(p) = &a.platform {
+        v.push(format!("--platform={p}").into());
+    }
+    if a.insecure {
+        v.push("--insecure".into());
+    }
+    for o in &a.options {
+        v.push("-o".into());
+        v.push(o.into());
+    }
+    if let Some(l) = &a.log {
+        v.push("--log".into());
+        v.push(l.into());
+    }
+    v
+}
+
+/// Checks that need no network, with messages that say what to do.
+fn preflight(a: &MountArgs) -> Result<()> {
+    if !Path::new("/dev/fuse").exists() {
+        bail!("/dev/fuse does not exist: load the fuse kernel module (modprobe fuse)");
+    }
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root && which("fusermount3").is_none() && which("fusermount").is_none() {
+        bail!("fusermount3 not found in PATH: install fuse3");
+    }
+    let mp = &a.mountpoint;
+    let md = std::fs::metadata(mp).with_context(|| format!("mount point {}", mp.display()))?;
+    if !md.is_dir() {
+        bail!("mount point {} is not a directory", mp.display());
+    }
+    if is_mount_point(mp)? {
+        bail!(
+            "mount point {} is busy: something is already mounted there",
+            mp.display()
+        );
+    }
+    mount_options(&a.options)?;
+    Ok(())
+}
+
+fn which(bin: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(bin))
+        .find(|p| p.is_file())
+}
+
+/// Is `path` itself a mount point (per /proc/self/mountinfo)?
+fn is_mount_point(path: &Path) -> Result<bool> {
+    let canon = std::fs::canonicalize(path).with_context(|| format!("{}", path.display()))?;
+    let info = std::fs::read_to_string("/proc/self/mountinfo").context("reading mountinfo")?;
+    Ok(info.lines().any(|l| {
+        l.split(' ')
+            .nth(4)
+            .is_some_and(|mp| Path::new(&unescape_mount(mp)) == canon)
+    }))
+}
+
+/// mountinfo escapes space, tab, newline and backslash as octal.
+fn unescape_mount(s: &str) -> String {
+    s.replace("\\040", " ")
+        .replace("\\011", "\t")
+        .replace("\\012", "\n")
+        .replace("\\134", "\\")
+}
+
+fn mount_options(opts: &[String]) -> Result<Vec<fuser::MountOption>> {
+    use fuser::MountOption as M;
+    let mut out = vec![
+        M::FSName("ggfs".into()),
+        M::Subtype("ggfs".into()),
+        M::RO,
+        M::DefaultPermissions,
+        M::NoDev,
+        M::NoSuid,
+    ];
+    for o in opts
+        .iter()
+        .flat_map(|o| o.split(','))
+        .filter(|o| !o.is_empty())
+    {
+        out.push(match o {
+            "allow_other" => M::AllowOther,
+            "allow_root" => M::AllowRoot,
+            "ro" => continue,
+            other => {
+                bail!("unsupported mount option {other:?} (supported: allow_other, allow_root)")
+            }
+        });
+    }
+    Ok(out)
+}
+
+/// Reports the outcome of startup to whoever waits on `--ready-fd`.
+struct Ready(Option<std::fs::File>);
+
+impl Ready {
+    fn send(&mut self, msg: &str) {
+        if let Some(mut f) = self.0.take() {
+            let _ = f.write_all(msg.as_bytes());
+        }
+    }
+}
+
+fn foreground(args: MountArgs) -> Result<()> {
+    // SAFETY: the fd was handed to us by our parent for this purpose.
+    let mut ready = Ready(
+        args.ready_fd
+            .map(|fd| unsafe { std::fs::File::from_raw_fd(fd) }),
+    );
+    match serve(&args, &mut ready) {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            tracing::error!("{e:#}");
+            ready.send(&format!("{e:#}\n"));
+            Err(e)
+        }
+    }
+}
+
+fn init_log(args: &MountArgs) -> Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match &args.log {
+        Some(path) => {
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .with_context(|| format!("opening log {}", path.display()))?;
+            builder.with_ansi(false).with_writer(Arc::new(f)).init();
+        }
+        None => builder.with_writer(std::io::stderr).init(),
+    }
+    Ok(())
+}
+
+fn serve(args: &MountArgs, ready: &mut Ready) -> Result<()> {
+    init_log(args)?;
+    preflight(args)?;
+    let signals = block_signals()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()
+        .context("starting runtime")?;
+    let (host, insecure) = match args.registry.strip_prefix("http://") {
+        Some(h) => (h.trim_end_matches('/'), true),
+        None => (
+            args.registry
+                .strip_prefix("https://")
+                .unwrap_or(&args.registry)
+                .trim_end_matches('/'),
+            args.insecure,
+        ),
+    };
+    let reg = backend::HttpRegistry::new(host, insecure)?;
+    let reg_name = backend::Registry::name(reg.as_ref());
+    rt.block_on(async {
+        tokio::time::timeout(
+            Duration::from_secs(30),
+            backend::Registry::ping(reg.as_ref()),
+        )
+        .await
+    })
+    .map_err(|_| anyhow!("registry {host} unreachable: no answer to /v2/ within 30s"))?
+    .map_err(|e| anyhow!("registry {host} unreachable: {e}"))?;
+
+    let cache_dir = args.cache_dir.clone().unwrap_or_else(cache::default_dir);
+    let cache = Arc::new(cache::Cache::open(&cache_dir, args.cache_size)?);
+    let stats = Arc::new(stats::Stats::default());
+    let mut ns = ns::Namespace::new(reg, stats, Duration::from_secs(args.tag_ttl));
+    ns.platform = args.platform.clone();
+    let filesystem = fs::Fs::new(ns, cache, rt.handle().clone());
+    let options = mount_options(&args.options)?;
+    let mut session = fuser::Session::new(filesystem, &args.mountpoint, &options)
+        .with_context(|| format!("mounting at {}", args.mountpoint.display()))?;
+    let mut unmounter = session.unmount_callable();
+    let (tx, rx) = std::sync::mpsc::channel::<&'static str>();
+    let tx2 = tx.clone();
+    let worker = std::thread::spawn(move || {
+        let r = session.run();
+        let _ = tx2.send("session ended");
+        r
+    });
+    std::thread::spawn(move || {
+        if let Some(sig) = wait_signal(&signals) {
+            let _ = tx.send(sig);
+        }
+    });
+    tracing::info!("mounted {} at {}", reg_name, args.mountpoint.display());
+    ready.send("ready\n");
+    let why = rx.recv().unwrap_or("channel closed");
+    tracing::info!("{why}: unmounting {}", args.mountpoint.display());
+    if why != "session ended" {
+        let _ = unmounter.unmount();
+    }
+    match worker.join() {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!("session: {e}"),
+        Err(_) => tracing::error!("session thread panicked"),
+    }
+    rt.shutdown_timeout(Duration::from_secs(2));
+    Ok(())
+}
+
+/// Block SIGINT/SIGTERM/SIGHUP in this and all later threads, so one
+/// thread can wait for them with sigwait.
+fn block_signals() -> Result<libc::sigset_t> {
+    // SAFETY: plain signal-mask manipulation on a zeroed set.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            libc::sigaddset(&mut set, s);
+        }
+        if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
+            bail!("blocking signals failed");
+        }
+        Ok(set)
+    }
+}
+
+fn wait_signal(set: &libc::sigset_t) -> Option<&'static str> {
+    let mut sig = 0;
+    // SAFETY: `set` is a valid, initialised signal set.
+    if unsafe { libc::sigwait(set, &mut sig) } != 0 {
+        return None;
+    }
+    Some(match sig {
+        libc::SIGINT => "SIGINT",
+        libc::SIGTERM => "SIGTERM",
+        _ => "SIGHUP",
+    })
+}
+
+fn unmount(mountpoint: &Path) -> Result<()> {
+    if !is_mount_point(mountpoint)? {
+        bail!("{} is not mounted", mountpoint.display());
+    }
+    let bin = which("fusermount3").or_else(|| which("fusermount"));
+    if let Some(bin) = bin {
+        let out = Command::new(&bin)
+            .arg("-u")
+            .arg(mountpoint)
+            .output()
+            .with_context(|| format!("running {}", bin.display()))?;
+        if out.status.success() {
+            return Ok(());
+        }
+        let err = String::from_utf8_lossy(&out.stderr).trim().to_string();
+        if unsafe { libc::geteuid() } != 0 {
+            bail!("unmounting {}: {err}", mountpoint.display());
+        }
+    }
+    // Root without (working) fusermount3: unmount directly.
+    let c = std::ffi::CString::new(mountpoint.as_os_str().as_encoded_bytes())?;
+    // SAFETY: a valid NUL-terminated path.
+    if unsafe { libc::umount2(c.as_ptr(), 0) } != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("unmounting {}", mountpoint.display()));
+    }
+    Ok(())
+}

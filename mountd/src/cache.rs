@@ -1,0 +1,229 @@
+//! Content-addressed disk cache shared by mounts and kept across restarts.
+//! Files live at `<root>/<kind>/sha256/<hex>` and only appear there whole
+//! and verified (written to a temporary file, then renamed). Use refreshes a
+//! file's mtime; when the total passes the limit the least recently used
+//! files go. Readers keep open descriptors, so eviction never pulls bytes
+//! from under a read in progress.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::SystemTime;
+
+use ggfs::{Digest, Error, Result};
+
+/// What a cached file holds.
+#[derive(Clone, Copy, Debug)]
+pub enum Kind {
+    /// A whole blob, verified against its digest.
+    Blob,
+    /// The uncompressed tar of a layer blob (keyed by the blob's digest),
+    /// written in the same pass that verified the blob.
+    Tar,
+}
+
+impl Kind {
+    fn dir(self) -> &'static str {
+        match self {
+            Kind::Blob => "blobs",
+            Kind::Tar => "tar",
+        }
+    }
+}
+
+pub struct Cache {
+    root: PathBuf,
+    limit: u64,
+    used: AtomicU64,
+    evicting: Mutex<()>,
+    pub hits: AtomicU64,
+    pub misses: AtomicU64,
+}
+
+impl Cache {
+    /// Open (creating) the cache at `root`, counting what is already there.
+    pub fn open(root: &Path, limit: u64) -> Result<Self> {
+        std::fs::create_dir_all(root).map_err(|e| Error::io(root.display().to_string(), e))?;
+        let used = files(root).iter().map(|(_, size, _)| size).sum();
+        let cache = Cache {
+            root: root.to_path_buf(),
+            limit,
+            used: AtomicU64::new(used),
+            evicting: Mutex::new(()),
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+        };
+        cache.evict();
+        Ok(cache)
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn used(&self) -> u64 {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    pub fn limit(&self) -> u64 {
+        self.limit
+    }
+
+    /// Where a file of `kind` for `digest` lives (whether or not present).
+    pub fn path(&self, kind: Kind, digest: &Digest) -> PathBuf {
+        self.root
+            .join(kind.dir())
+            .join(digest.algorithm())
+            .join(digest.hex())
+    }
+
+    /// The cached file, if present, marked as recently used.
+    pub fn get(&self, kind: Kind, digest: &Digest) -> Option<PathBuf> {
+        let path = self.path(kind, digest);
+        match std::fs::File::options().write(true).open(&path) {
+            Ok(f) => {
+                let _ = f.set_modified(SystemTime::now());
+                self.hits.fetch_add(1, Ordering::Relaxed);
+                Some(path)
+            }
+            Err(_) => {
+                self.misses.fetch_add(1, Ordering::Relaxed);
+                None
+            }
+        }
+    }
+
+    /// Record that a file of `size` bytes was committed, evicting if needed.
+    pub fn added(&self, size: u64) {
+        let used = self.used.fetch_add(size, Ordering::Relaxed) + size;
+        if used > self.limit {
+            self.evict();
+        }
+    }
+
+    /// Remove least recently used files until usage is under 90% of the limit.
+    fn evict(&self) {
+        let Ok(_guard) = self.evicting.try_lock() else {
+            return;
+        };
+        if self.used() <= self.limit {
+            return;
+        }
+        let mut all = files(&self.root);
+        all.sort_by_key(|(_, _, mtime)| *mtime);
+        let target = self.limit / 10 * 9;
+        let mut used: u64 = all.iter().map(|(_, s, _)| s).sum();
+        for (path, size, _) in all {
+            if used <= target {
+                break;
+            }
+            if std::fs::remove_file(&path).is_ok() {
+                tracing::debug!("cache: evicted {}", path.display());
+                used -= size;
+            }
+        }
+        self.used.store(used, Ordering::Relaxed);
+    }
+}
+
+/// Every committed file under `root`: path, size, mtime. Temporary files
+/// (`.tmp-*`) left by a crash are removed on the way.
+fn files(root: &Path) -> Vec<(PathBuf, u64, SystemTime)> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for ent in rd.flatten() {
+            let path = ent.path();
+            let Ok(md) = ent.metadata() else { continue };
+            if md.is_dir() {
+                stack.push(path);
+            } else if ent.file_name().to_string_lossy().starts_with(".tmp-") {
+                let stale = md
+                    .modified()
+                    .ok()
+                    .and_then(|m| m.elapsed().ok())
+                    .is_some_and(|age| age.as_secs() > 3600);
+                if stale {
+                    let _ = std::fs::remove_file(&path);
+                }
+            } else {
+                let mtime = md.modified().unwrap_or(SystemTime::UNIX_EPOCH);
+                out.push((path, md.len(), mtime));
+            }
+        }
+    }
+    out
+}
+
+/// Parse `--cache-size`: bytes with an optional K/M/G/T suffix (powers of 1024).
+pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
+    let t = s.trim();
+    let t = t.strip_suffix(['b', 'B']).unwrap_or(t);
+    let t = t.strip_suffix(['i']).unwrap_or(t);
+    let (num, mult) = match t.chars().last() {
+        Some('k' | 'K') => (&t[..t.len() - 1], 1u64 << 10),
+        Some('m' | 'M') => (&t[..t.len() - 1], 1 << 20),
+        Some('g' | 'G') => (&t[..t.len() - 1], 1 << 30),
+        Some('t' | 'T') => (&t[..t.len() - 1], 1 << 40),
+        _ => (t, 1),
+    };
+    let n: u64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("invalid size {s:?} (want e.g. 10G, 512M)"))?;
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("size {s:?} is too large"))
+}
+
+/// `$XDG_CACHE_HOME/ggfs`, else `~/.cache/ggfs`.
+pub fn default_dir() -> PathBuf {
+    if let Some(x) = std::env::var_os("XDG_CACHE_HOME").filter(|x| !x.is_empty()) {
+        return PathBuf::from(x).join("ggfs");
+    }
+    let home = std::env::var_os("HOME").unwrap_or_else(|| "/tmp".into());
+    PathBuf::from(home).join(".cache").join("ggfs")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("10G").unwrap(), 10 << 30);
+        assert_eq!(parse_size("512MiB").unwrap(), 512 << 20);
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert!(parse_size("lots").is_err());
+    }
+
+    #[test]
+    fn evicts_least_recently_used() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path(), 2500).unwrap();
+        let ds: Vec<Digest> = (0..3u8).map(|i| Digest::of(&[i])).collect();
+        for (i, d) in ds.iter().enumerate() {
+            let p = cache.path(Kind::Blob, d);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(&p, vec![0u8; 1000]).unwrap();
+            let t = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1000 + i as u64);
+            std::fs::File::options()
+                .write(true)
+                .open(&p)
+                .unwrap()
+                .set_modified(t)
+                .unwrap();
+            if i == 1 {
+                // Touch the first one: now the second is the oldest.
+                assert!(cache.get(Kind::Blob, &ds[0]).is_some());
+            }
+            cache.added(1000);
+        }
+        assert!(cache.path(Kind::Blob, &ds[0]).exists());
+        assert!(!cache.path(Kind::Blob, &ds[1]).exists());
+        assert!(cache.path(Kind::Blob, &ds[2]).exists());
+        assert_eq!(cache.used(), 2000);
+    }
+}

@@ -1,0 +1,314 @@
+//! The registry side of the namespace: catalog, tags, tag → digest
+//! resolution and artifacts, each memoized with single-flight. Answers that
+//! can change (catalog, tags, tag resolution) live `tag_ttl`; failures live
+//! `neg_ttl` so probing shells do not flood the registry; anything addressed
+//! by digest lives as long as the process.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::hash::Hash;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ggfs::image::{Artifact, Image, Layer, Source};
+use ggfs::manifest::{self, Platform};
+use ggfs::{Digest, Error, RawManifest};
+use tokio::sync::OnceCell;
+
+use crate::backend::Registry;
+use crate::stats::{CountingSource, Stats};
+
+/// A failure as the filesystem reports it: an errno and a message for the log.
+#[derive(Clone, Debug)]
+pub struct Fail {
+    pub errno: i32,
+    pub msg: Arc<str>,
+}
+
+pub type Res<T> = std::result::Result<T, Fail>;
+
+impl Fail {
+    pub fn new(errno: i32, msg: impl Into<Arc<str>>) -> Self {
+        Fail {
+            errno,
+            msg: msg.into(),
+        }
+    }
+
+    pub fn noent(what: impl std::fmt::Display) -> Self {
+        Fail::new(libc::ENOENT, format!("{what} not found"))
+    }
+}
+
+impl From<Error> for Fail {
+    fn from(e: Error) -> Self {
+        let errno = match &e {
+            Error::NotFound(_) | Error::Reference { .. } => libc::ENOENT,
+            Error::Auth { .. } => libc::EACCES,
+            Error::NoPlatform { .. } => libc::ENOENT,
+            _ => libc::EIO,
+        };
+        Fail::new(errno, e.to_string())
+    }
+}
+
+/// Memoized async results with expiry and single-flight.
+pub struct Memo<K, V> {
+    map: Mutex<HashMap<K, (Instant, Arc<OnceCell<Res<V>>>)>>,
+}
+
+impl<K: Hash + Eq + Clone, V: Clone> Default for Memo<K, V> {
+    fn default() -> Self {
+        Memo {
+            map: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl<K: Hash + Eq + Clone, V: Clone> Memo<K, V> {
+    pub async fn get<F, Fut>(&self, key: &K, ok_ttl: Duration, err_ttl: Duration, f: F) -> Res<V>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Res<V>>,
+    {
+        let cell = {
+            let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+            let now = Instant::now();
+            let fresh = map.get(key).is_some_and(|(born, cell)| match cell.get() {
+                None => true,
+                Some(Ok(_)) => now.duration_since(*born) < ok_ttl,
+                Some(Err(_)) => now.duration_since(*born) < err_ttl,
+            });
+            if !fresh {
+                map.insert(key.clone(), (now, Arc::new(OnceCell::new())));
+            }
+            map[key].1.clone()
+        };
+        cell.get_or_init(f).await.clone()
+    }
+
+    /// The value if it is already there (expired or not).
+    pub fn peek(&self, key: &K) -> Option<V> {
+        let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(key)?.1.get()?.as_ref().ok().cloned()
+    }
+}
+
+/// What a manifest is, as the namespace shows it.
+pub enum Art {
+    Image {
+        image: Image,
+        layers: Vec<Layer>,
+    },
+    Index {
+        raw: RawManifest,
+        /// Directory name (`linux-arm64-v8`) and child manifest digest.
+        children: Vec<(String, Digest)>,
+    },
+}
+
+impl Art {
+    pub fn raw(&self) -> &RawManifest {
+        match self {
+            Art::Image { image, .. } => &image.raw,
+            Art::Index { raw, .. } => raw,
+        }
+    }
+}
+
+const FOREVER: Duration = Duration::from_secs(u32::MAX as u64);
+
+pub struct Namespace {
+    reg: Arc<dyn Registry>,
+    pub stats: Arc<Stats>,
+    pub tag_ttl: Duration,
+    pub neg_ttl: Duration,
+    /// When set, indexes only show this platform's directories.
+    pub platform: Option<Platform>,
+    catalog: Memo<(), Option<Arc<Vec<String>>>>,
+    tags: Memo<String, Arc<Vec<String>>>,
+    resolved: Memo<(String, String), Digest>,
+    arts: Memo<Digest, Arc<Art>>,
+    seeds: Mutex<HashMap<Digest, RawManifest>>,
+    sources: Mutex<HashMap<String, Arc<dyn Source>>>,
+}
+
+impl Namespace {
+    pub fn new(reg: Arc<dyn Registry>, stats: Arc<Stats>, tag_ttl: Duration) -> Self {
+        Namespace {
+            reg,
+            stats,
+            tag_ttl,
+            neg_ttl: Duration::from_secs(5),
+            platform: None,
+            catalog: Memo::default(),
+            tags: Memo::default(),
+            resolved: Memo::default(),
+            arts: Memo::default(),
+            seeds: Mutex::new(HashMap::new()),
+            sources: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn source(&self, repo: &str) -> Arc<dyn Source> {
+        let mut s = self.sources.lock().unwrap_or_else(|p| p.into_inner());
+        s.entry(repo.to_string())
+            .or_insert_with(|| CountingSource::wrap(self.reg.source(repo), self.stats.clone()))
+            .clone()
+    }
+
+    pub async fn catalog(&self) -> Res<Option<Arc<Vec<String>>>> {
+        self.catalog
+            .get(&(), self.tag_ttl, self.neg_ttl, || async {
+                self.stats.request();
+                Ok(self.reg.catalog().await?.map(Arc::new))
+            })
+            .await
+    }
+
+    pub async fn tags(&self, repo: &str) -> Res<Arc<Vec<String>>> {
+        self.tags
+            .get(&repo.to_string(), self.tag_ttl, self.neg_ttl, || async {
+                self.stats.request();
+                Ok(Arc::new(self.reg.tags(repo).await?))
+            })
+            .await
+    }
+
+    /// The digest a tag points at now (re-resolved after `tag_ttl`).
+    pub async fn resolve(&self, repo: &str, tag: &str) -> Res<Digest> {
+        let key = (repo.to_string(), tag.to_string());
+        self.resolved
+            .get(&key, self.tag_ttl, self.neg_ttl, || async {
+                let raw = self.source(repo).manifest(tag).await?;
+                let d = raw.digest.clone();
+                let mut seeds = self.seeds.lock().unwrap_or_else(|p| p.into_inner());
+                seeds.insert(d.clone(), raw);
+                Ok(d)
+            })
+            .await
+    }
+
+    /// The artifact with this manifest digest (fetched once, verified).
+    pub async fn artifact(&self, repo: &str, digest: &Digest) -> Res<Arc<Art>> {
+        self.arts
+            .get(digest, FOREVER, self.neg_ttl, || self.load(repo, digest))
+            .await
+    }
+
+    async fn load(&self, repo: &str, digest: &Digest) -> Res<Arc<Art>> {
+        let seed = {
+            let mut seeds = self.seeds.lock().unwrap_or_else(|p| p.into_inner());
+            seeds.remove(digest)
+        };
+        let source = self.source(repo);
+        let raw = match seed {
+            Some(raw) => raw,
+            None => source.manifest(digest.as_str()).await?,
+        };
+        if &raw.digest != digest {
+            return Err(Error::DigestMismatch {
+                expected: digest.clone(),
+                actual: raw.digest,
+            }
+            .into());
+        }
+        let art = match Artifact::from_raw(source, raw).await? {
+            Artifact::Image(image) => {
+                let layers = image.layers()?;
+                for l in &layers {
+                    self.stats.note_size(&l.digest, l.size());
+                }
+                Art::Image { image, layers }
+            }
+            Artifact::Index(index) => Art::Index {
+                children: platform_dirs(&index.parsed, self.platform.as_ref()),
+                raw: index.raw,
+            },
+        };
+        Ok(Arc::new(art))
+    }
+}
+
+/// One directory per index entry, named after its platform
+/// (`linux-arm64-v8`); entries without one are named by digest.
+fn platform_dirs(
+    index: &ggfs::manifest::ImageIndex,
+    only: Option<&Platform>,
+) -> Vec<(String, Digest)> {
+    let mut out: Vec<(String, Digest)> = Vec::new();
+    for desc in index.manifests() {
+        if let Some(want) = only {
+            if !desc.platform().as_ref().is_some_and(|p| want.matches(p)) {
+                continue;
+            }
+        }
+        let Ok(d) = manifest::digest_of(desc) else {
+            continue;
+        };
+        let mut name = match desc.platform() {
+            Some(p) => Platform::of(p).dir_name(),
+            None => d.to_string(),
+        };
+        if out.iter().any(|(n, _)| *n == name) {
+            name = format!("{name}-{}", &d.hex()[..12]);
+        }
+        out.push((name, d));
+    }
+    out
+}
+
+/// Is `name` a valid repository path component?
+pub fn valid_component(name: &str) -> bool {
+    ggfs::Repository::new("localhost", name).is_ok() && !name.contains('/')
+}
+
+/// Next path components below `prefix` ("" for the top) among `repos`.
+pub fn children_of(repos: &[String], prefix: &str) -> Vec<String> {
+    let mut out: Vec<String> = repos
+        .iter()
+        .filter_map(|r| {
+            let rest = if prefix.is_empty() {
+                r.as_str()
+            } else {
+                r.strip_prefix(prefix)?.strip_prefix('/')?
+            };
+            rest.split('/').next().filter(|c| !c.is_empty())
+        })
+        .map(str::to_string)
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repo_children() {
+        let repos: Vec<String> = ["a/b", "a/c/d", "ab", "x"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        assert_eq!(children_of(&repos, ""), ["a", "ab", "x"]);
+        assert_eq!(children_of(&repos, "a"), ["b", "c"]);
+        assert_eq!(children_of(&repos, "a/c"), ["d"]);
+        assert!(children_of(&repos, "x").is_empty());
+        assert!(valid_component("foo-bar"));
+        assert!(!valid_component(".git"));
+        assert!(!valid_component("Foo"));
+    }
+
+    #[tokio::test]
+    async fn memo_expires_and_shares() {
+        let m: Memo<u8, u32> = Memo::default();
+        let calls = std::sync::atomic::AtomicU32::new(0);
+        let f = || async { Ok(calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst)) };
+        let long = Duration::from_secs(60);
+        assert_eq!(m.get(&1, long, long, f).await.unwrap(), 0);
+        assert_eq!(m.get(&1, long, long, f).await.unwrap(), 0);
+        assert_eq!(m.get(&1, Duration::ZERO, long, f).await.unwrap(), 1);
+    }
+}
