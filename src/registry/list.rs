@@ -105,14 +105,14 @@ async fn page(
         }
     }
     let (mut items, link) = fetch(t, &req, kind, what).await?;
-    if items.len() > n {
-        // The registry ignored `n` (and so likely `last`): page its full list here.
-        let start = last
-            .and_then(|l| items.iter().position(|i| i == l).map(|p| p + 1))
-            .unwrap_or(0);
-        let rest: Vec<String> = items.drain(start..).collect();
-        let more = rest.len() > n;
-        items = rest.into_iter().take(n).collect();
+    // A registry that ignores `n`, or returns `last` itself after `last`
+    // (distribution 2.8 for tags), gets paged here: lexical order, as the
+    // spec orders pages.
+    if items.len() > n || last.is_some_and(|l| items.iter().any(|i| i == l)) {
+        items.sort();
+        items.retain(|i| last.is_none_or(|l| i.as_str() > l));
+        let more = items.len() > n;
+        items.truncate(n);
         let next = if more { items.last().cloned() } else { None };
         return Ok(Page { items, next });
     }

@@ -1,0 +1,699 @@
+//! The registry client against a real CNCF distribution registry (and, for
+//! bad input, tiny misbehaving servers that no real registry would be).
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use ggfs::auth::Keychain;
+use ggfs::digest::Hasher;
+use ggfs::error::Error;
+use ggfs::image::{self, ByteStream, Sink, Source};
+use ggfs::manifest::{media, RawManifest};
+use ggfs::registry::{Client, ClientOptions, RegistryRepo, RetryPolicy};
+use ggfs::{Digest, Repository};
+
+use common::{CountingProxy, Distribution};
+
+fn client() -> Client {
+    Client::builder(ClientOptions::default())
+        .keychain(Keychain::anonymous())
+        .build()
+        .unwrap()
+}
+
+fn repo(c: &Client, registry: &str, name: &str) -> RegistryRepo {
+    c.repo(&Repository::new(registry, name).unwrap())
+}
+
+fn stream_of(b: &'static [u8]) -> ByteStream {
+    Box::pin(futures::stream::iter([Ok(Bytes::from_static(b))]))
+}
+
+async fn put(r: &RegistryRepo, bytes: &'static [u8]) -> Digest {
+    let d = Digest::of(bytes);
+    r.put_blob(&d, bytes.len() as u64, stream_of(bytes))
+        .await
+        .unwrap();
+    d
+}
+
+/// Deterministic, incompressible-looking chunk `i` of a large blob.
+fn chunk(i: u64, len: usize) -> Bytes {
+    let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ i.wrapping_mul(0xD1B5_4A32_D192_ED03);
+    let mut v = Vec::with_capacity(len);
+    while v.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.truncate(len);
+    Bytes::from(v)
+}
+
+const MIB: usize = 1024 * 1024;
+const BIG_CHUNKS: u64 = 50;
+
+/// A 50 MiB blob produced lazily, one MiB at a time.
+fn big_stream() -> ByteStream {
+    Box::pin(futures::stream::iter(
+        (0..BIG_CHUNKS).map(|i| Ok(chunk(i, MIB))),
+    ))
+}
+
+fn big_digest() -> Digest {
+    let mut h = Hasher::new();
+    for i in 0..BIG_CHUNKS {
+        h.update(&chunk(i, MIB));
+    }
+    h.finish()
+}
+
+fn image_manifest(config: &Digest, config_len: usize, layers: &[(Digest, u64)]) -> RawManifest {
+    let layers: Vec<_> = layers
+        .iter()
+        .map(|(d, s)| serde_json::json!({"mediaType": media::OCI_LAYER, "digest": d, "size": s}))
+        .collect();
+    RawManifest::from_json(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": media::OCI_MANIFEST,
+        "config": {"mediaType": media::OCI_CONFIG, "digest": config, "size": config_len},
+        "layers": layers,
+    }))
+    .unwrap()
+}
+
+const CONFIG: &[u8] =
+    br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#;
+
+#[tokio::test]
+async fn push_pull_round_trip_small_and_50mb_streamed() {
+    let reg = Distribution::start();
+    let proxy = CountingProxy::start(reg.addr());
+    let c = client();
+    let r = repo(&c, proxy.addr(), "round/trip");
+
+    let cfg = put(&r, CONFIG).await;
+    let big = big_digest();
+    let big_len = BIG_CHUNKS * MIB as u64;
+    proxy.reset();
+    r.put_blob(&big, big_len, big_stream()).await.unwrap();
+    // Streamed in 16 MiB PATCH chunks, then one closing PUT.
+    let reqs = proxy.requests();
+    let patches = reqs.iter().filter(|q| q.method == "PATCH").count();
+    assert_eq!(patches, 4, "{reqs:?}");
+    assert_eq!(reqs.iter().filter(|q| q.method == "PUT").count(), 1);
+
+    let m = image_manifest(&cfg, CONFIG.len(), &[(big.clone(), big_len)]);
+    r.put_manifest(&m, Some("v1")).await.unwrap();
+
+    // By tag, by digest, HEAD.
+    let got = r.manifest("v1").await.unwrap();
+    assert_eq!(got.bytes, m.bytes);
+    assert_eq!(got.media_type, media::OCI_MANIFEST);
+    assert_eq!(
+        r.manifest(m.digest.as_str()).await.unwrap().digest,
+        m.digest
+    );
+    let head = r.head_manifest("v1").await.unwrap().unwrap();
+    assert_eq!(
+        head,
+        (
+            m.digest.clone(),
+            media::OCI_MANIFEST.to_string(),
+            m.bytes.len() as u64
+        )
+    );
+    assert_eq!(r.head_manifest("nope").await.unwrap(), None);
+
+    // Blob HEAD and whole-blob reads, verified.
+    assert_eq!(r.blob_size(&big).await.unwrap(), big_len);
+    assert!(r.has_blob(&cfg).await.unwrap());
+    assert!(!r.has_blob(&Digest::of(b"absent")).await.unwrap());
+    assert_eq!(image::read_blob(&r, &cfg, 1 << 20).await.unwrap(), CONFIG);
+    let mut s = image::verify_stream(r.blob(&big).await.unwrap(), big.clone(), Some(big_len));
+    let mut n = 0u64;
+    while let Some(chunk) = s.next().await {
+        n += chunk.unwrap().len() as u64;
+    }
+    assert_eq!(n, big_len);
+
+    // Range reads: inside one MiB chunk, across a chunk boundary, at the end.
+    let at = |off: u64, len: usize| {
+        let mut out = Vec::new();
+        let mut pos = off;
+        while out.len() < len {
+            let i = pos / MIB as u64;
+            let c = chunk(i, MIB);
+            let start = (pos % MIB as u64) as usize;
+            let take = (MIB - start).min(len - out.len());
+            out.extend_from_slice(&c[start..start + take]);
+            pos += take as u64;
+        }
+        out
+    };
+    proxy.reset();
+    assert_eq!(
+        r.blob_range(&big, 12345, 1000).await.unwrap(),
+        at(12345, 1000)
+    );
+    let edge = 3 * MIB as u64 - 10;
+    assert_eq!(r.blob_range(&big, edge, 20).await.unwrap(), at(edge, 20));
+    let tail = r.blob_range(&big, big_len - 5, 100).await.unwrap();
+    assert_eq!(
+        tail,
+        at(big_len - 5, 5),
+        "a range past the end is cut short"
+    );
+    assert_eq!(
+        proxy.requests()[0].range.as_deref(),
+        Some("bytes=12345-13344")
+    );
+    assert!(
+        proxy.bytes_down() < 64 * 1024,
+        "range reads fetched {} bytes",
+        proxy.bytes_down()
+    );
+
+    // Missing things are NotFound naming them.
+    let err = r.manifest("missing").await.unwrap_err();
+    assert!(
+        err.is_not_found() && err.to_string().contains("round/trip:missing"),
+        "{err}"
+    );
+    let err = r.blob_size(&Digest::of(b"x")).await.unwrap_err();
+    assert!(
+        err.is_not_found() && err.to_string().contains("blob sha256:"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn blob_bytes_that_do_not_match_are_refused() {
+    let reg = Distribution::start();
+    let c = client();
+    let r = repo(&c, reg.addr(), "mismatch");
+    let claimed = Digest::of(b"good");
+    let err = r
+        .put_blob(&claimed, 4, stream_of(b"evil"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::DigestMismatch { .. }), "{err}");
+    assert!(!r.has_blob(&claimed).await.unwrap());
+    let err = r
+        .put_blob(&claimed, 4, stream_of(b"good!"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::SizeMismatch { .. }), "{err}");
+
+    // Bytes corrupted inside the registry fail verification on read.
+    let d = put(&r, b"stored bytes").await;
+    std::fs::write(reg.blob_path(d.as_str()), b"stored bytez").unwrap();
+    let err = image::read_blob(&r, &d, 1024).await.unwrap_err();
+    assert!(matches!(err, Error::DigestMismatch { .. }), "{err}");
+}
+
+#[tokio::test]
+async fn tags_and_catalog_paginate() {
+    let reg = Distribution::start();
+    let c = client();
+    let cfg_repo = repo(&c, reg.addr(), "pages/a");
+    let cfg = put(&cfg_repo, CONFIG).await;
+    let m = image_manifest(&cfg, CONFIG.len(), &[]);
+    for t in ["t1", "t2", "t3", "t4", "t5"] {
+        cfg_repo.put_manifest(&m, Some(t)).await.unwrap();
+    }
+    let mut seen = Vec::new();
+    let mut last: Option<String> = None;
+    let mut pages = 0;
+    loop {
+        let p = cfg_repo.tags_page(2, last.as_deref()).await.unwrap();
+        assert!(p.items.len() <= 2, "{p:?}");
+        seen.extend(p.items.clone());
+        pages += 1;
+        match p.next {
+            Some(n) => last = Some(n),
+            None => break,
+        }
+        assert!(pages < 10);
+    }
+    assert_eq!(seen, ["t1", "t2", "t3", "t4", "t5"]);
+    assert_eq!(pages, 3);
+    let mut all = cfg_repo.tags().await.unwrap();
+    all.sort();
+    assert_eq!(all, seen);
+
+    for name in ["pages/b", "pages/c", "pages/d"] {
+        let r = repo(&c, reg.addr(), name);
+        put(&r, CONFIG).await;
+        r.put_manifest(&m, Some("x")).await.unwrap();
+    }
+    let p1 = c.catalog_page(reg.addr(), 2, None).await.unwrap();
+    assert_eq!(p1.items, ["pages/a", "pages/b"]);
+    assert_eq!(p1.next.as_deref(), Some("pages/b"));
+    let p2 = c
+        .catalog_page(reg.addr(), 2, p1.next.as_deref())
+        .await
+        .unwrap();
+    assert_eq!(p2.items, ["pages/c", "pages/d"]);
+    let all = c.catalog(reg.addr()).await.unwrap();
+    assert_eq!(all, ["pages/a", "pages/b", "pages/c", "pages/d"]);
+    let err = repo(&c, reg.addr(), "no/such").tags().await.unwrap_err();
+    assert!(
+        err.is_not_found() && err.to_string().contains("tags of"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn cross_repo_mount_moves_no_bytes() {
+    let reg = Distribution::start();
+    let proxy = CountingProxy::start(reg.addr());
+    let c = client();
+    let src = repo(&c, proxy.addr(), "mount/src");
+    let dst = repo(&c, proxy.addr(), "mount/dst");
+    let d = Digest::of(&chunk(7, 256 * 1024));
+    src.put_blob(
+        &d,
+        256 * 1024,
+        Box::pin(futures::stream::iter([Ok(chunk(7, 256 * 1024))])),
+    )
+    .await
+    .unwrap();
+    assert!(!dst.has_blob(&d).await.unwrap());
+
+    proxy.reset();
+    assert!(
+        dst.mount_blob(&d, &src).await.unwrap(),
+        "registry did not answer 201"
+    );
+    let reqs = proxy.requests();
+    assert_eq!(reqs.len(), 1, "{reqs:?}");
+    assert_eq!(reqs[0].method, "POST");
+    assert!(
+        reqs[0].path.contains("mount=sha256") && reqs[0].path.contains("from=mount%2Fsrc"),
+        "{reqs:?}"
+    );
+    assert!(
+        proxy.bytes_up() < 4096,
+        "mount sent {} bytes",
+        proxy.bytes_up()
+    );
+    assert_eq!(dst.blob_size(&d).await.unwrap(), 256 * 1024);
+
+    // A blob the source lacks: 202, not mounted.
+    let absent = Digest::of(b"not there");
+    assert!(!dst.mount_blob(&absent, &src).await.unwrap());
+    // Another registry, or the same repository, is never asked.
+    let other = repo(&c, reg.addr(), "mount/src");
+    proxy.reset();
+    assert!(!dst.mount_blob(&d, &other).await.unwrap());
+    assert_eq!(proxy.request_count(), 0);
+}
+
+#[tokio::test]
+async fn delete_manifests_and_blobs() {
+    let reg = Distribution::start();
+    let c = client();
+    let r = repo(&c, reg.addr(), "del");
+    let cfg = put(&r, CONFIG).await;
+    let m = image_manifest(&cfg, CONFIG.len(), &[]);
+    r.put_manifest(&m, Some("gone")).await.unwrap();
+    r.delete(m.digest.as_str()).await.unwrap();
+    let err = r.manifest(m.digest.as_str()).await.unwrap_err();
+    assert!(err.is_not_found(), "{err}");
+    assert!(r.head_manifest("gone").await.unwrap().is_none());
+    r.delete_blob(&cfg).await.unwrap();
+    assert!(!r.has_blob(&cfg).await.unwrap());
+    let err = r.delete(m.digest.as_str()).await.unwrap_err();
+    assert!(err.is_not_found(), "{err}");
+    assert!(
+        r.delete("../../x").await.is_err(),
+        "a bad reference reaches no URL"
+    );
+}
+
+#[tokio::test]
+async fn referrers_fall_back_to_the_tag_schema() {
+    let reg = Distribution::start();
+    let c = client();
+    let r = repo(&c, reg.addr(), "refs");
+    let cfg = put(&r, CONFIG).await;
+    let subject = image_manifest(&cfg, CONFIG.len(), &[]);
+    r.put_manifest(&subject, Some("app")).await.unwrap();
+    assert!(r
+        .referrers(&subject.digest, None)
+        .await
+        .unwrap()
+        .manifests()
+        .is_empty());
+
+    let empty = put(&r, b"{}").await;
+    let artifact = |kind: &str| {
+        RawManifest::from_json(&serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": media::OCI_MANIFEST,
+            "artifactType": kind,
+            "config": {"mediaType": media::OCI_EMPTY, "digest": empty, "size": 2},
+            "layers": [{"mediaType": media::OCI_EMPTY, "digest": empty, "size": 2}],
+            "subject": subject.descriptor(),
+            "annotations": {"org.example.kind": kind},
+        }))
+        .unwrap()
+    };
+    let sig = artifact("application/vnd.example.sig");
+    let sbom = artifact("application/vnd.example.sbom");
+    r.put_manifest(&sig, None).await.unwrap();
+    r.put_manifest(&sbom, None).await.unwrap();
+    r.put_manifest(&sig, None).await.unwrap(); // twice: listed once
+
+    let all = r.referrers(&subject.digest, None).await.unwrap();
+    let digests: Vec<String> = all
+        .manifests()
+        .iter()
+        .map(|d| d.digest().to_string())
+        .collect();
+    assert_eq!(digests, [sig.digest.to_string(), sbom.digest.to_string()]);
+    assert_eq!(
+        all.manifests()[0]
+            .artifact_type()
+            .as_ref()
+            .map(|a| a.to_string())
+            .as_deref(),
+        Some("application/vnd.example.sig")
+    );
+    let only = r
+        .referrers(&subject.digest, Some("application/vnd.example.sbom"))
+        .await
+        .unwrap();
+    assert_eq!(only.manifests().len(), 1);
+    assert_eq!(
+        only.manifests()[0].digest().to_string(),
+        sbom.digest.to_string()
+    );
+    // The fallback index lives at the sha256-<hex> tag.
+    let tag = format!("sha256-{}", subject.digest.hex());
+    assert!(r.tags().await.unwrap().contains(&tag));
+}
+
+// ---------------------------------------------------------------------------
+// Misbehaving servers: a raw TcpListener answering what a test scripts.
+// ---------------------------------------------------------------------------
+
+#[derive(Clone, Debug)]
+struct Seen {
+    method: String,
+    path: String,
+    headers: Vec<(String, String)>,
+}
+
+impl Seen {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+struct Scripted {
+    addr: String,
+    seen: Arc<Mutex<Vec<Seen>>>,
+}
+
+/// Serve each connection one response built by `answer`, then close.
+fn scripted(answer: impl Fn(&Seen, usize) -> Vec<u8> + Send + Sync + 'static) -> Scripted {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let log = seen.clone();
+    std::thread::spawn(move || {
+        for conn in l.incoming() {
+            let Ok(mut conn) = conn else { return };
+            let Some(req) = read_request(&mut conn) else {
+                continue;
+            };
+            let n = {
+                let mut log = log.lock().unwrap();
+                log.push(req.clone());
+                log.len()
+            };
+            let _ = conn.write_all(&answer(&req, n));
+        }
+    });
+    Scripted { addr, seen }
+}
+
+fn read_request(conn: &mut std::net::TcpStream) -> Option<Seen> {
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    while !buf.ends_with(b"\r\n\r\n") {
+        if conn.read(&mut byte).ok()? == 0 {
+            return None;
+        }
+        buf.push(byte[0]);
+    }
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let mut lines = text.lines();
+    let mut first = lines.next()?.split(' ');
+    let (method, path) = (first.next()?.to_string(), first.next()?.to_string());
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect();
+    let seen = Seen {
+        method,
+        path,
+        headers,
+    };
+    let len: usize = seen
+        .header("content-length")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let mut body = vec![0u8; len];
+    conn.read_exact(&mut body).ok()?;
+    Some(seen)
+}
+
+fn response(status: &str, headers: &[(&str, &str)], body: &[u8]) -> Vec<u8> {
+    let mut out = format!(
+        "HTTP/1.1 {status}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        out.push_str(&format!("{k}: {v}\r\n"));
+    }
+    out.push_str("\r\n");
+    let mut out = out.into_bytes();
+    out.extend_from_slice(body);
+    out
+}
+
+fn fast_client() -> Client {
+    let retry = RetryPolicy {
+        attempts: 3,
+        base_delay: Duration::from_millis(10),
+        max_delay: Duration::from_secs(2),
+    };
+    Client::builder(ClientOptions::default())
+        .keychain(Keychain::anonymous())
+        .retry(retry)
+        .build()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn oversized_manifests_are_refused_not_truncated() {
+    let big = Arc::new(vec![b' '; 5 * MIB]);
+    let b = big.clone();
+    let with_length =
+        scripted(move |_, _| response("200 OK", &[("Content-Type", media::OCI_MANIFEST)], &b));
+    let c = fast_client();
+    let err = repo(&c, &with_length.addr, "big")
+        .manifest("latest")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::TooLarge { .. }) && err.to_string().contains("big:latest"),
+        "{err}"
+    );
+
+    // No Content-Length: the body ends when the connection closes.
+    let without_length = scripted(move |_, _| {
+        let mut out = format!(
+            "HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Type: {}\r\n\r\n",
+            media::OCI_MANIFEST
+        )
+        .into_bytes();
+        out.extend_from_slice(&big);
+        out
+    });
+    let err = repo(&c, &without_length.addr, "big")
+        .manifest("latest")
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::TooLarge { .. }), "{err}");
+}
+
+#[tokio::test]
+async fn manifest_and_blob_digests_are_checked() {
+    let body: &'static [u8] = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"a","digest":"sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855","size":0},"layers":[]}"#;
+    let other = Digest::of(b"other");
+    let claim = other.to_string();
+    let s = scripted(move |req, _| {
+        if req.path.contains("/blobs/") {
+            return response("200 OK", &[], b"evil");
+        }
+        response(
+            "200 OK",
+            &[
+                ("Content-Type", media::OCI_MANIFEST),
+                ("Docker-Content-Digest", &claim),
+            ],
+            body,
+        )
+    });
+    let c = fast_client();
+    let r = repo(&c, &s.addr, "lies");
+    let err = r.manifest("latest").await.unwrap_err();
+    assert!(
+        matches!(&err, Error::DigestMismatch { expected, .. } if *expected == other),
+        "{err}"
+    );
+    let err = r.manifest(other.as_str()).await.unwrap_err();
+    assert!(matches!(err, Error::DigestMismatch { .. }), "{err}");
+    let err = image::read_blob(&r, &Digest::of(b"good"), 1024)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::DigestMismatch { .. }), "{err}");
+}
+
+#[tokio::test]
+async fn range_answered_with_the_whole_blob_is_sliced() {
+    let blob = chunk(3, 64 * 1024);
+    let b = blob.clone();
+    let s = scripted(move |_, _| response("200 OK", &[], &b));
+    let c = fast_client();
+    let r = repo(&c, &s.addr, "norange");
+    let d = Digest::of(&blob);
+    assert_eq!(r.blob_range(&d, 1000, 100).await.unwrap(), blob[1000..1100]);
+    assert_eq!(
+        r.blob_range(&d, 64 * 1024 - 3, 10).await.unwrap(),
+        blob[64 * 1024 - 3..]
+    );
+    assert_eq!(
+        s.seen.lock().unwrap()[0].header("range"),
+        Some("bytes=1000-1099")
+    );
+}
+
+#[tokio::test]
+async fn server_errors_are_retried_then_reported() {
+    let s = scripted(|_, _| {
+        response(
+            "500 Internal Server Error",
+            &[("Content-Type", "application/json")],
+            br#"{"errors":[{"code":"UNKNOWN","message":"disk on fire"}]}"#,
+        )
+    });
+    let c = fast_client();
+    let err = repo(&c, &s.addr, "fire").tags().await.unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, Error::Registry { .. }), "{msg}");
+    assert!(
+        msg.contains("UNKNOWN: disk on fire") && msg.contains("500") && msg.contains("tags of"),
+        "{msg}"
+    );
+    assert_eq!(s.seen.lock().unwrap().len(), 3, "3 attempts");
+
+    // 429 with Retry-After is waited out, then succeeds.
+    let s = scripted(|_, n| match n {
+        1 => response("429 Too Many Requests", &[("Retry-After", "1")], b""),
+        _ => response("200 OK", &[], br#"{"name":"x","tags":["a"]}"#),
+    });
+    let start = Instant::now();
+    assert_eq!(repo(&c, &s.addr, "x").tags().await.unwrap(), ["a"]);
+    assert!(
+        start.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        start.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn garbage_answers_are_clear_errors() {
+    let s = scripted(|_, _| b"SSH-2.0-OpenSSH_9.0\r\n\r\n".to_vec());
+    let c = fast_client();
+    let err = repo(&c, &s.addr, "g").manifest("latest").await.unwrap_err();
+    assert!(
+        matches!(err, Error::Http { .. }) && err.to_string().contains("/v2/g/manifests/latest"),
+        "{err}"
+    );
+
+    let s = scripted(|_, _| response("200 OK", &[], b"<html>not json</html>"));
+    let err = repo(&c, &s.addr, "g").tags().await.unwrap_err();
+    assert!(
+        err.to_string().contains("tags of") && err.to_string().contains("not JSON"),
+        "{err}"
+    );
+    let err = repo(&c, &s.addr, "g").manifest("latest").await.unwrap_err();
+    assert!(err.to_string().contains("g:latest"), "{err}");
+
+    // Nothing listening at all.
+    let port = common::free_port();
+    let err = repo(&c, &format!("127.0.0.1:{port}"), "g")
+        .manifest("x")
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Http { .. }), "{err}");
+}
+
+#[tokio::test]
+async fn redirects_never_carry_credentials_off_host() {
+    // Storage on another host: must not see the registry's Authorization.
+    let blob = b"redirected blob".to_vec();
+    let storage = scripted(move |_, _| response("200 OK", &[], &blob));
+    let target = format!("http://{}/bucket/object?sig=abc", storage.addr);
+    let registry = scripted(move |req, _| match req.header("authorization") {
+        Some(a) if a.starts_with("Basic ") => {
+            response("307 Temporary Redirect", &[("Location", &target)], b"")
+        }
+        _ => response(
+            "401 Unauthorized",
+            &[("WWW-Authenticate", r#"Basic realm="test""#)],
+            br#"{"errors":[{"code":"UNAUTHORIZED","message":"authentication required"}]}"#,
+        ),
+    });
+    let dir = common::tempdir();
+    std::fs::write(
+        dir.path().join("config.json"),
+        serde_json::json!({"auths": {registry.addr.clone(): {"username": "u", "password": "p"}}})
+            .to_string(),
+    )
+    .unwrap();
+    let c = Client::builder(ClientOptions::default())
+        .keychain(Keychain::docker_dir(dir.path()))
+        .build()
+        .unwrap();
+    let r = repo(&c, &registry.addr, "redir");
+    let d = Digest::of(b"redirected blob");
+    assert_eq!(
+        image::read_blob(&r, &d, 1024).await.unwrap(),
+        &b"redirected blob"[..]
+    );
+    let seen = storage.seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].path, "/bucket/object?sig=abc");
+    assert_eq!(
+        seen[0].header("authorization"),
+        None,
+        "credentials leaked to {:?}",
+        seen[0]
+    );
+}
