@@ -13,6 +13,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::SeekFrom;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use bytes::{Bytes, BytesMut};
@@ -86,7 +87,12 @@ pub struct Upload {
     pub repo: String,
     hasher: Hasher,
     sink: Sink,
+    touched: Instant,
 }
+
+/// Sessions idle this long are dropped (with their bytes) when the next
+/// upload starts.
+const UPLOAD_TTL: Duration = Duration::from_secs(3600);
 
 /// Where an upload stood before a chunk, to undo a chunk that failed midway.
 pub struct Mark {
@@ -114,6 +120,7 @@ impl Upload {
                 .map_err(|e| Error::io(path.display().to_string(), e))?,
         }
         self.hasher.update(chunk);
+        self.touched = Instant::now();
         Ok(())
     }
 
@@ -450,6 +457,7 @@ impl Store {
     // ---- uploads ----
 
     pub async fn start_upload(&self, repo: &str) -> Result<String> {
+        self.expire_uploads(UPLOAD_TTL).await;
         let id = format!("{:032x}", rand::random::<u128>());
         let sink = match &self.root {
             None => Sink::Memory(BytesMut::new()),
@@ -465,9 +473,28 @@ impl Store {
             repo: repo.to_string(),
             hasher: Hasher::new(),
             sink,
+            touched: Instant::now(),
         };
         lock(&self.uploads).insert(id.clone(), Arc::new(tokio::sync::Mutex::new(Some(upload))));
         Ok(id)
+    }
+
+    /// Cancel sessions idle for longer than `ttl` (skipping busy ones).
+    async fn expire_uploads(&self, ttl: Duration) {
+        let sessions: Vec<(String, Session)> = lock(&self.uploads)
+            .iter()
+            .map(|(id, s)| (id.clone(), s.clone()))
+            .collect();
+        for (id, session) in sessions {
+            let Ok(mut guard) = session.try_lock() else {
+                continue;
+            };
+            if guard.as_ref().is_some_and(|u| u.touched.elapsed() >= ttl) {
+                if let Some(upload) = guard.take() {
+                    self.cancel_upload(&id, upload).await;
+                }
+            }
+        }
     }
 
     pub fn upload(&self, id: &str) -> Option<Session> {
@@ -625,4 +652,27 @@ fn load_repos(dir: &Path, name: &str, repos: &mut BTreeMap<String, Repo>) -> Res
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn idle_uploads_expire() {
+        let dir = tempfile::tempdir().unwrap();
+        for store in [Store::memory(), Store::disk(dir.path()).unwrap()] {
+            let id = store.start_upload("r").await.unwrap();
+            store.expire_uploads(UPLOAD_TTL).await;
+            assert!(store.upload(&id).is_some(), "fresh session kept");
+            store.expire_uploads(Duration::ZERO).await;
+            assert!(store.upload(&id).is_none(), "idle session dropped");
+        }
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("uploads"))
+                .unwrap()
+                .count(),
+            0
+        );
+    }
 }
