@@ -1129,51 +1129,6 @@ mod tests {
     }
 
     #[test]
-    fn helper_protocol() {
-        // A real executable helper on PATH, speaking the helper protocol.
-        let dir = tempfile::tempdir().unwrap();
-        let script = dir.path().join("docker-credential-ggfstest");
-        std::fs::write(
-            &script,
-            "#!/bin/sh\nread server\ncase \"$server\" in\n  tok.io) echo '{\"ServerURL\":\"tok.io\",\"Username\":\"<token>\",\"Secret\":\"rt\"}';;\n  none.io) echo 'credentials not found in native keychain'; exit 1;;\n  *) echo \"{\\\"ServerURL\\\":\\\"$server\\\",\\\"Username\\\":\\\"hu\\\",\\\"Secret\\\":\\\"hs\\\"}\";;\nesac\n",
-        )
-        .unwrap();
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
-        let path = format!(
-            "{}:{}",
-            dir.path().display(),
-            std::env::var("PATH").unwrap_or_default()
-        );
-        // Tests in this module run in one process; only this test touches PATH.
-        std::env::set_var("PATH", path);
-        let cfg = write(
-            dir.path(),
-            "config.json",
-            serde_json::json!({"credsStore": "ggfstest"}),
-        );
-        let k = Keychain {
-            docker_configs: vec![cfg],
-            auth_files: vec![],
-        };
-        assert_eq!(
-            k.resolve("docker.io", None).unwrap(),
-            Some(Credential::Basic {
-                username: "hu".into(),
-                password: "hs".into()
-            })
-        );
-        assert_eq!(
-            k.resolve("tok.io", None).unwrap(),
-            Some(Credential::IdentityToken {
-                username: None,
-                token: "rt".into()
-            })
-        );
-        assert_eq!(k.resolve("none.io", None).unwrap(), None);
-    }
-
-    #[test]
     fn key_forms() {
         assert_eq!(key_registry(DOCKER_HUB_KEY), "index.docker.io");
         assert_eq!(

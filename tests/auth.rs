@@ -1,0 +1,366 @@
+//! Auth against real registries: Basic (htpasswd) and Bearer (the harness
+//! token server), credentials from docker config files, login/logout/get.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use base64::Engine;
+use bytes::Bytes;
+use ggfs::auth::{self, Credential, Keychain};
+use ggfs::error::Error;
+use ggfs::image::{self, ByteStream, Sink, Source};
+use ggfs::manifest::{media, RawManifest};
+use ggfs::registry::{Client, ClientOptions, RegistryRepo};
+use ggfs::{Digest, Repository};
+
+use common::{CountingProxy, Distribution, TokenOptions, TokenServer};
+
+const CONFIG: &[u8] =
+    br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#;
+
+fn b64(s: &str) -> String {
+    base64::engine::general_purpose::STANDARD.encode(s)
+}
+
+/// A docker config dir whose config.json holds `auths`.
+fn docker_dir(auths: serde_json::Value) -> tempfile::TempDir {
+    let dir = common::tempdir();
+    std::fs::write(
+        dir.path().join("config.json"),
+        serde_json::json!({ "auths": auths }).to_string(),
+    )
+    .unwrap();
+    dir
+}
+
+fn client_with(dir: &Path) -> Client {
+    Client::builder(ClientOptions::default())
+        .keychain(Keychain::docker_dir(dir))
+        .build()
+        .unwrap()
+}
+
+fn repo(c: &Client, registry: &str, name: &str) -> RegistryRepo {
+    c.repo(&Repository::new(registry, name).unwrap())
+}
+
+fn stream_of(b: &'static [u8]) -> ByteStream {
+    Box::pin(futures::stream::iter([Ok(Bytes::from_static(b))]))
+}
+
+/// Push a config blob and an image manifest tagged `tag`; pull both back.
+async fn push_and_pull(r: &RegistryRepo, tag: &str) -> Result<RawManifest, Error> {
+    let cfg = Digest::of(CONFIG);
+    r.put_blob(&cfg, CONFIG.len() as u64, stream_of(CONFIG))
+        .await?;
+    let m = RawManifest::from_json(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": media::OCI_MANIFEST,
+        "config": {"mediaType": media::OCI_CONFIG, "digest": cfg, "size": CONFIG.len()},
+        "layers": [],
+    }))?;
+    r.put_manifest(&m, Some(tag)).await?;
+    let got = r.manifest(tag).await?;
+    assert_eq!(got.digest, m.digest);
+    assert_eq!(image::read_blob(r, &cfg, 1 << 20).await?, CONFIG);
+    Ok(m)
+}
+
+#[tokio::test]
+async fn basic_auth_with_htpasswd_and_docker_config() {
+    let reg = Distribution::start_htpasswd("alice", "s3cret");
+    let proxy = CountingProxy::start(reg.addr());
+    let good = docker_dir(serde_json::json!({ proxy.addr(): {"auth": b64("alice:s3cret")} }));
+    let c = client_with(good.path());
+    c.ping(proxy.addr()).await.unwrap();
+    push_and_pull(&repo(&c, proxy.addr(), "private/app"), "v1")
+        .await
+        .unwrap();
+    // After the first challenge, Basic goes out with every request: no 401 round trips.
+    proxy.reset();
+    let r = repo(&c, proxy.addr(), "private/app");
+    for _ in 0..3 {
+        r.manifest("v1").await.unwrap();
+    }
+    assert_eq!(proxy.request_count(), 3);
+
+    let bad =
+        docker_dir(serde_json::json!({ reg.addr(): {"username": "alice", "password": "nope"} }));
+    let err = repo(&client_with(bad.path()), reg.addr(), "private/app")
+        .manifest("v1")
+        .await
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, Error::Auth { .. }), "{msg}");
+    assert!(
+        msg.contains("credentials rejected") && msg.contains("\"alice\"") && !msg.contains("nope"),
+        "{msg}"
+    );
+
+    let none = docker_dir(serde_json::json!({}));
+    let err = repo(&client_with(none.path()), reg.addr(), "private/app")
+        .manifest("v1")
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("credentials required"), "{err}");
+}
+
+#[tokio::test]
+async fn bearer_flow_scopes_and_token_reuse() {
+    let ts = TokenServer::start("alice", "secret");
+    let reg = Distribution::start_token(&ts);
+    let dir = docker_dir(serde_json::json!({ reg.addr(): {"auth": b64("alice:secret")} }));
+    let c = client_with(dir.path());
+    let app = repo(&c, reg.addr(), "team/app");
+    let m = push_and_pull(&app, "v1").await.unwrap();
+
+    let reqs = ts.requests();
+    assert!(
+        reqs.iter()
+            .all(|r| r.granted && r.user.as_deref() == Some("alice")),
+        "{reqs:?}"
+    );
+    assert!(
+        reqs.iter()
+            .all(|r| r.method == "GET" && r.service.as_deref() == Some(ts.service())),
+        "{reqs:?}"
+    );
+    assert!(
+        ts.scopes()
+            .contains(&"repository:team/app:pull,push".to_string()),
+        "{:?}",
+        ts.scopes()
+    );
+
+    // One token per scope set: push_and_pull's pulls (manifest, config
+    // blob) shared one, and later pulls ask for none.
+    let pulls = reqs
+        .iter()
+        .filter(|r| r.scopes == ["repository:team/app:pull"])
+        .count();
+    assert_eq!(pulls, 1, "{reqs:?}");
+    ts.reset();
+    for _ in 0..3 {
+        app.manifest(m.digest.as_str()).await.unwrap();
+        app.head_manifest("v1").await.unwrap().unwrap();
+    }
+    assert_eq!(ts.requests().len(), 0, "{:?}", ts.requests());
+
+    // A cross-repo mount asks for both repositories in one token.
+    ts.reset();
+    let other = repo(&c, reg.addr(), "team/other");
+    assert!(other.mount_blob(&Digest::of(CONFIG), &app).await.unwrap());
+    let mut scopes = ts.requests().last().unwrap().scopes.clone();
+    scopes.sort();
+    assert_eq!(
+        scopes,
+        [
+            "repository:team/app:pull",
+            "repository:team/other:pull,push"
+        ]
+    );
+    assert!(other.has_blob(&Digest::of(CONFIG)).await.unwrap());
+
+    // Wrong password: the token server's refusal, clearly.
+    let bad = docker_dir(serde_json::json!({ reg.addr(): {"auth": b64("alice:wrong")} }));
+    let err = repo(&client_with(bad.path()), reg.addr(), "team/app")
+        .manifest("v1")
+        .await
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        matches!(err, Error::Auth { .. }) && msg.contains("401") && msg.contains("token"),
+        "{msg}"
+    );
+    assert!(!msg.contains("wrong"), "{msg}");
+}
+
+#[tokio::test]
+async fn identity_tokens_use_the_oauth2_refresh_grant() {
+    let ts = TokenServer::start("alice", "secret");
+    let reg = Distribution::start_token(&ts);
+    // What `docker login` does for an identity token: a password grant, offline.
+    let form = format!("grant_type=password&username=alice&password=secret&service={}&client_id=t&access_type=offline", ts.service());
+    let resp = reqwest::Client::new()
+        .post(ts.realm())
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(form)
+        .send()
+        .await
+        .unwrap();
+    let body: serde_json::Value = serde_json::from_slice(&resp.bytes().await.unwrap()).unwrap();
+    let refresh = body["refresh_token"].as_str().unwrap().to_string();
+    ts.reset();
+
+    let dir = docker_dir(
+        serde_json::json!({ reg.addr(): {"auth": b64("alice:"), "identitytoken": refresh} }),
+    );
+    let c = client_with(dir.path());
+    push_and_pull(&repo(&c, reg.addr(), "tok/app"), "v1")
+        .await
+        .unwrap();
+    let reqs = ts.requests();
+    assert!(!reqs.is_empty());
+    for r in &reqs {
+        assert_eq!(
+            (r.method.as_str(), r.grant_type.as_deref(), r.granted),
+            ("POST", Some("refresh_token"), true),
+            "{reqs:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn tokens_expire_as_the_server_says() {
+    let ts = TokenServer::start_with(TokenOptions {
+        expires_in: 2,
+        ..TokenOptions::default()
+    });
+    let reg = Distribution::start_token(&ts);
+    let dir =
+        docker_dir(serde_json::json!({ reg.addr(): {"username": "alice", "password": "secret"} }));
+    let c = client_with(dir.path());
+    let r = repo(&c, reg.addr(), "exp/app");
+    push_and_pull(&r, "v1").await.unwrap();
+    ts.reset();
+    r.manifest("v1").await.unwrap();
+    r.manifest("v1").await.unwrap();
+    assert_eq!(ts.requests().len(), 0, "fresh token reused");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    r.manifest("v1").await.unwrap();
+    assert_eq!(ts.requests().len(), 1, "expired token replaced");
+}
+
+#[tokio::test]
+async fn check_credential_against_both_schemes() {
+    let reg = Distribution::start_htpasswd("bob", "pw");
+    let c = client_with(docker_dir(serde_json::json!({})).path());
+    let cred = |u: &str, p: &str| Credential::Basic {
+        username: u.into(),
+        password: p.into(),
+    };
+    c.check_credential(reg.addr(), &cred("bob", "pw"))
+        .await
+        .unwrap();
+    assert!(matches!(
+        c.check_credential(reg.addr(), &cred("bob", "x")).await,
+        Err(Error::Auth { .. })
+    ));
+
+    let ts = TokenServer::start("carol", "pw2");
+    let treg = Distribution::start_token(&ts);
+    c.check_credential(treg.addr(), &cred("carol", "pw2"))
+        .await
+        .unwrap();
+    assert!(matches!(
+        c.check_credential(treg.addr(), &cred("carol", "no")).await,
+        Err(Error::Auth { .. })
+    ));
+}
+
+/// Everything that reads the process environment (DOCKER_CONFIG, PATH) in
+/// one test, so parallel tests in this binary never race on it.
+#[tokio::test]
+async fn login_get_logout_and_credential_helpers_via_env() {
+    let reg = Distribution::start_htpasswd("alice", "s3cret");
+    let home = common::tempdir();
+    std::env::set_var("DOCKER_CONFIG", home.path());
+    std::env::remove_var("REGISTRY_AUTH_FILE");
+    std::env::remove_var("XDG_RUNTIME_DIR");
+    let config = home.path().join("config.json");
+    std::fs::write(&config, r#"{"auths":{},"psFormat":"table {{.ID}}"}"#).unwrap();
+
+    let err = auth::login(reg.addr(), "alice", "wrong").await.unwrap_err();
+    assert!(matches!(err, Error::Auth { .. }), "{err}");
+    assert!(
+        !std::fs::read_to_string(&config)
+            .unwrap()
+            .contains(reg.addr()),
+        "bad credentials stored"
+    );
+
+    auth::login(reg.addr(), "alice", "s3cret").await.unwrap();
+    let saved: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&config).unwrap()).unwrap();
+    assert_eq!(saved["auths"][reg.addr()]["auth"], b64("alice:s3cret"));
+    assert_eq!(saved["psFormat"], "table {{.ID}}", "other settings kept");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&config).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+
+    // The default client (Keychain::from_env) now pulls with them.
+    let c = Client::new(ClientOptions::default()).unwrap();
+    push_and_pull(&repo(&c, reg.addr(), "env/app"), "v1")
+        .await
+        .unwrap();
+    let got = auth::get(reg.addr()).unwrap();
+    assert_eq!(
+        (got.username.as_str(), got.secret.as_str()),
+        ("alice", "s3cret")
+    );
+    let printed = serde_json::to_value(&got).unwrap();
+    assert_eq!(
+        printed,
+        serde_json::json!({"ServerURL": reg.addr(), "Username": "alice", "Secret": "s3cret"})
+    );
+
+    assert!(auth::logout(reg.addr()).unwrap());
+    assert!(!auth::logout(reg.addr()).unwrap());
+    assert!(auth::get(reg.addr()).unwrap_err().is_not_found());
+
+    // Docker Hub's key.
+    auth::store("docker.io", "hubuser", "hubpw").unwrap();
+    let saved: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&config).unwrap()).unwrap();
+    assert_eq!(
+        saved["auths"][auth::DOCKER_HUB_KEY]["auth"],
+        b64("hubuser:hubpw")
+    );
+    assert_eq!(auth::get("index.docker.io").unwrap().username, "hubuser");
+
+    // credsStore: a real helper executable speaking the helper protocol.
+    let bin = common::tempdir();
+    let script = bin.path().join("docker-credential-ggfstest");
+    std::fs::write(
+        &script,
+        "#!/bin/sh\nstore=\"$(dirname \"$0\")/stored.json\"\ncase \"$1\" in\n\
+         store) cat > \"$store\" ;;\n\
+         get) read server; if [ -f \"$store\" ]; then cat \"$store\"; else echo 'credentials not found in native keychain'; exit 1; fi ;;\n\
+         erase) read server; rm -f \"$store\" ;;\nesac\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let path = format!(
+        "{}:{}",
+        bin.path().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    std::env::set_var("PATH", path);
+    std::fs::write(&config, r#"{"credsStore":"ggfstest"}"#).unwrap();
+    assert!(
+        Keychain::from_env()
+            .resolve(reg.addr(), None)
+            .unwrap()
+            .is_none(),
+        "helper said not found"
+    );
+    let via = auth::login(reg.addr(), "alice", "s3cret").await.unwrap();
+    assert!(via.contains("docker-credential-ggfstest"), "{via}");
+    assert!(
+        !std::fs::read_to_string(&config).unwrap().contains("s3cret"),
+        "secret went to the file, not the helper"
+    );
+    let c = Client::new(ClientOptions::default()).unwrap();
+    push_and_pull(&repo(&c, reg.addr(), "helper/app"), "v1")
+        .await
+        .unwrap();
+    auth::logout(reg.addr()).unwrap();
+    assert!(
+        !bin.path().join("stored.json").exists(),
+        "erase reached the helper"
+    );
+}
