@@ -132,9 +132,13 @@ async fn run(cmd: &str, args: &[&str]) {
 
 /// An OCI layout with one image `:t` holding one file layer, made by umoci.
 async fn make_layout(dir: &Path) -> PathBuf {
+    make_layout_with(dir, b"hello from ggfs\n").await
+}
+
+async fn make_layout_with(dir: &Path, content: &[u8]) -> PathBuf {
     let layout = dir.join("src");
     let file = dir.join("hello.txt");
-    std::fs::write(&file, "hello from ggfs\n").unwrap();
+    std::fs::write(&file, content).unwrap();
     let l = layout.to_str().unwrap();
     let img = format!("{l}:t");
     run("umoci", &["init", "--layout", l]).await;
@@ -237,7 +241,10 @@ async fn skopeo_push_and_pull_round_trip() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disk_storage_survives_restart() {
     let tmp = tempfile::tempdir().unwrap();
-    let layout = make_layout(tmp.path()).await;
+    // Incompressible, so the layer is big enough to arrive in many pieces.
+    let mut noise = vec![0u8; 12 << 20];
+    rand::RngCore::fill_bytes(&mut rand::rng(), &mut noise);
+    let layout = make_layout_with(tmp.path(), &noise).await;
     let root = tmp.path().join("registry");
     let reg = Reg::start(Storage::Disk(root.clone())).await;
     let remote = format!("docker://{}/a/b:t", reg.server.host());
