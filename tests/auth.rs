@@ -364,3 +364,61 @@ async fn login_get_logout_and_credential_helpers_via_env() {
         "erase reached the helper"
     );
 }
+
+/// Captured log output, shared with the subscriber.
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn secrets_never_reach_logs_even_at_trace() {
+    let out = Captured::default();
+    let writer = out.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let basic = Distribution::start_htpasswd("alice", "s3cret-basic");
+    let ts = TokenServer::start("alice", "s3cret-token");
+    let bearer = Distribution::start_token(&ts);
+    let dir = docker_dir(serde_json::json!({
+        basic.addr(): {"auth": b64("alice:s3cret-basic")},
+        bearer.addr(): {"auth": b64("alice:s3cret-token")},
+    }));
+    let c = client_with(dir.path());
+    push_and_pull(&repo(&c, basic.addr(), "log/app"), "v1")
+        .await
+        .unwrap();
+    push_and_pull(&repo(&c, bearer.addr(), "log/app"), "v1")
+        .await
+        .unwrap();
+
+    let text = String::from_utf8_lossy(&out.0.lock().unwrap()).into_owned();
+    assert!(
+        text.contains("/v2/log/app/manifests/v1"),
+        "nothing captured: {text}"
+    );
+    for secret in [
+        "s3cret",
+        &b64("alice:s3cret-basic"),
+        &b64("alice:s3cret-token"),
+        "Bearer ey",
+        "authorization",
+    ] {
+        assert!(
+            !text.to_lowercase().contains(&secret.to_lowercase()),
+            "{secret:?} logged:\n{text}"
+        );
+    }
+}
