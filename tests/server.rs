@@ -796,3 +796,59 @@ async fn concurrent_pushes() {
         17
     );
 }
+
+/// Tags, deletions, per-repository links and referrers come back after a
+/// restart of a disk registry.
+#[tokio::test]
+async fn disk_restores_metadata() {
+    let tmp = tempfile::tempdir().unwrap();
+    let storage = Storage::Disk(tmp.path().to_path_buf());
+    let reg = Reg::start(storage.clone()).await;
+    let (subject, bytes) = reg.push_image("d/one", "keep", "s", json!({})).await;
+    let desc = json!({"mediaType": OCI_MANIFEST, "digest": subject, "size": bytes.len()});
+    let extra = json!({"artifactType": "application/x-note", "subject": desc});
+    let (note, _) = reg.push_image("d/one", "note", "n", extra).await;
+    reg.push_image("d/one", "gone", "g", json!({})).await;
+    let dropped = reg.push_blob("d/two", b"dropped").await;
+    let kept = reg.push_blob("d/two", b"kept").await;
+    for path in [
+        "/v2/d/one/manifests/gone".to_string(),
+        format!("/v2/d/two/blobs/{dropped}"),
+    ] {
+        let r = reg.req(Method::DELETE, &path).send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::ACCEPTED, "{path}");
+    }
+    drop(reg);
+
+    let reg = Reg::start(storage).await;
+    let tags = body(
+        reg.req(Method::GET, "/v2/d/one/tags/list")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(tags["tags"], json!(["keep", "note"]));
+    let r = reg
+        .req(Method::GET, &format!("/v2/d/one/referrers/{subject}"))
+        .send()
+        .await
+        .unwrap();
+    let index = body(r).await;
+    assert_eq!(index["manifests"][0]["digest"], note.as_str());
+    assert_eq!(index["manifests"][0]["artifactType"], "application/x-note");
+    let r = reg
+        .req(Method::GET, "/v2/d/one/manifests/keep")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.bytes().await.unwrap().as_ref(), &bytes[..]);
+    for (d, want) in [(&dropped, StatusCode::NOT_FOUND), (&kept, StatusCode::OK)] {
+        let r = reg
+            .req(Method::HEAD, &format!("/v2/d/two/blobs/{d}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), want, "{d}");
+    }
+}
