@@ -18,7 +18,7 @@ use std::io::{self, Read, Write};
 use std::path::{Component, Path, PathBuf};
 
 use crate::error::{from_io, Error, Result};
-use crate::image::Image;
+use crate::image::{decompress, Image, Layer};
 
 const WHITEOUT_PREFIX: &str = ".wh.";
 const OPAQUE_MARKER: &str = ".wh..wh..opq";
@@ -36,17 +36,29 @@ pub async fn flatten<W: Write + Send + 'static>(image: &Image, out: W) -> Result
     let mut layers = image.layers()?;
     layers.reverse(); // top first
     let what = format!("exporting image {}", image.digest());
-    let handle = tokio::runtime::Handle::current();
     tokio::task::spawn_blocking(move || {
         let open = |i: usize| {
             let l = &layers[i];
-            let r = handle.block_on(l.uncompressed_reader())?;
-            Ok((l.digest.to_string(), r))
+            Ok((l.digest.to_string(), layer_reader(l)?))
         };
         flatten_layers(layers.len(), open, out)
     })
     .await
     .map_err(|e| Error::invalid(what, e.to_string()))?
+}
+
+/// A reader of a layer's uncompressed tar, its compressed bytes verified as
+/// they stream. Call it from a blocking thread of a tokio runtime (as in
+/// `spawn_blocking`): the decoder reads as soon as it is made, and the
+/// bridge from the async source blocks on the runtime.
+pub fn layer_reader(layer: &Layer) -> Result<Box<dyn Read + Send>> {
+    let handle = tokio::runtime::Handle::current();
+    let stream = handle.block_on(layer.compressed())?;
+    let bridge = tokio_util::io::SyncIoBridge::new_with_handle(
+        tokio_util::io::StreamReader::new(stream),
+        handle,
+    );
+    decompress(layer.compression()?, Box::new(bridge))
 }
 
 /// The blocking core over `count` layers; `open(i)` gives layer `i` (0 = the
@@ -173,7 +185,7 @@ fn emit_orphans<W: Write>(
         let (first, rest) = links.split_first().expect("never empty");
         copy_entry(out, &mut entry, first)?;
         for link in rest {
-            let mut h = entry.header().clone();
+            let mut h = fresh_header(entry.header())?;
             h.set_entry_type(tar::EntryType::Link);
             h.set_size(0);
             out.append_link(&mut h, link, first)?;
@@ -232,7 +244,7 @@ fn copy_entry<W: Write, R: Read>(
     if !pax.is_empty() {
         out.append_pax_extensions(pax.iter().map(|(k, v)| (k.as_str(), v.as_slice())))?;
     }
-    let mut h = entry.header().clone();
+    let mut h = fresh_header(entry.header())?;
     let kind = h.entry_type();
     if kind.is_hard_link() || kind.is_symlink() {
         let target = entry
@@ -251,6 +263,35 @@ fn copy_entry<W: Write, R: Read>(
     }
     h.set_size(entry.size());
     out.append_data(&mut h, path, entry)
+}
+
+/// A GNU header with the entry's metadata but no name fields: a copied
+/// ustar header would keep its `prefix` field under the new name.
+fn fresh_header(src: &tar::Header) -> io::Result<tar::Header> {
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(src.entry_type());
+    h.set_mode(src.mode()?);
+    h.set_uid(src.uid()?);
+    h.set_gid(src.gid()?);
+    h.set_mtime(src.mtime()?);
+    h.set_size(0);
+    if let Some(u) = src.username_bytes() {
+        h.as_gnu_mut().expect("gnu").uname[..u.len().min(32)]
+            .copy_from_slice(&u[..u.len().min(32)]);
+    }
+    if let Some(g) = src.groupname_bytes() {
+        h.as_gnu_mut().expect("gnu").gname[..g.len().min(32)]
+            .copy_from_slice(&g[..g.len().min(32)]);
+    }
+    let kind = src.entry_type();
+    let is_dev = matches!(kind, tar::EntryType::Char | tar::EntryType::Block);
+    if is_dev {
+        if let (Some(major), Some(minor)) = (src.device_major()?, src.device_minor()?) {
+            h.set_device_major(major)?;
+            h.set_device_minor(minor)?;
+        }
+    }
+    Ok(h)
 }
 
 #[cfg(test)]

@@ -1,0 +1,426 @@
+//! Local sources, sinks and transformations against the real tools: OCI
+//! layouts read and written by umoci and skopeo, docker-save tarballs read and
+//! written by skopeo, flatten compared with `umoci unpack`, and mutations.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Read;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+
+use common::{fixture_rootfs, multilayer_image, run, tempdir, umoci_image, MULTILAYER_TAG};
+use ggfs::copy::{copy, CopyOptions};
+use ggfs::image::{fetch_image, read_blob, Image, Sink, Source};
+use ggfs::layout::Layout;
+use ggfs::manifest::Compression;
+use ggfs::{export, mutate, tarball, Digest};
+
+/// What we compare of one file-system entry (mtimes left out: directory
+/// mtimes change as extractors create children).
+#[derive(Debug, PartialEq, Eq)]
+struct Node {
+    kind: &'static str,
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    size: u64,
+    content: Option<String>,
+    link: Option<PathBuf>,
+    rdev: u64,
+    nlink: u64,
+    xattrs: BTreeMap<String, Vec<u8>>,
+}
+
+/// Every entry below `root` (not `root` itself), by relative path.
+fn snapshot(root: &Path) -> BTreeMap<PathBuf, Node> {
+    let mut out = BTreeMap::new();
+    walk(root, Path::new(""), &mut out);
+    out
+}
+
+fn walk(root: &Path, rel: &Path, out: &mut BTreeMap<PathBuf, Node>) {
+    let mut names: Vec<_> = fs::read_dir(root.join(rel))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    names.sort();
+    for name in names {
+        let rel = rel.join(name);
+        let full = root.join(&rel);
+        let m = fs::symlink_metadata(&full).unwrap();
+        let ft = m.file_type();
+        let kind = match () {
+            _ if ft.is_dir() => "dir",
+            _ if ft.is_file() => "file",
+            _ if ft.is_symlink() => "symlink",
+            _ if ft.is_char_device() => "char",
+            _ if ft.is_block_device() => "block",
+            _ if ft.is_fifo() => "fifo",
+            _ => "other",
+        };
+        let xattrs = xattr::list(&full)
+            .unwrap()
+            .filter_map(|n| Some((n.to_str()?.to_string(), xattr::get(&full, &n).ok()??)))
+            .collect();
+        out.insert(
+            rel.clone(),
+            Node {
+                kind,
+                mode: m.mode() & 0o7777,
+                uid: m.uid(),
+                gid: m.gid(),
+                size: if ft.is_file() { m.len() } else { 0 },
+                content: ft
+                    .is_file()
+                    .then(|| Digest::of(&fs::read(&full).unwrap()).to_string()),
+                link: ft.is_symlink().then(|| fs::read_link(&full).unwrap()),
+                rdev: m.rdev(),
+                nlink: if ft.is_dir() { 0 } else { m.nlink() },
+                xattrs,
+            },
+        );
+        if ft.is_dir() {
+            walk(root, &rel, out);
+        }
+    }
+}
+
+fn assert_same_tree(got: &Path, want: &Path) {
+    let (g, w) = (snapshot(got), snapshot(want));
+    for (path, node) in &w {
+        assert_eq!(g.get(path), Some(node), "{} differs", path.display());
+    }
+    let extra: Vec<_> = g.keys().filter(|k| !w.contains_key(*k)).collect();
+    assert!(extra.is_empty(), "unexpected entries {extra:?}");
+}
+
+fn umoci_unpack(layout: &Path, tag: &str, bundle: &Path) -> PathBuf {
+    run(Command::new("umoci")
+        .args(["unpack", "--image"])
+        .arg(format!("{}:{tag}", layout.display()))
+        .arg(bundle));
+    bundle.join("rootfs")
+}
+
+/// Extract a tar as root would, keeping owners, modes and xattrs.
+fn untar(tar: &Path, dest: &Path) {
+    fs::create_dir_all(dest).unwrap();
+    run(Command::new("tar")
+        .args(["--numeric-owner", "--xattrs", "--xattrs-include=*", "-xpf"])
+        .arg(tar)
+        .arg("-C")
+        .arg(dest));
+}
+
+/// An image of one gzip layer made from `dir`.
+fn image_of_dir(dir: &Path) -> Image {
+    let layer = mutate::layer_from_dir(dir, Compression::Gzip).unwrap();
+    let base = mutate::empty(&"linux/amd64".parse().unwrap()).unwrap();
+    mutate::append(&base, vec![layer]).unwrap()
+}
+
+async fn save_to_layout(image: &Image, layout: &Path, tag: &str) -> Arc<Layout> {
+    let sink = Arc::new(Layout::create(layout).unwrap());
+    let opts = CopyOptions::default();
+    copy(
+        image.source.clone(),
+        image.digest().as_str(),
+        sink.clone(),
+        Some(tag),
+        &opts,
+    )
+    .await
+    .unwrap();
+    sink
+}
+
+async fn open_layout_image(layout: &Path, tag: &str) -> Image {
+    let src: Arc<dyn Source> = Arc::new(Layout::open(layout).unwrap());
+    fetch_image(src, tag, None).await.unwrap()
+}
+
+async fn flatten_to_dir(image: &Image, dest: &Path) {
+    let tar_path = dest.with_extension("tar");
+    let file = fs::File::create(&tar_path).unwrap();
+    export::flatten(image, file).await.unwrap();
+    untar(&tar_path, dest);
+}
+
+/// Each layer's compressed bytes hash to its digest and its tar to the DiffID.
+async fn verify_layers(image: &Image) {
+    let layers = image.layers().unwrap();
+    let diff_ids = image.config_file().unwrap().rootfs().diff_ids().clone();
+    assert_eq!(layers.len(), diff_ids.len());
+    for (layer, diff_id) in layers.iter().zip(diff_ids) {
+        let layer2 = layer.clone();
+        let digest = tokio::task::spawn_blocking(move || {
+            let mut h = ggfs::digest::Hasher::new();
+            let mut r = export::layer_reader(&layer2).unwrap();
+            let mut buf = vec![0; 1 << 16];
+            loop {
+                let n = r.read(&mut buf).unwrap();
+                if n == 0 {
+                    break h.finish();
+                }
+                h.update(&buf[..n]);
+            }
+        })
+        .await
+        .unwrap();
+        assert_eq!(digest.to_string(), diff_id, "layer {}", layer.digest);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn layout_we_write_unpacks_with_umoci() {
+    let t = tempdir();
+    let image = image_of_dir(fixture_rootfs());
+    save_to_layout(&image, &t.path().join("oci"), "v1").await;
+    let rootfs = umoci_unpack(&t.path().join("oci"), "v1", &t.path().join("bundle"));
+    assert_same_tree(&rootfs, fixture_rootfs());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn layout_source_reads_umoci_image() {
+    let t = tempdir();
+    let layout = t.path().join("oci");
+    umoci_image(&layout, "latest");
+    let image = open_layout_image(&layout, "latest").await;
+    let index: serde_json::Value =
+        serde_json::from_slice(&fs::read(layout.join("index.json")).unwrap()).unwrap();
+    assert_eq!(index["manifests"][0]["digest"], image.digest().as_str());
+    assert_eq!(image.config_digest().unwrap(), Digest::of(&image.config));
+    verify_layers(&image).await;
+
+    let l = &image.layers().unwrap()[0];
+    let whole = read_blob(image.source.as_ref(), &l.digest, 1 << 30)
+        .await
+        .unwrap();
+    let range = image.source.blob_range(&l.digest, 10, 100).await.unwrap();
+    assert_eq!(&range[..], &whole[10..110]);
+    assert_eq!(image.source.blob_size(&l.digest).await.unwrap(), l.size());
+    let err = image.source.manifest("nope").await.unwrap_err();
+    assert!(err.is_not_found(), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn skopeo_reads_our_tarball_and_layout() {
+    let t = tempdir();
+    let image = image_of_dir(fixture_rootfs());
+    let tar = t.path().join("img.tar");
+    let tags = ["ggfs.test/fixture:v1".to_string()];
+    tarball::write_to(&image, tarball::Dest::Path(tar.clone()), &tags)
+        .await
+        .unwrap();
+
+    let from_tar = t.path().join("from-tar");
+    common::skopeo_copy(
+        &format!("docker-archive:{}", tar.display()),
+        &format!("oci:{}:t", from_tar.display()),
+    );
+    let rootfs = umoci_unpack(&from_tar, "t", &t.path().join("b1"));
+    assert_same_tree(&rootfs, fixture_rootfs());
+
+    save_to_layout(&image, &t.path().join("ours"), "v1").await;
+    let copied = t.path().join("copied");
+    common::skopeo_copy(
+        &format!("oci:{}:v1", t.path().join("ours").display()),
+        &format!("oci:{}:t", copied.display()),
+    );
+    let back = open_layout_image(&copied, "t").await;
+    assert_eq!(back.config, image.config);
+    assert_eq!(
+        back.digest(),
+        image.digest(),
+        "skopeo kept the manifest as is"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tarball_source_reads_skopeo_docker_archive() {
+    let t = tempdir();
+    let layout = t.path().join("oci");
+    umoci_image(&layout, "latest");
+    let tar = t.path().join("img.tar");
+    common::skopeo_copy(
+        &format!("oci:{}:latest", layout.display()),
+        &format!("docker-archive:{}:ggfs.test/img:v1", tar.display()),
+    );
+    let original = open_layout_image(&layout, "latest").await;
+
+    let src: Arc<dyn Source> = Arc::new(tarball::Tarball::open(&tar).unwrap());
+    let image = fetch_image(src.clone(), "ggfs.test/img:v1", None)
+        .await
+        .unwrap();
+    let same = fetch_image(src, "", None).await.unwrap();
+    assert_eq!(image.digest(), same.digest());
+    let diff_ids = |i: &Image| i.config_file().unwrap().rootfs().diff_ids().clone();
+    assert_eq!(diff_ids(&image), diff_ids(&original));
+    verify_layers(&image).await;
+
+    let out = t.path().join("flat");
+    flatten_to_dir(&image, &out).await;
+    assert_same_tree(&out, fixture_rootfs());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn flatten_matches_umoci_unpack_of_multilayer_fixture() {
+    let t = tempdir();
+    let layout = multilayer_image();
+    let image = open_layout_image(layout, MULTILAYER_TAG).await;
+    assert_eq!(image.layers().unwrap().len(), 3);
+    let ours = t.path().join("ours");
+    flatten_to_dir(&image, &ours).await;
+    let theirs = umoci_unpack(layout, MULTILAYER_TAG, &t.path().join("bundle"));
+    assert_same_tree(&ours, &theirs);
+    assert_eq!(fs::read(ours.join("base/keep.txt")).unwrap(), b"v3\n");
+    assert!(!ours.join("opq/old1").exists() && !ours.join("gone_dir").exists());
+}
+
+/// Write `files` (path → content; a trailing `/` makes a directory) under a
+/// fresh directory inside `parent`.
+fn tree(parent: &Path, name: &str, files: &[(&str, &str)]) -> PathBuf {
+    let root = parent.join(name);
+    fs::create_dir_all(&root).unwrap();
+    for (path, data) in files {
+        let p = root.join(path);
+        if path.ends_with('/') {
+            fs::create_dir_all(&p).unwrap();
+        } else {
+            fs::create_dir_all(p.parent().unwrap()).unwrap();
+            fs::write(&p, data).unwrap();
+        }
+    }
+    root
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn flatten_with_hardlinks_and_whiteouts_matches_umoci() {
+    let t = tempdir();
+    // Layer 2 deletes the target of the hardlink group hard/{a,b,c}, makes
+    // data/ opaque, deletes a symlink and a whole directory, and turns a
+    // directory (links/) into a file. Layer 3 re-creates hard/a and a
+    // deleted directory.
+    let l2 = tree(
+        t.path(),
+        "l2",
+        &[
+            ("hard/.wh.a", ""),
+            ("data/.wh..wh..opq", ""),
+            ("data/new", "fresh\n"),
+            ("owned/.wh.link", ""),
+            (".wh.unicode", ""),
+            (".wh.links", ""),
+            ("links", "now a file\n"),
+            (".wh.deep", ""),
+        ],
+    );
+    let l3 = tree(
+        t.path(),
+        "l3",
+        &[("hard/a", "new a\n"), ("deep/again", "x\n"), ("tmp/", "")],
+    );
+    let mut image = image_of_dir(fixture_rootfs());
+    // umoci 0.4 reads no zstd: gzip and plain tar here.
+    for (dir, c) in [(&l2, Compression::Gzip), (&l3, Compression::None)] {
+        let layer = mutate::layer_from_dir(dir, c).unwrap();
+        image = mutate::append(&image, vec![layer]).unwrap();
+    }
+    let layout = t.path().join("oci");
+    save_to_layout(&image, &layout, "v1").await;
+    let theirs = umoci_unpack(&layout, "v1", &t.path().join("bundle"));
+    let ours = t.path().join("ours");
+    flatten_to_dir(&open_layout_image(&layout, "v1").await, &ours).await;
+    assert_same_tree(&ours, &theirs);
+    // Spot checks that the comparison covered the interesting cases.
+    assert_eq!(
+        fs::read(ours.join("hard/b")).unwrap(),
+        b"three names, one inode\n"
+    );
+    assert_eq!(fs::read(ours.join("hard/a")).unwrap(), b"new a\n");
+    assert!(!ours.join("data/random-1m").exists());
+    assert!(!ours.join("unicode").exists());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn appended_layer_shows_in_umoci_unpack() {
+    let t = tempdir();
+    let layout = t.path().join("oci");
+    umoci_image(&layout, "latest");
+    let base = open_layout_image(&layout, "latest").await;
+    let extra = tree(
+        t.path(),
+        "extra",
+        &[("added/file", "appended\n"), ("etc/hostname", "changed\n")],
+    );
+    let layer = mutate::layer_from_dir(&extra, Compression::Gzip).unwrap();
+    let edits = mutate::ConfigEdits {
+        env: vec![("GGFS".into(), "1".into())],
+        ..Default::default()
+    };
+    let image = mutate::config(&mutate::append(&base, vec![layer]).unwrap(), &edits).unwrap();
+    save_to_layout(&image, &layout, "appended").await;
+
+    let rootfs = umoci_unpack(&layout, "appended", &t.path().join("bundle"));
+    assert_eq!(fs::read(rootfs.join("added/file")).unwrap(), b"appended\n");
+    assert_eq!(fs::read(rootfs.join("etc/hostname")).unwrap(), b"changed\n");
+    assert_eq!(
+        fs::read(rootfs.join("etc/os-release")).unwrap(),
+        fs::read(fixture_rootfs().join("etc/os-release")).unwrap()
+    );
+    let config: serde_json::Value =
+        serde_json::from_slice(&fs::read(t.path().join("bundle/config.json")).unwrap()).unwrap();
+    let env = config["process"]["env"].as_array().unwrap();
+    assert!(env.iter().any(|e| e == "GGFS=1"), "{env:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn corrupted_layout_blob_is_a_digest_error_and_writes_nothing() {
+    let t = tempdir();
+    let image = image_of_dir(&tree(t.path(), "src", &[("f", "some content\n")]));
+    let layout = t.path().join("oci");
+    let store = save_to_layout(&image, &layout, "v1").await;
+    let digest = image.layers().unwrap()[0].digest.clone();
+    let blob = store.blob_path(&digest);
+    let mut bytes = fs::read(&blob).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    fs::write(&blob, &bytes).unwrap();
+
+    let image = open_layout_image(&layout, "v1").await;
+    let out = t.path().join("out.tar");
+    let err = tarball::write_to(&image, tarball::Dest::Path(out.clone()), &[])
+        .await
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains(digest.as_str()) && msg.contains("failed verification"),
+        "{msg}"
+    );
+    assert!(!out.exists());
+    let leftovers: Vec<_> = fs::read_dir(t.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|n| n.to_string_lossy().starts_with(".tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+
+    // Copying into another layout: the bad blob never lands there either.
+    let dst = Arc::new(Layout::create(t.path().join("dst")).unwrap());
+    let err = copy(
+        image.source.clone(),
+        "v1",
+        dst.clone(),
+        Some("v1"),
+        &CopyOptions::default(),
+    )
+    .await
+    .unwrap_err();
+    assert!(err.to_string().contains("failed verification"), "{err}");
+    assert!(!dst.has_blob(&digest).await.unwrap());
+    assert!(dst.tags().unwrap().is_empty());
+}
