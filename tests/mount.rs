@@ -1,0 +1,615 @@
+//! Real FUSE mounts of a real registry by the `ggfs-mountd` binary, checked
+//! against `umoci unpack` of the same images.
+//!
+//! Every wait has a timeout, and every mount is unmounted (and its daemon
+//! killed if need be) on drop, so a broken daemon fails a test instead of
+//! hanging it.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use common::{CountingProxy, Distribution};
+
+/// `target/debug/ggfs-mountd`, built once per test process: cargo does not
+/// hand the root package's tests the binaries of other workspace members.
+fn mountd() -> PathBuf {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "--quiet", "-p", "ggfs-mountd"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .expect("run cargo build");
+        assert!(status.success(), "cargo build -p ggfs-mountd failed");
+    });
+    common::mountd_bin()
+}
+
+/// Run `f` on another thread, failing if it takes longer than `secs`.
+fn within<T: Send + 'static>(secs: u64, what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(Duration::from_secs(secs))
+        .unwrap_or_else(|_| panic!("{what}: no result within {secs}s"))
+}
+
+fn is_mounted(mp: &Path) -> bool {
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    let mp = mp.to_string_lossy().replace(' ', "\\040");
+    mounts.lines().any(|l| l.split(' ').nth(1) == Some(&mp))
+}
+
+/// Pids of ggfs-mountd processes serving `mp`.
+fn daemon_pids(mp: &Path) -> Vec<u32> {
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for e in rd.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<&[u8]> = cmd.split(|&b| b == 0).collect();
+        let is_mountd = args.first().is_some_and(|a| a.ends_with(b"ggfs-mountd"));
+        if is_mountd && args.iter().any(|a| *a == mp.as_os_str().as_encoded_bytes()) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// A running mount; unmounted (and its daemon gone) when dropped.
+struct Mount {
+    _dir: tempfile::TempDir,
+    mp: PathBuf,
+    log: PathBuf,
+    pid: u32,
+}
+
+impl Mount {
+    fn start(registry: &str, extra: &[&str]) -> Mount {
+        Self::start_with_cache(registry, extra, None)
+    }
+
+    fn start_with_cache(registry: &str, extra: &[&str], cache: Option<&Path>) -> Mount {
+        let dir = common::tempdir();
+        let mp = dir.path().join("mnt");
+        std::fs::create_dir(&mp).unwrap();
+        let log = dir.path().join("mountd.log");
+        let cache = cache.map_or_else(|| dir.path().join("cache"), Path::to_path_buf);
+        let out = run_mountd(
+            &[
+                "mount".as_ref(),
+                registry.as_ref(),
+                mp.as_os_str(),
+                "--insecure".as_ref(),
+                "--cache-dir".as_ref(),
+                cache.as_os_str(),
+                "--log".as_ref(),
+                log.as_os_str(),
+            ],
+            extra,
+        );
+        assert!(
+            out.status.success(),
+            "mount failed: {}\nlog: {}",
+            String::from_utf8_lossy(&out.stderr),
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        assert!(is_mounted(&mp), "{} not in /proc/mounts", mp.display());
+        let pids = daemon_pids(&mp);
+        assert_eq!(
+            pids.len(),
+            1,
+            "expected one daemon for {}: {pids:?}",
+            mp.display()
+        );
+        Mount {
+            _dir: dir,
+            mp,
+            log,
+            pid: pids[0],
+        }
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.mp.join(rel)
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn pid_alive(&self) -> bool {
+        Path::new(&format!("/proc/{}", self.pid)).exists()
+            && !std::fs::read_to_string(format!("/proc/{}/stat", self.pid))
+                .unwrap_or_default()
+                .contains(") Z ")
+    }
+
+    /// `ggfs-mountd unmount`, then wait for the daemon to exit.
+    fn unmount(&self) -> Result<(), String> {
+        let out = run_mountd(&["unmount".as_ref(), self.mp.as_os_str()], &[]);
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.pid_alive() {
+            if Instant::now() > deadline {
+                return Err(format!("daemon {} still running after unmount", self.pid));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        if self.unmount().is_ok() && !is_mounted(&self.mp) {
+            return;
+        }
+        kill(self.pid, "KILL");
+        let _ = Command::new("fusermount3")
+            .args(["-u", "-z"])
+            .arg(&self.mp)
+            .stderr(Stdio::null())
+            .status();
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(&self.mp)
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+fn kill(pid: u32, sig: &str) {
+    let _ = Command::new("kill")
+        .args([format!("-{sig}"), pid.to_string()])
+        .stderr(Stdio::null())
+        .status();
+}
+
+/// Run ggfs-mountd with a 120 s limit.
+fn run_mountd(args: &[&std::ffi::OsStr], extra: &[&str]) -> std::process::Output {
+    let mut cmd = Command::new(mountd());
+    cmd.args(args).args(extra).stdin(Stdio::null());
+    let child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn ggfs-mountd");
+    within(120, "ggfs-mountd", move || {
+        child.wait_with_output().expect("wait ggfs-mountd")
+    })
+}
+
+/// What we compare of one file.
+#[derive(Debug, PartialEq, Eq)]
+struct Info {
+    kind: &'static str,
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    size: u64,
+    mtime: (i64, i64),
+    rdev: u64,
+    nlink: u64,
+    link: Option<PathBuf>,
+    content: Option<String>,
+}
+
+fn kind(ft: std::fs::FileType) -> &'static str {
+    if ft.is_dir() {
+        "dir"
+    } else if ft.is_file() {
+        "file"
+    } else if ft.is_symlink() {
+        "symlink"
+    } else if ft.is_char_device() {
+        "char"
+    } else if ft.is_block_device() {
+        "block"
+    } else if ft.is_fifo() {
+        "fifo"
+    } else {
+        "other"
+    }
+}
+
+/// Every path under `root` (relative) with its metadata, content digest and
+/// hardlink group (other names of the same inode).
+fn snapshot(root: &Path) -> (BTreeMap<PathBuf, Info>, Vec<Vec<PathBuf>>) {
+    let mut out = BTreeMap::new();
+    let mut inodes: BTreeMap<u64, Vec<PathBuf>> = BTreeMap::new();
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        let p = root.join(&rel);
+        let md = std::fs::symlink_metadata(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        let k = kind(md.file_type());
+        let content = (k == "file").then(|| {
+            let bytes = std::fs::read(&p).unwrap_or_else(|e| panic!("read {}: {e}", p.display()));
+            common::sha256_digest(&bytes)
+        });
+        if k == "dir" {
+            for e in std::fs::read_dir(&p).unwrap() {
+                stack.push(rel.join(e.unwrap().file_name()));
+            }
+        } else {
+            inodes.entry(md.ino()).or_default().push(rel.clone());
+        }
+        let info = Info {
+            kind: k,
+            mode: md.mode() & 0o7777,
+            uid: md.uid(),
+            gid: md.gid(),
+            size: if k == "dir" { 0 } else { md.size() },
+            mtime: (md.mtime(), md.mtime_nsec()),
+            rdev: md.rdev(),
+            nlink: if k == "dir" { 0 } else { md.nlink() },
+            link: (k == "symlink").then(|| std::fs::read_link(&p).unwrap()),
+            content,
+        };
+        out.insert(rel, info);
+    }
+    let mut groups: Vec<Vec<PathBuf>> = inodes.into_values().filter(|g| g.len() > 1).collect();
+    groups.iter_mut().for_each(|g| g.sort());
+    groups.sort();
+    (out, groups)
+}
+
+/// `getfattr -R` of a tree, paths relative.
+fn xattrs(root: &Path) -> String {
+    let out = Command::new("getfattr")
+        .args(["-R", "-h", "-d", "-m", "-", "-e", "hex", "."])
+        .current_dir(root)
+        .output()
+        .expect("getfattr");
+    let mut blocks: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .split("\n\n")
+        .map(|b| b.trim().to_string())
+        .filter(|b| !b.is_empty())
+        .collect();
+    blocks.sort();
+    blocks.join("\n\n")
+}
+
+/// Assert that the mounted tree equals the unpacked one.
+fn assert_same_tree(mounted: &Path, expected: &Path) {
+    let m = mounted.to_path_buf();
+    let (got, got_links) = within(300, "walking the mount", move || snapshot(&m));
+    let (want, want_links) = snapshot(expected);
+    let got_paths: Vec<_> = got.keys().collect();
+    let want_paths: Vec<_> = want.keys().collect();
+    assert_eq!(got_paths, want_paths, "paths differ");
+    for (path, w) in &want {
+        let g = &got[path];
+        if path.as_os_str().is_empty() {
+            // The unpacked root dir is made by umoci, not by the image.
+            assert_eq!(g.kind, "dir");
+            continue;
+        }
+        assert_eq!(g, w, "{} differs", path.display());
+    }
+    assert_eq!(got_links, want_links, "hardlink groups differ");
+    let m = mounted.to_path_buf();
+    let got_x = within(60, "getfattr on the mount", move || xattrs(&m));
+    assert_eq!(got_x, xattrs(expected), "xattrs differ");
+}
+
+/// `umoci unpack` of `layout:tag` into a temp dir; returns (dir, rootfs).
+fn unpack(layout: &Path, tag: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = common::tempdir();
+    let bundle = dir.path().join("bundle");
+    common::run(
+        Command::new("umoci")
+            .args(["unpack", "--image"])
+            .arg(format!("{}:{tag}", layout.display()))
+            .arg(&bundle),
+    );
+    (dir, bundle.join("rootfs"))
+}
+
+/// An OCI layout holding the every-file-type fixture as `latest`.
+fn fixture_layout() -> tempfile::TempDir {
+    let dir = common::tempdir();
+    common::umoci_image(&dir.path().join("layout"), "latest");
+    dir
+}
+
+fn read_string(p: &Path) -> String {
+    let p = p.to_path_buf();
+    within(60, "read", move || {
+        std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+    })
+}
+
+#[test]
+fn every_file_type_matches_umoci_unpack() {
+    let reg = Distribution::start();
+    let layouts = fixture_layout();
+    let layout = layouts.path().join("layout");
+    common::push_oci_layout(&layout, "latest", &reg.reference("fixture/all:latest"));
+    let (_u, expected) = unpack(&layout, "latest");
+    let m = Mount::start(reg.addr(), &[]);
+    assert_same_tree(&m.path("fixture/all/latest/rootfs"), &expected);
+
+    // The image's own files.
+    let manifest =
+        common::skopeo_inspect_raw(&format!("docker://{}", reg.reference("fixture/all:latest")));
+    let raw = std::fs::read(m.path("fixture/all/latest/manifest.json")).unwrap();
+    let parsed: serde_json::Value = serde_json::from_slice(&raw).unwrap();
+    assert_eq!(parsed, manifest);
+    let digest = common::sha256_digest(&raw);
+    assert_eq!(
+        read_string(&m.path("fixture/all/latest/digest")).trim(),
+        digest
+    );
+    let config = std::fs::read(m.path("fixture/all/latest/config.json")).unwrap();
+    assert_eq!(
+        common::sha256_digest(&config),
+        manifest["config"]["digest"].as_str().unwrap()
+    );
+    let layer = manifest["layers"][0]["digest"].as_str().unwrap();
+    let blob = std::fs::read(m.path(&format!("fixture/all/latest/blobs/{layer}"))).unwrap();
+    assert_eq!(common::sha256_digest(&blob), layer);
+    // The same image by digest, and the namespace listings.
+    let by_digest = m.path(&format!("fixture/all/{digest}/rootfs/small.txt"));
+    assert_eq!(read_string(&by_digest), "hello ggfs\n");
+    let names = |p: &str| -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(m.path(p))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(names(""), [".ggfs", "fixture"]);
+    assert_eq!(names("fixture"), ["all"]);
+    assert_eq!(names("fixture/all"), ["latest"]);
+    assert_eq!(
+        names("fixture/all/latest"),
+        ["blobs", "config.json", "digest", "manifest.json", "rootfs"]
+    );
+    // Probes for names that do not exist fail cleanly.
+    assert!(!m.path("fixture/all/.git").exists());
+    assert!(!m.path("nosuchrepo").exists());
+    assert!(!m.path("fixture/all/nosuchtag").exists());
+
+    // Read-only.
+    let err = std::fs::write(m.path("fixture/all/latest/rootfs/new"), b"x").unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc_erofs()), "{err}");
+    let stats = read_string(&m.path(".ggfs/stats"));
+    assert!(stats.contains(&format!("blob {layer}")), "{stats}");
+    assert!(stats.contains("cache_misses"), "{stats}");
+}
+
+fn libc_erofs() -> i32 {
+    30
+}
+
+#[test]
+fn multilayer_whiteouts_match_umoci_unpack() {
+    let reg = Distribution::start();
+    let layout = common::multilayer_image();
+    let tag = common::MULTILAYER_TAG;
+    common::push_oci_layout(layout, tag, &reg.reference(&format!("multi:{tag}")));
+    let (_u, expected) = unpack(layout, tag);
+    let m = Mount::start(reg.addr(), &[]);
+    let root = m.path(&format!("multi/{tag}/rootfs"));
+    assert_same_tree(&root, &expected);
+    assert_eq!(read_string(&root.join("base/keep.txt")), "v3\n");
+    assert!(!root.join("opq/old1").exists());
+    assert!(!root.join("gone_dir").exists());
+}
+
+#[test]
+fn docker_media_types_match_umoci_unpack() {
+    let reg = Distribution::start();
+    let layouts = fixture_layout();
+    let layout = layouts.path().join("layout");
+    common::push_oci_layout_v2s2(&layout, "latest", &reg.reference("docker/img:v1"));
+    let manifest =
+        common::skopeo_inspect_raw(&format!("docker://{}", reg.reference("docker/img:v1")));
+    assert_eq!(
+        manifest["mediaType"],
+        "application/vnd.docker.distribution.manifest.v2+json"
+    );
+    let (_u, expected) = unpack(&layout, "latest");
+    let m = Mount::start(reg.addr(), &[]);
+    assert_same_tree(&m.path("docker/img/v1/rootfs"), &expected);
+}
+
+#[test]
+fn index_shows_one_directory_per_platform() {
+    let reg = Distribution::start();
+    let dir = common::tempdir();
+    let layout = dir.path().join("layout");
+    common::index_two_platforms(&layout, "multi");
+    common::push_oci_layout(&layout, "multi", &reg.reference("plat:multi"));
+    let m = Mount::start(reg.addr(), &[]);
+    let mut names: Vec<String> = std::fs::read_dir(m.path("plat/multi"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        ["digest", "linux-amd64", "linux-arm64", "manifest.json"]
+    );
+    for arch in ["amd64", "arm64"] {
+        let got = read_string(&m.path(&format!("plat/multi/linux-{arch}/rootfs/arch")));
+        assert_eq!(got, format!("{arch}\n"));
+        let (_u, expected) = unpack(&layout, &format!("multi-{arch}"));
+        assert_same_tree(
+            &m.path(&format!("plat/multi/linux-{arch}/rootfs")),
+            &expected,
+        );
+    }
+    let index = std::fs::read(m.path("plat/multi/manifest.json")).unwrap();
+    let parsed: serde_json::Value = serde_json::from_slice(&index).unwrap();
+    assert_eq!(parsed["manifests"].as_array().unwrap().len(), 2);
+}
+
+/// A tiny image with a dynamically linked /bin/sh taken from this machine.
+fn shell_tree() -> tempfile::TempDir {
+    let dir = common::tempdir();
+    let root = dir.path();
+    let sh = std::fs::canonicalize("/bin/sh").unwrap();
+    let ldd = common::run(Command::new("ldd").arg(&sh));
+    let mut files = vec![sh.clone()];
+    for line in ldd.lines() {
+        let path = line.split_whitespace().find(|w| w.starts_with('/'));
+        if let Some(p) = path {
+            files.push(PathBuf::from(p));
+        }
+    }
+    for f in &files {
+        let dest = root.join(f.strip_prefix("/").unwrap());
+        std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
+        std::fs::copy(f, &dest).unwrap();
+    }
+    std::fs::create_dir_all(root.join("bin")).unwrap();
+    let rel = sh.strip_prefix("/").unwrap();
+    if root.join("bin/sh") != root.join(rel) {
+        std::os::unix::fs::symlink(Path::new("/").join(rel), root.join("bin/sh")).unwrap();
+    }
+    dir
+}
+
+#[test]
+fn chroot_runs_a_shell_from_the_mount() {
+    let reg = Distribution::start();
+    let tree = shell_tree();
+    let dir = common::tempdir();
+    let layout = dir.path().join("layout");
+    common::umoci_image_from(&layout, "sh", tree.path());
+    common::push_oci_layout(&layout, "sh", &reg.reference("shell:sh"));
+    let m = Mount::start(reg.addr(), &[]);
+    let root = m.path("shell/sh/rootfs");
+    let out = within(60, "chroot", move || {
+        Command::new("chroot")
+            .arg(&root)
+            .args(["/bin/sh", "-c", "echo hello from $0"])
+            .output()
+            .unwrap()
+    });
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "hello from /bin/sh\n");
+}
+
+#[test]
+fn corrupted_blob_gives_eio() {
+    let reg = Distribution::start();
+    let layouts = fixture_layout();
+    let layout = layouts.path().join("layout");
+    common::push_oci_layout(&layout, "latest", &reg.reference("bad:latest"));
+    let manifest = common::skopeo_inspect_raw(&format!("docker://{}", reg.reference("bad:latest")));
+    let layer = manifest["layers"][0]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let path = reg.blob_path(&layer);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let n = bytes.len();
+    bytes[n / 2] ^= 0xff;
+    std::fs::write(&path, &bytes).unwrap();
+    let m = Mount::start(reg.addr(), &[]);
+    let p = m.path("bad/latest/rootfs/small.txt");
+    let err = within(60, "read", move || std::fs::read(&p)).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(5), "want EIO, got {err}");
+    let b = m.path(&format!("bad/latest/blobs/{layer}"));
+    let err = within(60, "read", move || std::fs::read(&b)).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(5), "want EIO, got {err}");
+    assert!(
+        m.log().contains(&layer),
+        "log does not name the blob:\n{}",
+        m.log()
+    );
+}
+
+#[test]
+fn unmount_leaves_no_process_and_no_mount() {
+    let reg = Distribution::start();
+    let m = Mount::start(reg.addr(), &[]);
+    assert!(m.pid_alive());
+    m.unmount().unwrap();
+    assert!(!is_mounted(&m.mp));
+    assert!(!m.pid_alive());
+
+    // SIGTERM unmounts too.
+    let m2 = Mount::start(reg.addr(), &[]);
+    kill(m2.pid, "TERM");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while m2.pid_alive() || is_mounted(&m2.mp) {
+        assert!(Instant::now() < deadline, "daemon did not exit on SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn clear_errors_for_bad_mount_points_and_registries() {
+    let reg = Distribution::start();
+    let dir = common::tempdir();
+    let file = dir.path().join("file");
+    std::fs::write(&file, b"").unwrap();
+    let err = |args: &[&std::ffi::OsStr]| {
+        let out = run_mountd(args, &[]);
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let e = err(&["mount".as_ref(), reg.addr().as_ref(), file.as_os_str()]);
+    assert!(e.contains("not a directory"), "{e}");
+    let missing = dir.path().join("missing");
+    let e = err(&["mount".as_ref(), reg.addr().as_ref(), missing.as_os_str()]);
+    assert!(e.contains("mount point"), "{e}");
+    let mp = dir.path().join("mp");
+    std::fs::create_dir(&mp).unwrap();
+    let dead = format!("127.0.0.1:{}", common::free_port());
+    let e = err(&[
+        "mount".as_ref(),
+        dead.as_ref(),
+        mp.as_os_str(),
+        "--insecure".as_ref(),
+    ]);
+    assert!(e.contains("unreachable"), "{e}");
+    assert!(!is_mounted(&mp));
+    // Busy: already mounted.
+    let m = Mount::start(reg.addr(), &[]);
+    let e = err(&["mount".as_ref(), reg.addr().as_ref(), m.mp.as_os_str()]);
+    assert!(e.contains("busy"), "{e}");
+}
+
+#[test]
+fn concurrent_reader_is_not_blocked_by_a_slow_fetch() {
+    // Stats and namespace files answer while a layer is being fetched.
+    let reg = Distribution::start();
+    let proxy = CountingProxy::start(reg.addr());
+    let layouts = fixture_layout();
+    let layout = layouts.path().join("layout");
+    common::push_oci_layout(&layout, "latest", &reg.reference("conc:latest"));
+    let m = Mount::start(proxy.addr(), &[]);
+    let big = m.path("conc/latest/rootfs/data/big-5m");
+    let reader = std::thread::spawn(move || std::fs::read(big).map(|b| b.len()));
+    let stats = read_string(&m.path(".ggfs/stats"));
+    assert!(stats.contains("requests"), "{stats}");
+    assert_eq!(
+        within(120, "big read", move || reader.join().unwrap()).unwrap(),
+        5 << 20
+    );
+}
