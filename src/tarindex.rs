@@ -471,13 +471,52 @@ impl LayerIndex {
         }
         match (self.compression, &self.gzip) {
             (Compression::Gzip, Some(gz)) => gz.read_at(offset, len, fetch),
-            (Compression::Gzip, None) => Err(Error::invalid(
-                "layer index",
-                "gzip layer without checkpoints",
-            )),
+            (Compression::Gzip, None) => Err(no_checkpoints()),
             (Compression::None, _) => fetch(offset, end - offset),
             (Compression::Zstd, _) => self.zstd_read(offset, end, fetch),
         }
+    }
+
+    /// The compressed `(offset, len)` that [`read_at`](Self::read_at) will
+    /// fetch for this request (`None` when there is nothing to read), so an
+    /// async caller can fetch it first and hand it over.
+    pub fn fetch_range(&self, offset: u64, len: usize) -> Result<Option<(u64, u64)>> {
+        let end = offset
+            .saturating_add(len as u64)
+            .min(self.uncompressed_size);
+        if offset >= end {
+            return Ok(None);
+        }
+        Ok(Some(match (self.compression, &self.gzip) {
+            (Compression::Gzip, Some(gz)) => return gz.fetch_range(offset, len),
+            (Compression::Gzip, None) => return Err(no_checkpoints()),
+            (Compression::None, _) => (offset, end - offset),
+            (Compression::Zstd, _) => {
+                let (start, stop) = self.zstd_span(offset, end);
+                (start.compressed, stop - start.compressed)
+            }
+        }))
+    }
+
+    /// The frame to start from and the compressed offset to fetch up to.
+    fn zstd_span(&self, offset: u64, end: u64) -> (FrameStart, u64) {
+        let i = self
+            .zstd_frames
+            .partition_point(|f| f.uncompressed <= offset);
+        let start = i
+            .checked_sub(1)
+            .map(|i| self.zstd_frames[i])
+            .unwrap_or(FrameStart {
+                compressed: 0,
+                uncompressed: 0,
+            });
+        let j = self.zstd_frames.partition_point(|f| f.uncompressed < end);
+        let stop = self
+            .zstd_frames
+            .get(j)
+            .map(|f| f.compressed)
+            .unwrap_or(self.compressed_size);
+        (start, stop)
     }
 
     /// A file's bytes (or part of them).
@@ -501,22 +540,7 @@ impl LayerIndex {
         end: u64,
         mut fetch: impl FnMut(u64, u64) -> Result<Bytes>,
     ) -> Result<Bytes> {
-        let i = self
-            .zstd_frames
-            .partition_point(|f| f.uncompressed <= offset);
-        let start = i
-            .checked_sub(1)
-            .map(|i| self.zstd_frames[i])
-            .unwrap_or(FrameStart {
-                compressed: 0,
-                uncompressed: 0,
-            });
-        let j = self.zstd_frames.partition_point(|f| f.uncompressed < end);
-        let stop = self
-            .zstd_frames
-            .get(j)
-            .map(|f| f.compressed)
-            .unwrap_or(self.compressed_size);
+        let (start, stop) = self.zstd_span(offset, end);
         let data = fetch(start.compressed, stop - start.compressed)?;
         let bad = |reason: String| {
             Error::invalid(
@@ -612,6 +636,10 @@ impl LayerIndex {
             zstd_frames,
         })
     }
+}
+
+fn no_checkpoints() -> Error {
+    Error::invalid("layer index", "gzip layer without checkpoints")
 }
 
 fn encode_entry(e: &mut Enc, t: &TarEntry) {

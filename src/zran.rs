@@ -223,6 +223,21 @@ impl GzipIndex {
             })
     }
 
+    /// The compressed `(offset, len)` that [`read_at`](Self::read_at) will
+    /// fetch for this request (`None` when there is nothing to read), so an
+    /// async caller can fetch it first and hand it over.
+    pub fn fetch_range(&self, offset: u64, len: usize) -> Result<Option<(u64, u64)>> {
+        let end = offset
+            .saturating_add(len as u64)
+            .min(self.uncompressed_size);
+        if offset >= end {
+            return Ok(None);
+        }
+        let (start, stop) = self.span_for(offset, end)?;
+        let from = start.compressed - u64::from(start.bits > 0);
+        Ok(Some((from, stop - from)))
+    }
+
     /// The checkpoint to start from and the compressed offset to fetch up to.
     pub fn span_for(&self, offset: u64, end: u64) -> Result<(&Checkpoint, u64)> {
         let i = self.points.partition_point(|p| p.uncompressed <= offset);
@@ -691,8 +706,10 @@ mod tests {
             let off = (x >> 20) % data.len() as u64;
             let len = ((x >> 7) % 200_000) as usize;
             let mut fetched = 0;
+            let planned = idx.fetch_range(off, len).unwrap();
             let got = idx
                 .read_at(off, len, |o, l| {
+                    assert_eq!(planned, Some((o, l)));
                     fetched += l;
                     Ok(Bytes::copy_from_slice(&gz[o as usize..(o + l) as usize]))
                 })
