@@ -772,10 +772,7 @@ mod tests {
             .unwrap();
         assert_eq!(Digest::of(&plain), l1.diff_id);
 
-        let names: Vec<_> = entries(&l1)
-            .into_iter()
-            .map(|(p, t, d)| (p, t, d))
-            .collect();
+        let names = entries(&l1);
         let paths: Vec<&str> = names.iter().map(|(p, _, _)| p.as_str()).collect();
         assert_eq!(paths, [".wh.gone", "a", "b", "b/sub", "b/sub/f", "c", "d"]);
         assert_eq!(names[5].1, tar::EntryType::Link);
