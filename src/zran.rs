@@ -678,7 +678,7 @@ mod tests {
                 .wrapping_add(1442695040888963407);
             let w = (x >> 33) % 997;
             out.extend_from_slice(format!("w{w} ").as_bytes());
-            if x % 13 == 0 {
+            if x.is_multiple_of(13) {
                 out.push((x >> 7) as u8);
             }
         }

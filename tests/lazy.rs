@@ -84,7 +84,7 @@ fn words(n: usize, mut seed: u64) -> Vec<u8> {
         seed ^= seed >> 7;
         seed ^= seed << 17;
         out.extend_from_slice(vocab[(seed % 4000) as usize].as_bytes());
-        out.push(if seed % 11 == 0 { b'\n' } else { b' ' });
+        out.push(if seed.is_multiple_of(11) { b'\n' } else { b' ' });
     }
     out.truncate(n);
     out
