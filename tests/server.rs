@@ -852,3 +852,59 @@ async fn disk_restores_metadata() {
         assert_eq!(r.status(), want, "{d}");
     }
 }
+
+/// Bytes go once no repository links them, and not before.
+#[tokio::test]
+async fn deleted_content_is_removed_once_unreferenced() {
+    let tmp = tempfile::tempdir().unwrap();
+    let reg = Reg::start(Storage::Disk(tmp.path().to_path_buf())).await;
+    let file = |d: &Digest| tmp.path().join("blobs/sha256").join(d.hex());
+    let d = reg.push_blob("gc/a", b"shared").await;
+    let r = reg
+        .req(
+            Method::POST,
+            &format!("/v2/gc/b/blobs/uploads/?mount={d}&from=gc/a"),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    reg.req(Method::DELETE, &format!("/v2/gc/a/blobs/{d}"))
+        .send()
+        .await
+        .unwrap();
+    assert!(file(&d).exists(), "still linked from gc/b");
+    let r = reg
+        .req(Method::GET, &format!("/v2/gc/b/blobs/{d}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.bytes().await.unwrap().as_ref(), b"shared");
+    reg.req(Method::DELETE, &format!("/v2/gc/b/blobs/{d}"))
+        .send()
+        .await
+        .unwrap();
+    assert!(!file(&d).exists(), "unreferenced bytes removed");
+
+    let (m, bytes) = reg.push_image("gc/c", "v1", "gc", json!({})).await;
+    assert!(file(&m).exists());
+    let r = reg
+        .req(Method::DELETE, &format!("/v2/gc/c/manifests/{m}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    assert!(!file(&m).exists(), "deleted manifest's bytes removed");
+    let config = Digest::of(br#"{"seed":"gc"}"#);
+    assert!(
+        file(&config).exists(),
+        "blobs stay linked in their repository"
+    );
+
+    // A manifest refused for a missing blob leaves no bytes behind.
+    let r = reg
+        .put_manifest("gc/empty", "x", OCI_MANIFEST, &bytes)
+        .await;
+    assert_eq!(error_code(r).await, "MANIFEST_BLOB_UNKNOWN");
+    assert!(!file(&m).exists());
+}

@@ -119,9 +119,9 @@ pub async fn get(
 }
 
 /// DELETE /v2/<name>/blobs/<digest>: unlinks it from this repository only.
-pub fn delete(store: &Store, name: &str, digest: &str) -> ApiResult<Response> {
+pub async fn delete(store: &Store, name: &str, digest: &str) -> ApiResult<Response> {
     let d = parse_digest(digest)?;
-    if store.unlink_blob(name, &d)? {
+    if store.delete_blob(name, &d).await? {
         Ok(StatusCode::ACCEPTED.into_response())
     } else {
         Err(ApiError::blob_unknown(&d))
@@ -170,8 +170,7 @@ pub async fn start_upload(
     if let (Some(mount), Some(from)) = (param(query, "mount"), param(query, "from")) {
         let d = parse_digest(mount)?;
         super::check_name(from)?;
-        if store.has_blob(from, &d) {
-            store.link_blob(name, &d)?;
+        if store.mount(from, name, &d).await? {
             return created(name, &d);
         }
     }

@@ -246,12 +246,11 @@ pub async fn put(
         .and_then(|v| v.to_str().ok());
     let record = examine(&bytes, content_type, &digest)?;
     let subject = record.subject.as_ref().map(|(s, _)| s.clone());
-    store.put_small(&bytes)?;
     let tag = match &r {
         Ref::Tag(t) => Some(t.as_str()),
         Ref::Digest(_) => None,
     };
-    store.put_manifest(name, record, tag)?;
+    store.add_manifest(name, &bytes, record, tag).await?;
     let mut resp = StatusCode::CREATED.into_response();
     let h = resp.headers_mut();
     h.insert(
@@ -273,7 +272,14 @@ pub async fn get(store: &Store, name: &str, reference: &str, head: bool) -> ApiR
         }
         return Err(ApiError::manifest_unknown(reference));
     };
-    let bytes = store.read_small(&digest).await?;
+    let bytes = match store.read_small(&digest).await {
+        Ok(b) => b,
+        // Deleted (and its bytes removed) since it was resolved.
+        Err(_) if store.resolve(name, reference).is_none() => {
+            return Err(ApiError::manifest_unknown(reference))
+        }
+        Err(e) => return Err(e.into()),
+    };
     let len = bytes.len();
     let body = if head {
         Body::empty()
@@ -289,9 +295,9 @@ pub async fn get(store: &Store, name: &str, reference: &str, head: bool) -> ApiR
     Ok(resp)
 }
 
-pub fn delete(store: &Store, name: &str, reference: &str) -> ApiResult<Response> {
+pub async fn delete(store: &Store, name: &str, reference: &str) -> ApiResult<Response> {
     Ref::parse(reference)?;
-    if store.delete_manifest(name, reference)? {
+    if store.delete_manifest(name, reference).await? {
         Ok(StatusCode::ACCEPTED.into_response())
     } else if !store.repo_exists(name) {
         Err(ApiError::name_unknown(name))

@@ -112,9 +112,9 @@ async fn dispatch(store: &Store, req: Request) -> ApiResult<Response> {
         Route::Tags(n) if get => tags(store, &n, &query),
         Route::Manifest(n, r) if get => manifests::get(store, &n, &r, head).await,
         Route::Manifest(n, r) if m == Method::PUT => manifests::put(store, &n, &r, h, body).await,
-        Route::Manifest(n, r) if m == Method::DELETE => manifests::delete(store, &n, &r),
+        Route::Manifest(n, r) if m == Method::DELETE => manifests::delete(store, &n, &r).await,
         Route::Blob(n, d) if get => blobs::get(store, &n, &d, h, head).await,
-        Route::Blob(n, d) if m == Method::DELETE => blobs::delete(store, &n, &d),
+        Route::Blob(n, d) if m == Method::DELETE => blobs::delete(store, &n, &d).await,
         Route::UploadStart(n) if m == Method::POST => {
             blobs::start_upload(store, &n, &query, body).await
         }

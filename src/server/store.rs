@@ -3,6 +3,7 @@
 //! repository can see. Metadata lives in memory behind one lock; in disk mode
 //! every change is also written through as small files, and blob bytes live
 //! only on disk, written to an upload file and renamed into place once verified.
+//! Content is removed when a delete leaves no repository linking it.
 //!
 //! Disk layout under the root:
 //! `blobs/sha256/<hex>` content; `uploads/<id>` sessions in progress;
@@ -152,6 +153,9 @@ pub type Session = Arc<tokio::sync::Mutex<Option<Upload>>>;
 
 pub struct Store {
     root: Option<PathBuf>,
+    /// Held shared while content is written and linked, exclusively while
+    /// unreferenced content is removed, so removal never races a new link.
+    gate: tokio::sync::RwLock<()>,
     blobs: RwLock<HashMap<Digest, Bytes>>,
     meta: Mutex<BTreeMap<String, Repo>>,
     uploads: Mutex<HashMap<String, Session>>,
@@ -171,6 +175,7 @@ impl Store {
     pub fn memory() -> Self {
         Store {
             root: None,
+            gate: tokio::sync::RwLock::new(()),
             blobs: RwLock::default(),
             meta: Mutex::default(),
             uploads: Mutex::default(),
@@ -255,8 +260,28 @@ impl Store {
         Ok(())
     }
 
-    /// Remove a blob from a repository's view. False if it was not there.
-    pub fn unlink_blob(&self, repo: &str, d: &Digest) -> Result<bool> {
+    /// Link a blob that `from` has into `to` (cross-repository mount).
+    /// False when `from` does not have it.
+    pub async fn mount(&self, from: &str, to: &str, d: &Digest) -> Result<bool> {
+        let _gate = self.gate.read().await;
+        if !self.has_blob(from, d) {
+            return Ok(false);
+        }
+        self.link_blob(to, d)?;
+        Ok(true)
+    }
+
+    /// Remove a blob from a repository's view, and its bytes once no
+    /// repository references them. False if it was not there.
+    pub async fn delete_blob(&self, repo: &str, d: &Digest) -> Result<bool> {
+        if !self.unlink_blob(repo, d)? {
+            return Ok(false);
+        }
+        self.forget_if_orphan(d).await?;
+        Ok(true)
+    }
+
+    fn unlink_blob(&self, repo: &str, d: &Digest) -> Result<bool> {
         let mut meta = lock(&self.meta);
         let Some(r) = meta.get_mut(repo) else {
             return Ok(false);
@@ -285,9 +310,29 @@ impl Store {
         Some((digest, mt))
     }
 
-    /// Record a manifest (its bytes already stored) and optionally tag it,
-    /// after checking that everything it references is in the repository.
-    pub fn put_manifest(&self, repo: &str, m: ManifestRecord, tag: Option<&str>) -> ApiResult<()> {
+    /// Store a manifest's bytes and record it (tagged if asked), after
+    /// checking that everything it references is in the repository.
+    pub async fn add_manifest(
+        &self,
+        repo: &str,
+        bytes: &Bytes,
+        m: ManifestRecord,
+        tag: Option<&str>,
+    ) -> ApiResult<()> {
+        let digest = m.digest.clone();
+        let result = {
+            let _gate = self.gate.read().await;
+            self.put_small(bytes)
+                .map_err(ApiError::from)
+                .and_then(|_| self.put_manifest(repo, m, tag))
+        };
+        if result.is_err() {
+            self.forget_if_orphan(&digest).await?;
+        }
+        result
+    }
+
+    fn put_manifest(&self, repo: &str, m: ManifestRecord, tag: Option<&str>) -> ApiResult<()> {
         let mut meta = lock(&self.meta);
         let existing = meta.get(repo);
         let has_blob = |d: &Digest| existing.is_some_and(|r| r.blobs.contains(d));
@@ -320,9 +365,19 @@ impl Store {
         Ok(())
     }
 
-    /// Delete a manifest by digest (with its tags), or just a tag.
-    /// False if the reference was unknown.
-    pub fn delete_manifest(&self, repo: &str, reference: &str) -> Result<bool> {
+    /// Delete a manifest by digest (with its tags and, once unreferenced,
+    /// its bytes), or just a tag. False if the reference was unknown.
+    pub async fn delete_manifest(&self, repo: &str, reference: &str) -> Result<bool> {
+        if !self.unlink_manifest(repo, reference)? {
+            return Ok(false);
+        }
+        if let Ok(d) = Digest::parse(reference) {
+            self.forget_if_orphan(&d).await?;
+        }
+        Ok(true)
+    }
+
+    fn unlink_manifest(&self, repo: &str, reference: &str) -> Result<bool> {
         let mut meta = lock(&self.meta);
         let Some(r) = meta.get_mut(repo) else {
             return Ok(false);
@@ -434,8 +489,27 @@ impl Store {
         }
     }
 
+    /// Remove content that no repository links (as blob or manifest).
+    async fn forget_if_orphan(&self, d: &Digest) -> Result<()> {
+        let _gate = self.gate.write().await;
+        let referenced = lock(&self.meta)
+            .values()
+            .any(|r| r.blobs.contains(d) || r.manifests.contains_key(d));
+        if referenced {
+            return Ok(());
+        }
+        match &self.root {
+            None => {
+                let mut blobs = self.blobs.write().unwrap_or_else(|p| p.into_inner());
+                blobs.remove(d);
+                Ok(())
+            }
+            Some(root) => remove_file(&Self::blob_path(root, d)),
+        }
+    }
+
     /// Store small content (a manifest) under its digest.
-    pub fn put_small(&self, bytes: &Bytes) -> Result<Digest> {
+    fn put_small(&self, bytes: &Bytes) -> Result<Digest> {
         let d = Digest::of(bytes);
         match &self.root {
             None => {
@@ -528,6 +602,7 @@ impl Store {
             .with_detail(serde_json::json!({ "expected": expected, "actual": actual })));
         }
         lock(&self.uploads).remove(id);
+        let _gate = self.gate.read().await;
         let repo = upload.repo.clone();
         match (upload.sink, &self.root) {
             (Sink::Memory(buf), _) => {
