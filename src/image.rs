@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use futures::{Stream, StreamExt, TryStreamExt};
+use futures::{Stream, StreamExt};
 
 use crate::digest::{Digest, Hasher};
 use crate::error::{Error, Result};
@@ -230,8 +230,12 @@ impl Image {
 
     /// The parsed config (os, architecture, rootfs.diff_ids, history ...).
     pub fn config_file(&self) -> Result<ImageConfiguration> {
-        serde_json::from_slice(&self.config)
-            .map_err(|e| Error::invalid(format!("config of image {}", self.raw.digest), e.to_string()))
+        serde_json::from_slice(&self.config).map_err(|e| {
+            Error::invalid(
+                format!("config of image {}", self.raw.digest),
+                e.to_string(),
+            )
+        })
     }
 
     /// Layers in application order, with their DiffIDs from the config when present.
@@ -335,17 +339,6 @@ impl Layer {
         let s = self.source.blob(&self.digest).await?;
         Ok(verify_stream(s, self.digest.clone(), Some(self.size())))
     }
-
-    /// A blocking reader of the uncompressed tar (verified compressed bytes,
-    /// decompressed). Must be used from a blocking context.
-    pub async fn uncompressed_reader(&self) -> Result<Box<dyn io::Read + Send>> {
-        let compression = self.compression()?;
-        let stream = self.compressed().await?;
-        let reader = tokio_util::io::SyncIoBridge::new(tokio_util::io::StreamReader::new(
-            stream.map_err(|e: io::Error| e),
-        ));
-        Ok(decompress(compression, Box::new(reader))?)
-    }
 }
 
 /// Wrap a reader of compressed bytes in the right decoder.
@@ -358,8 +351,7 @@ pub fn decompress(
         // MultiGzDecoder: layers (eStargz in particular) are several gzip members.
         Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(reader)),
         Compression::Zstd => Box::new(
-            zstd::stream::read::Decoder::new(reader)
-                .map_err(|e| Error::io("zstd decoder", e))?,
+            zstd::stream::read::Decoder::new(reader).map_err(|e| Error::io("zstd decoder", e))?,
         ),
     })
 }

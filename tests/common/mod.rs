@@ -12,6 +12,7 @@ mod fixtures;
 mod proxy;
 mod registry;
 mod token;
+pub mod tree;
 
 pub use convert::{estargz_image, zstdchunked_image, Containerd};
 pub use fixtures::{

@@ -1,0 +1,191 @@
+//! Command-line verbs, crane-compatible in names and flags. Each verb lives in
+//! its own file with an `Args` struct and a `run` function.
+
+use std::sync::{Arc, OnceLock};
+
+use anyhow::{Context as _, Result};
+use clap::{Args, Parser, Subcommand};
+use ggfs::image::{Sink, Source};
+use ggfs::registry::{Client, ClientOptions, RegistryRepo};
+use ggfs::{Platform, Reference};
+
+mod append;
+mod auth;
+mod blob;
+mod catalog;
+mod config;
+mod copy;
+mod delete;
+mod digest;
+mod export;
+mod location;
+mod ls;
+mod manifest;
+mod mount;
+mod progress;
+mod pull;
+mod push;
+mod registry;
+mod tag;
+mod validate;
+mod version;
+
+pub use location::Location;
+
+#[derive(Parser)]
+#[command(
+    name = "ggfs",
+    version,
+    about = "Container registries as a filesystem, and a crane-style CLI"
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Args, Clone)]
+pub struct Global {
+    /// Pick this platform out of an index (os/arch[/variant]); default: the host's,
+    /// and for copy: every platform.
+    #[arg(long, global = true)]
+    pub platform: Option<Platform>,
+    /// Talk plain HTTP (and skip TLS verification) to registries, not only to localhost.
+    #[arg(long, global = true)]
+    pub insecure: bool,
+    /// Log HTTP traffic and decisions to stderr (credentials are never logged).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// List the repositories of a registry.
+    Catalog(catalog::Args),
+    /// List the tags of a repository.
+    Ls(ls::Args),
+    /// Print an image's manifest, byte for byte as the registry serves it.
+    Manifest(manifest::Args),
+    /// Print an image's config blob.
+    Config(config::Args),
+    /// Print an image's digest.
+    Digest(digest::Args),
+    /// Write a blob (repo@sha256:...) to stdout.
+    Blob(blob::Args),
+    /// Pull images into a docker-save tarball or an OCI layout.
+    Pull(pull::Args),
+    /// Push a tarball or OCI layout to a registry.
+    Push(push::Args),
+    /// Copy images between registries, layouts and tarballs.
+    #[command(visible_alias = "cp")]
+    Copy(copy::Args),
+    /// Give an image another tag in the same repository.
+    Tag(tag::Args),
+    /// Delete a manifest from a registry.
+    Delete(delete::Args),
+    /// Build a new image: a base (or nothing) plus layers from directories or tars.
+    Append(append::Args),
+    /// Write the flattened filesystem of an image as a tar.
+    Export(export::Args),
+    /// Check that every blob of an image matches its digest (and layers their DiffIDs).
+    Validate(validate::Args),
+    /// Log in to, log out of, or show credentials for a registry.
+    #[command(subcommand)]
+    Auth(auth::Command),
+    /// Run the embedded OCI registry.
+    #[command(subcommand)]
+    Registry(registry::Command),
+    /// Mount a registry as a filesystem.
+    Mount(mount::MountArgs),
+    /// Unmount a ggfs mount.
+    Unmount(mount::UnmountArgs),
+    /// Print the version.
+    Version,
+}
+
+pub async fn run(cli: Cli) -> Result<()> {
+    let ctx = Ctx::new(cli.global);
+    match cli.command {
+        Command::Catalog(a) => catalog::run(&ctx, a).await,
+        Command::Ls(a) => ls::run(&ctx, a).await,
+        Command::Manifest(a) => manifest::run(&ctx, a).await,
+        Command::Config(a) => config::run(&ctx, a).await,
+        Command::Digest(a) => digest::run(&ctx, a).await,
+        Command::Blob(a) => blob::run(&ctx, a).await,
+        Command::Pull(a) => pull::run(&ctx, a).await,
+        Command::Push(a) => push::run(&ctx, a).await,
+        Command::Copy(a) => copy::run(&ctx, a).await,
+        Command::Tag(a) => tag::run(&ctx, a).await,
+        Command::Delete(a) => delete::run(&ctx, a).await,
+        Command::Append(a) => append::run(&ctx, a).await,
+        Command::Export(a) => export::run(&ctx, a).await,
+        Command::Validate(a) => validate::run(&ctx, a).await,
+        Command::Auth(c) => auth::run(&ctx, c).await,
+        Command::Registry(c) => registry::run(c).await,
+        Command::Mount(a) => mount::mount(a),
+        Command::Unmount(a) => mount::unmount(a),
+        Command::Version => version::run(),
+    }
+}
+
+pub fn init_logging(verbose: u8) {
+    let level = match verbose {
+        0 => "warn",
+        1 => "info,ggfs=debug",
+        _ => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("GGFS_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// What every verb needs: global flags and one registry client.
+pub struct Ctx {
+    pub global: Global,
+    client: OnceLock<Client>,
+}
+
+impl Ctx {
+    fn new(global: Global) -> Self {
+        Self {
+            global,
+            client: OnceLock::new(),
+        }
+    }
+
+    pub fn client(&self) -> Result<Client> {
+        if let Some(c) = self.client.get() {
+            return Ok(c.clone());
+        }
+        let opts = ClientOptions {
+            insecure_all: self.global.insecure,
+            ..ClientOptions::default()
+        };
+        let client = Client::new(opts).context("creating the registry client")?;
+        Ok(self.client.get_or_init(|| client).clone())
+    }
+
+    pub fn repo(&self, reference: &Reference) -> Result<RegistryRepo> {
+        Ok(self.client()?.repo(&reference.repo))
+    }
+
+    /// Open a location (registry reference, `oci:DIR[:TAG]`, `docker-archive:FILE`)
+    /// as a source, with the tag or digest to read from it.
+    pub async fn source(&self, location: &str) -> Result<(Arc<dyn Source>, String)> {
+        Location::parse(location)?.open_source(self).await
+    }
+
+    /// Open a location as a sink, with the tag to write (if any).
+    pub async fn sink(&self, location: &str) -> Result<(Arc<dyn Sink>, Option<String>)> {
+        Location::parse(location)?.open_sink(self).await
+    }
+}
+
+/// Parse a registry reference with the argument named in the error.
+pub fn parse_ref(s: &str) -> Result<Reference> {
+    Reference::parse(s).map_err(Into::into)
+}

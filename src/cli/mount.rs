@@ -1,0 +1,45 @@
+//! `ggfs mount` and `ggfs unmount` hand over to the `ggfs-mountd` daemon
+//! binary installed beside this one.
+
+use std::ffi::OsString;
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+
+use anyhow::{Context as _, Result};
+
+#[derive(clap::Args)]
+#[command(disable_help_flag = true)]
+pub struct MountArgs {
+    /// REGISTRY MOUNTPOINT [options]; see `ggfs mount --help`.
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    args: Vec<OsString>,
+}
+
+#[derive(clap::Args)]
+pub struct UnmountArgs {
+    mountpoint: PathBuf,
+}
+
+pub fn mount(a: MountArgs) -> Result<()> {
+    exec(std::iter::once(OsString::from("mount")).chain(a.args))
+}
+
+pub fn unmount(a: UnmountArgs) -> Result<()> {
+    exec([OsString::from("unmount"), a.mountpoint.into_os_string()])
+}
+
+fn exec(args: impl IntoIterator<Item = OsString>) -> Result<()> {
+    let daemon = daemon_path()?;
+    let err = std::process::Command::new(&daemon).args(args).exec();
+    Err(err).with_context(|| format!("running {}", daemon.display()))
+}
+
+/// `ggfs-mountd` next to this executable, else on $PATH.
+fn daemon_path() -> Result<PathBuf> {
+    let exe = std::env::current_exe().context("locating the ggfs executable")?;
+    let beside = exe.with_file_name("ggfs-mountd");
+    if beside.exists() {
+        return Ok(beside);
+    }
+    Ok(PathBuf::from("ggfs-mountd"))
+}

@@ -1,0 +1,79 @@
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{bail, Context as _, Result};
+use ggfs::copy::CopyOptions;
+
+use super::Ctx;
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum Format {
+    /// A docker-save tarball (`docker load` reads it).
+    Tarball,
+    /// An OCI image layout directory.
+    Oci,
+}
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Image reference(s) to pull.
+    #[arg(required = true, num_args = 1..)]
+    images: Vec<String>,
+    /// Where to write: a .tar file or a layout directory.
+    path: PathBuf,
+    #[arg(long, value_enum, default_value = "tarball")]
+    format: Format,
+    /// Blobs transferred at once.
+    #[arg(short = 'j', long, default_value_t = 4)]
+    jobs: usize,
+}
+
+pub async fn run(ctx: &Ctx, a: Args) -> Result<()> {
+    match a.format {
+        Format::Oci => pull_oci(ctx, &a).await,
+        Format::Tarball => pull_tarball(ctx, &a).await,
+    }
+}
+
+async fn pull_oci(ctx: &Ctx, a: &Args) -> Result<()> {
+    let layout = Arc::new(ggfs::layout::Layout::create(&a.path)?);
+    let opts = CopyOptions {
+        platform: ctx.global.platform.clone(),
+        jobs: a.jobs,
+        progress: super::progress::reporter(),
+    };
+    for image in &a.images {
+        let r = super::parse_ref(image)?;
+        let src = Arc::new(ctx.repo(&r)?);
+        ggfs::copy::copy(
+            src,
+            &r.identifier(),
+            layout.clone(),
+            r.tag.as_deref(),
+            &opts,
+        )
+        .await
+        .with_context(|| format!("pulling {image}"))?;
+    }
+    Ok(())
+}
+
+async fn pull_tarball(ctx: &Ctx, a: &Args) -> Result<()> {
+    let [image] = a.images.as_slice() else {
+        bail!("--format tarball takes one image");
+    };
+    let r = super::parse_ref(image)?;
+    let src = Arc::new(ctx.repo(&r)?);
+    let platform = ctx.global.platform.clone();
+    let img = ggfs::image::fetch_image(src, &r.identifier(), platform.as_ref()).await?;
+    let tags: Vec<String> = r.tag.iter().map(|_| r.to_string()).collect();
+    let dest = if a.path.as_os_str() == "-" {
+        ggfs::tarball::Dest::Stdout
+    } else {
+        ggfs::tarball::Dest::Path(a.path.clone())
+    };
+    ggfs::tarball::write_to(&img, dest, &tags)
+        .await
+        .with_context(|| format!("writing {}", a.path.display()))?;
+    Ok(())
+}

@@ -1,0 +1,358 @@
+//! The `ggfs` binary against real registries (CNCF distribution and the
+//! embedded one) and real third-party tools (skopeo, umoci).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+
+use common::tree::assert_same_tree;
+use common::{run, Distribution};
+
+fn ggfs(args: &[&str]) -> String {
+    run(Command::new(common::ggfs_bin()).args(args))
+}
+
+/// Runs ggfs expecting failure; returns its stderr.
+fn ggfs_fails(args: &[&str]) -> String {
+    let out: Output = Command::new(common::ggfs_bin())
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "ggfs {args:?} succeeded");
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(err.trim_end().lines().count(), 1, "not one line: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+    err
+}
+
+fn umoci_unpack(layout: &Path, tag: &str, bundle: &Path) -> PathBuf {
+    run(Command::new("umoci")
+        .args(["unpack", "--image", &format!("{}:{tag}", layout.display())])
+        .arg(bundle));
+    bundle.join("rootfs")
+}
+
+fn untar(tar: &Path, dest: &Path) -> PathBuf {
+    std::fs::create_dir_all(dest).unwrap();
+    run(Command::new("tar")
+        .args(["--xattrs", "--xattrs-include=*", "--same-owner", "-xpf"])
+        .arg(tar)
+        .arg("-C")
+        .arg(dest));
+    dest.to_path_buf()
+}
+
+fn skopeo_digest(image: &str) -> String {
+    let out = run(Command::new("skopeo").args(["inspect", "--raw", "--tls-verify=false", image]));
+    common::sha256_digest(out.as_bytes())
+}
+
+/// An image made by umoci and pushed by skopeo: ggfs copies it with identical
+/// digests, exports the same files umoci unpacks, and pulls a layout and a
+/// tarball that skopeo reads back to the same digest / files.
+#[test]
+fn umoci_image_pushed_by_skopeo_is_copied_exported_and_pulled() {
+    let (a, b) = (Distribution::start(), Distribution::start());
+    let work = common::tempdir();
+    let layout = work.path().join("layout");
+    common::umoci_image(&layout, "t");
+    common::push_oci_layout(&layout, "t", &a.reference("src/img:t"));
+    let src = a.reference("src/img:t");
+    let want = skopeo_digest(&format!("docker://{src}"));
+    assert_eq!(ggfs(&["digest", &src]).trim(), want);
+
+    ggfs(&["copy", &src, &b.reference("dst/img:t")]);
+    assert_eq!(
+        skopeo_digest(&format!("docker://{}", b.reference("dst/img:t"))),
+        want
+    );
+    let manifest = ggfs(&["manifest", &b.reference("dst/img:t")]);
+    assert_eq!(
+        common::sha256_digest(manifest.as_bytes()),
+        want,
+        "manifest bytes changed"
+    );
+
+    let tar = work.path().join("export.tar");
+    ggfs(&["export", &src, tar.to_str().unwrap()]);
+    let exported = untar(&tar, &work.path().join("exported"));
+    let unpacked = umoci_unpack(&layout, "t", &work.path().join("bundle"));
+    assert_same_tree(&exported, &unpacked, true);
+
+    let pulled = work.path().join("pulled");
+    ggfs(&["pull", "--format", "oci", &src, pulled.to_str().unwrap()]);
+    assert_eq!(skopeo_digest(&format!("oci:{}:t", pulled.display())), want);
+    let again = umoci_unpack(&pulled, "t", &work.path().join("bundle2"));
+    assert_same_tree(&again, &unpacked, true);
+
+    let saved = work.path().join("saved.tar");
+    ggfs(&["pull", &src, saved.to_str().unwrap()]);
+    let from_archive = work.path().join("from-archive");
+    common::skopeo_copy(
+        &format!("docker-archive:{}", saved.display()),
+        &format!("oci:{}:t", from_archive.display()),
+    );
+    let third = umoci_unpack(&from_archive, "t", &work.path().join("bundle3"));
+    assert_same_tree(&third, &unpacked, true);
+}
+
+/// An image built and pushed by ggfs is pulled by skopeo and unpacked by
+/// umoci with the files it was built from.
+#[test]
+fn image_pushed_by_ggfs_is_pulled_by_skopeo_and_unpacked_by_umoci() {
+    let reg = Distribution::start();
+    let work = common::tempdir();
+    let dst = reg.reference("built/app:v1");
+    let rootfs = common::fixture_rootfs();
+    ggfs(&["append", "-f", rootfs.to_str().unwrap(), "-t", &dst]);
+    let layout = work.path().join("layout");
+    common::skopeo_copy(
+        &format!("docker://{dst}"),
+        &format!("oci:{}:v1", layout.display()),
+    );
+    let unpacked = umoci_unpack(&layout, "v1", &work.path().join("bundle"));
+    assert_same_tree(&unpacked, rootfs, true);
+    ggfs(&["validate", &dst]);
+}
+
+/// A copy to another repository of the same registry mounts every blob:
+/// the registry sees mount requests and no blob bytes.
+#[test]
+fn copy_within_a_registry_mounts_blobs_instead_of_uploading() {
+    let reg = Distribution::start();
+    let work = common::tempdir();
+    let layout = work.path().join("layout");
+    common::umoci_image(&layout, "t");
+    common::push_oci_layout(&layout, "t", &reg.reference("a/img:t"));
+    let proxy = common::CountingProxy::start(reg.addr());
+    let src = format!("{}/a/img:t", proxy.addr());
+    let dst = format!("{}/b/img:t", proxy.addr());
+    ggfs(&["copy", &src, &dst]);
+    let reqs = proxy.requests();
+    let mounts = reqs
+        .iter()
+        .filter(|r| r.method == "POST" && r.path.contains("mount="))
+        .count();
+    let uploads: Vec<_> = reqs
+        .iter()
+        .filter(|r| r.method == "PATCH" || (r.method == "PUT" && r.path.contains("/blobs/")))
+        .collect();
+    assert_eq!(mounts, 2, "config and layer mounted: {reqs:?}");
+    assert!(uploads.is_empty(), "blob bytes were uploaded: {uploads:?}");
+    assert!(
+        proxy.bytes_up() < 64 * 1024,
+        "{} bytes sent",
+        proxy.bytes_up()
+    );
+    assert_eq!(
+        skopeo_digest(&format!("docker://{}", reg.reference("b/img:t"))),
+        skopeo_digest(&format!("docker://{}", reg.reference("a/img:t")))
+    );
+}
+
+/// A whole index is copied with its digest; --platform copies one image.
+#[test]
+fn copy_index_whole_or_one_platform() {
+    let (a, b) = (Distribution::start(), Distribution::start());
+    let work = common::tempdir();
+    let layout = work.path().join("layout");
+    common::index_two_platforms(&layout, "multi");
+    common::push_oci_layout(&layout, "multi", &a.reference("idx/img:multi"));
+    let src = a.reference("idx/img:multi");
+    ggfs(&["copy", &src, &b.reference("idx/all:multi")]);
+    assert_eq!(
+        ggfs(&["digest", &b.reference("idx/all:multi")]),
+        ggfs(&["digest", &src])
+    );
+
+    ggfs(&[
+        "--platform",
+        "linux/arm64",
+        "copy",
+        &src,
+        &b.reference("idx/arm:t"),
+    ]);
+    let arm = ggfs(&["--platform", "linux/arm64", "digest", &src]);
+    assert_ne!(arm, ggfs(&["digest", &src]));
+    assert_eq!(ggfs(&["digest", &b.reference("idx/arm:t")]), arm);
+    let cfg: serde_json::Value =
+        serde_json::from_str(&ggfs(&["config", &b.reference("idx/arm:t")])).unwrap();
+    assert_eq!(cfg["architecture"], "arm64");
+}
+
+/// The embedded registry: ggfs pushes and copies into it, skopeo reads it,
+/// tags list, delete removes.
+#[test]
+fn embedded_registry_serves_ggfs_and_skopeo() {
+    let port = common::free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let _server = Server(
+        Command::new(common::ggfs_bin())
+            .args(["registry", "serve", "--address", &addr])
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for(&addr);
+    let work = common::tempdir();
+    let dir = work.path().join("d");
+    std::fs::create_dir_all(dir.join("etc")).unwrap();
+    std::fs::write(dir.join("etc/hello"), "hello\n").unwrap();
+    ggfs(&[
+        "append",
+        "-f",
+        dir.to_str().unwrap(),
+        "-t",
+        &format!("{addr}/e/app:v1"),
+    ]);
+    ggfs(&[
+        "copy",
+        &format!("{addr}/e/app:v1"),
+        &format!("{addr}/e/app:v2"),
+    ]);
+    ggfs(&["tag", &format!("{addr}/e/app:v1"), "v3"]);
+    assert_eq!(ggfs(&["ls", &format!("{addr}/e/app")]), "v1\nv2\nv3\n");
+    assert_eq!(ggfs(&["catalog", &addr]), "e/app\n");
+    let layout = work.path().join("l");
+    common::skopeo_copy(
+        &format!("docker://{addr}/e/app:v2"),
+        &format!("oci:{}:v2", layout.display()),
+    );
+    let unpacked = umoci_unpack(&layout, "v2", &work.path().join("b"));
+    assert_eq!(
+        std::fs::read_to_string(unpacked.join("etc/hello")).unwrap(),
+        "hello\n"
+    );
+    ggfs(&["delete", &format!("{addr}/e/app:v3")]);
+    assert_eq!(ggfs(&["ls", &format!("{addr}/e/app")]), "v1\nv2\n");
+}
+
+struct Server(Child);
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn wait_for(addr: &str) {
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(addr).is_ok() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    panic!("{addr} never listened");
+}
+
+/// Bad input: one clear line, non-zero exit, nothing half-written.
+#[test]
+fn bad_input_gives_one_line_errors_and_writes_nothing() {
+    let reg = Distribution::start();
+    let work = common::tempdir();
+    assert!(ggfs_fails(&["manifest", "UPPER/Case:x"]).contains("repository component"));
+    assert!(ggfs_fails(&["manifest", "foo@sha256:abc"]).contains("64 hex digits"));
+    assert!(ggfs_fails(&["digest", &reg.reference("no/such:tag")]).contains("not found"));
+    assert!(ggfs_fails(&["--platform", "linux", "digest", "x"]).contains("platform"));
+
+    let layout = work.path().join("layout");
+    common::umoci_image(&layout, "t");
+    common::push_oci_layout(&layout, "t", &reg.reference("c/img:t"));
+    let m: serde_json::Value =
+        serde_json::from_str(&ggfs(&["manifest", &reg.reference("c/img:t")])).unwrap();
+    let layer = m["layers"][0]["digest"].as_str().unwrap().to_string();
+    let data = reg.blob_path(&layer);
+    let mut bytes = std::fs::read(&data).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(&data, bytes).unwrap();
+
+    let out = work.path().join("out.tar");
+    let err = ggfs_fails(&["export", &reg.reference("c/img:t"), out.to_str().unwrap()]);
+    assert!(
+        err.contains(&layer) || err.contains("verification") || err.contains("corrupt"),
+        "{err}"
+    );
+    assert!(!out.exists(), "a partial export was left behind");
+    let leftovers: Vec<_> = std::fs::read_dir(work.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|n| n.to_string_lossy().starts_with('.'))
+        .collect();
+    assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
+    let err = ggfs_fails(&[
+        "blob",
+        &format!(
+            "{}@{layer}",
+            reg.reference("c/img").trim_end_matches(":latest")
+        ),
+    ]);
+    assert!(err.contains("verification"), "{err}");
+    let pulled = work.path().join("pulled");
+    ggfs_fails(&[
+        "pull",
+        "--format",
+        "oci",
+        &reg.reference("c/img:t"),
+        pulled.to_str().unwrap(),
+    ]);
+    let blob_file = pulled
+        .join("blobs/sha256")
+        .join(layer.trim_start_matches("sha256:"));
+    assert!(
+        !blob_file.exists(),
+        "an unverified blob was written to the layout"
+    );
+}
+
+/// Basic auth: credentials from `ggfs auth login` (a docker config.json) are
+/// used by later commands; wrong ones fail clearly.
+#[test]
+fn basic_auth_with_login_and_docker_config() {
+    let reg = Distribution::start_htpasswd("alice", "s3cret");
+    let cfg = common::tempdir();
+    let env = |c: &mut Command| {
+        c.env("DOCKER_CONFIG", cfg.path());
+    };
+    let mut cmd = Command::new(common::ggfs_bin());
+    env(&mut cmd);
+    let out = cmd.args(["catalog", reg.addr()]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains(reg.addr()));
+
+    let mut cmd = Command::new(common::ggfs_bin());
+    env(&mut cmd);
+    let out = cmd
+        .args(["auth", "login", reg.addr(), "-u", "alice", "-p", "wrong"])
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "login with a wrong password succeeded"
+    );
+
+    let mut cmd = Command::new(common::ggfs_bin());
+    env(&mut cmd);
+    run(cmd.args(["auth", "login", reg.addr(), "-u", "alice", "-p", "s3cret"]));
+    let config = std::fs::read_to_string(cfg.path().join("config.json")).unwrap();
+    assert!(config.contains(reg.addr()));
+
+    let dir = common::tempdir();
+    std::fs::write(dir.path().join("f"), "x").unwrap();
+    let mut cmd = Command::new(common::ggfs_bin());
+    env(&mut cmd);
+    run(cmd.args([
+        "append",
+        "-f",
+        dir.path().to_str().unwrap(),
+        "-t",
+        &reg.reference("p/img:t"),
+    ]));
+    let mut cmd = Command::new(common::ggfs_bin());
+    env(&mut cmd);
+    assert_eq!(
+        run(cmd.args(["ls", &format!("{}/p/img", reg.addr())])),
+        "t\n"
+    );
+}
