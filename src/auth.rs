@@ -614,13 +614,15 @@ const MAX_TOKEN_RESPONSE: usize = 1024 * 1024;
 /// Ask the token realm for a token covering `scopes`. With an identity token
 /// this is an OAuth2 refresh POST; with a password a GET with Basic auth
 /// (falling back to an OAuth2 password POST when GET is not allowed);
-/// anonymous otherwise.
+/// anonymous otherwise. A plain-http realm is refused unless `allow_http`
+/// (the registry itself is spoken to over http) or it is on loopback.
 pub async fn fetch_token(
     http: &reqwest::Client,
     registry: &str,
     challenge: &Challenge,
     scopes: &[String],
     cred: Option<&Credential>,
+    allow_http: bool,
 ) -> Result<Token> {
     let auth_err = |message: String| Error::Auth {
         registry: registry.to_string(),
@@ -631,8 +633,18 @@ pub async fn fetch_token(
         .ok_or_else(|| auth_err("Bearer challenge names no realm".into()))?;
     let realm_url =
         url::Url::parse(realm).map_err(|e| auth_err(format!("token realm {realm:?}: {e}")))?;
-    if !matches!(realm_url.scheme(), "http" | "https") {
-        return Err(auth_err(format!("token realm {realm:?} is not http(s)")));
+    match realm_url.scheme() {
+        "https" => {}
+        "http"
+            if allow_http
+                || realm_url
+                    .host_str()
+                    .is_some_and(crate::registry::is_loopback) => {}
+        _ => {
+            return Err(auth_err(format!(
+                "token realm {realm:?} is not https (credentials would travel in clear text)"
+            )))
+        }
     }
     let service = challenge.service().unwrap_or(registry);
     let resp = match cred {

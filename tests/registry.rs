@@ -433,18 +433,22 @@ fn scripted(answer: impl Fn(&Seen, usize) -> Vec<u8> + Send + Sync + 'static) ->
     let addr = l.local_addr().unwrap().to_string();
     let seen = Arc::new(Mutex::new(Vec::new()));
     let log = seen.clone();
+    let answer = Arc::new(answer);
     std::thread::spawn(move || {
         for conn in l.incoming() {
             let Ok(mut conn) = conn else { return };
-            let Some(req) = read_request(&mut conn) else {
-                continue;
-            };
-            let n = {
-                let mut log = log.lock().unwrap();
-                log.push(req.clone());
-                log.len()
-            };
-            let _ = conn.write_all(&answer(&req, n));
+            let (log, answer) = (log.clone(), answer.clone());
+            std::thread::spawn(move || {
+                let Some(req) = read_request(&mut conn) else {
+                    return;
+                };
+                let n = {
+                    let mut log = log.lock().unwrap();
+                    log.push(req.clone());
+                    log.len()
+                };
+                let _ = conn.write_all(&answer(&req, n));
+            });
         }
     });
     Scripted { addr, seen }
@@ -689,11 +693,62 @@ async fn redirects_never_carry_credentials_off_host() {
     );
     let seen = storage.seen.lock().unwrap().clone();
     assert_eq!(seen.len(), 1);
-    assert_eq!(seen[0].path, "/bucket/object?sig=abc");
+    assert_eq!(
+        (seen[0].method.as_str(), seen[0].path.as_str()),
+        ("GET", "/bucket/object?sig=abc")
+    );
     assert_eq!(
         seen[0].header("authorization"),
         None,
         "credentials leaked to {:?}",
         seen[0]
     );
+}
+
+#[tokio::test]
+async fn jobs_bound_concurrent_requests() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let (now, max) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (n2, m2) = (now.clone(), max.clone());
+    let s = scripted(move |_, _| {
+        let cur = n2.fetch_add(1, Ordering::SeqCst) + 1;
+        m2.fetch_max(cur, Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(150));
+        n2.fetch_sub(1, Ordering::SeqCst);
+        // A HEAD answer: the length of a body that is not sent.
+        b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 3\r\n\r\n".to_vec()
+    });
+    let opts = ClientOptions {
+        jobs: 2,
+        ..ClientOptions::default()
+    };
+    let c = Client::builder(opts)
+        .keychain(Keychain::anonymous())
+        .build()
+        .unwrap();
+    let r = repo(&c, &s.addr, "jobs");
+    let digests: Vec<Digest> = (0..6u8).map(|i| Digest::of(&[i])).collect();
+    let all = futures::future::join_all(digests.iter().map(|d| r.blob_size(d))).await;
+    assert!(all.iter().all(|x| x.is_ok()), "{all:?}");
+    assert_eq!(s.seen.lock().unwrap().len(), 6);
+    assert_eq!(max.load(Ordering::SeqCst), 2, "jobs=2 not honoured");
+}
+
+#[tokio::test]
+async fn uploads_follow_relative_locations() {
+    let s = scripted(|req, _| match (req.method.as_str(), req.path.as_str()) {
+        ("POST", "/v2/rel/blobs/uploads/") => response(
+            "202 Accepted",
+            &[("Location", "/elsewhere/session?_state=abc")],
+            b"",
+        ),
+        ("PUT", p) if p.starts_with("/elsewhere/session?_state=abc&digest=sha256%3A") => {
+            response("201 Created", &[], b"")
+        }
+        _ => response("400 Bad Request", &[], b""),
+    });
+    let c = fast_client();
+    put(&repo(&c, &s.addr, "rel"), b"relative").await;
+    let seen = s.seen.lock().unwrap();
+    assert_eq!(seen.len(), 2, "{seen:?}");
 }

@@ -162,7 +162,15 @@ impl Client {
         let challenge = auth::pick_challenge(&challenges)
             .ok_or_else(|| auth_err(format!("no Basic or Bearer challenge in {header:?}")))?;
         let authorization = if challenge.is_bearer() {
-            let t = auth::fetch_token(&self.t.http, registry, challenge, &[], Some(cred)).await?;
+            let t = auth::fetch_token(
+                &self.t.http,
+                registry,
+                challenge,
+                &[],
+                Some(cred),
+                self.t.scheme(registry) == "http",
+            )
+            .await?;
             format!("Bearer {}", t.token)
         } else {
             cred.basic_header().ok_or_else(|| {

@@ -153,6 +153,9 @@ pub(crate) fn http_err(context: &str, source: reqwest::Error) -> Error {
     }
 }
 
+/// Keychain answers per (registry, repository).
+type CredCache = HashMap<(String, Option<String>), Option<Credential>>;
+
 /// Shared state of a client.
 pub(crate) struct Transport {
     pub http: reqwest::Client,
@@ -163,7 +166,7 @@ pub(crate) struct Transport {
     retry: RetryPolicy,
     challenges: Mutex<HashMap<String, Challenge>>,
     tokens: Mutex<HashMap<(String, String), Token>>,
-    creds: Mutex<HashMap<(String, Option<String>), Option<Credential>>>,
+    creds: Mutex<CredCache>,
 }
 
 const MAX_REDIRECTS: usize = 5;
@@ -412,12 +415,14 @@ impl Transport {
             .filter(|s| !s.is_empty())
             .map(str::to_string)
             .collect();
+        let allow_http = self.scheme(&req.registry) == "http";
         let token = auth::fetch_token(
             &self.http,
             &req.registry,
             &challenge,
             &scopes,
             cred.as_ref(),
+            allow_http,
         )
         .await?;
         let header = format!("Bearer {}", token.token);
