@@ -22,7 +22,7 @@ stray_pids() {
     pid=${pid%/environ}
     comm=$(cat "/proc/$pid/comm" 2>/dev/null) || continue
     [[ $comm =~ $STRAY_NAMES ]] || continue
-    if tr '\0' '\n' <"$env" 2>/dev/null | grep -qxF "GGFS_TEST_RUN=$GGFS_TEST_RUN"; then
+    if tr '\0' '\n' 2>/dev/null <"$env" | grep -qxF "GGFS_TEST_RUN=$GGFS_TEST_RUN"; then
       echo "$pid"
     fi
   done

@@ -298,7 +298,12 @@ fn layer_entries(
                 }
             }
         }
-        let head = (e.header().entry_type(), e.header().mode().unwrap(), xattrs);
+        let h = e.header();
+        assert!(
+            h.device_major().is_ok() && h.device_minor().is_ok(),
+            "{path}: bad device fields"
+        );
+        let head = (h.entry_type(), h.mode().unwrap(), xattrs);
         let mut sink = Vec::new();
         e.read_to_end(&mut sink).unwrap();
         out.insert(path.trim_end_matches('/').to_string(), head);

@@ -13,7 +13,7 @@ use std::sync::OnceLock;
 use super::{run, sha256_digest, skopeo_copy_with, tempdir};
 
 /// Bump when the generated trees change, so stale caches are not reused.
-const VERSION: u32 = 1;
+const VERSION: u32 = 2;
 
 /// Tag of the image in [`multilayer_image`]'s layout.
 pub const MULTILAYER_TAG: &str = "latest";
@@ -332,6 +332,9 @@ fn add_raw_layer(layout: &Path, tag: &str, entries: &[Entry]) {
         h.set_mtime(FIXTURE_MTIME as u64);
         h.set_uid(0);
         h.set_gid(0);
+        // tar-rs leaves these NUL-filled; write "0" like GNU tar and Go do.
+        h.set_device_major(0).expect("ustar has device fields");
+        h.set_device_minor(0).expect("ustar has device fields");
         match e.data {
             Some(data) => {
                 h.set_entry_type(tar::EntryType::Regular);
