@@ -908,3 +908,54 @@ async fn deleted_content_is_removed_once_unreferenced() {
     assert_eq!(error_code(r).await, "MANIFEST_BLOB_UNKNOWN");
     assert!(!file(&m).exists());
 }
+
+/// Wrap a layout's image in an OCI index (tag `multi`) and return its digest.
+fn add_index(layout: &Path) -> Digest {
+    let path = layout.join("index.json");
+    let mut top: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    let mut child = top["manifests"][0].clone();
+    child.as_object_mut().unwrap().remove("annotations");
+    child["platform"] = json!({"os": "linux", "architecture": "amd64"});
+    let index = json!({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [child]});
+    let bytes = serde_json::to_vec(&index).unwrap();
+    let d = Digest::of(&bytes);
+    std::fs::write(layout.join("blobs/sha256").join(d.hex()), &bytes).unwrap();
+    top["manifests"] = json!([{
+        "mediaType": OCI_INDEX, "digest": d, "size": bytes.len(),
+        "annotations": {"org.opencontainers.image.ref.name": "multi"}
+    }]);
+    std::fs::write(&path, serde_json::to_vec(&top).unwrap()).unwrap();
+    d
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn skopeo_copies_an_index() {
+    let tmp = tempfile::tempdir().unwrap();
+    let layout = make_layout(tmp.path()).await;
+    let index = add_index(&layout);
+    let reg = Reg::start(Storage::Memory).await;
+    let remote = format!("docker://{}/multi/arch:latest", reg.server.host());
+    let all = |src: String, dst: String| async move {
+        let args = ["--insecure-policy", "copy", "--all", "--preserve-digests"];
+        let tls = ["--src-tls-verify=false", "--dest-tls-verify=false"];
+        let args: Vec<&str> = args
+            .iter()
+            .chain(&tls)
+            .copied()
+            .chain([&*src, &*dst])
+            .collect();
+        run("skopeo", &args).await;
+    };
+    all(format!("oci:{}:multi", layout.display()), remote.clone()).await;
+    let r = reg
+        .req(Method::HEAD, "/v2/multi/arch/manifests/latest")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(header(&r, "Docker-Content-Digest"), index.as_str());
+    assert_eq!(header(&r, "Content-Type"), OCI_INDEX);
+
+    let back = tmp.path().join("back");
+    all(remote, format!("oci:{}:multi", back.display())).await;
+    assert_eq!(layout_manifest(&back), index.as_str());
+}
