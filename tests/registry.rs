@@ -402,6 +402,55 @@ async fn referrers_fall_back_to_the_tag_schema() {
     assert!(r.tags().await.unwrap().contains(&tag));
 }
 
+/// A registry with the referrers API (the embedded one): the API answers,
+/// and no fallback tag is written since the registry took the subject.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn referrers_api_when_the_registry_has_it() {
+    let server = ggfs::server::Server::start(ggfs::server::Storage::Memory)
+        .await
+        .unwrap();
+    let c = client();
+    let r = repo(&c, &server.host(), "refs/api");
+    let cfg = put(&r, CONFIG).await;
+    let subject = image_manifest(&cfg, CONFIG.len(), &[]);
+    r.put_manifest(&subject, Some("app")).await.unwrap();
+    let empty = put(&r, b"{}").await;
+    let mut pushed = Vec::new();
+    for kind in [
+        "application/vnd.example.sig",
+        "application/vnd.example.sbom",
+    ] {
+        let m = RawManifest::from_json(&serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": media::OCI_MANIFEST,
+            "artifactType": kind,
+            "config": {"mediaType": media::OCI_EMPTY, "digest": empty, "size": 2},
+            "layers": [{"mediaType": media::OCI_EMPTY, "digest": empty, "size": 2}],
+            "subject": subject.descriptor(),
+        }))
+        .unwrap();
+        r.put_manifest(&m, None).await.unwrap();
+        pushed.push(m.digest.to_string());
+    }
+    let mut got: Vec<String> = r
+        .referrers(&subject.digest, None)
+        .await
+        .unwrap()
+        .manifests()
+        .iter()
+        .map(|d| d.digest().to_string())
+        .collect();
+    got.sort();
+    pushed.sort();
+    assert_eq!(got, pushed);
+    let sbom = r
+        .referrers(&subject.digest, Some("application/vnd.example.sbom"))
+        .await
+        .unwrap();
+    assert_eq!(sbom.manifests().len(), 1);
+    assert_eq!(r.tags().await.unwrap(), ["app"], "no fallback tag");
+}
+
 // ---------------------------------------------------------------------------
 // Misbehaving servers: a raw TcpListener answering what a test scripts.
 // ---------------------------------------------------------------------------
