@@ -32,6 +32,28 @@ fn registry_serves_v2_and_stops_on_drop() {
 }
 
 #[test]
+fn registry_restarts_and_pauses() {
+    let mut reg = registry_with_fixture("fixture:latest");
+    let tags = "/v2/fixture/tags/list";
+    reg.kill();
+    assert!(http_get(reg.addr(), tags).is_err());
+    reg.restart();
+    let (status, body) = http_get(reg.addr(), tags).unwrap();
+    assert_eq!(status, 200, "storage kept across restart");
+    assert!(String::from_utf8_lossy(&body).contains("latest"));
+
+    reg.pause();
+    let mut s = std::net::TcpStream::connect(reg.addr()).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_millis(300)))
+        .unwrap();
+    std::io::Write::write_all(&mut s, b"GET /v2/ HTTP/1.0\r\n\r\n").unwrap();
+    let mut buf = [0u8; 16];
+    assert!(s.read(&mut buf).is_err(), "a paused registry answered");
+    reg.resume();
+    assert!(s.read(&mut buf).unwrap() > 0, "no answer after resume");
+}
+
+#[test]
 fn pushed_blobs_land_in_storage() {
     let reg = registry_with_fixture("fixture:latest");
     let manifest = skopeo_inspect_raw(&format!("docker://{}", reg.reference("fixture:latest")));

@@ -119,6 +119,37 @@ impl Distribution {
         fs::read_to_string(self.dir.path().join("registry.log")).unwrap_or_default()
     }
 
+    /// Stops the registry (storage kept); requests fail until [`Self::restart`].
+    pub fn kill(&mut self) {
+        self.stop();
+    }
+
+    /// Starts the registry again on the same port, config and storage.
+    pub fn restart(&mut self) {
+        self.stop();
+        let dir = self.dir.path();
+        self.child = spawn(&dir.join("config.yml"), &dir.join("registry.log"));
+        if let Err(log) = self.wait_ready() {
+            panic!("docker-registry did not restart on {}: {log}", self.addr);
+        }
+    }
+
+    /// Freezes the process (SIGSTOP): connections are accepted by the kernel
+    /// but never answered, like a hung registry. Undo with [`Self::resume`].
+    pub fn pause(&self) {
+        self.signal("STOP");
+    }
+
+    pub fn resume(&self) {
+        self.signal("CONT");
+    }
+
+    fn signal(&self, sig: &str) {
+        run(Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.child.id().to_string()));
+    }
+
     fn wait_ready(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
@@ -144,6 +175,11 @@ impl Distribution {
     }
 
     fn stop(&mut self) {
+        // A paused process must be continued for SIGKILL to be reaped promptly.
+        let _ = Command::new("kill")
+            .args(["-CONT", &self.child.id().to_string()])
+            .stderr(Stdio::null())
+            .status();
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
