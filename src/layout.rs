@@ -30,7 +30,8 @@ const LAYOUT_VERSION: &str = "1.0.0";
 /// An OCI image-layout directory.
 pub struct Layout {
     root: PathBuf,
-    /// Serialises index.json read-modify-write cycles within this process.
+    /// Serialises index.json read-modify-write cycles within this process;
+    /// an flock on the layout directory does so across processes.
     index_lock: Mutex<()>,
 }
 
@@ -207,6 +208,7 @@ impl Layout {
     /// place) or appends one. index.json is rewritten atomically.
     pub fn set_tag(&self, manifest: &RawManifest, tag: &str) -> Result<()> {
         let _guard = self.index_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let _dir_lock = self.lock_dir()?;
         let mut index = self.read_index()?;
         let entry = json!({
             "mediaType": manifest.media_type,
@@ -225,6 +227,14 @@ impl Layout {
             None => list.push(entry),
         }
         self.write_index(&index)
+    }
+
+    /// An exclusive flock on the layout directory, released on drop.
+    fn lock_dir(&self) -> Result<std::fs::File> {
+        let ctx = |e| Error::io(format!("locking {}", self.root.display()), e);
+        let dir = std::fs::File::open(&self.root).map_err(ctx)?;
+        dir.lock().map_err(ctx)?;
+        Ok(dir)
     }
 
     /// Read a whole blob that must be small (manifests), verified.
@@ -429,5 +439,49 @@ mod tests {
         );
         assert!(l.manifest("zzz").await.unwrap_err().is_not_found());
         assert!(l.manifest("").await.is_err(), "two entries: ambiguous");
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn concurrent_writers() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = std::sync::Arc::new(Layout::create(dir.path()).unwrap());
+        let data = Bytes::from(vec![7u8; 1 << 20]);
+        let d = Digest::of(&data);
+        let mut tasks = Vec::new();
+        for i in 0..8 {
+            let (l, data, d) = (l.clone(), data.clone(), d.clone());
+            tasks.push(tokio::spawn(async move {
+                let chunks: Vec<std::io::Result<Bytes>> = data
+                    .chunks(4096)
+                    .map(|c| Ok(Bytes::copy_from_slice(c)))
+                    .collect();
+                l.put_blob(
+                    &d,
+                    data.len() as u64,
+                    Box::pin(futures::stream::iter(chunks)),
+                )
+                .await
+                .unwrap();
+                let body = format!(r#"{{"schemaVersion":2,"layers":[],"n":{i}}}"#);
+                let m = RawManifest::new(Bytes::from(body), None).unwrap();
+                l.put_manifest(&m, Some(&format!("t{i}"))).await.unwrap();
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert_eq!(std::fs::read(l.blob_path(&d)).unwrap(), data);
+        assert_eq!(l.tags().unwrap().len(), 8, "no index.json update lost");
+        let stray: Vec<_> = std::fs::read_dir(dir.path().join("blobs/sha256"))
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with('.')
+            })
+            .collect();
+        assert!(stray.is_empty());
     }
 }

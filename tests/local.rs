@@ -424,3 +424,30 @@ async fn corrupted_layout_blob_is_a_digest_error_and_writes_nothing() {
     assert!(!dst.has_blob(&digest).await.unwrap());
     assert!(dst.tags().unwrap().is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn index_in_layout_round_trips_through_skopeo() {
+    let t = tempdir();
+    let layout = t.path().join("oci");
+    common::index_two_platforms(&layout, "multi");
+    let src: Arc<dyn Source> = Arc::new(Layout::open(&layout).unwrap());
+    let arm = "linux/arm64".parse().unwrap();
+    let image = fetch_image(src.clone(), "multi", Some(&arm)).await.unwrap();
+    let flat = t.path().join("flat");
+    flatten_to_dir(&image, &flat).await;
+    assert_eq!(fs::read(flat.join("arch")).unwrap(), b"arm64\n");
+
+    // The whole index copied into a layout of ours, then read by skopeo.
+    let ours = t.path().join("ours");
+    let sink = Arc::new(Layout::create(&ours).unwrap());
+    copy(src, "multi", sink, Some("m"), &CopyOptions::default())
+        .await
+        .unwrap();
+    let raw = common::skopeo_inspect_raw(&format!("oci:{}:m", ours.display()));
+    assert_eq!(raw["manifests"].as_array().map(Vec::len), Some(2));
+    common::skopeo_copy_with(
+        &["--all"],
+        &format!("oci:{}:m", ours.display()),
+        &format!("oci:{}:m", t.path().join("again").display()),
+    );
+}
