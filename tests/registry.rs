@@ -801,3 +801,49 @@ async fn uploads_follow_relative_locations() {
     let seen = s.seen.lock().unwrap();
     assert_eq!(seen.len(), 2, "{seen:?}");
 }
+
+/// A token the registry stops honouring (revoked, clock skew) is replaced:
+/// the 401 drops the cached token and a new one is fetched once.
+#[tokio::test]
+async fn rejected_tokens_are_refreshed_once() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let issued = Arc::new(AtomicUsize::new(0));
+    let i2 = issued.clone();
+    let tokens = scripted(move |_, _| {
+        let n = i2.fetch_add(1, Ordering::SeqCst) + 1;
+        response(
+            "200 OK",
+            &[],
+            format!(r#"{{"token":"tok{n}","expires_in":300}}"#).as_bytes(),
+        )
+    });
+    let realm = format!("http://{}/token", tokens.addr);
+    let registry = scripted(move |req, n| {
+        // tok1 works for the first two requests, then only tok2 does.
+        let ok = match req.header("authorization") {
+            Some("Bearer tok1") => n <= 2,
+            Some("Bearer tok2") => true,
+            _ => false,
+        };
+        if ok {
+            return response("200 OK", &[], br#"{"name":"r","tags":["a"]}"#);
+        }
+        let challenge =
+            format!(r#"Bearer realm="{realm}",service="svc",scope="repository:r:pull""#);
+        response("401 Unauthorized", &[("WWW-Authenticate", &challenge)], b"")
+    });
+    let c = fast_client();
+    let r = repo(&c, &registry.addr, "r");
+    r.tags().await.unwrap(); // 401, tok1, 200
+    r.tags().await.unwrap(); // tok1 rejected, tok2, 200
+    r.tags().await.unwrap(); // tok2 reused
+    assert_eq!(issued.load(Ordering::SeqCst), 2);
+    let asked = tokens.seen.lock().unwrap().clone();
+    assert!(
+        asked[0]
+            .path
+            .starts_with("/token?service=svc&scope=repository%3Ar%3Apull"),
+        "{asked:?}"
+    );
+    assert_eq!(registry.seen.lock().unwrap().len(), 5);
+}
