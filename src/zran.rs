@@ -513,7 +513,11 @@ impl<R: Read> Read for GzipIndexBuilder<R> {
                 return Err(self.bad("gzip stream cut short"));
             }
             let input = &self.buf[self.pos..self.filled];
-            let (ret, used, made) = self.inf.inflate(input, out, z::Z_BLOCK);
+            // Stopping at every block boundary costs throughput: only ask
+            // for it once a checkpoint is due.
+            let due = self.points.is_empty() || self.total_out - self.last >= self.span;
+            let flush = if due { z::Z_BLOCK } else { z::Z_NO_FLUSH };
+            let (ret, used, made) = self.inf.inflate(input, out, flush);
             self.pos += used;
             self.total_out += made as u64;
             if used > 0 {
