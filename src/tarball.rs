@@ -418,10 +418,17 @@ pub enum Dest {
 
 /// Write `image` as a docker-load compatible tarball to `dest`.
 pub async fn write_to(image: &Image, dest: Dest, tags: &[String]) -> Result<()> {
+    write_all_to(&[(image.clone(), tags.to_vec())], dest).await
+}
+
+/// Write several images (each with its RepoTags) into one tarball at `dest`;
+/// blobs they share are stored once.
+pub async fn write_all_to(images: &[(Image, Vec<String>)], dest: Dest) -> Result<()> {
     match dest {
         Dest::Stdout => {
-            write(image, io::BufWriter::new(io::stdout()), tags).await?;
-            Ok(())
+            let mut out = write_all(images, io::BufWriter::new(io::stdout())).await?;
+            out.flush()
+                .map_err(|e| Error::io("writing tarball to stdout", e))
         }
         Dest::Path(path) => {
             let dir = match path.parent() {
@@ -432,7 +439,7 @@ pub async fn write_to(image: &Image, dest: Dest, tags: &[String]) -> Result<()> 
                 .prefix(".tmp-")
                 .tempfile_in(&dir)
                 .map_err(|e| Error::io(dir.display().to_string(), e))?;
-            let tmp = write(image, tmp, tags).await?;
+            let tmp = write_all(images, tmp).await?;
             tmp.as_file()
                 .sync_data()
                 .map_err(|e| Error::io(path.display().to_string(), e))?;
@@ -448,68 +455,75 @@ pub async fn write_to(image: &Image, dest: Dest, tags: &[String]) -> Result<()> 
 /// (`repo:tag`) for manifest.json's RepoTags. Every blob is verified as it
 /// streams; a bad one fails the write.
 pub async fn write<W: Write + Send + 'static>(image: &Image, out: W, tags: &[String]) -> Result<W> {
-    let image = image.clone();
-    let tags = tags.to_vec();
-    let handle = tokio::runtime::Handle::current();
-    let what = format!("writing tarball of image {}", image.digest());
-    tokio::task::spawn_blocking(move || write_blocking(&handle, &image, out, &tags))
+    write_all(&[(image.clone(), tags.to_vec())], out).await
+}
+
+/// [`write`] for several images.
+pub async fn write_all<W: Write + Send + 'static>(
+    images: &[(Image, Vec<String>)],
+    out: W,
+) -> Result<W> {
+    let images = images.to_vec();
+    tokio::task::spawn_blocking(move || write_blocking(&images, out))
         .await
-        .map_err(|e| Error::invalid(what, e.to_string()))?
+        .map_err(|e| Error::invalid("writing tarball", e.to_string()))?
 }
 
 fn blob_name(d: &Digest) -> String {
     format!("blobs/{}/{}", d.algorithm(), d.hex())
 }
 
-fn write_blocking<W: Write>(
-    handle: &tokio::runtime::Handle,
-    image: &Image,
-    out: W,
-    tags: &[String],
-) -> Result<W> {
+/// Runs on a blocking thread of the runtime: blobs stream from their async
+/// sources through a bridge.
+fn write_blocking<W: Write>(images: &[(Image, Vec<String>)], out: W) -> Result<W> {
+    let handle = tokio::runtime::Handle::current();
     let mut b = tar::Builder::new(out);
     let werr = |e| Error::io("writing tarball", e);
     dir_entry(&mut b, "blobs/").map_err(werr)?;
     dir_entry(&mut b, "blobs/sha256/").map_err(werr)?;
-    let config_digest = image.config_digest()?;
-    file_entry(&mut b, &blob_name(&config_digest), &image.config).map_err(werr)?;
-    let mut written = std::collections::HashSet::from([config_digest.clone()]);
-    let layers = image.layers()?;
-    for layer in &layers {
-        if !written.insert(layer.digest.clone()) {
-            continue;
+    let mut written = std::collections::HashSet::new();
+    let mut listing = Vec::new();
+    let mut index = Vec::new();
+    for (image, tags) in images {
+        let config_digest = image.config_digest()?;
+        if written.insert(config_digest.clone()) {
+            file_entry(&mut b, &blob_name(&config_digest), &image.config).map_err(werr)?;
         }
-        let stream = handle.block_on(layer.compressed())?;
-        let reader = tokio_util::io::SyncIoBridge::new(tokio_util::io::StreamReader::new(stream));
-        let mut h = header(layer.size());
-        b.append_data(&mut h, blob_name(&layer.digest), reader)
-            .map_err(|e| from_io(format!("layer {}", layer.digest), e))?;
+        let layers = image.layers()?;
+        for layer in &layers {
+            if !written.insert(layer.digest.clone()) {
+                continue;
+            }
+            let stream = handle.block_on(layer.compressed())?;
+            let reader = tokio_util::io::SyncIoBridge::new_with_handle(
+                tokio_util::io::StreamReader::new(stream),
+                handle.clone(),
+            );
+            let mut h = header(layer.size());
+            b.append_data(&mut h, blob_name(&layer.digest), reader)
+                .map_err(|e| from_io(format!("layer {}", layer.digest), e))?;
+        }
+        if written.insert(image.digest().clone()) {
+            file_entry(&mut b, &blob_name(image.digest()), &image.raw.bytes).map_err(werr)?;
+        }
+        listing.push(json!({
+            "Config": blob_name(&config_digest),
+            "RepoTags": tags,
+            "Layers": layers.iter().map(|l| blob_name(&l.digest)).collect::<Vec<_>>(),
+        }));
+        index.extend(index_entries(image, tags));
     }
-    file_entry(&mut b, &blob_name(image.digest()), &image.raw.bytes).map_err(werr)?;
-    let listing = json!([{
-        "Config": blob_name(&config_digest),
-        "RepoTags": tags,
-        "Layers": layers.iter().map(|l| blob_name(&l.digest)).collect::<Vec<_>>(),
-    }]);
-    file_entry(
-        &mut b,
-        "manifest.json",
-        &serde_json::to_vec(&listing).expect("json"),
-    )
-    .map_err(werr)?;
-    let index = oci_index(image, tags);
-    file_entry(
-        &mut b,
-        "index.json",
-        &serde_json::to_vec(&index).expect("json"),
-    )
-    .map_err(werr)?;
+    let index = json!({ "schemaVersion": 2, "mediaType": media::OCI_INDEX, "manifests": index });
+    for (name, value) in [("manifest.json", json!(listing)), ("index.json", index)] {
+        let bytes = serde_json::to_vec(&value).expect("json");
+        file_entry(&mut b, name, &bytes).map_err(werr)?;
+    }
     file_entry(&mut b, "oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#).map_err(werr)?;
     b.into_inner().map_err(werr)
 }
 
-/// index.json naming the image once per tag, as docker save does.
-fn oci_index(image: &Image, tags: &[String]) -> serde_json::Value {
+/// index.json entries naming the image once per tag, as docker save does.
+fn index_entries(image: &Image, tags: &[String]) -> Vec<serde_json::Value> {
     let desc = |annotations: Option<serde_json::Value>| {
         let mut d = json!({
             "mediaType": image.raw.media_type,
@@ -521,20 +535,18 @@ fn oci_index(image: &Image, tags: &[String]) -> serde_json::Value {
         }
         d
     };
-    let manifests: Vec<_> = if tags.is_empty() {
-        vec![desc(None)]
-    } else {
-        tags.iter()
-            .map(|t| {
-                let tag = Reference::parse(t)
-                    .ok()
-                    .and_then(|r| r.tag)
-                    .unwrap_or_else(|| t.clone());
-                desc(Some(json!({ CONTAINERD_NAME: t, REF_NAME: tag })))
-            })
-            .collect()
-    };
-    json!({ "schemaVersion": 2, "mediaType": media::OCI_INDEX, "manifests": manifests })
+    if tags.is_empty() {
+        return vec![desc(None)];
+    }
+    tags.iter()
+        .map(|t| {
+            let tag = Reference::parse(t)
+                .ok()
+                .and_then(|r| r.tag)
+                .unwrap_or_else(|| t.clone());
+            desc(Some(json!({ CONTAINERD_NAME: t, REF_NAME: tag })))
+        })
+        .collect()
 }
 
 /// A header with fixed metadata, so output depends only on the image.
@@ -606,5 +618,101 @@ mod tests {
         assert_eq!(bytes.len() as u64, layer.size);
         let r = back.source.blob_range(&l.digest, 1, 2).await.unwrap();
         assert_eq!(&r[..], &bytes[1..3]);
+    }
+
+    fn tar_of(entries: &[(&str, &[u8])]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        for (name, data) in entries {
+            let mut h = header(data.len() as u64);
+            b.append_data(&mut h, name, *data).unwrap();
+        }
+        b.into_inner().unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn reads_old_layout_with_symlinked_and_compressed_layers() {
+        let a = tar_of(&[("a", b"A")]);
+        let b_plain = tar_of(&[("b", b"B")]);
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(&b_plain).unwrap();
+        let b = gz.finish().unwrap();
+        let (da, db) = (Digest::of(&a), Digest::of(&b_plain));
+        let config = serde_json::to_vec(&json!({
+            "architecture": "amd64", "os": "linux",
+            "rootfs": { "type": "layers", "diff_ids": [da, db, da] },
+        }))
+        .unwrap();
+        let listing = serde_json::to_vec(&json!([{
+            "Config": "cfg.json",
+            "RepoTags": ["x/y:1"],
+            "Layers": ["aaa/layer.tar", "bbb.tar.gz", "ccc/layer.tar"],
+        }]))
+        .unwrap();
+        let mut tb = tar::Builder::new(Vec::new());
+        for (name, data) in [
+            ("aaa/layer.tar", &a[..]),
+            ("bbb.tar.gz", &b[..]),
+            ("cfg.json", &config[..]),
+            ("manifest.json", &listing[..]),
+        ] {
+            tb.append_data(&mut header(data.len() as u64), name, data)
+                .unwrap();
+        }
+        let mut h = header(0);
+        h.set_entry_type(tar::EntryType::Symlink);
+        tb.append_link(&mut h, "ccc/layer.tar", "../aaa/layer.tar")
+            .unwrap();
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("old.tar");
+        std::fs::write(&path, tb.into_inner().unwrap()).unwrap();
+
+        let t = Tarball::open(&path).unwrap();
+        let again = Tarball::open(&path).unwrap();
+        assert_eq!(
+            t.images()[0].manifest.digest,
+            again.images()[0].manifest.digest
+        );
+        let src: Arc<dyn Source> = Arc::new(t);
+        let img = crate::image::fetch_image(src, "docker.io/x/y:1", None)
+            .await
+            .unwrap();
+        let layers = img.layers().unwrap();
+        let digests: Vec<_> = layers.iter().map(|l| l.digest.clone()).collect();
+        assert_eq!(digests, [da.clone(), Digest::of(&b), da]);
+        assert_eq!(layers[0].media_type(), DOCKER_LAYER_TAR);
+        assert_eq!(layers[1].media_type(), media::DOCKER_LAYER_GZIP);
+        for l in &layers {
+            let got = crate::image::read_blob(img.source.as_ref(), &l.digest, 1 << 20)
+                .await
+                .unwrap();
+            assert_eq!(got.len() as u64, l.size());
+        }
+
+        // Two images in one tarball, the shared layers stored once.
+        let two = d.path().join("two.tar");
+        let images = [
+            (img.clone(), vec!["x/y:1".into()]),
+            (img.clone(), vec!["x/z:2".into()]),
+        ];
+        write_all_to(&images, Dest::Path(two.clone()))
+            .await
+            .unwrap();
+        let t2 = Tarball::open(&two).unwrap();
+        assert_eq!(t2.images().len(), 2);
+        assert_eq!(t2.find("x/z:2").unwrap().manifest.digest, img.raw.digest);
+        assert!(t2.find("").is_err(), "ambiguous");
+        let mut names = Vec::new();
+        let mut ar = tar::Archive::new(File::open(&two).unwrap());
+        for e in ar.entries().unwrap() {
+            names.push(e.unwrap().path().unwrap().to_string_lossy().into_owned());
+        }
+        let blobs = names
+            .iter()
+            .filter(|n| n.starts_with("blobs/sha256/") && n.len() > 13);
+        assert_eq!(
+            blobs.count(),
+            4,
+            "config, 2 distinct layers, manifest: {names:?}"
+        );
     }
 }
