@@ -613,3 +613,73 @@ fn concurrent_reader_is_not_blocked_by_a_slow_fetch() {
         5 << 20
     );
 }
+
+/// Push the fixture as `src:latest`, convert it with ctr-remote (`convert`
+/// is estargz_image or zstdchunked_image) and check the mount: one small
+/// file costs under 1% of the layer, the whole tree equals umoci's unpack
+/// of the original, and a corrupted blob gives EIO, never wrong bytes.
+fn check_lazy_conversion(convert: fn(&Distribution, &str, &str) -> serde_json::Value, repo: &str) {
+    let reg = Distribution::start();
+    let layouts = fixture_layout();
+    let layout = layouts.path().join("layout");
+    common::push_oci_layout(&layout, "latest", &reg.reference("src:latest"));
+    let manifest = convert(&reg, "src:latest", &format!("{repo}:latest"));
+    let layer = manifest["layers"][0]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let layer_size = manifest["layers"][0]["size"].as_u64().unwrap();
+    let (_u, expected) = unpack(&layout, "latest");
+    let proxy = CountingProxy::start(reg.addr());
+    {
+        let m = Mount::start(proxy.addr(), &[]);
+        proxy.reset();
+        let small = read_string(&m.path(&format!("{repo}/latest/rootfs/small.txt")));
+        assert_eq!(small, "hello ggfs\n");
+        let down = proxy.bytes_down();
+        assert!(
+            down * 100 < layer_size,
+            "reading one small file fetched {down} bytes of a {layer_size}-byte layer: {:#?}",
+            proxy.requests()
+        );
+        assert_same_tree(&m.path(&format!("{repo}/latest/rootfs")), &expected);
+    }
+    let path = reg.blob_path(&layer);
+    let mut bytes = std::fs::read(&path).unwrap();
+    // Inside big-5m's data, the bulk of the blob.
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0xff;
+    std::fs::write(&path, &bytes).unwrap();
+    let m = Mount::start(reg.addr(), &[]);
+    let mut eio = 0;
+    for f in ["data/big-5m", "data/random-1m"] {
+        let p = m.path(&format!("{repo}/latest/rootfs/{f}"));
+        match within(60, "read", move || std::fs::read(&p)) {
+            Ok(got) => assert_eq!(
+                got,
+                std::fs::read(expected.join(f)).unwrap(),
+                "{f}: wrong bytes"
+            ),
+            Err(e) => {
+                assert_eq!(e.raw_os_error(), Some(5), "{f}: want EIO, got {e}");
+                eio += 1;
+            }
+        }
+    }
+    assert!(eio > 0, "corruption at byte {at} of {layer} went unnoticed");
+    assert!(
+        m.log().contains(&layer),
+        "log does not name the blob:\n{}",
+        m.log()
+    );
+}
+
+#[test]
+fn estargz_is_read_lazily_and_verified() {
+    check_lazy_conversion(common::estargz_image, "esgz");
+}
+
+#[test]
+fn zstdchunked_is_read_lazily_and_verified() {
+    check_lazy_conversion(common::zstdchunked_image, "zchunked");
+}

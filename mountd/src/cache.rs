@@ -20,6 +20,9 @@ pub enum Kind {
     /// The uncompressed tar of a layer blob (keyed by the blob's digest),
     /// written in the same pass that verified the blob.
     Tar,
+    /// A verified chunk of an eStargz / zstd:chunked layer, keyed by its
+    /// `chunkDigest`.
+    Chunk,
 }
 
 impl Kind {
@@ -27,6 +30,7 @@ impl Kind {
         match self {
             Kind::Blob => "blobs",
             Kind::Tar => "tar",
+            Kind::Chunk => "chunks",
         }
     }
 }

@@ -102,6 +102,15 @@ impl Layers {
     }
 
     async fn open_uncached(&self, layer: &Layer) -> Result<Arc<dyn LayerData>> {
+        match crate::lazy::open(layer, self.cache.clone()).await {
+            Ok(Some(l)) => return Ok(l),
+            Ok(None) => {}
+            // The whole-blob path below verifies everything it serves.
+            Err(e) => tracing::warn!(
+                "layer {}: lazy open failed, fetching it whole: {e}",
+                layer.digest
+            ),
+        }
         let compression = layer.compression()?;
         let kind = match compression {
             Compression::None => cache::Kind::Blob,

@@ -9,6 +9,7 @@ mod backend;
 mod cache;
 mod fs;
 mod layer;
+mod lazy;
 mod ns;
 mod stats;
 mod tree;

@@ -216,6 +216,10 @@ impl Namespace {
         let art = match Artifact::from_raw(source, raw).await? {
             Artifact::Image(image) => {
                 let layers = image.layers()?;
+                let cfg = image.manifest.config();
+                if let Ok(d) = manifest::digest_of(cfg) {
+                    self.stats.note_size(&d, cfg.size());
+                }
                 for l in &layers {
                     self.stats.note_size(&l.digest, l.size());
                 }

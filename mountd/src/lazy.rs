@@ -1,0 +1,298 @@
+//! Lazily read layers: eStargz and zstd:chunked. Opening costs the footer
+//! and TOC (verified against the layer's annotations); each read fetches
+//! only the chunks it needs by Range, verifies them against their
+//! `chunkDigest`, and keeps them in the disk cache. Concurrent reads of the
+//! same missing chunk share one fetch. When the layer marks files to
+//! prefetch (`.prefetch.landmark`), they are fetched in the background.
+
+use std::collections::HashMap;
+use std::hash::Hash;
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use ggfs::estargz::{self, Chunk, EntryType, Toc, TocEntry};
+use ggfs::image::{Layer, Source};
+use ggfs::manifest::Compression;
+use ggfs::{zstd_chunked, Digest, Error, Result};
+use tokio::sync::OnceCell;
+
+use crate::cache::{self, Cache};
+use crate::layer::LayerData;
+use crate::tree::{self, Entry, Kind, Meta};
+
+/// Files the eStargz format adds to the tar; not part of the image's tree.
+const HIDDEN: [&str; 3] = [
+    estargz::TOC_TAR_NAME,
+    estargz::PREFETCH_LANDMARK,
+    estargz::NO_PREFETCH_LANDMARK,
+];
+
+/// Largest prefetch range fetched in one request.
+const MAX_PREFETCH: u64 = 64 << 20;
+
+/// Runs one computation per key at a time; callers arriving meanwhile share
+/// its result. Nothing is kept once it is done.
+pub struct SingleFlight<K, V> {
+    map: Mutex<HashMap<K, Arc<OnceCell<std::result::Result<V, Arc<Error>>>>>>,
+}
+
+impl<K: Hash + Eq + Clone, V: Clone> Default for SingleFlight<K, V> {
+    fn default() -> Self {
+        SingleFlight {
+            map: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl<K: Hash + Eq + Clone, V: Clone> SingleFlight<K, V> {
+    pub async fn run<F, Fut>(&self, key: K, f: F) -> std::result::Result<V, Arc<Error>>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<V>>,
+    {
+        let cell = {
+            let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+            map.entry(key.clone()).or_default().clone()
+        };
+        let out = cell
+            .get_or_init(|| async { f().await.map_err(Arc::new) })
+            .await
+            .clone();
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        if map.get(&key).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
+            map.remove(&key);
+        }
+        out
+    }
+}
+
+pub struct TocLayer {
+    digest: Digest,
+    toc: Toc,
+    source: Arc<dyn Source>,
+    cache: Arc<Cache>,
+    entries: Vec<Entry>,
+    /// TOC index of each entry in `entries`.
+    toc_index: Vec<usize>,
+    flights: SingleFlight<u64, Bytes>,
+}
+
+/// Open `layer` lazily if it is eStargz or zstd:chunked; `Ok(None)` when it
+/// is a plain layer.
+pub async fn open(layer: &Layer, cache: Arc<Cache>) -> Result<Option<Arc<TocLayer>>> {
+    let ann = layer.descriptor.annotations().clone();
+    let has = |k: &str| ann.as_ref().is_some_and(|a| a.contains_key(k));
+    let source = layer.source.clone();
+    let toc = match layer.compression()? {
+        Compression::Gzip if has(estargz::TOC_DIGEST_ANNOTATION) => {
+            let want = ann
+                .as_ref()
+                .and_then(|a| a.get(estargz::TOC_DIGEST_ANNOTATION))
+                .map(|s| Digest::parse(s))
+                .transpose()?;
+            estargz::open(source.as_ref(), &layer.digest, layer.size(), want.as_ref()).await?
+        }
+        Compression::Zstd
+            if has(zstd_chunked::MANIFEST_POSITION_ANNOTATION)
+                || has(zstd_chunked::GITHUB_MANIFEST_POSITION_ANNOTATION) =>
+        {
+            zstd_chunked::open(source.as_ref(), &layer.digest, layer.size(), ann.as_ref()).await?
+        }
+        _ => return Ok(None),
+    };
+    if !toc.verified {
+        tracing::warn!(
+            "layer {}: no TOC digest annotation, TOC unverified (chunks still are)",
+            layer.digest
+        );
+    }
+    let mut entries = Vec::new();
+    let mut toc_index = Vec::new();
+    for (i, e) in toc.entries.iter().enumerate() {
+        if let Some(entry) = convert(e) {
+            entries.push(entry);
+            toc_index.push(i);
+        }
+    }
+    let l = Arc::new(TocLayer {
+        digest: layer.digest.clone(),
+        toc,
+        source,
+        cache,
+        entries,
+        toc_index,
+        flights: SingleFlight::default(),
+    });
+    if let Some(range) = l.toc.prefetch_range().filter(|_| !l.toc.no_prefetch()) {
+        let bg = l.clone();
+        tokio::spawn(async move {
+            if let Err(e) = bg.prefetch(range.end).await {
+                tracing::warn!("prefetch of layer {}: {e}", bg.digest);
+            }
+        });
+    }
+    Ok(Some(l))
+}
+
+fn convert(e: &TocEntry) -> Option<Entry> {
+    let name = estargz::normalize_name(&e.name);
+    if HIDDEN.contains(&name) {
+        return None;
+    }
+    let kind = match e.kind {
+        EntryType::Dir => Kind::Dir,
+        EntryType::Reg | EntryType::Hardlink => Kind::File,
+        EntryType::Symlink => Kind::Symlink,
+        EntryType::Char => Kind::Char,
+        EntryType::Block => Kind::Block,
+        EntryType::Fifo => Kind::Fifo,
+        EntryType::Chunk => return None,
+    };
+    let hardlink = (e.kind == EntryType::Hardlink)
+        .then(|| tree::normalize(e.link_name.as_bytes()))
+        .flatten();
+    let link = match kind {
+        Kind::Symlink => e.link_name.as_bytes().to_vec(),
+        _ => Vec::new(),
+    };
+    let size = match kind {
+        Kind::File => e.size,
+        Kind::Symlink => link.len() as u64,
+        _ => 0,
+    };
+    let rdev = match kind {
+        Kind::Char | Kind::Block => libc::makedev(e.dev_major, e.dev_minor) as u32,
+        _ => 0,
+    };
+    Some(Entry {
+        path: tree::normalize(name.as_bytes())?,
+        hardlink,
+        meta: Meta {
+            kind,
+            mode: e.mode & 0o7777,
+            uid: e.uid,
+            gid: e.gid,
+            mtime: e.modtime,
+            mtime_nsec: e.modtime_nsec,
+            size,
+            link,
+            rdev,
+            xattrs: e
+                .xattrs
+                .iter()
+                .map(|(k, v)| (k.as_bytes().to_vec(), v.clone()))
+                .collect(),
+        },
+    })
+}
+
+impl TocLayer {
+    /// One verified chunk: from the disk cache, or fetched (once, however
+    /// many readers want it) and cached.
+    async fn chunk(&self, c: &Chunk) -> Result<Bytes> {
+        if c.zeros {
+            return self.toc.decode_chunk(c, &[]);
+        }
+        if let Some(d) = &c.digest {
+            if let Some(path) = self.cache.get(cache::Kind::Chunk, d) {
+                if let Ok(b) = tokio::fs::read(&path).await {
+                    if b.len() as u64 == c.size {
+                        return Ok(Bytes::from(b));
+                    }
+                }
+            }
+        }
+        self.flights
+            .run(c.blob_offset, || async {
+                let bytes = self.toc.read_chunk(self.source.as_ref(), c).await?;
+                self.store(c, &bytes);
+                Ok(bytes)
+            })
+            .await
+            .map_err(|e| Error::invalid(format!("layer {}", self.digest), e.to_string()))
+    }
+
+    /// Keep a verified chunk in the cache (best effort).
+    fn store(&self, c: &Chunk, bytes: &[u8]) {
+        let Some(d) = &c.digest else { return };
+        let path = self.cache.path(cache::Kind::Chunk, d);
+        if path.exists() {
+            return;
+        }
+        let res = ggfs::digest::BlobWriter::create(&path, d.clone(), Some(bytes.len() as u64))
+            .and_then(|mut w| {
+                w.write_all(bytes)
+                    .map_err(|e| Error::io("chunk cache", e))?;
+                w.commit()
+            });
+        match res {
+            Ok(_) => self.cache.added(bytes.len() as u64),
+            Err(e) => tracing::warn!("caching a chunk of layer {}: {e}", self.digest),
+        }
+    }
+
+    /// Fetch `[0, end)` of the blob in one request and cache every chunk
+    /// that lies wholly inside it.
+    async fn prefetch(&self, end: u64) -> Result<()> {
+        if end > MAX_PREFETCH {
+            return Ok(());
+        }
+        let span = self.source.blob_range(&self.digest, 0, end).await?;
+        for i in 0..self.toc.entries.len() {
+            for c in self.toc.chunks(i) {
+                if c.zeros || c.blob_end > end {
+                    continue;
+                }
+                let part = &span[c.blob_offset as usize..c.blob_end as usize];
+                match self.toc.decode_chunk(c, part) {
+                    Ok(bytes) => self.store(c, &bytes),
+                    Err(e) => tracing::error!("prefetch: {e}"),
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl LayerData for TocLayer {
+    fn digest(&self) -> &Digest {
+        &self.digest
+    }
+
+    fn entries(&self) -> &[Entry] {
+        &self.entries
+    }
+
+    async fn read(&self, entry: usize, offset: u64, len: u32) -> Result<Bytes> {
+        let Some(&ti) = self.toc_index.get(entry) else {
+            return Err(Error::NotFound(format!(
+                "entry {entry} of layer {}",
+                self.digest
+            )));
+        };
+        let ti = self.toc.resolve(ti)?;
+        let size = self.toc.entry(ti)?.size;
+        let end = offset.saturating_add(len as u64).min(size);
+        if offset >= end {
+            return Ok(Bytes::new());
+        }
+        let chunks = self.toc.chunks_for_range(ti, offset, end - offset);
+        let fetched = futures::future::try_join_all(chunks.iter().map(|c| self.chunk(c))).await?;
+        let mut out = Vec::with_capacity((end - offset) as usize);
+        for (c, bytes) in chunks.iter().zip(fetched) {
+            let from = (offset.max(c.file_offset) - c.file_offset) as usize;
+            let to = (end.min(c.file_offset + c.size) - c.file_offset) as usize;
+            out.extend_from_slice(&bytes[from..to.min(bytes.len())]);
+        }
+        if out.len() as u64 != end - offset {
+            return Err(Error::invalid(
+                format!("{:?} in layer {}", self.toc.entries[ti].name, self.digest),
+                "its chunks do not cover the read",
+            ));
+        }
+        Ok(Bytes::from(out))
+    }
+}
