@@ -847,3 +847,54 @@ async fn rejected_tokens_are_refreshed_once() {
     );
     assert_eq!(registry.seen.lock().unwrap().len(), 5);
 }
+
+/// A chunk whose PATCH fails is resent only after the session confirms it
+/// holds none of it; the upload then completes.
+#[tokio::test]
+async fn failed_chunks_are_resent_after_checking_the_session() {
+    let held = Arc::new(Mutex::new((0u64, 0usize))); // (bytes held, PATCHes seen)
+    let h = held.clone();
+    let s = scripted(move |req, _| {
+        let mut st = h.lock().unwrap();
+        let loc = ("Location", "/v2/chunks/blobs/uploads/s1");
+        match req.method.as_str() {
+            "POST" => response("202 Accepted", &[loc], b""),
+            "PATCH" => {
+                st.1 += 1;
+                if st.1 == 2 {
+                    return response("503 Service Unavailable", &[], b"");
+                }
+                st.0 += req
+                    .header("content-length")
+                    .and_then(|l| l.parse::<u64>().ok())
+                    .unwrap_or(0);
+                let range = format!("0-{}", st.0 - 1);
+                response("202 Accepted", &[loc, ("Range", &range)], b"")
+            }
+            "GET" => {
+                let range = format!("0-{}", st.0.saturating_sub(1));
+                response("204 No Content", &[loc, ("Range", &range)], b"")
+            }
+            "PUT" if st.0 == 10 => response("201 Created", &[], b""),
+            _ => response("400 Bad Request", &[], b""),
+        }
+    });
+    let c = Client::builder(ClientOptions::default())
+        .keychain(Keychain::anonymous())
+        .chunk_size(4)
+        .build()
+        .unwrap();
+    let r = repo(&c, &s.addr, "chunks");
+    put(&r, b"0123456789").await;
+    let methods: Vec<String> = s
+        .seen
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|q| q.method.clone())
+        .collect();
+    assert_eq!(
+        methods,
+        ["POST", "PATCH", "PATCH", "GET", "PATCH", "PATCH", "PUT"]
+    );
+}

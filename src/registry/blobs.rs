@@ -16,6 +16,8 @@ use crate::error::{from_io, Error, Result};
 use crate::image::{verify_stream, ByteStream};
 
 const OCTET_STREAM: &str = "application/octet-stream";
+/// Resends of one chunk after its session confirmed it was not taken.
+const PATCH_RETRIES: u32 = 3;
 
 /// What POST /blobs/uploads/ gave us.
 enum Started {
@@ -206,33 +208,62 @@ impl RegistryRepo {
             .map_err(|e| Error::invalid(format!("{what}: Location {loc:?}"), e.to_string()))
     }
 
-    async fn patch(&self, loc: Url, offset: u64, part: Bytes, what: &str) -> Result<Url> {
+    /// Send one chunk. PATCH is not blindly resent (it appends), so after a
+    /// 5xx or a broken connection the session is asked how much it holds:
+    /// nothing of this chunk → resend; all of it → go on; else give up.
+    async fn patch(&self, mut loc: Url, offset: u64, part: Bytes, what: &str) -> Result<Url> {
         let end = offset + part.len() as u64 - 1;
-        let req = self
-            .push(Method::PATCH, loc)
-            .header(CONTENT_TYPE, OCTET_STREAM)
-            .header(CONTENT_RANGE, &format!("{offset}-{end}"))
-            .body(part);
-        let resp = self.t().send(&req).await?;
-        if resp.status() != StatusCode::ACCEPTED {
-            return Err(status_error(self.registry(), what, resp).await);
-        }
-        // Range is inclusive: `0-<last byte received>`.
-        if let Some(range) = resp.header(RANGE.as_str()) {
-            let got = range
-                .rsplit('-')
-                .next()
-                .and_then(|n| n.trim().parse::<u64>().ok());
-            if got != Some(end) {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let req = self
+                .push(Method::PATCH, loc.clone())
+                .header(CONTENT_TYPE, OCTET_STREAM)
+                .header(CONTENT_RANGE, &format!("{offset}-{end}"))
+                .body(part.clone());
+            let failure = match self.t().send(&req).await {
+                Ok(resp) if resp.status() == StatusCode::ACCEPTED => {
+                    check_range(&resp, end, self.registry(), what)?;
+                    return self.location(&resp, what);
+                }
+                Ok(resp) if resp.status().is_server_error() && attempt <= PATCH_RETRIES => {
+                    status_error(self.registry(), what, resp).await
+                }
+                Ok(resp) => return Err(status_error(self.registry(), what, resp).await),
+                Err(e @ Error::Http { .. }) if attempt <= PATCH_RETRIES => e,
+                Err(e) => return Err(e),
+            };
+            tracing::debug!(error = %failure, offset, "chunk upload failed; checking the session");
+            let (held, next) = self.upload_progress(&loc, what).await?;
+            if held == end + 1 {
+                return Ok(next);
+            }
+            if held != offset {
                 return Err(Error::Registry {
                     registry: self.registry().to_string(),
-                    message: format!(
-                        "{what}: sent bytes up to {end}, registry holds Range {range:?}"
-                    ),
+                    message: format!("{what}: after a failed chunk at {offset} the session holds {held} bytes ({failure})"),
                 });
             }
+            loc = next;
         }
-        self.location(&resp, what)
+    }
+
+    /// GET on an upload session: bytes held so far, and where to go on.
+    async fn upload_progress(&self, loc: &Url, what: &str) -> Result<(u64, Url)> {
+        let resp = self.t().send(&self.push(Method::GET, loc.clone())).await?;
+        if !matches!(resp.status(), StatusCode::NO_CONTENT | StatusCode::OK) {
+            return Err(status_error(self.registry(), what, resp).await);
+        }
+        // `0-<last>`; distribution writes `0-0` for an empty session too.
+        let held = match resp.header(RANGE.as_str()).and_then(range_end) {
+            Some(0) | None => 0,
+            Some(last) => last + 1,
+        };
+        let next = match resp.header(LOCATION.as_str()) {
+            Some(_) => self.location(&resp, what)?,
+            None => loc.clone(),
+        };
+        Ok((held, next))
     }
 
     /// PUT `?digest=` closes the session; the registry verifies the digest.
@@ -287,6 +318,22 @@ impl RegistryRepo {
             StatusCode::ACCEPTED | StatusCode::OK | StatusCode::NO_CONTENT => Ok(()),
             _ => Err(status_error(self.registry(), &what, resp).await),
         }
+    }
+}
+
+/// `0-41` (a Range response header) → 41.
+fn range_end(v: &str) -> Option<u64> {
+    v.rsplit('-').next()?.trim().parse().ok()
+}
+
+/// A 202 to PATCH says `Range: 0-<last byte held>`: it must be our end.
+fn check_range(resp: &Resp, end: u64, registry: &str, what: &str) -> Result<()> {
+    match resp.header(RANGE.as_str()) {
+        Some(range) if range_end(range) != Some(end) => Err(Error::Registry {
+            registry: registry.to_string(),
+            message: format!("{what}: sent bytes up to {end}, registry holds Range {range:?}"),
+        }),
+        _ => Ok(()),
     }
 }
 
