@@ -8,14 +8,14 @@
 //! checked against its `chunkDigest` before it is returned.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::Read;
+use std::io::{self, Read, Write};
 use std::ops::Range;
 
 use base64::Engine as _;
 use bytes::Bytes;
 use serde::Deserialize;
 
-use crate::digest::Digest;
+use crate::digest::{Digest, Hasher};
 use crate::error::{Error, Result};
 use crate::image::Source;
 
@@ -33,6 +33,8 @@ pub const TOC_TAR_NAME: &str = "stargz.index.json";
 pub const PREFETCH_LANDMARK: &str = ".prefetch.landmark";
 /// Present when nothing should be prefetched.
 pub const NO_PREFETCH_LANDMARK: &str = ".no.prefetch.landmark";
+/// Chunks larger than this are not decoded into memory (stream them).
+pub const MAX_CHUNK_IN_MEMORY: u64 = 256 * 1024 * 1024;
 /// TOC JSON larger than this is refused rather than held in memory.
 pub const MAX_TOC_SIZE: u64 = 512 * 1024 * 1024;
 
@@ -560,33 +562,68 @@ impl Toc {
 
     /// Decompress and verify one chunk from its compressed span (the bytes
     /// `chunk.blob_offset..chunk.blob_end` of the blob, or a prefix of them
-    /// that holds the chunk).
+    /// that holds the chunk). Chunks over [`MAX_CHUNK_IN_MEMORY`] are
+    /// refused: stream those with [`decode_chunk_to`](Self::decode_chunk_to).
     pub fn decode_chunk(&self, chunk: &Chunk, span: &[u8]) -> Result<Bytes> {
-        if chunk.zeros {
-            return Ok(Bytes::from(vec![0u8; chunk.size as usize]));
+        if chunk.size > MAX_CHUNK_IN_MEMORY {
+            return Err(Error::TooLarge {
+                what: self.describe(chunk),
+                size: chunk.size,
+                limit: MAX_CHUNK_IN_MEMORY,
+            });
         }
+        let mut out = Vec::with_capacity(chunk.size as usize);
+        self.decode_chunk_to(chunk, span, &mut out)?;
+        Ok(Bytes::from(out))
+    }
+
+    /// Decompress one chunk from a reader of its compressed span into `out`,
+    /// hashing as it goes; fails (after writing) when the bytes do not match
+    /// the chunk digest, so `out` must be discarded on error.
+    pub fn decode_chunk_to(
+        &self,
+        chunk: &Chunk,
+        span: impl Read,
+        mut out: impl Write,
+    ) -> Result<()> {
         let what = || self.describe(chunk);
+        if chunk.zeros {
+            return io::copy(&mut io::repeat(0).take(chunk.size), &mut out)
+                .map(drop)
+                .map_err(|e| Error::io(what(), e));
+        }
         let expected = chunk.digest.as_ref().ok_or_else(|| {
             Error::invalid(what(), "no chunkDigest to verify it against (legacy TOC)")
         })?;
-        let want = chunk.inner_offset + chunk.size;
-        let mut out = Vec::with_capacity(want as usize);
-        let read = match self.compression {
-            ChunkCompression::Gzip => flate2::read::MultiGzDecoder::new(span)
-                .take(want)
-                .read_to_end(&mut out),
-            ChunkCompression::Zstd => zstd::stream::read::Decoder::with_buffer(span)
-                .and_then(|d| d.take(want).read_to_end(&mut out)),
+        let mut decoder: Box<dyn Read + '_> = match self.compression {
+            ChunkCompression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(span)),
+            ChunkCompression::Zstd => Box::new(
+                zstd::stream::read::Decoder::new(span)
+                    .map_err(|e| Error::invalid(what(), format!("zstd: {e}")))?,
+            ),
         };
-        read.map_err(|e| Error::invalid(what(), format!("decompressing: {e}")))?;
-        if (out.len() as u64) < want {
+        let bad = |e: io::Error| Error::invalid(what(), format!("decompressing: {e}"));
+        let skipped = io::copy(
+            &mut (&mut decoder).take(chunk.inner_offset),
+            &mut io::sink(),
+        )
+        .map_err(bad)?;
+        let mut hashing = HashingWriter {
+            inner: out,
+            hasher: Hasher::new(),
+        };
+        let copied = io::copy(&mut decoder.take(chunk.size), &mut hashing).map_err(bad)?;
+        if skipped + copied < chunk.inner_offset + chunk.size {
             return Err(Error::invalid(
                 what(),
-                format!("its span decompresses to {} bytes, need {want}", out.len()),
+                format!(
+                    "its span decompresses to {} bytes, need {}",
+                    skipped + copied,
+                    chunk.inner_offset + chunk.size
+                ),
             ));
         }
-        let bytes = Bytes::from(out).slice(chunk.inner_offset as usize..);
-        let actual = Digest::of(&bytes);
+        let actual = hashing.hasher.finish();
         if actual != *expected {
             return Err(Error::ContentMismatch {
                 what: what(),
@@ -594,7 +631,7 @@ impl Toc {
                 actual,
             });
         }
-        Ok(bytes)
+        Ok(())
     }
 
     /// Fetch, decompress and verify one chunk.
@@ -695,6 +732,23 @@ impl Toc {
     }
 }
 
+/// Passes bytes through while hashing them.
+struct HashingWriter<W> {
+    inner: W,
+    hasher: Hasher,
+}
+
+impl<W: Write> Write for HashingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
 /// Group chunk entries under their file, resolve sizes and compressed spans,
 /// and check that each file's chunks tile it exactly.
 fn resolve_chunks(entries: &[TocEntry], toc_offset: u64) -> Result<Vec<Vec<Chunk>>> {
@@ -754,12 +808,11 @@ fn resolve_chunks(entries: &[TocEntry], toc_offset: u64) -> Result<Vec<Vec<Chunk
             n => n,
         };
         let end = span_end(e);
-        if !e.zeros && (end <= e.offset || end > toc_offset.max(e.offset)) && e.end_offset.is_none()
-        {
+        if !e.zeros && !(e.offset < end && end <= toc_offset) {
             return Err(Error::invalid(
                 format!("TOC entry {i} ({:?})", entries[owner].name),
                 format!(
-                    "payload offset {} is not before the TOC at {toc_offset}",
+                    "payload span {}..{end} is not before the TOC at {toc_offset}",
                     e.offset
                 ),
             ));
@@ -988,5 +1041,13 @@ mod tests {
         bad[12] ^= 0x01;
         assert!(toc.decode_chunk(c, &bad).is_err());
         assert!(toc.decode_chunk(c, &member[..5]).is_err());
+        // Streaming form, and a chunk too large to hold in memory.
+        let mut out = Vec::new();
+        toc.decode_chunk_to(c, &member[..], &mut out).unwrap();
+        assert_eq!(out, data);
+        let mut huge = c.clone();
+        huge.size = MAX_CHUNK_IN_MEMORY + 1;
+        let err = toc.decode_chunk(&huge, &member).unwrap_err();
+        assert!(matches!(err, Error::TooLarge { .. }), "{err}");
     }
 }
