@@ -808,7 +808,7 @@ fn resolve_chunks(entries: &[TocEntry], toc_offset: u64) -> Result<Vec<Vec<Chunk
             n => n,
         };
         let end = span_end(e);
-        if !e.zeros && !(e.offset < end && end <= toc_offset) {
+        if !e.zeros && (e.offset >= end || end > toc_offset) {
             return Err(Error::invalid(
                 format!("TOC entry {i} ({:?})", entries[owner].name),
                 format!(
