@@ -4,10 +4,8 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::fs;
 use std::io::Read;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
@@ -19,83 +17,9 @@ use ggfs::layout::Layout;
 use ggfs::manifest::Compression;
 use ggfs::{export, mutate, tarball, Digest};
 
-/// What we compare of one file-system entry (mtimes left out: directory
-/// mtimes change as extractors create children).
-#[derive(Debug, PartialEq, Eq)]
-struct Node {
-    kind: &'static str,
-    mode: u32,
-    uid: u32,
-    gid: u32,
-    size: u64,
-    content: Option<String>,
-    link: Option<PathBuf>,
-    rdev: u64,
-    nlink: u64,
-    xattrs: BTreeMap<String, Vec<u8>>,
-}
-
-/// Every entry below `root` (not `root` itself), by relative path.
-fn snapshot(root: &Path) -> BTreeMap<PathBuf, Node> {
-    let mut out = BTreeMap::new();
-    walk(root, Path::new(""), &mut out);
-    out
-}
-
-fn walk(root: &Path, rel: &Path, out: &mut BTreeMap<PathBuf, Node>) {
-    let mut names: Vec<_> = fs::read_dir(root.join(rel))
-        .unwrap()
-        .map(|e| e.unwrap().file_name())
-        .collect();
-    names.sort();
-    for name in names {
-        let rel = rel.join(name);
-        let full = root.join(&rel);
-        let m = fs::symlink_metadata(&full).unwrap();
-        let ft = m.file_type();
-        let kind = match () {
-            _ if ft.is_dir() => "dir",
-            _ if ft.is_file() => "file",
-            _ if ft.is_symlink() => "symlink",
-            _ if ft.is_char_device() => "char",
-            _ if ft.is_block_device() => "block",
-            _ if ft.is_fifo() => "fifo",
-            _ => "other",
-        };
-        let xattrs = xattr::list(&full)
-            .unwrap()
-            .filter_map(|n| Some((n.to_str()?.to_string(), xattr::get(&full, &n).ok()??)))
-            .collect();
-        out.insert(
-            rel.clone(),
-            Node {
-                kind,
-                mode: m.mode() & 0o7777,
-                uid: m.uid(),
-                gid: m.gid(),
-                size: if ft.is_file() { m.len() } else { 0 },
-                content: ft
-                    .is_file()
-                    .then(|| Digest::of(&fs::read(&full).unwrap()).to_string()),
-                link: ft.is_symlink().then(|| fs::read_link(&full).unwrap()),
-                rdev: m.rdev(),
-                nlink: if ft.is_dir() { 0 } else { m.nlink() },
-                xattrs,
-            },
-        );
-        if ft.is_dir() {
-            walk(root, &rel, out);
-        }
-    }
-}
-
+/// Trees compared with mtimes: every tool here keeps them.
 fn assert_same_tree(got: &Path, want: &Path) {
-    let (g, w) = (snapshot(got), snapshot(want));
-    for (path, node) in &w {
-        assert_eq!(g.get(path), Some(node), "{} differs", path.display());
-    }
-    let extra: Vec<_> = g.keys().filter(|k| !w.contains_key(*k)).collect();
-    assert!(extra.is_empty(), "unexpected entries {extra:?}");
+    common::tree::assert_same_tree(got, want, true);
 }
 
 fn umoci_unpack(layout: &Path, tag: &str, bundle: &Path) -> PathBuf {
