@@ -610,6 +610,8 @@ const DEFAULT_TOKEN_LIFETIME: u64 = 60;
 /// Stop using a token this long before it expires.
 const TOKEN_MARGIN: Duration = Duration::from_secs(10);
 const MAX_TOKEN_RESPONSE: usize = 1024 * 1024;
+/// Tries at the token endpoint on 5xx, 429 and connection failures.
+const TOKEN_ATTEMPTS: u32 = 3;
 
 /// Ask the token realm for a token covering `scopes`. With an identity token
 /// this is an OAuth2 refresh POST; with a password a GET with Basic auth
@@ -647,44 +649,54 @@ pub async fn fetch_token(
         }
     }
     let service = challenge.service().unwrap_or(registry);
-    let resp = match cred {
+    let mut attempt = 0;
+    let resp = loop {
+        attempt += 1;
+        let r = token_request(http, &realm_url, service, scopes, cred).await;
+        let transient = match &r {
+            Ok(resp) => resp.status().is_server_error() || resp.status().as_u16() == 429,
+            Err(e) => e.is_connect() || e.is_timeout(),
+        };
+        if !transient || attempt >= TOKEN_ATTEMPTS {
+            break r;
+        }
+        tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
+    }
+    .map_err(|e| {
+        auth_err(format!(
+            "token request to {}: {}",
+            realm_url.origin().ascii_serialization(),
+            e.without_url()
+        ))
+    })?;
+    parse_token_response(registry, &realm_url, resp).await
+}
+
+/// One token request in the form the credential calls for.
+async fn token_request(
+    http: &reqwest::Client,
+    realm: &url::Url,
+    service: &str,
+    scopes: &[String],
+    cred: Option<&Credential>,
+) -> reqwest::Result<reqwest::Response> {
+    match cred {
         Some(Credential::IdentityToken { token, .. }) => {
-            oauth_post(
-                http,
-                &realm_url,
-                service,
-                scopes,
-                "refresh_token",
-                &[("refresh_token", token)],
-            )
-            .await
+            let extra = [("refresh_token", token)];
+            oauth_post(http, realm, service, scopes, "refresh_token", &extra).await
         }
         Some(Credential::Basic { username, password }) => {
-            let r = token_get(http, &realm_url, service, scopes, cred).await;
+            let r = token_get(http, realm, service, scopes, cred).await;
             match r {
                 Ok(r) if matches!(r.status().as_u16(), 404 | 405) => {
-                    oauth_post(
-                        http,
-                        &realm_url,
-                        service,
-                        scopes,
-                        "password",
-                        &[("username", username), ("password", password)],
-                    )
-                    .await
+                    let extra = [("username", username), ("password", password)];
+                    oauth_post(http, realm, service, scopes, "password", &extra).await
                 }
                 other => other,
             }
         }
-        None => token_get(http, &realm_url, service, scopes, None).await,
+        None => token_get(http, realm, service, scopes, None).await,
     }
-    .map_err(|e| {
-        auth_err(format!(
-            "token request to {}: {e}",
-            realm_url.origin().ascii_serialization()
-        ))
-    })?;
-    parse_token_response(registry, &realm_url, resp).await
 }
 
 async fn token_get(

@@ -898,3 +898,23 @@ async fn failed_chunks_are_resent_after_checking_the_session() {
         ["POST", "PATCH", "PATCH", "GET", "PATCH", "PATCH", "PUT"]
     );
 }
+
+#[tokio::test]
+async fn token_endpoint_hiccups_are_retried() {
+    let tokens = scripted(|_, n| match n {
+        1 => response("503 Service Unavailable", &[], b"try later"),
+        _ => response("200 OK", &[], br#"{"access_token":"good"}"#),
+    });
+    let realm = format!("http://{}/token", tokens.addr);
+    let registry = scripted(move |req, _| match req.header("authorization") {
+        Some("Bearer good") => response("200 OK", &[], br#"{"name":"r","tags":["a"]}"#),
+        _ => response(
+            "401 Unauthorized",
+            &[("WWW-Authenticate", &format!(r#"Bearer realm="{realm}""#))],
+            b"",
+        ),
+    });
+    let c = fast_client();
+    assert_eq!(repo(&c, &registry.addr, "r").tags().await.unwrap(), ["a"]);
+    assert_eq!(tokens.seen.lock().unwrap().len(), 2);
+}
