@@ -305,7 +305,7 @@ fn serve(args: &MountArgs, ready: &mut Ready) -> Result<()> {
             args.insecure,
         ),
     };
-    let reg = backend::HttpRegistry::new(host, insecure)?;
+    let reg = backend::LibRegistry::new(host, insecure)?;
     let reg_name = backend::Registry::name(reg.as_ref());
     rt.block_on(async {
         tokio::time::timeout(
