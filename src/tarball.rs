@@ -95,7 +95,7 @@ impl Tarball {
     /// name that is not a digest) are hashed once here.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
-        let label = format!("tarball {}", path.display());
+        let label = format!("tarball:{}", path.display());
         let entries = index_tar(&path).map_err(|e| from_io(label.clone(), e))?;
         let mut reader = Reader {
             file: File::open(&path).map_err(|e| Error::io(label.clone(), e))?,
@@ -158,7 +158,7 @@ impl Tarball {
     }
 
     fn label(&self) -> String {
-        format!("tarball {}", self.path.display())
+        format!("tarball:{}", self.path.display())
     }
 
     fn span(&self, digest: &Digest) -> Result<Span> {

@@ -375,3 +375,48 @@ async fn index_in_layout_round_trips_through_skopeo() {
         &format!("oci:{}:m", t.path().join("again").display()),
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn overlayfs_style_deletions_become_whiteouts() {
+    let t = tempdir();
+    let base = tree(
+        t.path(),
+        "base",
+        &[
+            ("keep", "k\n"),
+            ("gone", "g\n"),
+            ("opq/old", "o\n"),
+            ("d/x", "x\n"),
+        ],
+    );
+    // An overlayfs upper dir: a 0/0 char device marks a deletion, the
+    // trusted.overlay.opaque xattr an opaque directory.
+    let upper = tree(t.path(), "upper", &[("opq/new", "n\n"), ("d/y", "y\n")]);
+    run(Command::new("mknod")
+        .arg(upper.join("gone"))
+        .args(["c", "0", "0"]));
+    run(Command::new("setfattr")
+        .args(["-n", "trusted.overlay.opaque", "-v", "y"])
+        .arg(upper.join("opq")));
+    let mut image = image_of_dir(&base);
+    let layer = mutate::layer_from_dir(&upper, Compression::Gzip).unwrap();
+    image = mutate::append(&image, vec![layer]).unwrap();
+
+    let ours = t.path().join("ours");
+    flatten_to_dir(&image, &ours).await;
+    let layout = t.path().join("oci");
+    save_to_layout(&image, &layout, "v1").await;
+    let theirs = umoci_unpack(&layout, "v1", &t.path().join("bundle"));
+    assert_same_tree(&ours, &theirs);
+    let mut names: Vec<String> = walkdir(&ours);
+    names.sort();
+    assert_eq!(names, ["d", "d/x", "d/y", "keep", "opq", "opq/new"]);
+}
+
+fn walkdir(root: &Path) -> Vec<String> {
+    common::tree::snapshot(root, false)
+        .nodes
+        .keys()
+        .map(|p| p.to_string_lossy().into_owned())
+        .collect()
+}
