@@ -422,3 +422,38 @@ async fn secrets_never_reach_logs_even_at_trace() {
         );
     }
 }
+
+#[tokio::test]
+async fn anonymous_bearer_pulls_but_cannot_push() {
+    let ts = TokenServer::start_with(TokenOptions {
+        anonymous_pull: true,
+        ..TokenOptions::default()
+    });
+    let reg = Distribution::start_token(&ts);
+    let alice =
+        docker_dir(serde_json::json!({ reg.addr(): {"username": "alice", "password": "secret"} }));
+    let m = push_and_pull(
+        &repo(&client_with(alice.path()), reg.addr(), "pub/app"),
+        "v1",
+    )
+    .await
+    .unwrap();
+
+    let anon = client_with(docker_dir(serde_json::json!({})).path());
+    let r = repo(&anon, reg.addr(), "pub/app");
+    assert_eq!(r.manifest("v1").await.unwrap().digest, m.digest);
+    let last = ts.requests().last().cloned().unwrap();
+    assert_eq!((last.user, last.granted), (None, true));
+
+    let d = Digest::of(b"anon push");
+    let err = r
+        .put_blob(&d, 9, stream_of(b"anon push"))
+        .await
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        matches!(err, Error::Auth { .. }) && msg.contains("denied"),
+        "{msg}"
+    );
+    assert!(msg.contains("no credentials configured"), "{msg}");
+}

@@ -237,7 +237,13 @@ impl Transport {
                     }
                 }
                 StatusCode::UNAUTHORIZED => {
-                    return Err(self.auth_error(req, resp, "credentials rejected").await)
+                    let header = resp.header(WWW_AUTHENTICATE.as_str()).unwrap_or("");
+                    let what = if header.contains("insufficient_scope") {
+                        "access denied (insufficient_scope)"
+                    } else {
+                        "credentials rejected"
+                    };
+                    return Err(self.auth_error(req, resp, what).await);
                 }
                 StatusCode::FORBIDDEN => {
                     return Err(self.auth_error(req, resp, "access denied").await)
