@@ -100,7 +100,7 @@ pub struct TocEntry {
     pub digest: Option<Digest>,
     /// Where this chunk's gzip member / zstd frame starts in the blob.
     pub offset: u64,
-    /// zstd:chunked (containers/storage): where that frame ends.
+    /// zstd:chunked (containers/storage): where the file's payload ends.
     pub end_offset: Option<u64>,
     /// Uncompressed offset of the chunk inside its member.
     pub inner_offset: u64,
@@ -762,12 +762,12 @@ fn resolve_chunks(entries: &[TocEntry], toc_offset: u64) -> Result<Vec<Vec<Chunk
     starts.push(toc_offset);
     starts.sort_unstable();
     starts.dedup();
+    // containers/storage writes `endOffset` on a file's entry: the end of
+    // its last chunk, so the next chunk's start may come first.
     let span_end = |e: &TocEntry| -> u64 {
-        if let Some(end) = e.end_offset {
-            return end;
-        }
         let i = starts.partition_point(|&s| s <= e.offset);
-        starts.get(i).copied().unwrap_or(toc_offset)
+        let next = starts.get(i).copied().unwrap_or(toc_offset);
+        e.end_offset.map_or(next, |end| end.min(next))
     };
 
     let mut all: Vec<Vec<Chunk>> = vec![Vec::new(); entries.len()];

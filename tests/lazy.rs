@@ -36,6 +36,8 @@ use common::{
 struct Fixture {
     reg: Distribution,
     tree: PathBuf,
+    /// OCI layout holding `latest` = the tree as one gzip layer (umoci).
+    layout: PathBuf,
     layer: (Digest, u64),
     _dirs: Vec<tempfile::TempDir>,
 }
@@ -54,6 +56,7 @@ fn fixture() -> Fixture {
     let oci = layout.path().join("oci");
     umoci_image_from(&oci, "latest", &tree);
     push_oci_layout(&oci, "latest", &reg.reference("src:latest"));
+    let oci = oci.clone();
     let m: serde_json::Value = rt().block_on(async {
         let raw = repo(&reg, "src").manifest("latest").await.unwrap();
         serde_json::from_slice(&raw.bytes).unwrap()
@@ -62,6 +65,7 @@ fn fixture() -> Fixture {
     Fixture {
         reg,
         tree,
+        layout: oci,
         layer,
         _dirs: vec![dir, layout],
     }
@@ -401,6 +405,46 @@ fn zstdchunked_from_ctr_remote_reads_every_file_and_detects_tampering() {
             idx.zstd_frames.len()
         );
         check_tar_index(&idx, &blob, &fx.tree);
+    });
+}
+
+#[test]
+fn zstdchunked_from_containers_image_with_rolling_chunks() {
+    // The other writer: containers/image (skopeo), content-defined chunks
+    // and per-file `endOffset`s, verified by the manifest checksum alone.
+    let fx = fixture();
+    // Recompress into a fresh layout (a push straight to the registry
+    // would reuse the gzip blob it already holds), then push that.
+    let out = tempdir();
+    let zc_layout = out.path().join("oci");
+    run(std::process::Command::new("skopeo").args([
+        "copy",
+        "--quiet",
+        "--dest-compress",
+        "--dest-compress-format",
+        "zstd:chunked",
+        &format!("oci:{}:latest", fx.layout.display()),
+        &format!("oci:{}:zc", zc_layout.display()),
+    ]));
+    push_oci_layout(&zc_layout, "zc", &fx.reg.reference("skc:latest"));
+    rt().block_on(async {
+        let src = repo(&fx.reg, "skc");
+        let raw = src.manifest("latest").await.unwrap();
+        let m: serde_json::Value = serde_json::from_slice(&raw.bytes).unwrap();
+        let ((digest, size), ann) = layer_of(&m);
+        assert!(
+            ann.keys()
+                .any(|k| k.ends_with("zstd-chunked.manifest-checksum")),
+            "{ann:?}"
+        );
+        let toc = zstd_chunked::open(&src, &digest, size, Some(&ann))
+            .await
+            .unwrap();
+        assert!(toc.verified);
+        assert!(toc.entries.iter().any(|e| e.end_offset.is_some()));
+        check_toc_against_tree(&toc, &src, &fx.tree).await;
+        let bare = zstd_chunked::open(&src, &digest, size, None).await.unwrap();
+        assert_eq!(bare.entries, toc.entries);
     });
 }
 
