@@ -270,10 +270,11 @@ fn copy_entry<W: Write, R: Read>(
 fn fresh_header(src: &tar::Header) -> io::Result<tar::Header> {
     let mut h = tar::Header::new_gnu();
     h.set_entry_type(src.entry_type());
-    h.set_mode(src.mode()?);
-    h.set_uid(src.uid()?);
-    h.set_gid(src.gid()?);
-    h.set_mtime(src.mtime()?);
+    // Empty numeric fields occur in the wild; extractors read them as 0.
+    h.set_mode(src.mode().unwrap_or(0o644));
+    h.set_uid(src.uid().unwrap_or(0));
+    h.set_gid(src.gid().unwrap_or(0));
+    h.set_mtime(src.mtime().unwrap_or(0));
     h.set_size(0);
     if let Some(u) = src.username_bytes() {
         h.as_gnu_mut().expect("gnu").uname[..u.len().min(32)]
@@ -286,7 +287,7 @@ fn fresh_header(src: &tar::Header) -> io::Result<tar::Header> {
     let kind = src.entry_type();
     let is_dev = matches!(kind, tar::EntryType::Char | tar::EntryType::Block);
     if is_dev {
-        if let (Some(major), Some(minor)) = (src.device_major()?, src.device_minor()?) {
+        if let (Ok(Some(major)), Ok(Some(minor))) = (src.device_major(), src.device_minor()) {
             h.set_device_major(major)?;
             h.set_device_minor(minor)?;
         }
