@@ -20,7 +20,7 @@ start_registry() {
     mkdir -p "$dir"
     cat >"$dir/config.yml" <<YML
 version: 0.1
-log: {level: error}
+log: {level: ${REGISTRY_LOG_LEVEL:-error}}
 storage:
   filesystem: {rootdirectory: $dir/data}
   delete: {enabled: true}

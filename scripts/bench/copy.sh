@@ -7,16 +7,18 @@ source "$(dirname "$0")/common.sh"
 RUNS=${1:-3}
 
 start_registry 5301
-start_registry 5302
 make_image
 skopeo copy -q --dest-tls-verify=false oci:"$WORK/img":bench docker://127.0.0.1:5301/bench/src:v1
 size=$(du -sb "$WORK/registry-5301/data" | cut -f1)
 echo "image in registry: $((size / 1000000)) MB"
 
+# Every run gets an empty destination registry: skopeo's blob-info cache
+# would otherwise mount blobs it saw pushed there by an earlier run.
 for i in $(seq "$RUNS"); do
-    measure ggfs-copy "$GGFS" copy 127.0.0.1:5301/bench/src:v1 "127.0.0.1:5302/ggfs/run$i:v1"
+    start_registry $((5310 + i)); start_registry $((5320 + i))
+    measure ggfs-copy "$GGFS" copy 127.0.0.1:5301/bench/src:v1 "127.0.0.1:$((5310 + i))/bench/dst:v1"
     measure skopeo-copy skopeo copy -q --src-tls-verify=false --dest-tls-verify=false \
-        docker://127.0.0.1:5301/bench/src:v1 "docker://127.0.0.1:5302/skopeo/run$i:v1"
+        docker://127.0.0.1:5301/bench/src:v1 "docker://127.0.0.1:$((5320 + i))/bench/dst:v1"
 done
 
 # Same registry, other repository: blobs must be mounted, not moved.
