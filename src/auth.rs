@@ -291,15 +291,21 @@ pub fn docker_config_path() -> Option<PathBuf> {
 }
 
 impl Keychain {
-    /// docker's config.json, then $REGISTRY_AUTH_FILE or
-    /// $XDG_RUNTIME_DIR/containers/auth.json (podman).
+    /// docker's config.json, then podman's auth.json: $REGISTRY_AUTH_FILE,
+    /// or $XDG_RUNTIME_DIR/containers/auth.json and
+    /// ~/.config/containers/auth.json.
     pub fn from_env() -> Self {
         let docker_configs = docker_config_path().into_iter().collect();
         let mut auth_files = Vec::new();
         if let Some(f) = std::env::var_os("REGISTRY_AUTH_FILE") {
             auth_files.push(PathBuf::from(f));
-        } else if let Some(d) = std::env::var_os("XDG_RUNTIME_DIR") {
-            auth_files.push(Path::new(&d).join("containers/auth.json"));
+        } else {
+            if let Some(d) = std::env::var_os("XDG_RUNTIME_DIR") {
+                auth_files.push(Path::new(&d).join("containers/auth.json"));
+            }
+            if let Some(h) = std::env::var_os("HOME") {
+                auth_files.push(Path::new(&h).join(".config/containers/auth.json"));
+            }
         }
         Keychain {
             docker_configs,

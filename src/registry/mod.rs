@@ -1,15 +1,29 @@
 //! Registry client (OCI distribution API): manifests, blobs with Range,
 //! uploads with cross-repo mount, tags, catalog, referrers, delete.
 //!
-//! ```ignore
-//! let client = Client::new(ClientOptions::default())?;
-//! let repo = client.repo(&Repository::parse("localhost:5000/app")?);
-//! let m = repo.get_manifest("latest").await?;   // also via image::Source
-//! ```
+//! One [`Client`] per process: it holds the keychain, the token cache (per
+//! registry and scope set), and the `jobs` semaphore bounding concurrent
+//! requests. Plain HTTP for loopback registries and those listed insecure,
+//! HTTPS otherwise. Transient failures (408, 429, 5xx, connection errors)
+//! are retried with backoff honouring `Retry-After`.
 //!
-//! One [`Client`] per process: it holds the token cache, the keychain, and the
-//! `jobs` semaphore bounding concurrent requests. Plain HTTP is used for
-//! loopback registries and those listed insecure, HTTPS otherwise.
+//! ```ignore
+//! let client = Client::new(ClientOptions::default())?;            // Keychain::from_env
+//! let client = Client::builder(opts).keychain(k).retry(p).chunk_size(n).build()?;
+//! let repo = client.repo(&Repository::parse("localhost:5000/app")?);
+//! // RegistryRepo: image::Source + image::Sink, plus
+//! repo.get_manifest("latest").await?;          // size-capped, digest-checked
+//! repo.head_manifest("latest").await?;         // Option<(Digest, media type, size)>
+//! repo.push_manifest(&raw, Some("v1")).await?; // keeps the referrers tag schema
+//! repo.delete(reference).await?; repo.delete_blob(&digest).await?;
+//! repo.get_blob(&d).await?; repo.get_blob_range(&d, off, len).await?; repo.head_blob(&d).await?;
+//! repo.upload_blob(&d, size, stream).await?;   // monolithic or chunked PATCH
+//! repo.mount(&d, "other/repo").await?;         // true = 201 mounted
+//! repo.tags().await?; repo.tags_page(n, last).await?;
+//! repo.referrers(&subject, Some(artifact_type)).await?;
+//! client.catalog(reg).await?; client.catalog_page(reg, n, last).await?;
+//! client.ping(reg).await?; client.check_credential(reg, &cred).await?;
+//! ```
 
 mod blobs;
 mod list;
@@ -30,6 +44,7 @@ use crate::manifest::RawManifest;
 use crate::reference::Repository;
 
 pub use list::Page;
+pub use manifests::referrers_tag;
 pub use transport::{is_loopback, RetryPolicy};
 use transport::{Req, Transport};
 
@@ -320,5 +335,37 @@ impl Sink for RegistryRepo {
 
     async fn put_manifest(&self, manifest: &RawManifest, tag: Option<&str>) -> Result<()> {
         self.push_manifest(manifest, tag).await.map(|_| ())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn references_are_checked_before_they_reach_a_url() {
+        let d = "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+        for ok in ["latest", "v1.2-rc_3", d, "_x"] {
+            assert!(check_reference(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            "../x",
+            "a/b",
+            "-x",
+            ".x",
+            "sha256:abc",
+            "a?b",
+            &"a".repeat(129),
+        ] {
+            assert!(check_reference(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn referrers_tags() {
+        let d = Digest::of(b"x");
+        assert_eq!(manifests::referrers_tag(&d), format!("sha256-{}", d.hex()));
+        assert!(check_reference(&manifests::referrers_tag(&d)).is_ok());
     }
 }
