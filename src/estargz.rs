@@ -710,7 +710,13 @@ impl Toc {
         } else {
             Bytes::new()
         };
-        let mut out = Vec::with_capacity((end - offset) as usize);
+        if span.len() as u64 != hi - lo {
+            return Err(Error::invalid(
+                format!("blob {} from {}", self.blob, source.name()),
+                format!("asked for {} bytes at {lo}, got {}", hi - lo, span.len()),
+            ));
+        }
+        let mut out = Vec::with_capacity((end - offset).min(MAX_CHUNK_IN_MEMORY) as usize);
         for c in chunks {
             let bytes = if c.zeros {
                 self.decode_chunk(c, &[])?

@@ -616,10 +616,17 @@ impl LayerIndex {
         let n = d.len(16)?;
         let mut zstd_frames = Vec::with_capacity(n);
         for _ in 0..n {
-            zstd_frames.push(FrameStart {
+            let f = FrameStart {
                 compressed: d.u64()?,
                 uncompressed: d.u64()?,
+            };
+            let ordered = zstd_frames.last().is_none_or(|p: &FrameStart| {
+                p.compressed < f.compressed && p.uncompressed < f.uncompressed
             });
+            if !ordered || f.compressed > compressed_size || f.uncompressed > uncompressed_size {
+                return Err(d.bad("zstd frame out of order or out of range"));
+            }
+            zstd_frames.push(f);
         }
         let gzip = match d.u8()? {
             0 => None,
@@ -910,6 +917,35 @@ mod tests {
             .to_bytes()
             .unwrap();
         assert!(LayerIndex::from_bytes(&bytes[..bytes.len() - 1]).is_err());
+    }
+
+    #[test]
+    fn garbage_bodies_are_errors_not_panics() {
+        let (tar, _) = sample_tar();
+        let gz = gzip(&tar);
+        let idx =
+            index_layer_with_span(&gz[..], Compression::Gzip, 4096, io::sink(), |_| {}).unwrap();
+        let good = idx.to_bytes().unwrap();
+        let raw = zran::unseal(MAGIC, VERSION, &good, "t").unwrap();
+        // Every truncation of a valid body, and bodies of noise, re-sealed
+        // so they pass the checksum and reach the decoder.
+        for cut in (0..raw.len()).step_by(7) {
+            let sealed = zran::seal(MAGIC, VERSION, &raw[..cut]).unwrap();
+            assert!(LayerIndex::from_bytes(&sealed).is_err(), "cut {cut}");
+        }
+        let mut x = 1u64;
+        for len in [1usize, 8, 64, 500, 5000] {
+            let noise: Vec<u8> = (0..len)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8 % 4
+                })
+                .collect();
+            let sealed = zran::seal(MAGIC, VERSION, &noise).unwrap();
+            assert!(LayerIndex::from_bytes(&sealed).is_err());
+        }
     }
 
     #[test]

@@ -226,7 +226,10 @@ pub fn toc_from_compressed(
         ));
     }
     // Payloads end where the skippable frame holding the TOC begins.
-    let toc_offset = pos.offset - 8;
+    let toc_offset = pos
+        .offset
+        .checked_sub(8)
+        .ok_or_else(|| Error::invalid(what(), "offset leaves no room for its skippable frame"))?;
     let mut toc = Toc::from_json(&json, blob, ChunkCompression::Zstd, toc_offset, toc_digest)?;
     toc.verified = checksum.is_some() || toc_digest.is_some();
     Ok(toc)
