@@ -353,11 +353,16 @@ fn diff_ids(config: &[u8], name: &str, label: &str) -> Result<Vec<Digest>> {
         .collect()
 }
 
-/// `blobs/sha256/<hex>` → the digest it names.
+/// The digest a blob's name states: `blobs/sha256/<hex>` (docker save, OCI)
+/// or `<hex>.tar.gz` (crane). Trusted only until the bytes are read: layer
+/// readers verify them against it.
 fn digest_from_name(name: &str) -> Option<Digest> {
-    let rest = name.strip_prefix("blobs/")?;
-    let (alg, hex) = rest.split_once('/')?;
-    Digest::parse(&format!("{alg}:{hex}")).ok()
+    if let Some(rest) = name.strip_prefix("blobs/") {
+        let (alg, hex) = rest.split_once('/')?;
+        return Digest::parse(&format!("{alg}:{hex}")).ok();
+    }
+    let hex = name.strip_suffix(".tar.gz")?;
+    Digest::parse(&format!("sha256:{hex}")).ok()
 }
 
 #[async_trait]
@@ -714,5 +719,15 @@ mod tests {
             4,
             "config, 2 distinct layers, manifest: {names:?}"
         );
+    }
+
+    #[test]
+    fn digests_from_names() {
+        let hex = "a".repeat(64);
+        let want = Some(Digest::parse(&format!("sha256:{hex}")).unwrap());
+        assert_eq!(digest_from_name(&format!("blobs/sha256/{hex}")), want);
+        assert_eq!(digest_from_name(&format!("{hex}.tar.gz")), want);
+        assert_eq!(digest_from_name("abc/layer.tar"), None);
+        assert_eq!(digest_from_name("blobs/sha256/xyz"), None);
     }
 }
