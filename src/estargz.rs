@@ -1021,6 +1021,29 @@ mod tests {
     }
 
     #[test]
+    fn inner_offset_chunks_share_a_member() {
+        use std::io::Write;
+        // Two small files in one gzip member, told apart by innerOffset.
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        gz.write_all(b"first!second").unwrap();
+        let member = gz.finish().unwrap();
+        let json = format!(
+            r#"{{"entries":[
+            {{"name":"a","type":"reg","size":6,"offset":10,"chunkDigest":"{}"}},
+            {{"name":"b","type":"reg","size":6,"offset":10,"innerOffset":6,"chunkDigest":"{}"}}]}}"#,
+            Digest::of(b"first!"),
+            Digest::of(b"second")
+        );
+        let end = 10 + member.len() as u64;
+        let toc =
+            Toc::from_json(json.as_bytes(), blob(), ChunkCompression::Gzip, end, None).unwrap();
+        let (a, b) = (&toc.chunks(0)[0], &toc.chunks(1)[0]);
+        assert_eq!((a.blob_offset, a.blob_end), (b.blob_offset, b.blob_end));
+        assert_eq!(toc.decode_chunk(a, &member).unwrap(), &b"first!"[..]);
+        assert_eq!(toc.decode_chunk(b, &member).unwrap(), &b"second"[..]);
+    }
+
+    #[test]
     fn decode_chunk_verifies() {
         use std::io::Write;
         let data = b"0123456789";
