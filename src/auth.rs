@@ -865,13 +865,17 @@ pub fn store(registry: &str, user: &str, pass: &str) -> Result<String> {
 pub fn logout(registry: &str) -> Result<bool> {
     let path = config_path_for_write()?;
     let mut cfg = load_json(&path)?;
-    if let Some(helper) = helper_name(&cfg, registry) {
-        helper_run(&helper, "erase", &registry_key(registry))?;
-    }
+    let erased = match helper_name(&cfg, registry) {
+        Some(helper) => {
+            helper_run(&helper, "erase", &registry_key(registry))?;
+            true
+        }
+        None => false,
+    };
     let norm = crate::reference::normalize_registry(registry);
     let obj = as_object(&mut cfg, &path)?;
     let Some(auths) = obj.get_mut("auths").and_then(|a| a.as_object_mut()) else {
-        return Ok(false);
+        return Ok(erased);
     };
     let before = auths.len();
     auths.retain(|k, _| !(is_registry_key(k) && key_registry(k) == norm));
@@ -879,7 +883,7 @@ pub fn logout(registry: &str) -> Result<bool> {
     if removed {
         save_json(&path, &cfg)?;
     }
-    Ok(removed)
+    Ok(removed || erased)
 }
 
 /// What a docker credential helper's `get` prints.
