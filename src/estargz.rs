@@ -1020,6 +1020,83 @@ mod tests {
         assert!(matches!(err, Error::ContentMismatch { .. }), "{err}");
     }
 
+    /// A blob held in memory.
+    struct Mem(Bytes);
+
+    #[async_trait::async_trait]
+    impl Source for Mem {
+        fn name(&self) -> String {
+            "mem".into()
+        }
+        async fn manifest(&self, r: &str) -> Result<crate::manifest::RawManifest> {
+            Err(Error::NotFound(r.into()))
+        }
+        async fn blob(&self, _: &Digest) -> Result<crate::image::ByteStream> {
+            Err(Error::NotFound("stream".into()))
+        }
+        async fn blob_range(&self, _: &Digest, off: u64, len: u64) -> Result<Bytes> {
+            let end = (off + len).min(self.0.len() as u64);
+            Ok(self.0.slice(off.min(end) as usize..end as usize))
+        }
+        async fn blob_size(&self, _: &Digest) -> Result<u64> {
+            Ok(self.0.len() as u64)
+        }
+    }
+
+    /// data member | TOC member (tar of stargz.index.json) | footer.
+    fn small_blob(legacy: bool) -> (Vec<u8>, Digest) {
+        use std::io::Write;
+        let gz = |b: &[u8]| {
+            let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+            e.write_all(b).unwrap();
+            e.finish().unwrap()
+        };
+        let mut blob = gz(b"hello stargz");
+        let json = format!(
+            r#"{{"version":1,"entries":[{{"name":"f","type":"reg","size":12,"offset":0,"digest":"{}"}}]}}"#,
+            Digest::of(b"hello stargz")
+        );
+        let mut t = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_ustar();
+        h.set_size(json.len() as u64);
+        h.set_mode(0o644);
+        t.append_data(&mut h, TOC_TAR_NAME, json.as_bytes())
+            .unwrap();
+        let toc_off = blob.len() as u64;
+        blob.extend(gz(&t.into_inner().unwrap()));
+        let footer = footer_bytes(toc_off);
+        if legacy {
+            blob.extend_from_slice(&footer[..10]);
+            blob.extend_from_slice(&22u16.to_le_bytes());
+            blob.extend_from_slice(&footer[16..38]);
+            blob.extend_from_slice(&footer[38..]);
+        } else {
+            blob.extend_from_slice(&footer);
+        }
+        (blob, Digest::of(json.as_bytes()))
+    }
+
+    #[tokio::test]
+    async fn open_reads_footer_toc_and_chunks() {
+        for legacy in [false, true] {
+            let (bytes, toc_digest) = small_blob(legacy);
+            let src = Mem(Bytes::from(bytes));
+            let size = src.0.len() as u64;
+            let toc = open(&src, &blob(), size, Some(&toc_digest)).await.unwrap();
+            assert!(toc.verified);
+            let f = toc.lookup("f").unwrap();
+            assert_eq!(toc.read(&src, f, 0, 100).await.unwrap(), b"hello stargz");
+            assert_eq!(toc.read(&src, f, 6, 3).await.unwrap(), b"sta");
+            // Cut short: the footer is gone, the error says so.
+            let cut = Mem(src.0.slice(..src.0.len() - 20));
+            let err = open(&cut, &blob(), size - 20, None).await.unwrap_err();
+            assert!(err.to_string().contains("footer"), "{err}");
+            // Too small to hold anything.
+            let tiny = Mem(Bytes::from_static(b"abc"));
+            assert!(open(&tiny, &blob(), 3, None).await.is_err());
+        }
+    }
+
     #[test]
     fn inner_offset_chunks_share_a_member() {
         use std::io::Write;
