@@ -33,6 +33,10 @@ pub struct Layout {
     /// Serialises index.json read-modify-write cycles within this process;
     /// an flock on the layout directory does so across processes.
     index_lock: Mutex<()>,
+    /// The last manifest stored without a tag since the last tagged one:
+    /// [`Sink::finish`] lists it in index.json unnamed (the top manifest of
+    /// an untagged copy comes last, after the children of an index).
+    untagged: Mutex<Option<RawManifest>>,
 }
 
 /// One entry of index.json, as far as lookups need it.
@@ -95,6 +99,7 @@ impl Layout {
         Self {
             root,
             index_lock: Mutex::new(()),
+            untagged: Mutex::new(None),
         }
     }
 
@@ -226,6 +231,23 @@ impl Layout {
             }
             None => list.push(entry),
         }
+        self.write_index(&index)
+    }
+
+    /// List a manifest in index.json without a name, unless it is listed.
+    pub fn add_unnamed(&self, manifest: &RawManifest) -> Result<()> {
+        let _guard = self.index_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let _dir_lock = self.lock_dir()?;
+        let mut index = self.read_index()?;
+        let list = index["manifests"].as_array_mut().expect("checked");
+        if list.iter().any(|m| m["digest"] == manifest.digest.as_str()) {
+            return Ok(());
+        }
+        list.push(json!({
+            "mediaType": manifest.media_type,
+            "digest": manifest.digest,
+            "size": manifest.bytes.len(),
+        }));
         self.write_index(&index)
     }
 
@@ -388,8 +410,29 @@ impl Sink for Layout {
                 .map_err(|e| Error::io(path.display().to_string(), e))?;
             w.commit()?;
         }
+        let mut untagged = self.untagged.lock().unwrap_or_else(|p| p.into_inner());
         match tag {
-            Some(tag) => self.set_tag(manifest, tag),
+            Some(tag) => {
+                *untagged = None;
+                self.set_tag(manifest, tag)
+            }
+            None => {
+                *untagged = Some(manifest.clone());
+                Ok(())
+            }
+        }
+    }
+
+    /// Record an untagged copy's top manifest in index.json, without a name,
+    /// as skopeo does for `oci:DIR`; nothing when index.json already lists it.
+    async fn finish(&self) -> Result<()> {
+        let pending = self
+            .untagged
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        match pending {
+            Some(m) => self.add_unnamed(&m),
             None => Ok(()),
         }
     }
@@ -439,6 +482,17 @@ mod tests {
         );
         assert!(l.manifest("zzz").await.unwrap_err().is_not_found());
         assert!(l.manifest("").await.is_err(), "two entries: ambiguous");
+
+        // An untagged copy: children first, the top last, then finish.
+        let l2 = Layout::create(dir.path().join("l2")).unwrap();
+        l2.put_manifest(&m1, None).await.unwrap();
+        l2.put_manifest(&m2, None).await.unwrap();
+        l2.finish().await.unwrap();
+        l2.finish().await.unwrap();
+        let entries = l2.entries().unwrap();
+        assert_eq!(entries.len(), 1);
+        assert_eq!((&entries[0].digest, &entries[0].name), (&m2.digest, &None));
+        assert_eq!(l2.manifest("").await.unwrap().digest, m2.digest);
     }
 
     #[tokio::test(flavor = "multi_thread")]

@@ -420,3 +420,25 @@ fn walkdir(root: &Path) -> Vec<String> {
         .map(|p| p.to_string_lossy().into_owned())
         .collect()
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn untagged_copy_is_listed_for_skopeo() {
+    let t = tempdir();
+    let image = image_of_dir(&tree(t.path(), "src", &[("f", "untagged\n")]));
+    let dir = t.path().join("oci");
+    let sink = Arc::new(Layout::create(&dir).unwrap());
+    copy(
+        image.source.clone(),
+        image.digest().as_str(),
+        sink,
+        None,
+        &CopyOptions::default(),
+    )
+    .await
+    .unwrap();
+    let raw = common::skopeo_inspect_raw(&format!("oci:{}", dir.display()));
+    assert_eq!(
+        raw["config"]["digest"],
+        image.config_digest().unwrap().as_str()
+    );
+}
