@@ -683,3 +683,52 @@ fn estargz_is_read_lazily_and_verified() {
 fn zstdchunked_is_read_lazily_and_verified() {
     check_lazy_conversion(common::zstdchunked_image, "zchunked");
 }
+
+#[test]
+fn evicted_plain_layer_is_read_by_verified_ranges() {
+    let reg = Distribution::start();
+    let layouts = fixture_layout();
+    let layout = layouts.path().join("layout");
+    common::push_oci_layout(&layout, "latest", &reg.reference("ranges:latest"));
+    let manifest =
+        common::skopeo_inspect_raw(&format!("docker://{}", reg.reference("ranges:latest")));
+    let layer_size = manifest["layers"][0]["size"].as_u64().unwrap();
+    let (_u, expected) = unpack(&layout, "latest");
+    let cache = common::tempdir();
+    {
+        // First pass: the layer streams once; tar and index go to the cache.
+        let m = Mount::start_with_cache(reg.addr(), &[], Some(cache.path()));
+        assert_eq!(
+            read_string(&m.path("ranges/latest/rootfs/small.txt")),
+            "hello ggfs\n"
+        );
+    }
+    assert!(cache
+        .path()
+        .join("index/sha256")
+        .read_dir()
+        .unwrap()
+        .next()
+        .is_some());
+    // Evict the uncompressed tars: only the index (and block digests) remain.
+    std::fs::remove_dir_all(cache.path().join("tar")).unwrap();
+    let proxy = CountingProxy::start(reg.addr());
+    let m = Mount::start_with_cache(proxy.addr(), &[], Some(cache.path()));
+    proxy.reset();
+    assert_eq!(
+        read_string(&m.path("ranges/latest/rootfs/small.txt")),
+        "hello ggfs\n"
+    );
+    let down = proxy.bytes_down();
+    assert!(
+        down * 2 < layer_size,
+        "one small file fetched {down} of {layer_size} bytes: {:#?}",
+        proxy.requests()
+    );
+    assert!(
+        proxy.requests().iter().any(|r| r.range.is_some()),
+        "{:#?}",
+        proxy.requests()
+    );
+    assert_same_tree(&m.path("ranges/latest/rootfs"), &expected);
+}

@@ -23,6 +23,8 @@ pub enum Kind {
     /// A verified chunk of an eStargz / zstd:chunked layer, keyed by its
     /// `chunkDigest`.
     Chunk,
+    /// The tar index and block digests of a plain layer (keyed by its digest).
+    Index,
 }
 
 impl Kind {
@@ -31,6 +33,7 @@ impl Kind {
             Kind::Blob => "blobs",
             Kind::Tar => "tar",
             Kind::Chunk => "chunks",
+            Kind::Index => "index",
         }
     }
 }

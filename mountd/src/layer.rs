@@ -1,28 +1,39 @@
 //! Layers as the merge sees them: a list of entries and a way to read a
-//! regular file's bytes. A plain layer (tar, tar+gzip, tar+zstd) is fetched
-//! in one streaming pass that hashes the compressed bytes, writes the
-//! uncompressed tar to the cache and indexes its entries; the tar only
-//! becomes visible in the cache once the blob's digest checked out, so every
-//! byte served from it is verified. Later mounts re-index the cached tar
-//! without touching the network.
+//! regular file's bytes.
+//!
+//! eStargz and zstd:chunked layers are read lazily (see `lazy`). A plain
+//! layer (tar, tar+gzip, tar+zstd) is fetched once, streaming: one pass
+//! hashes the blob, records the sha256 of every 1 MiB block of it, builds
+//! the tar index with gzip checkpoints / zstd frame starts
+//! (`ggfs::tarindex`) and writes the uncompressed tar. Nothing is served
+//! and nothing enters the cache until the blob's digest checked out: then
+//! the tar and the index (with the block digests) are published. Reads come
+//! from the local tar; once the tar has been evicted, they fetch only the
+//! compressed blocks they need by Range, check each against its recorded
+//! digest, and inflate from the nearest checkpoint.
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::os::unix::fs::FileExt;
-use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures::TryStreamExt;
 use ggfs::digest::Hasher;
-use ggfs::image::Layer;
+use ggfs::image::{Layer, Source};
 use ggfs::manifest::Compression;
+use ggfs::tarindex::{self, LayerIndex, TarEntry, TarKind};
 use ggfs::{Digest, Error, Result};
 use tokio::sync::OnceCell;
 
 use crate::cache::{self, Cache};
+use crate::lazy::SingleFlight;
 use crate::tree::{self, Entry, Kind, Meta};
+
+/// Granularity of verified Range reads of plain layers.
+const BLOCK: u64 = 1 << 20;
+const INDEX_MAGIC: &[u8; 8] = b"GGFSMNT1";
 
 /// A layer opened for reading.
 #[async_trait]
@@ -34,16 +45,79 @@ pub trait LayerData: Send + Sync {
     async fn read(&self, entry: usize, offset: u64, len: u32) -> Result<Bytes>;
 }
 
-/// A layer whose uncompressed tar sits, verified, in the cache.
-pub struct TarLayer {
+/// What the first pass over a plain layer leaves in the cache (besides the
+/// tar): the tar index and the digests of the blob's 1 MiB blocks.
+struct Indexed {
+    index: LayerIndex,
+    blocks: Vec<Digest>,
+}
+
+impl Indexed {
+    fn to_bytes(&self) -> Result<Vec<u8>> {
+        let mut out = INDEX_MAGIC.to_vec();
+        out.extend_from_slice(&(self.blocks.len() as u64).to_le_bytes());
+        for b in &self.blocks {
+            let raw =
+                hex::decode(b.hex()).map_err(|e| Error::invalid("block digest", e.to_string()))?;
+            out.extend_from_slice(&raw);
+        }
+        out.extend_from_slice(&self.index.to_bytes()?);
+        Ok(out)
+    }
+
+    fn from_bytes(b: &[u8]) -> Result<Self> {
+        let bad = || Error::invalid("cached layer index", "truncated or not ours");
+        let rest = b.strip_prefix(&INDEX_MAGIC[..]).ok_or_else(bad)?;
+        let n = u64::from_le_bytes(
+            rest.get(..8)
+                .ok_or_else(bad)?
+                .try_into()
+                .map_err(|_| bad())?,
+        );
+        let n = usize::try_from(n).map_err(|_| bad())?;
+        let digests = rest
+            .get(8..8 + n.checked_mul(32).ok_or_else(bad)?)
+            .ok_or_else(bad)?;
+        let blocks = digests
+            .chunks(32)
+            .map(|c| Digest::parse(&format!("sha256:{}", hex::encode(c))))
+            .collect::<Result<Vec<_>>>()?;
+        let index = LayerIndex::from_bytes(&rest[8 + n * 32..])?;
+        Ok(Indexed { index, blocks })
+    }
+
+    fn entries(&self) -> (Vec<Entry>, Vec<usize>) {
+        let mut entries = Vec::new();
+        let mut which = Vec::new();
+        for (i, t) in self.index.entries.iter().enumerate() {
+            if let Some(e) = convert(t) {
+                entries.push(e);
+                which.push(i);
+            }
+        }
+        (entries, which)
+    }
+}
+
+/// A plain layer: reads from the cached tar when it is there, else by
+/// verified Range reads of the blob.
+pub struct PlainLayer {
     digest: Digest,
-    file: Arc<std::fs::File>,
+    indexed: Arc<Indexed>,
     entries: Vec<Entry>,
-    offsets: Vec<u64>,
+    /// Index into `indexed.index.entries` of each of `entries`.
+    which: Vec<usize>,
+    tar: Mutex<Option<Arc<std::fs::File>>>,
+    source: Arc<dyn Source>,
+    cache: Arc<Cache>,
+    kind: cache::Kind,
+    /// Size of the blob (the last block may be short).
+    size: u64,
+    flights: SingleFlight<u64, Bytes>,
 }
 
 #[async_trait]
-impl LayerData for TarLayer {
+impl LayerData for PlainLayer {
     fn digest(&self) -> &Digest {
         &self.digest
     }
@@ -53,27 +127,129 @@ impl LayerData for TarLayer {
     }
 
     async fn read(&self, entry: usize, offset: u64, len: u32) -> Result<Bytes> {
-        let (Some(e), Some(&start)) = (self.entries.get(entry), self.offsets.get(entry)) else {
-            return Err(Error::NotFound(format!(
-                "entry {entry} of layer {}",
-                self.digest
-            )));
-        };
-        let size = e.meta.size;
-        if offset >= size {
+        let t = self
+            .which
+            .get(entry)
+            .and_then(|&i| self.indexed.index.entries.get(i))
+            .ok_or_else(|| Error::NotFound(format!("entry {entry} of layer {}", self.digest)))?;
+        if offset >= t.size {
             return Ok(Bytes::new());
         }
-        let n = (len as u64).min(size - offset) as usize;
-        let file = self.file.clone();
+        let n = (len as u64).min(t.size - offset) as usize;
+        let at = t.offset + offset;
+        if let Some(file) = self.local_tar() {
+            let digest = self.digest.clone();
+            return blocking(move || {
+                let mut buf = vec![0u8; n];
+                file.read_exact_at(&mut buf, at)
+                    .map_err(|e| Error::io(format!("cached tar of layer {digest}"), e))?;
+                Ok(Bytes::from(buf))
+            })
+            .await;
+        }
+        self.read_remote(at, n).await
+    }
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::io("worker task", io::Error::other(e)))?
+}
+
+impl PlainLayer {
+    /// The cached tar, if it is (still) there.
+    fn local_tar(&self) -> Option<Arc<std::fs::File>> {
+        let mut tar = self.tar.lock().unwrap_or_else(|p| p.into_inner());
+        if tar.is_none() {
+            let path = self.cache.get(self.kind, &self.digest)?;
+            *tar = std::fs::File::open(path).ok().map(Arc::new);
+        }
+        tar.clone()
+    }
+
+    /// `n` uncompressed bytes at `at`, from verified blocks of the blob.
+    async fn read_remote(&self, at: u64, n: usize) -> Result<Bytes> {
+        let Some((coff, clen)) = self.indexed.index.fetch_range(at, n)? else {
+            return Ok(Bytes::new());
+        };
+        let first = coff / BLOCK;
+        let last = (coff + clen).div_ceil(BLOCK);
+        let blocks = futures::future::try_join_all((first..last).map(|b| self.block(b))).await?;
+        let mut span = BytesMut::new();
+        blocks.iter().for_each(|b| span.extend_from_slice(b));
+        let span = span.freeze();
+        let base = first * BLOCK;
+        let indexed = self.indexed.clone();
         let digest = self.digest.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut buf = vec![0u8; n];
-            file.read_exact_at(&mut buf, start + offset)
-                .map_err(|e| Error::io(format!("cached tar of layer {digest}"), e))?;
-            Ok(Bytes::from(buf))
+        blocking(move || {
+            indexed.index.read_at(at, n, |o, l| {
+                let (s, e) = (
+                    o.wrapping_sub(base) as usize,
+                    (o + l).wrapping_sub(base) as usize,
+                );
+                if o < base || e > span.len() {
+                    return Err(Error::invalid(
+                        format!("layer {digest}"),
+                        format!("index asked for bytes {o}+{l} outside the fetched span"),
+                    ));
+                }
+                Ok(span.slice(s..e))
+            })
         })
         .await
-        .map_err(|e| Error::io("read task", io::Error::other(e)))?
+    }
+
+    /// Block `b` of the blob, verified against the digest the first pass
+    /// recorded: from the chunk cache or fetched once by Range.
+    async fn block(&self, b: u64) -> Result<Bytes> {
+        let want = self
+            .indexed
+            .blocks
+            .get(b as usize)
+            .ok_or_else(|| Error::invalid(format!("layer {}", self.digest), "block past the end"))?
+            .clone();
+        if let Some(path) = self.cache.get(cache::Kind::Chunk, &want) {
+            if let Ok(bytes) = tokio::fs::read(&path).await {
+                return Ok(Bytes::from(bytes));
+            }
+        }
+        let len = BLOCK.min(self.size.saturating_sub(b * BLOCK));
+        self.flights
+            .run(b, || async {
+                let bytes = self.source.blob_range(&self.digest, b * BLOCK, len).await?;
+                let actual = Digest::of(&bytes);
+                if actual != want {
+                    let e = Error::ContentMismatch {
+                        what: format!("bytes {}+{len} of blob {}", b * BLOCK, self.digest),
+                        expected: want.clone(),
+                        actual,
+                    };
+                    tracing::error!("{e}");
+                    return Err(e);
+                }
+                store(&self.cache, cache::Kind::Chunk, &want, &bytes);
+                Ok(bytes)
+            })
+            .await
+            .map_err(|e| Error::invalid(format!("layer {}", self.digest), e.to_string()))
+    }
+}
+
+/// Keep verified bytes in the cache under their digest (best effort).
+pub fn store(cache: &Cache, kind: cache::Kind, d: &Digest, bytes: &[u8]) {
+    let path = cache.path(kind, d);
+    if path.exists() {
+        return;
+    }
+    let res = ggfs::digest::BlobWriter::create(&path, d.clone(), Some(bytes.len() as u64))
+        .and_then(|mut w| {
+            w.write_all(bytes).map_err(|e| Error::io("cache", e))?;
+            w.commit()
+        });
+    match res {
+        Ok(_) => cache.added(bytes.len() as u64),
+        Err(e) => tracing::warn!("caching {d}: {e}"),
     }
 }
 
@@ -112,50 +288,75 @@ impl Layers {
             ),
         }
         let compression = layer.compression()?;
+        // An uncompressed layer's tar is the blob itself.
         let kind = match compression {
             Compression::None => cache::Kind::Blob,
             _ => cache::Kind::Tar,
         };
         let digest = layer.digest.clone();
-        if let Some(path) = self.cache.get(kind, &digest) {
-            let d = digest.clone();
-            let opened = tokio::task::spawn_blocking(move || index_file(&path, d)).await;
-            match opened.map_err(|e| Error::io("index task", io::Error::other(e)))? {
-                Ok(l) => return Ok(Arc::new(l)),
-                Err(e) => tracing::warn!("cached tar of {digest} unreadable, refetching: {e}"),
+        let indexed = match self.cached_index(&digest) {
+            Some(i) => i,
+            None => self
+                .first_pass(layer, compression, kind)
+                .await
+                .inspect_err(|e| {
+                    tracing::error!("layer {digest}: {e}");
+                })?,
+        };
+        let (entries, which) = indexed.entries();
+        Ok(Arc::new(PlainLayer {
+            digest,
+            indexed: Arc::new(indexed),
+            entries,
+            which,
+            tar: Mutex::new(None),
+            source: layer.source.clone(),
+            cache: self.cache.clone(),
+            kind,
+            size: layer.size(),
+            flights: SingleFlight::default(),
+        }))
+    }
+
+    fn cached_index(&self, digest: &Digest) -> Option<Indexed> {
+        let path = self.cache.get(cache::Kind::Index, digest)?;
+        let read = std::fs::read(&path).map_err(|e| Error::io(path.display().to_string(), e));
+        match read.and_then(|b| Indexed::from_bytes(&b)) {
+            Ok(i) => Some(i),
+            Err(e) => {
+                tracing::warn!("ignoring cached index of layer {digest}: {e}");
+                None
             }
         }
-        let stream = layer.source.blob(&digest).await?;
+    }
+
+    async fn first_pass(
+        &self,
+        layer: &Layer,
+        compression: Compression,
+        kind: cache::Kind,
+    ) -> Result<Indexed> {
+        let stream = layer.source.blob(&layer.digest).await?;
         let reader = tokio_util::io::SyncIoBridge::new(tokio_util::io::StreamReader::new(
             stream.map_err(|e: io::Error| e),
         ));
         let cache = self.cache.clone();
-        let size = layer.size();
-        let fetched = tokio::task::spawn_blocking(move || {
-            fetch_blocking(Box::new(reader), &cache, kind, compression, digest, size)
-        })
-        .await
-        .map_err(|e| Error::io("fetch task", io::Error::other(e)))?;
-        match fetched {
-            Ok(l) => Ok(Arc::new(l)),
-            Err(e) => {
-                tracing::error!("layer {}: {e}", layer.digest);
-                Err(e)
-            }
-        }
+        let (digest, size) = (layer.digest.clone(), layer.size());
+        blocking(move || first_pass(Box::new(reader), &cache, kind, compression, digest, size))
+            .await
     }
 }
 
-/// Stream a layer blob once: hash it, decompress it into a temporary tar
-/// file, index it, and publish the tar only if the digest matches.
-fn fetch_blocking(
+/// Stream a plain layer once: hash it (whole and per block), index it and
+/// write its tar; publish tar and index only if the digest matches.
+fn first_pass(
     body: Box<dyn Read + Send>,
     cache: &Cache,
     kind: cache::Kind,
     compression: Compression,
     digest: Digest,
     size: u64,
-) -> Result<TarLayer> {
+) -> Result<Indexed> {
     let dest = cache.path(kind, &digest);
     let dir = dest.parent().unwrap_or(cache.root());
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir.display().to_string(), e))?;
@@ -165,190 +366,99 @@ fn fetch_blocking(
         .map_err(|e| Error::io(dir.display().to_string(), e))?;
     let mut hashed = Tee {
         inner: body,
-        out: HashWriter(Hasher::new()),
+        out: BlockHasher::default(),
     };
     let what = format!("layer {digest}");
-    let indexed = {
-        let tar_out = io::BufWriter::new(tmp.as_file());
-        let mut decoded = decoder(compression, &mut hashed, &what)?;
-        let mut teed = Tee {
-            inner: &mut decoded,
-            out: tar_out,
-        };
-        let indexed = index_stream(&mut teed, &what)?;
-        // Past the tar's end blocks: keep reading so the whole stream is
-        // hashed and written.
-        io::copy(&mut teed, &mut io::sink()).map_err(|e| ggfs::error::from_io(&what, e))?;
-        teed.out
+    let index = {
+        let mut tar_out = io::BufWriter::new(tmp.as_file());
+        let index = tarindex::index_layer_tee(&mut hashed, compression, &mut tar_out, |_| {})?;
+        tar_out
             .flush()
             .map_err(|e| Error::io(dest.display().to_string(), e))?;
-        indexed
+        index
     };
+    // Whatever follows the compressed stream is part of the blob too.
     io::copy(&mut hashed, &mut io::sink()).map_err(|e| ggfs::error::from_io(&what, e))?;
-    hashed.out.0.verify(&digest, Some(size))?;
+    let blocks = hashed.out.finish(&digest, size)?;
+    let indexed = Indexed { index, blocks };
+    let bytes = indexed.to_bytes()?;
     let file = tmp
         .persist(&dest)
         .map_err(|e| Error::io(dest.display().to_string(), e.error))?;
-    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
-    cache.added(len);
-    let (entries, offsets) = indexed.into_iter().unzip();
-    Ok(TarLayer {
-        digest,
-        file: Arc::new(file),
-        entries,
-        offsets,
-    })
+    cache.added(file.metadata().map(|m| m.len()).unwrap_or(0));
+    let ipath = cache.path(cache::Kind::Index, &digest);
+    write_atomic(&ipath, &bytes)?;
+    cache.added(bytes.len() as u64);
+    Ok(indexed)
 }
 
-/// Index a cached, already verified tar.
-fn index_file(path: &Path, digest: Digest) -> Result<TarLayer> {
-    let what = format!("cached tar of layer {digest}");
-    let file = std::fs::File::open(path).map_err(|e| Error::io(path.display().to_string(), e))?;
-    let mut archive = tar::Archive::new(&file);
-    let mut indexed = Vec::new();
-    let entries = archive
-        .entries_with_seek()
-        .map_err(|e| ggfs::error::from_io(&what, e))?;
-    for ent in entries {
-        let mut ent = ent.map_err(|e| ggfs::error::from_io(&what, e))?;
-        if let Some(x) = convert(&mut ent, &what)? {
-            indexed.push(x);
-        }
-    }
-    let (entries, offsets) = indexed.into_iter().unzip();
-    Ok(TarLayer {
-        digest,
-        file: Arc::new(file),
-        entries,
-        offsets,
-    })
-}
-
-fn index_stream(r: &mut dyn Read, what: &str) -> Result<Vec<(Entry, u64)>> {
-    let mut archive = tar::Archive::new(r);
-    let mut out = Vec::new();
-    for ent in archive
-        .entries()
-        .map_err(|e| ggfs::error::from_io(what, e))?
-    {
-        let mut ent = ent.map_err(|e| ggfs::error::from_io(what, e))?;
-        if let Some(x) = convert(&mut ent, what)? {
-            out.push(x);
-        }
-    }
-    Ok(out)
-}
-
-/// A tar entry as a tree entry plus its data offset; `None` for entries
-/// that are not files (pax global headers, unknown types).
-fn convert<R: Read>(ent: &mut tar::Entry<R>, what: &str) -> Result<Option<(Entry, u64)>> {
-    let bad = |e: io::Error| Error::invalid(what.to_string(), e.to_string());
-    let raw_path = ent.path_bytes().into_owned();
-    let Some(path) = tree::normalize(&raw_path) else {
-        tracing::warn!(
-            "{what}: skipping {:?}: escapes the root",
-            String::from_utf8_lossy(&raw_path)
-        );
-        return Ok(None);
-    };
-    let h = ent.header();
-    let et = h.entry_type();
-    let mut hardlink = None;
-    let kind = match et {
-        tar::EntryType::Regular | tar::EntryType::Continuous => Kind::File,
-        tar::EntryType::Directory => Kind::Dir,
-        tar::EntryType::Symlink => Kind::Symlink,
-        tar::EntryType::Char => Kind::Char,
-        tar::EntryType::Block => Kind::Block,
-        tar::EntryType::Fifo => Kind::Fifo,
-        tar::EntryType::Link => {
-            let target = ent
-                .link_name_bytes()
-                .map(|l| l.into_owned())
-                .unwrap_or_default();
-            hardlink = tree::normalize(&target);
-            Kind::File
-        }
-        _ => return Ok(None),
-    };
-    let link = match kind {
-        Kind::Symlink => ent
-            .link_name_bytes()
-            .map(|l| l.into_owned())
-            .unwrap_or_default(),
-        _ => Vec::new(),
-    };
-    let rdev = match kind {
-        Kind::Char | Kind::Block => {
-            let major = h.device_major().map_err(bad)?.unwrap_or(0);
-            let minor = h.device_minor().map_err(bad)?.unwrap_or(0);
-            libc::makedev(major, minor) as u32
-        }
-        _ => 0,
-    };
-    let mut meta = Meta {
-        kind,
-        mode: h.mode().map_err(bad)? & 0o7777,
-        uid: h.uid().map_err(bad)? as u32,
-        gid: h.gid().map_err(bad)? as u32,
-        mtime: h.mtime().map_err(bad)? as i64,
-        mtime_nsec: 0,
-        size: if hardlink.is_some() { 0 } else { ent.size() },
-        link,
-        rdev,
-        xattrs: Vec::new(),
-    };
-    let offset = ent.raw_file_position();
-    apply_pax(ent, &mut meta).map_err(bad)?;
-    if meta.kind != Kind::File {
-        meta.size = match meta.kind {
-            Kind::Symlink => meta.link.len() as u64,
-            _ => 0,
-        };
-    }
-    let entry = Entry {
-        path,
-        hardlink,
-        meta,
-    };
-    Ok(Some((entry, offset)))
-}
-
-/// PAX records the header cannot carry: sub-second mtimes and xattrs.
-fn apply_pax<R: Read>(ent: &mut tar::Entry<R>, meta: &mut Meta) -> io::Result<()> {
-    let Some(exts) = ent.pax_extensions()? else {
-        return Ok(());
-    };
-    for ext in exts {
-        let ext = ext?;
-        let key = ext.key_bytes();
-        if key == b"mtime" {
-            if let Some((s, ns)) = parse_pax_time(ext.value_bytes()) {
-                meta.mtime = s;
-                meta.mtime_nsec = ns;
-            }
-        } else if let Some(name) = key.strip_prefix(b"SCHILY.xattr.") {
-            meta.xattrs
-                .push((name.to_vec(), ext.value_bytes().to_vec()));
-        }
-    }
+fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().unwrap_or(std::path::Path::new("."));
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir.display().to_string(), e))?;
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".tmp-")
+        .tempfile_in(dir)
+        .map_err(|e| Error::io(dir.display().to_string(), e))?;
+    tmp.write_all(bytes)
+        .map_err(|e| Error::io(path.display().to_string(), e))?;
+    tmp.persist(path)
+        .map_err(|e| Error::io(path.display().to_string(), e.error))?;
     Ok(())
 }
 
-/// `seconds[.fraction]`, possibly negative.
-fn parse_pax_time(v: &[u8]) -> Option<(i64, u32)> {
-    let s = std::str::from_utf8(v).ok()?;
-    let (secs, frac) = s.split_once('.').unwrap_or((s, ""));
-    let secs: i64 = secs.parse().ok()?;
-    let digits: String = frac.chars().take(9).collect();
-    if !digits.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    let ns: u32 = format!("{digits:0<9}").parse().ok()?;
-    if secs < 0 && ns > 0 {
-        return Some((secs - 1, 1_000_000_000 - ns));
-    }
-    Some((secs, ns))
+/// A tar index entry as a tree entry; `None` for what is not served.
+fn convert(t: &TarEntry) -> Option<Entry> {
+    let path = tree::normalize(&t.path)?;
+    let mut hardlink = None;
+    let kind = match &t.kind {
+        TarKind::File => Kind::File,
+        TarKind::Dir => Kind::Dir,
+        TarKind::Symlink => Kind::Symlink,
+        TarKind::Hardlink => {
+            hardlink = Some(tree::normalize(t.link_name.as_deref().unwrap_or_default())?);
+            Kind::File
+        }
+        TarKind::Char => Kind::Char,
+        TarKind::Block => Kind::Block,
+        TarKind::Fifo => Kind::Fifo,
+        TarKind::Unsupported(why) => {
+            tracing::warn!("skipping {}: {why}", t.path_lossy());
+            return None;
+        }
+    };
+    let link = match kind {
+        Kind::Symlink => t.link_name.clone().unwrap_or_default(),
+        _ => Vec::new(),
+    };
+    let size = match (&kind, &hardlink) {
+        (Kind::File, None) => t.size,
+        (Kind::Symlink, _) => link.len() as u64,
+        _ => 0,
+    };
+    let rdev = match kind {
+        Kind::Char | Kind::Block => libc::makedev(t.dev_major, t.dev_minor) as u32,
+        _ => 0,
+    };
+    Some(Entry {
+        path,
+        hardlink,
+        meta: Meta {
+            kind,
+            mode: t.mode & 0o7777,
+            uid: t.uid as u32,
+            gid: t.gid as u32,
+            mtime: t.mtime,
+            mtime_nsec: t.mtime_nsec,
+            size,
+            link,
+            rdev,
+            xattrs: t
+                .xattrs
+                .iter()
+                .map(|(k, v)| (k.as_bytes().to_vec(), v.clone()))
+                .collect(),
+        },
+    })
 }
 
 /// Copies everything read from `inner` into `out`.
@@ -365,28 +475,46 @@ impl<R: Read, W: Write> Read for Tee<R, W> {
     }
 }
 
-struct HashWriter(Hasher);
+/// Hashes a stream whole and per [`BLOCK`].
+#[derive(Default)]
+struct BlockHasher {
+    whole: Hasher,
+    block: Hasher,
+    blocks: Vec<Digest>,
+}
 
-impl Write for HashWriter {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.update(buf);
-        Ok(buf.len())
+impl Write for BlockHasher {
+    fn write(&mut self, mut buf: &[u8]) -> io::Result<usize> {
+        let n = buf.len();
+        while !buf.is_empty() {
+            let room = (BLOCK - self.block.len()) as usize;
+            let take = room.min(buf.len());
+            self.whole.update(&buf[..take]);
+            self.block.update(&buf[..take]);
+            buf = &buf[take..];
+            if self.block.len() == BLOCK {
+                let full = std::mem::take(&mut self.block);
+                self.blocks.push(full.finish());
+            }
+        }
+        Ok(n)
     }
+
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
     }
 }
 
-/// A decompressing reader over `r`. Gzip layers may hold several members
-/// (eStargz does), hence the multi-member decoder.
-fn decoder<'a>(c: Compression, r: &'a mut dyn Read, what: &str) -> Result<Box<dyn Read + 'a>> {
-    Ok(match c {
-        Compression::None => Box::new(r),
-        Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(r)),
-        Compression::Zstd => Box::new(
-            zstd::stream::read::Decoder::new(r).map_err(|e| Error::io(what.to_string(), e))?,
-        ),
-    })
+impl BlockHasher {
+    /// Check the whole blob; the block digests are only returned if it matches.
+    fn finish(mut self, digest: &Digest, size: u64) -> Result<Vec<Digest>> {
+        if !self.block.is_empty() {
+            let last = std::mem::take(&mut self.block);
+            self.blocks.push(last.finish());
+        }
+        self.whole.verify(digest, Some(size))?;
+        Ok(self.blocks)
+    }
 }
 
 #[cfg(test)]
@@ -394,13 +522,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn pax_times() {
+    fn block_digests() {
+        let data: Vec<u8> = (0..(BLOCK as usize * 2 + 10)).map(|i| i as u8).collect();
+        let mut h = BlockHasher::default();
+        for piece in data.chunks(333_333) {
+            h.write_all(piece).unwrap();
+        }
+        let blocks = h.finish(&Digest::of(&data), data.len() as u64).unwrap();
+        assert_eq!(blocks.len(), 3);
         assert_eq!(
-            parse_pax_time(b"1700000000.5"),
-            Some((1700000000, 500_000_000))
+            blocks[1],
+            Digest::of(&data[BLOCK as usize..2 * BLOCK as usize])
         );
-        assert_eq!(parse_pax_time(b"12"), Some((12, 0)));
-        assert_eq!(parse_pax_time(b"-1.25"), Some((-2, 750_000_000)));
-        assert_eq!(parse_pax_time(b"x"), None);
+        assert_eq!(blocks[2], Digest::of(&data[2 * BLOCK as usize..]));
+        let mut h = BlockHasher::default();
+        h.write_all(&data).unwrap();
+        assert!(h.finish(&Digest::of(b"other"), data.len() as u64).is_err());
     }
 }

@@ -7,7 +7,6 @@
 
 use std::collections::HashMap;
 use std::hash::Hash;
-use std::io::Write;
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
@@ -216,20 +215,8 @@ impl TocLayer {
 
     /// Keep a verified chunk in the cache (best effort).
     fn store(&self, c: &Chunk, bytes: &[u8]) {
-        let Some(d) = &c.digest else { return };
-        let path = self.cache.path(cache::Kind::Chunk, d);
-        if path.exists() {
-            return;
-        }
-        let res = ggfs::digest::BlobWriter::create(&path, d.clone(), Some(bytes.len() as u64))
-            .and_then(|mut w| {
-                w.write_all(bytes)
-                    .map_err(|e| Error::io("chunk cache", e))?;
-                w.commit()
-            });
-        match res {
-            Ok(_) => self.cache.added(bytes.len() as u64),
-            Err(e) => tracing::warn!("caching a chunk of layer {}: {e}", self.digest),
+        if let Some(d) = &c.digest {
+            crate::layer::store(&self.cache, cache::Kind::Chunk, d, bytes);
         }
     }
 
