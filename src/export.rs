@@ -157,7 +157,16 @@ fn flatten_layer<W: Write>(
             scan.pending.push((path, PRESENT | HIDES_BELOW));
         }
     }
+    drain(archive)?;
     Ok(scan)
+}
+
+/// Read a layer to its very end: the digest check (and gzip's CRC) happen
+/// there, after the tar's end-of-archive blocks, so stopping early would let
+/// a corrupted layer pass unnoticed.
+fn drain<R: Read>(archive: tar::Archive<R>) -> io::Result<()> {
+    io::copy(&mut archive.into_inner(), &mut io::sink())?;
+    Ok(())
 }
 
 /// Second pass for hardlinks whose target was hidden: the first link name
@@ -191,6 +200,7 @@ fn emit_orphans<W: Write>(
             out.append_link(&mut h, link, first)?;
         }
     }
+    drain(archive)?;
     for (target, links) in orphans {
         tracing::warn!(
             "dropping hardlinks {links:?}: their target {} is not in the layer",

@@ -356,3 +356,86 @@ fn basic_auth_with_login_and_docker_config() {
         "t\n"
     );
 }
+
+/// `attach` pushes an artifact with a subject; `refs` finds it through the
+/// referrers API (embedded registry) and through the `sha256-<hex>` tag
+/// fallback (distribution 2.8 has no API), filtered by artifact type.
+#[test]
+fn attach_and_refs_on_both_registries() {
+    let dist = Distribution::start();
+    let port = common::free_port();
+    let embedded = format!("127.0.0.1:{port}");
+    let _server = Server(
+        Command::new(common::ggfs_bin())
+            .args(["registry", "serve", "--address", &embedded])
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for(&embedded);
+    let work = common::tempdir();
+    std::fs::write(work.path().join("f"), "content\n").unwrap();
+    std::fs::write(work.path().join("sbom.json"), "{\"sbom\":true}\n").unwrap();
+    for reg in [dist.addr(), embedded.as_str()] {
+        let image = format!("{reg}/r/img:v1");
+        ggfs(&[
+            "append",
+            "-f",
+            work.path().join("f").to_str().unwrap(),
+            "-t",
+            &image,
+        ]);
+        assert_eq!(
+            ggfs(&["refs", &image]),
+            "",
+            "{reg}: referrers before attaching"
+        );
+        let sbom = ggfs(&[
+            "attach",
+            &image,
+            "--artifact-type",
+            "application/vnd.example.sbom",
+            "-f",
+            work.path().join("sbom.json").to_str().unwrap(),
+        ]);
+        let sig = ggfs(&[
+            "attach",
+            &image,
+            "--artifact-type",
+            "application/vnd.example.sig",
+        ]);
+        let digest_of = |out: &str| out.trim().rsplit_once('@').unwrap().1.to_string();
+        let all = ggfs(&["refs", &image]);
+        assert!(
+            all.contains(&format!(
+                "{} application/vnd.example.sbom",
+                digest_of(&sbom)
+            )),
+            "{reg}: {all}"
+        );
+        assert!(
+            all.contains(&format!("{} application/vnd.example.sig", digest_of(&sig))),
+            "{reg}: {all}"
+        );
+        let only = ggfs(&[
+            "refs",
+            &image,
+            "--artifact-type",
+            "application/vnd.example.sig",
+        ]);
+        assert_eq!(
+            only.trim(),
+            format!("{} application/vnd.example.sig", digest_of(&sig)),
+            "{reg}"
+        );
+        let artifact: serde_json::Value = serde_json::from_str(&ggfs(&[
+            "manifest",
+            &format!("{reg}/r/img@{}", digest_of(&sbom)),
+        ]))
+        .unwrap();
+        assert_eq!(
+            artifact["subject"]["digest"],
+            ggfs(&["digest", &image]).trim()
+        );
+    }
+}

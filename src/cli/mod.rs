@@ -10,6 +10,7 @@ use ggfs::registry::{Client, ClientOptions, RegistryRepo};
 use ggfs::{Platform, Reference};
 
 mod append;
+mod attach;
 mod auth;
 mod blob;
 mod catalog;
@@ -25,6 +26,7 @@ mod mount;
 mod progress;
 mod pull;
 mod push;
+mod refs;
 mod registry;
 mod tag;
 mod validate;
@@ -86,6 +88,10 @@ pub enum Command {
     Delete(delete::Args),
     /// Build a new image: a base (or nothing) plus layers from directories or tars.
     Append(append::Args),
+    /// Attach an artifact (signature, SBOM, ...) to an image as a referrer.
+    Attach(attach::Args),
+    /// List the artifacts that refer to an image.
+    Refs(refs::Args),
     /// Write the flattened filesystem of an image as a tar.
     Export(export::Args),
     /// Check that every blob of an image matches its digest (and layers their DiffIDs).
@@ -119,6 +125,8 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Tag(a) => tag::run(&ctx, a).await,
         Command::Delete(a) => delete::run(&ctx, a).await,
         Command::Append(a) => append::run(&ctx, a).await,
+        Command::Attach(a) => attach::run(&ctx, a).await,
+        Command::Refs(a) => refs::run(&ctx, a).await,
         Command::Export(a) => export::run(&ctx, a).await,
         Command::Validate(a) => validate::run(&ctx, a).await,
         Command::Auth(c) => auth::run(&ctx, c).await,
