@@ -524,7 +524,9 @@ impl<R: Read> Read for GzipIndexBuilder<R> {
                 self.between_members = false;
             }
             match ret {
-                z::Z_OK | z::Z_BUF_ERROR => self.maybe_checkpoint(),
+                // As in zran.c, positions are only trusted after Z_BLOCK.
+                z::Z_OK | z::Z_BUF_ERROR if due => self.maybe_checkpoint(),
+                z::Z_OK | z::Z_BUF_ERROR => {}
                 z::Z_STREAM_END => {
                     self.inf.reset(GZIP)?;
                     self.between_members = true;
