@@ -918,3 +918,51 @@ async fn token_endpoint_hiccups_are_retried() {
     assert_eq!(repo(&c, &registry.addr, "r").tags().await.unwrap(), ["a"]);
     assert_eq!(tokens.seen.lock().unwrap().len(), 2);
 }
+
+/// A blob body that breaks off is resumed from where it stopped: with a
+/// Range request answered 206, or (registry ignoring Range) a 200 whose
+/// head is dropped. Either way the bytes verify.
+#[tokio::test]
+async fn broken_blob_downloads_resume() {
+    let blob = chunk(9, 100_000);
+    let d = Digest::of(&blob);
+    for honour_range in [true, false] {
+        let b = blob.clone();
+        let s = scripted(move |req, n| {
+            if n == 1 {
+                // Promise the whole blob, send 40%, hang up.
+                let mut out = format!(
+                    "HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
+                    b.len()
+                )
+                .into_bytes();
+                out.extend_from_slice(&b[..40_000]);
+                return out;
+            }
+            match req.header("range").and_then(|r| r.strip_prefix("bytes=")) {
+                Some(r) if honour_range => {
+                    let start: usize = r.trim_end_matches('-').parse().unwrap();
+                    let cr = format!("bytes {start}-{}/{}", b.len() - 1, b.len());
+                    response(
+                        "206 Partial Content",
+                        &[("Content-Range", &cr)],
+                        &b[start..],
+                    )
+                }
+                _ => response("200 OK", &[], &b),
+            }
+        });
+        let c = fast_client();
+        let r = repo(&c, &s.addr, "resume");
+        let got = image::read_blob(&r, &d, 1 << 20).await.unwrap();
+        assert_eq!(got, blob, "honour_range={honour_range}");
+        let seen = s.seen.lock().unwrap().clone();
+        assert_eq!(seen.len(), 2);
+        assert!(
+            seen[1]
+                .header("range")
+                .is_some_and(|r| r.starts_with("bytes=") && r.ends_with('-')),
+            "{seen:?}"
+        );
+    }
+}

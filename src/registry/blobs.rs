@@ -4,7 +4,7 @@
 use std::io;
 
 use bytes::{Bytes, BytesMut};
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
 use reqwest::header::{CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, LOCATION, RANGE};
 use reqwest::{Method, StatusCode};
 use url::Url;
@@ -18,6 +18,54 @@ use crate::image::{verify_stream, ByteStream};
 const OCTET_STREAM: &str = "application/octet-stream";
 /// Resends of one chunk after its session confirmed it was not taken.
 const PATCH_RETRIES: u32 = 3;
+
+/// Times a broken blob body is resumed before the error is passed on.
+const RESUMES: u32 = 3;
+
+type Body = std::pin::Pin<Box<dyn futures::Stream<Item = reqwest::Result<Bytes>> + Send>>;
+
+/// A blob download that survives broken connections.
+struct Resume {
+    repo: RegistryRepo,
+    digest: Digest,
+    body: Body,
+    /// Bytes handed out so far.
+    offset: u64,
+    /// Bytes still to drop from the current body before handing any out.
+    skip: u64,
+    resumes: u32,
+}
+
+impl Resume {
+    async fn next(&mut self) -> io::Result<Option<Bytes>> {
+        loop {
+            match self.body.next().await {
+                Some(Ok(mut chunk)) => {
+                    let drop = self.skip.min(chunk.len() as u64);
+                    self.skip -= drop;
+                    let _ = chunk.split_to(drop as usize);
+                    if chunk.is_empty() {
+                        continue;
+                    }
+                    self.offset += chunk.len() as u64;
+                    return Ok(Some(chunk));
+                }
+                None => return Ok(None),
+                Some(Err(e)) if self.resumes < RESUMES => {
+                    self.resumes += 1;
+                    tracing::debug!(digest = %self.digest, offset = self.offset, error = %e, "blob body broke off; resuming");
+                    tokio::time::sleep(std::time::Duration::from_millis(100 << self.resumes)).await;
+                    let (body, skip) = self.repo.open_blob(&self.digest, self.offset).await?;
+                    (self.body, self.skip) = (body, skip);
+                }
+                Some(Err(e)) => {
+                    let what = self.repo.blob_what(&self.digest);
+                    return Err(http_err(&format!("{what} at byte {}", self.offset), e).into());
+                }
+            }
+        }
+    }
+}
 
 /// What POST /blobs/uploads/ gave us.
 enum Started {
@@ -37,17 +85,61 @@ impl RegistryRepo {
     }
 
     /// The whole blob as a stream, unverified (see [`crate::image::Source::blob`]).
-    /// The `jobs` slot is released once headers arrive, so a caller copying
-    /// between two repositories of one client cannot deadlock on it.
+    /// A body that breaks off mid-blob is resumed with a Range request from
+    /// where it stopped. The `jobs` slot is released once headers arrive, so
+    /// a caller copying between two repositories of one client cannot
+    /// deadlock on it.
     pub async fn get_blob(&self, digest: &Digest) -> Result<ByteStream> {
-        let req = self.pull(Method::GET, self.blob_url(digest)?).redirects();
-        let resp = self.t().send(&req).await?;
-        if resp.status() != StatusCode::OK {
-            return Err(status_error(self.registry(), &self.blob_what(digest), resp).await);
+        let (body, skip) = self.open_blob(digest, 0).await?;
+        let state = Resume {
+            repo: self.clone(),
+            digest: digest.clone(),
+            body,
+            offset: 0,
+            skip,
+            resumes: 0,
+        };
+        Ok(Box::pin(futures::stream::unfold(
+            Some(state),
+            |st| async move {
+                let mut st = st?;
+                match st.next().await {
+                    Ok(Some(chunk)) => Some((Ok(chunk), Some(st))),
+                    Ok(None) => None,
+                    Err(e) => Some((Err(e), None)),
+                }
+            },
+        )))
+    }
+
+    /// GET a blob from `offset`: the body, and how many leading bytes of it
+    /// to drop (a registry ignoring Range answers 200 from the start).
+    async fn open_blob(&self, digest: &Digest, offset: u64) -> Result<(Body, u64)> {
+        let mut req = self.pull(Method::GET, self.blob_url(digest)?).redirects();
+        if offset > 0 {
+            req = req.header(RANGE, &format!("bytes={offset}-"));
         }
+        let resp = self.t().send(&req).await?;
+        let what = self.blob_what(digest);
+        let skip = match resp.status() {
+            StatusCode::OK => offset,
+            StatusCode::PARTIAL_CONTENT if offset > 0 => {
+                let start = resp
+                    .header(CONTENT_RANGE.as_str())
+                    .and_then(content_range_start);
+                if start.is_some_and(|s| s != offset) {
+                    return Err(Error::Registry {
+                        registry: self.registry().to_string(),
+                        message: format!("{what}: resuming at {offset}, got bytes from {start:?}"),
+                    });
+                }
+                0
+            }
+            _ => return Err(status_error(self.registry(), &what, resp).await),
+        };
         let Resp { inner, permit } = resp;
         drop(permit);
-        Ok(Box::pin(inner.bytes_stream().map_err(io::Error::other)))
+        Ok((Box::pin(inner.bytes_stream()), skip))
     }
 
     /// `len` bytes at `offset`. Accepts 206, or a 200 with the whole blob
