@@ -19,7 +19,7 @@ pub async fn run(ctx: &Ctx, a: Args) -> Result<()> {
     let (src, reference) = ctx.source(&a.image).await?;
     let image = ggfs::image::fetch_image(src, &reference, ctx.global.platform.as_ref()).await?;
     if a.output.as_os_str() == "-" {
-        let out = std::io::BufWriter::new(std::io::stdout());
+        let out = super::progress::writer(std::io::BufWriter::new(std::io::stdout()), "export");
         return flatten(&image, out).await;
     }
     let dir = match a.output.parent() {
@@ -30,7 +30,7 @@ pub async fn run(ctx: &Ctx, a: Args) -> Result<()> {
         .prefix(".ggfs-export-")
         .tempfile_in(&dir)
         .with_context(|| format!("creating a file in {}", dir.display()))?;
-    let out = std::io::BufWriter::new(tmp.reopen()?);
+    let out = super::progress::writer(std::io::BufWriter::new(tmp.reopen()?), "export");
     flatten(&image, out).await?;
     tmp.persist(&a.output)
         .with_context(|| format!("writing {}", a.output.display()))?;
