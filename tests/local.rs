@@ -442,3 +442,25 @@ async fn untagged_copy_is_listed_for_skopeo() {
         image.config_digest().unwrap().as_str()
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn export_notices_corruption_after_the_end_of_archive() {
+    let t = tempdir();
+    let layer =
+        mutate::layer_from_dir(tree(t.path(), "src", &[("f", "x\n")]), Compression::None).unwrap();
+    let base = mutate::empty(&"linux/amd64".parse().unwrap()).unwrap();
+    let image = mutate::append(&base, vec![layer.clone()]).unwrap();
+    let layout = t.path().join("oci");
+    let store = save_to_layout(&image, &layout, "v1").await;
+    // Flip a byte in the tar's trailing zero blocks: the entries still
+    // parse, only the digest can tell.
+    let blob = store.blob_path(&layer.digest);
+    let mut bytes = fs::read(&blob).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] = 1;
+    fs::write(&blob, &bytes).unwrap();
+
+    let image = open_layout_image(&layout, "v1").await;
+    let err = export::flatten(&image, Vec::new()).await.unwrap_err();
+    assert!(err.to_string().contains("failed verification"), "{err}");
+}
