@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 
 scripts/setup.sh
 cargo build --release --workspace --quiet
-GGFS=$PWD/target/release/ggfs
+GGFS=${CARGO_TARGET_DIR:-$PWD/target}/release/ggfs
 WORK=$(mktemp -d /tmp/ggfs-demo.XXXXXX)
 PORT=${GGFS_DEMO_PORT:-5055}
 REG=127.0.0.1:$PORT

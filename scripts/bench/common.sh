@@ -3,7 +3,7 @@
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
-GGFS=${GGFS:-$ROOT/target/release/ggfs}
+GGFS=${GGFS:-${CARGO_TARGET_DIR:-$ROOT/target}/release/ggfs}
 WORK=$(mktemp -d /tmp/ggfs-bench.XXXXXX)
 PIDS=()
 

@@ -7,7 +7,7 @@
 # `find | wc -l` vs native find, and the daemon's peak RSS.
 # Usage: scripts/bench/mount.sh            (needs: cargo build --release --workspace)
 source "$(dirname "$0")/common.sh"
-MOUNTD=${MOUNTD:-$ROOT/target/release/ggfs-mountd}
+
 PORT=5401
 REG=127.0.0.1:$PORT
 LOG=$WORK/registry-$PORT/log
@@ -38,7 +38,7 @@ secs() { echo "$2 - $1" | bc -l; }
 mount_fresh() {
     "$GGFS" unmount "$MNT" 2>/dev/null || true
     rm -rf "$WORK/cache"
-    "$ROOT/target/release/ggfs" mount "$REG" "$MNT" --cache-dir "$WORK/cache"
+    "$GGFS" mount "$REG" "$MNT" --cache-dir "$WORK/cache"
 }
 
 # Baseline: full pull and unpack, then read the file.
