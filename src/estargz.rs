@@ -330,7 +330,7 @@ fn toc_json_from_member(member: &[u8]) -> Result<Vec<u8>> {
             limit: MAX_TOC_SIZE,
         });
     }
-    let mut json = Vec::with_capacity(size as usize);
+    let mut json = Vec::with_capacity(size.min(64 << 20) as usize);
     entry
         .read_to_end(&mut json)
         .map_err(|e| bad(format!("reading TOC JSON: {e}")))?;

@@ -211,7 +211,7 @@ pub fn toc_from_compressed(
             });
         }
     }
-    let mut json = Vec::with_capacity(pos.uncompressed_len.min(MAX_TOC_SIZE) as usize);
+    let mut json = Vec::with_capacity(pos.uncompressed_len.min(64 << 20) as usize);
     zstd::stream::read::Decoder::with_buffer(compressed)
         .and_then(|d| d.take(MAX_TOC_SIZE + 1).read_to_end(&mut json))
         .map_err(|e| Error::invalid(what(), format!("decompressing: {e}")))?;
