@@ -37,8 +37,13 @@ fn within<T: Send + 'static>(secs: u64, what: &str, f: impl FnOnce() -> T + Send
     std::thread::spawn(move || {
         let _ = tx.send(f());
     });
-    rx.recv_timeout(Duration::from_secs(secs))
-        .unwrap_or_else(|_| panic!("{what}: no result within {secs}s"))
+    match rx.recv_timeout(Duration::from_secs(secs)) {
+        Ok(v) => v,
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+            panic!("{what}: no result within {secs}s")
+        }
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => panic!("{what} failed (above)"),
+    }
 }
 
 fn is_mounted(mp: &Path) -> bool {
@@ -731,4 +736,76 @@ fn evicted_plain_layer_is_read_by_verified_ranges() {
         proxy.requests()
     );
     assert_same_tree(&m.path("ranges/latest/rootfs"), &expected);
+}
+
+fn names_in(p: &Path) -> Vec<String> {
+    let p = p.to_path_buf();
+    let mut v: Vec<String> = within(60, "readdir", move || {
+        std::fs::read_dir(&p)
+            .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect()
+    });
+    v.sort();
+    v
+}
+
+#[test]
+fn tags_move_after_ttl_tags_shadow_repos_and_misses_are_cached() {
+    let reg = Distribution::start();
+    let multi = common::multilayer_image();
+    let tag = common::MULTILAYER_TAG;
+    let layouts = fixture_layout();
+    let fixture = layouts.path().join("layout");
+    common::push_oci_layout(multi, tag, &reg.reference("ns/app:v1"));
+    common::push_oci_layout(multi, tag, &reg.reference("ns/app:child"));
+    common::push_oci_layout(multi, tag, &reg.reference("ns/app/child:c1"));
+    let proxy = CountingProxy::start(reg.addr());
+    let m = Mount::start(proxy.addr(), &["--tag-ttl", "1"]);
+
+    // A tag follows the registry once --tag-ttl has passed.
+    let before = read_string(&m.path("ns/app/v1/digest"));
+    common::push_oci_layout(&fixture, "latest", &reg.reference("ns/app:v1"));
+    let now = common::skopeo_inspect_raw(&format!("docker://{}", reg.reference("ns/app:v1")));
+    std::thread::sleep(Duration::from_millis(2500));
+    let after = read_string(&m.path("ns/app/v1/digest"));
+    assert_ne!(before, after);
+    let raw = std::fs::read(m.path("ns/app/v1/manifest.json")).unwrap();
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&raw).unwrap(),
+        now
+    );
+    assert_eq!(after.trim(), common::sha256_digest(&raw));
+    assert_eq!(
+        read_string(&m.path("ns/app/v1/rootfs/small.txt")),
+        "hello ggfs\n"
+    );
+
+    // `child` is a tag of ns/app and the repository ns/app/child: the
+    // image's entries come first, the repository's tags follow.
+    assert_eq!(names_in(&m.path("ns/app")), ["child", "v1"]);
+    assert_eq!(
+        names_in(&m.path("ns/app/child")),
+        [
+            "blobs",
+            "c1",
+            "config.json",
+            "digest",
+            "manifest.json",
+            "rootfs"
+        ]
+    );
+    assert_eq!(
+        read_string(&m.path("ns/app/child/c1/rootfs/base/keep.txt")),
+        "v3\n"
+    );
+
+    // Shell-style probes of missing names do not flood the registry.
+    proxy.reset();
+    for _ in 0..20 {
+        assert!(!m.path("ns/app/.git").exists());
+        assert!(!m.path("nosuchrepo").exists());
+        assert!(!m.path("ns/app/v1/nosuchfile").exists());
+    }
+    assert!(proxy.request_count() <= 3, "{:#?}", proxy.requests());
 }

@@ -338,9 +338,11 @@ impl Inner {
                 // A tag that is also a child repository's name: the image's
                 // own entries win, the repository's children follow.
                 let path = join(repo, tag);
-                for c in self.repo_children(&path).await {
-                    if !out.iter().any(|(n, _)| *n == c) {
-                        out.push((c.clone(), Key::Repo(join(&path, &c))));
+                if valid_component(tag) && self.may_be_repo(&path).await {
+                    for (n, k) in self.list_repo(&path).await {
+                        if !out.iter().any(|(o, _)| *o == n) {
+                            out.push((n, k));
+                        }
                     }
                 }
             }
@@ -378,6 +380,18 @@ impl Inner {
         match self.ns.catalog().await {
             Ok(Some(cat)) => children_of(&cat, path),
             _ => Vec::new(),
+        }
+    }
+
+    /// Whether `path` may be a repository or a prefix of one: per the
+    /// catalog, or always when the registry does not list its catalog.
+    async fn may_be_repo(&self, path: &str) -> bool {
+        match self.ns.catalog().await {
+            Ok(Some(cat)) => {
+                let prefix = format!("{path}/");
+                cat.iter().any(|r| r == path || r.starts_with(&prefix))
+            }
+            _ => true,
         }
     }
 
@@ -419,7 +433,7 @@ impl Inner {
             }
             return match key {
                 Key::Tag(repo, tag) if valid_component(tag) => {
-                    self.lookup_child_repo(&join(repo, tag), name).await
+                    self.lookup_repo(&join(repo, tag), name).await
                 }
                 _ => Err(Fail::noent(name)),
             };

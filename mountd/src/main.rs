@@ -17,6 +17,7 @@ mod tree;
 use std::ffi::OsString;
 use std::io::{Read, Write};
 use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 use std::sync::Arc;
@@ -94,8 +95,12 @@ fn main() -> ExitCode {
 }
 
 /// Start the daemon and wait until it says the mount is ready.
-fn daemonize(args: MountArgs) -> Result<()> {
+fn daemonize(mut args: MountArgs) -> Result<()> {
     preflight(&args)?;
+    // The daemon's command line names the mount point absolutely, so
+    // `unmount` can find it from anywhere.
+    args.mountpoint = std::fs::canonicalize(&args.mountpoint)
+        .with_context(|| format!("mount point {}", args.mountpoint.display()))?;
     let mut fds = [0; 2];
     // SAFETY: pipe2 fills two descriptors we then own.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
@@ -385,10 +390,58 @@ fn wait_signal(set: &libc::sigset_t) -> Option<&'static str> {
     })
 }
 
+/// Unmount, then wait (up to 10 s) for the daemons serving the mount to exit.
 fn unmount(mountpoint: &Path) -> Result<()> {
     if !is_mount_point(mountpoint)? {
         bail!("{} is not mounted", mountpoint.display());
     }
+    let pids = daemons_of(mountpoint);
+    unmount_only(mountpoint)?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while pids.iter().any(|p| alive(*p)) {
+        if std::time::Instant::now() > deadline {
+            bail!(
+                "unmounted {}, but its daemon {pids:?} is still running",
+                mountpoint.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+/// Pids of ggfs-mountd processes whose command line names `mountpoint`.
+fn daemons_of(mountpoint: &Path) -> Vec<u32> {
+    let canon = std::fs::canonicalize(mountpoint).unwrap_or_else(|_| mountpoint.to_path_buf());
+    let me = std::process::id();
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    rd.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| pid != me)
+        .filter(|pid| {
+            let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+                return false;
+            };
+            let args: Vec<&[u8]> = cmd.split(|&b| b == 0).collect();
+            args.first().is_some_and(|a| a.ends_with(b"ggfs-mountd"))
+                && args
+                    .iter()
+                    .any(|a| Path::new(std::ffi::OsStr::from_bytes(a)) == canon)
+        })
+        .collect()
+}
+
+/// Running and not a zombie.
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        !s.rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+    })
+}
+
+fn unmount_only(mountpoint: &Path) -> Result<()> {
     let bin = which("fusermount3").or_else(|| which("fusermount"));
     if let Some(bin) = bin {
         let out = Command::new(&bin)
