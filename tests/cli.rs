@@ -439,3 +439,49 @@ fn attach_and_refs_on_both_registries() {
         );
     }
 }
+
+/// `mutate` edits the config and moves the tag; the old image stays
+/// reachable by digest with its old config.
+#[test]
+fn mutate_changes_config_and_keeps_the_old_image() {
+    let reg = Distribution::start();
+    let work = common::tempdir();
+    std::fs::write(work.path().join("f"), "x").unwrap();
+    let image = reg.reference("m/img:v1");
+    ggfs(&[
+        "append",
+        "-f",
+        work.path().join("f").to_str().unwrap(),
+        "-t",
+        &image,
+    ]);
+    let old = ggfs(&["digest", &image]);
+    ggfs(&[
+        "mutate",
+        &image,
+        "-l",
+        "org.example=yes",
+        "-e",
+        "GREETING=hi",
+        "--entrypoint",
+        "/bin/sh,-c",
+    ]);
+    let new = ggfs(&["digest", &image]);
+    assert_ne!(old, new);
+    let cfg: serde_json::Value = serde_json::from_str(&ggfs(&["config", &image])).unwrap();
+    assert_eq!(cfg["config"]["Labels"]["org.example"], "yes");
+    assert!(cfg["config"]["Env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|e| e == "GREETING=hi"));
+    assert_eq!(
+        cfg["config"]["Entrypoint"],
+        serde_json::json!(["/bin/sh", "-c"])
+    );
+    let old_ref = format!("{}/m/img@{}", reg.addr(), old.trim());
+    let old_cfg: serde_json::Value = serde_json::from_str(&ggfs(&["config", &old_ref])).unwrap();
+    assert!(old_cfg["config"]["Labels"].is_null());
+    ggfs(&["validate", &image]);
+    assert!(ggfs_fails(&["mutate", &image, "-l", "novalue"]).contains("KEY=VALUE"));
+}
