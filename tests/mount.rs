@@ -809,3 +809,36 @@ fn tags_move_after_ttl_tags_shadow_repos_and_misses_are_cached() {
     }
     assert!(proxy.request_count() <= 3, "{:#?}", proxy.requests());
 }
+
+#[test]
+fn small_cache_stays_bounded_and_serves_correct_bytes() {
+    let reg = Distribution::start();
+    let layouts = fixture_layout();
+    let layout = layouts.path().join("layout");
+    common::push_oci_layout(&layout, "latest", &reg.reference("small/cache:latest"));
+    let (_u, expected) = unpack(&layout, "latest");
+    let cache = common::tempdir();
+    let limit = 3u64 << 20;
+    let m = Mount::start_with_cache(reg.addr(), &["--cache-size", "3M"], Some(cache.path()));
+    // The layer's tar (~7 MiB) cannot stay: reads go by verified ranges.
+    assert_same_tree(&m.path("small/cache/latest/rootfs"), &expected);
+    let used: u64 = walk_sizes(cache.path());
+    assert!(
+        used <= limit + (1 << 20),
+        "cache holds {used} bytes, limit {limit}"
+    );
+}
+
+fn walk_sizes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| match e.metadata() {
+                    Ok(md) if md.is_dir() => walk_sizes(&e.path()),
+                    Ok(md) => md.len(),
+                    Err(_) => 0,
+                })
+                .sum()
+        })
+        .unwrap_or(0)
+}

@@ -101,6 +101,10 @@ fn daemonize(mut args: MountArgs) -> Result<()> {
     // `unmount` can find it from anywhere.
     args.mountpoint = std::fs::canonicalize(&args.mountpoint)
         .with_context(|| format!("mount point {}", args.mountpoint.display()))?;
+    // The daemon runs from / (so it keeps no directory busy): make paths absolute.
+    let cwd = std::env::current_dir().context("current directory")?;
+    args.cache_dir = args.cache_dir.map(|d| cwd.join(d));
+    args.log = args.log.map(|l| cwd.join(l));
     let mut fds = [0; 2];
     // SAFETY: pipe2 fills two descriptors we then own.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
@@ -111,6 +115,7 @@ fn daemonize(mut args: MountArgs) -> Result<()> {
     let exe = std::env::current_exe().context("finding own executable")?;
     let mut cmd = Command::new(exe);
     cmd.args(child_args(&args, wr_raw))
+        .current_dir("/")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null());
