@@ -293,7 +293,7 @@ impl Inner {
 
     async fn image(&self, repo: &str, d: &Digest) -> Res<ggfs::image::Image> {
         match &*self.ns.artifact(repo, d).await? {
-            Art::Image { image, .. } => Ok(image.clone()),
+            Art::Image { image, .. } => Ok((**image).clone()),
             Art::Index { .. } => Err(Fail::new(libc::ENOENT, format!("{d} is an index"))),
         }
     }

@@ -253,10 +253,12 @@ pub fn store(cache: &Cache, kind: cache::Kind, d: &Digest, bytes: &[u8]) {
     }
 }
 
+type OpenCell = Arc<OnceCell<Arc<dyn LayerData>>>;
+
 /// Opens layers once per process (concurrent openers share the work).
 pub struct Layers {
     cache: Arc<Cache>,
-    open: Mutex<HashMap<Digest, Arc<OnceCell<Arc<dyn LayerData>>>>>,
+    open: Mutex<HashMap<Digest, OpenCell>>,
 }
 
 impl Layers {

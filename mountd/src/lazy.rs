@@ -31,10 +31,12 @@ const HIDDEN: [&str; 3] = [
 /// Largest prefetch range fetched in one request.
 const MAX_PREFETCH: u64 = 64 << 20;
 
+type Flight<V> = Arc<OnceCell<std::result::Result<V, Arc<Error>>>>;
+
 /// Runs one computation per key at a time; callers arriving meanwhile share
 /// its result. Nothing is kept once it is done.
 pub struct SingleFlight<K, V> {
-    map: Mutex<HashMap<K, Arc<OnceCell<std::result::Result<V, Arc<Error>>>>>>,
+    map: Mutex<HashMap<K, Flight<V>>>,
 }
 
 impl<K: Hash + Eq + Clone, V: Clone> Default for SingleFlight<K, V> {

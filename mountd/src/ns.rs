@@ -52,9 +52,12 @@ impl From<Error> for Fail {
     }
 }
 
+/// When a memo entry was made, and its (possibly pending) result.
+type Slot<V> = (Instant, Arc<OnceCell<Res<V>>>);
+
 /// Memoized async results with expiry and single-flight.
 pub struct Memo<K, V> {
-    map: Mutex<HashMap<K, (Instant, Arc<OnceCell<Res<V>>>)>>,
+    map: Mutex<HashMap<K, Slot<V>>>,
 }
 
 impl<K: Hash + Eq + Clone, V: Clone> Default for Memo<K, V> {
@@ -97,7 +100,7 @@ impl<K: Hash + Eq + Clone, V: Clone> Memo<K, V> {
 /// What a manifest is, as the namespace shows it.
 pub enum Art {
     Image {
-        image: Image,
+        image: Box<Image>,
         layers: Vec<Layer>,
     },
     Index {
@@ -223,7 +226,10 @@ impl Namespace {
                 for l in &layers {
                     self.stats.note_size(&l.digest, l.size());
                 }
-                Art::Image { image, layers }
+                Art::Image {
+                    image: Box::new(image),
+                    layers,
+                }
             }
             Artifact::Index(index) => Art::Index {
                 children: platform_dirs(&index.parsed, self.platform.as_ref()),

@@ -305,7 +305,7 @@ mod tests {
 
     #[test]
     fn whiteouts_and_opaque_dirs() {
-        let l0 = vec![
+        let l0 = [
             e("./", Kind::Dir),
             e("./a/", Kind::Dir),
             e("./a/x", Kind::File),
@@ -314,7 +314,7 @@ mod tests {
             e("./b/old", Kind::File),
             e("./c", Kind::File),
         ];
-        let l1 = vec![
+        let l1 = [
             e("a/.wh.x", Kind::File),
             e("b/new", Kind::File),
             e("b/.wh..wh..opq", Kind::File),
@@ -337,13 +337,13 @@ mod tests {
     fn hardlinks_share_a_node() {
         let mut link = e("bin/sh", Kind::File);
         link.hardlink = Some(b"bin/busybox".to_vec());
-        let l0 = vec![e("bin/busybox", Kind::File), link];
+        let l0 = [e("bin/busybox", Kind::File), link];
         let t = Tree::build([&l0[..]]);
         let a = t.resolve(b"bin/busybox").unwrap();
         assert_eq!(t.resolve(b"bin/sh"), Some(a));
         assert_eq!(t.node(a).nlink, 2);
         // Deleting one name in a later layer drops the count.
-        let l1 = vec![e("bin/.wh.sh", Kind::File)];
+        let l1 = [e("bin/.wh.sh", Kind::File)];
         let t = Tree::build([&l0[..], &l1[..]]);
         assert_eq!(t.node(t.resolve(b"bin/busybox").unwrap()).nlink, 1);
     }
