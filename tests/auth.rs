@@ -7,18 +7,15 @@ use std::path::Path;
 use std::time::Duration;
 
 use base64::Engine;
-use bytes::Bytes;
 use ggfs::auth::{self, Credential, Keychain};
 use ggfs::error::Error;
-use ggfs::image::{self, ByteStream, Sink, Source};
-use ggfs::manifest::{media, RawManifest};
+use ggfs::image::{self, Sink, Source};
+use ggfs::manifest::RawManifest;
 use ggfs::registry::{Client, ClientOptions, RegistryRepo};
-use ggfs::{Digest, Repository};
+use ggfs::Digest;
 
+use common::client::{image_manifest, put, repo, stream_of, CONFIG};
 use common::{CountingProxy, Distribution, TokenOptions, TokenServer};
-
-const CONFIG: &[u8] =
-    br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#;
 
 fn b64(s: &str) -> String {
     base64::engine::general_purpose::STANDARD.encode(s)
@@ -42,25 +39,10 @@ fn client_with(dir: &Path) -> Client {
         .unwrap()
 }
 
-fn repo(c: &Client, registry: &str, name: &str) -> RegistryRepo {
-    c.repo(&Repository::new(registry, name).unwrap())
-}
-
-fn stream_of(b: &'static [u8]) -> ByteStream {
-    Box::pin(futures::stream::iter([Ok(Bytes::from_static(b))]))
-}
-
 /// Push a config blob and an image manifest tagged `tag`; pull both back.
 async fn push_and_pull(r: &RegistryRepo, tag: &str) -> Result<RawManifest, Error> {
-    let cfg = Digest::of(CONFIG);
-    r.put_blob(&cfg, CONFIG.len() as u64, stream_of(CONFIG))
-        .await?;
-    let m = RawManifest::from_json(&serde_json::json!({
-        "schemaVersion": 2,
-        "mediaType": media::OCI_MANIFEST,
-        "config": {"mediaType": media::OCI_CONFIG, "digest": cfg, "size": CONFIG.len()},
-        "layers": [],
-    }))?;
+    let cfg = put(r, CONFIG).await?;
+    let m = image_manifest(&cfg, CONFIG.len(), &[]);
     r.put_manifest(&m, Some(tag)).await?;
     let got = r.manifest(tag).await?;
     assert_eq!(got.digest, m.digest);

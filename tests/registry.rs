@@ -15,9 +15,10 @@ use ggfs::digest::Hasher;
 use ggfs::error::Error;
 use ggfs::image::{self, ByteStream, Sink, Source};
 use ggfs::manifest::{media, RawManifest};
-use ggfs::registry::{Client, ClientOptions, RegistryRepo, RetryPolicy};
-use ggfs::{Digest, Repository};
+use ggfs::registry::{Client, ClientOptions, RetryPolicy};
+use ggfs::Digest;
 
+use common::client::{image_manifest, put, repo, stream_of, CONFIG};
 use common::{CountingProxy, Distribution};
 
 fn client() -> Client {
@@ -25,22 +26,6 @@ fn client() -> Client {
         .keychain(Keychain::anonymous())
         .build()
         .unwrap()
-}
-
-fn repo(c: &Client, registry: &str, name: &str) -> RegistryRepo {
-    c.repo(&Repository::new(registry, name).unwrap())
-}
-
-fn stream_of(b: &'static [u8]) -> ByteStream {
-    Box::pin(futures::stream::iter([Ok(Bytes::from_static(b))]))
-}
-
-async fn put(r: &RegistryRepo, bytes: &'static [u8]) -> Digest {
-    let d = Digest::of(bytes);
-    r.put_blob(&d, bytes.len() as u64, stream_of(bytes))
-        .await
-        .unwrap();
-    d
 }
 
 /// Deterministic, incompressible-looking chunk `i` of a large blob.
@@ -75,23 +60,6 @@ fn big_digest() -> Digest {
     h.finish()
 }
 
-fn image_manifest(config: &Digest, config_len: usize, layers: &[(Digest, u64)]) -> RawManifest {
-    let layers: Vec<_> = layers
-        .iter()
-        .map(|(d, s)| serde_json::json!({"mediaType": media::OCI_LAYER, "digest": d, "size": s}))
-        .collect();
-    RawManifest::from_json(&serde_json::json!({
-        "schemaVersion": 2,
-        "mediaType": media::OCI_MANIFEST,
-        "config": {"mediaType": media::OCI_CONFIG, "digest": config, "size": config_len},
-        "layers": layers,
-    }))
-    .unwrap()
-}
-
-const CONFIG: &[u8] =
-    br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#;
-
 #[tokio::test]
 async fn push_pull_round_trip_small_and_50mb_streamed() {
     let reg = Distribution::start();
@@ -99,7 +67,7 @@ async fn push_pull_round_trip_small_and_50mb_streamed() {
     let c = client();
     let r = repo(&c, proxy.addr(), "round/trip");
 
-    let cfg = put(&r, CONFIG).await;
+    let cfg = put(&r, CONFIG).await.unwrap();
     let big = big_digest();
     let big_len = BIG_CHUNKS * MIB as u64;
     proxy.reset();
@@ -213,7 +181,7 @@ async fn blob_bytes_that_do_not_match_are_refused() {
     assert!(matches!(err, Error::SizeMismatch { .. }), "{err}");
 
     // Bytes corrupted inside the registry fail verification on read.
-    let d = put(&r, b"stored bytes").await;
+    let d = put(&r, b"stored bytes").await.unwrap();
     std::fs::write(reg.blob_path(d.as_str()), b"stored bytez").unwrap();
     let err = image::read_blob(&r, &d, 1024).await.unwrap_err();
     assert!(matches!(err, Error::DigestMismatch { .. }), "{err}");
@@ -224,7 +192,7 @@ async fn tags_and_catalog_paginate() {
     let reg = Distribution::start();
     let c = client();
     let cfg_repo = repo(&c, reg.addr(), "pages/a");
-    let cfg = put(&cfg_repo, CONFIG).await;
+    let cfg = put(&cfg_repo, CONFIG).await.unwrap();
     let m = image_manifest(&cfg, CONFIG.len(), &[]);
     for t in ["t1", "t2", "t3", "t4", "t5"] {
         cfg_repo.put_manifest(&m, Some(t)).await.unwrap();
@@ -251,7 +219,7 @@ async fn tags_and_catalog_paginate() {
 
     for name in ["pages/b", "pages/c", "pages/d"] {
         let r = repo(&c, reg.addr(), name);
-        put(&r, CONFIG).await;
+        put(&r, CONFIG).await.unwrap();
         r.put_manifest(&m, Some("x")).await.unwrap();
     }
     let p1 = c.catalog_page(reg.addr(), 2, None).await.unwrap();
@@ -322,7 +290,7 @@ async fn delete_manifests_and_blobs() {
     let reg = Distribution::start();
     let c = client();
     let r = repo(&c, reg.addr(), "del");
-    let cfg = put(&r, CONFIG).await;
+    let cfg = put(&r, CONFIG).await.unwrap();
     let m = image_manifest(&cfg, CONFIG.len(), &[]);
     r.put_manifest(&m, Some("gone")).await.unwrap();
     r.delete(m.digest.as_str()).await.unwrap();
@@ -344,7 +312,7 @@ async fn referrers_fall_back_to_the_tag_schema() {
     let reg = Distribution::start();
     let c = client();
     let r = repo(&c, reg.addr(), "refs");
-    let cfg = put(&r, CONFIG).await;
+    let cfg = put(&r, CONFIG).await.unwrap();
     let subject = image_manifest(&cfg, CONFIG.len(), &[]);
     r.put_manifest(&subject, Some("app")).await.unwrap();
     assert!(r
@@ -354,7 +322,7 @@ async fn referrers_fall_back_to_the_tag_schema() {
         .manifests()
         .is_empty());
 
-    let empty = put(&r, b"{}").await;
+    let empty = put(&r, b"{}").await.unwrap();
     let artifact = |kind: &str| {
         RawManifest::from_json(&serde_json::json!({
             "schemaVersion": 2,
@@ -411,10 +379,10 @@ async fn referrers_api_when_the_registry_has_it() {
         .unwrap();
     let c = client();
     let r = repo(&c, &server.host(), "refs/api");
-    let cfg = put(&r, CONFIG).await;
+    let cfg = put(&r, CONFIG).await.unwrap();
     let subject = image_manifest(&cfg, CONFIG.len(), &[]);
     r.put_manifest(&subject, Some("app")).await.unwrap();
-    let empty = put(&r, b"{}").await;
+    let empty = put(&r, b"{}").await.unwrap();
     let mut pushed = Vec::new();
     for kind in [
         "application/vnd.example.sig",
@@ -797,7 +765,7 @@ async fn uploads_follow_relative_locations() {
         _ => response("400 Bad Request", &[], b""),
     });
     let c = fast_client();
-    put(&repo(&c, &s.addr, "rel"), b"relative").await;
+    put(&repo(&c, &s.addr, "rel"), b"relative").await.unwrap();
     let seen = s.seen.lock().unwrap();
     assert_eq!(seen.len(), 2, "{seen:?}");
 }
@@ -885,7 +853,7 @@ async fn failed_chunks_are_resent_after_checking_the_session() {
         .build()
         .unwrap();
     let r = repo(&c, &s.addr, "chunks");
-    put(&r, b"0123456789").await;
+    put(&r, b"0123456789").await.unwrap();
     let methods: Vec<String> = s
         .seen
         .lock()

@@ -7,6 +7,7 @@
 //! `scripts/setup.sh` installs them.
 #![allow(dead_code, unused_imports)]
 
+pub mod client;
 mod convert;
 mod fixtures;
 mod proxy;
