@@ -130,6 +130,9 @@ pub async fn read_blob(source: &dyn Source, digest: &Digest, limit: u64) -> Resu
 }
 
 /// A manifest that is either an image or an index.
+// Short-lived (one per fetch): boxing the larger variant would only add an
+// allocation, and would change every match in other crates.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone)]
 pub enum Artifact {
     Image(Image),
