@@ -600,23 +600,66 @@ fn clear_errors_for_bad_mount_points_and_registries() {
     assert!(e.contains("busy"), "{e}");
 }
 
+/// A TCP proxy that hands upstream's bytes to clients at about `rate`
+/// bytes per second per connection: a slow registry.
+fn slow_proxy(upstream: &str, rate: u64) -> String {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let upstream = upstream.to_string();
+    std::thread::spawn(move || {
+        for client in listener.incoming().flatten() {
+            let Ok(server) = std::net::TcpStream::connect(&upstream) else {
+                continue;
+            };
+            let (mut c_in, mut s_out) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+            std::thread::spawn(move || std::io::copy(&mut c_in, &mut s_out));
+            let (mut s_in, mut c_out) = (server, client);
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 16 * 1024];
+                while let Ok(n) = s_in.read(&mut buf) {
+                    if n == 0 || c_out.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_nanos(n as u64 * 1_000_000_000 / rate));
+                }
+                let _ = c_out.shutdown(std::net::Shutdown::Both);
+            });
+        }
+    });
+    addr
+}
+
 #[test]
-fn concurrent_reader_is_not_blocked_by_a_slow_fetch() {
-    // Stats and namespace files answer while a layer is being fetched.
+fn readers_are_not_blocked_behind_a_slow_fetch() {
     let reg = Distribution::start();
-    let proxy = CountingProxy::start(reg.addr());
     let layouts = fixture_layout();
     let layout = layouts.path().join("layout");
-    common::push_oci_layout(&layout, "latest", &reg.reference("conc:latest"));
-    let m = Mount::start(proxy.addr(), &[]);
-    let big = m.path("conc/latest/rootfs/data/big-5m");
-    let reader = std::thread::spawn(move || std::fs::read(big).map(|b| b.len()));
-    let stats = read_string(&m.path(".ggfs/stats"));
-    assert!(stats.contains("requests"), "{stats}");
-    assert_eq!(
-        within(120, "big read", move || reader.join().unwrap()).unwrap(),
-        5 << 20
+    common::push_oci_layout(&layout, "latest", &reg.reference("slow:latest"));
+    // ~6 MiB layer at 1 MiB/s: the first read of the rootfs takes seconds.
+    let proxy = slow_proxy(reg.addr(), 1 << 20);
+    let m = Mount::start(&proxy, &[]);
+    assert!(m.path("slow/latest/manifest.json").exists());
+    let file = m.path("slow/latest/rootfs/small.txt");
+    let reader = std::thread::spawn(move || std::fs::read_to_string(file));
+    std::thread::sleep(Duration::from_millis(500));
+    let t = Instant::now();
+    for _ in 0..5 {
+        read_string(&m.path(".ggfs/stats"));
+        std::fs::read(m.path("slow/latest/manifest.json")).unwrap();
+        names_in(&m.path("slow/latest"));
+    }
+    let took = t.elapsed();
+    assert!(
+        !reader.is_finished(),
+        "the layer fetch was too fast to test anything"
     );
+    assert!(
+        took < Duration::from_secs(2),
+        "other requests waited {took:?} on the fetch"
+    );
+    let got = within(120, "slow read", move || reader.join().unwrap()).unwrap();
+    assert_eq!(got, "hello ggfs\n");
 }
 
 /// Push the fixture as `src:latest`, convert it with ctr-remote (`convert`

@@ -745,6 +745,16 @@ fn xattr_reply(reply: ReplyXattr, data: &[u8], size: u32) {
 }
 
 impl Filesystem for Fs {
+    fn init(&mut self, _req: &Request<'_>, config: &mut fuser::KernelConfig) -> Result<(), i32> {
+        // Bigger reads mean fewer chunk lookups and inflates per file.
+        if let Err(max) = config.set_max_readahead(1 << 20) {
+            let _ = config.set_max_readahead(max);
+        }
+        // Reads are answered asynchronously: let the kernel keep more in flight.
+        let _ = config.set_max_background(64);
+        Ok(())
+    }
+
     fn lookup(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEntry) {
         let name = name.to_owned();
         self.spawn(|fs| async move {

@@ -190,29 +190,39 @@ fn convert(e: &TocEntry) -> Option<Entry> {
 }
 
 impl TocLayer {
-    /// One verified chunk: from the disk cache, or fetched (once, however
-    /// many readers want it) and cached.
-    async fn chunk(&self, c: &Chunk) -> Result<Bytes> {
+    /// Bytes `from..to` of one verified chunk: read from the disk cache, or
+    /// the chunk is fetched (once, however many readers want it) and cached.
+    async fn chunk_part(&self, c: &Chunk, from: u64, to: u64) -> Result<Bytes> {
         if c.zeros {
-            return self.toc.decode_chunk(c, &[]);
+            return Ok(Bytes::from(vec![0u8; (to - from) as usize]));
         }
-        if let Some(d) = &c.digest {
-            if let Some(path) = self.cache.get(cache::Kind::Chunk, d) {
-                if let Ok(b) = tokio::fs::read(&path).await {
-                    if b.len() as u64 == c.size {
-                        return Ok(Bytes::from(b));
-                    }
-                }
+        if let Some(path) = c
+            .digest
+            .as_ref()
+            .and_then(|d| self.cache.get(cache::Kind::Chunk, d))
+        {
+            let part = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {
+                use std::os::unix::fs::FileExt;
+                let f = std::fs::File::open(path)?;
+                let mut buf = vec![0u8; (to - from) as usize];
+                f.read_exact_at(&mut buf, from)?;
+                Ok(buf)
+            })
+            .await;
+            if let Ok(Ok(buf)) = part {
+                return Ok(Bytes::from(buf));
             }
         }
-        self.flights
+        let whole = self
+            .flights
             .run(c.blob_offset, || async {
                 let bytes = self.toc.read_chunk(self.source.as_ref(), c).await?;
                 self.store(c, &bytes);
                 Ok(bytes)
             })
             .await
-            .map_err(|e| Error::invalid(format!("layer {}", self.digest), e.to_string()))
+            .map_err(|e| Error::invalid(format!("layer {}", self.digest), e.to_string()))?;
+        Ok(whole.slice(from as usize..(to as usize).min(whole.len())))
     }
 
     /// Keep a verified chunk in the cache (best effort).
@@ -269,13 +279,14 @@ impl LayerData for TocLayer {
             return Ok(Bytes::new());
         }
         let chunks = self.toc.chunks_for_range(ti, offset, end - offset);
-        let fetched = futures::future::try_join_all(chunks.iter().map(|c| self.chunk(c))).await?;
+        let parts = futures::future::try_join_all(chunks.iter().map(|c| {
+            let from = offset.max(c.file_offset) - c.file_offset;
+            let to = end.min(c.file_offset + c.size) - c.file_offset;
+            self.chunk_part(c, from, to)
+        }))
+        .await?;
         let mut out = Vec::with_capacity((end - offset) as usize);
-        for (c, bytes) in chunks.iter().zip(fetched) {
-            let from = (offset.max(c.file_offset) - c.file_offset) as usize;
-            let to = (end.min(c.file_offset + c.size) - c.file_offset) as usize;
-            out.extend_from_slice(&bytes[from..to.min(bytes.len())]);
-        }
+        parts.iter().for_each(|p| out.extend_from_slice(p));
         if out.len() as u64 != end - offset {
             return Err(Error::invalid(
                 format!("{:?} in layer {}", self.toc.entries[ti].name, self.digest),
