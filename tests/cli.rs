@@ -3,11 +3,10 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 
 use common::tree::assert_same_tree;
-use common::{run, Distribution};
+use common::{run, umoci_unpack, untar, Distribution};
 
 fn ggfs(args: &[&str]) -> String {
     run(Command::new(common::ggfs_bin()).args(args))
@@ -24,23 +23,6 @@ fn ggfs_fails(args: &[&str]) -> String {
     assert_eq!(err.trim_end().lines().count(), 1, "not one line: {err}");
     assert!(!err.contains("panicked"), "{err}");
     err
-}
-
-fn umoci_unpack(layout: &Path, tag: &str, bundle: &Path) -> PathBuf {
-    run(Command::new("umoci")
-        .args(["unpack", "--image", &format!("{}:{tag}", layout.display())])
-        .arg(bundle));
-    bundle.join("rootfs")
-}
-
-fn untar(tar: &Path, dest: &Path) -> PathBuf {
-    std::fs::create_dir_all(dest).unwrap();
-    run(Command::new("tar")
-        .args(["--xattrs", "--xattrs-include=*", "--same-owner", "-xpf"])
-        .arg(tar)
-        .arg("-C")
-        .arg(dest));
-    dest.to_path_buf()
 }
 
 fn skopeo_digest(image: &str) -> String {

@@ -10,7 +10,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 
-use common::{fixture_rootfs, multilayer_image, run, tempdir, umoci_image, MULTILAYER_TAG};
+use common::{
+    fixture_rootfs, multilayer_image, run, tempdir, umoci_image, umoci_unpack, untar,
+    MULTILAYER_TAG,
+};
 use ggfs::copy::{copy, CopyOptions};
 use ggfs::image::{fetch_image, read_blob, Image, Sink, Source};
 use ggfs::layout::Layout;
@@ -20,24 +23,6 @@ use ggfs::{export, mutate, tarball, Digest};
 /// Trees compared with mtimes: every tool here keeps them.
 fn assert_same_tree(got: &Path, want: &Path) {
     common::tree::assert_same_tree(got, want, true);
-}
-
-fn umoci_unpack(layout: &Path, tag: &str, bundle: &Path) -> PathBuf {
-    run(Command::new("umoci")
-        .args(["unpack", "--image"])
-        .arg(format!("{}:{tag}", layout.display()))
-        .arg(bundle));
-    bundle.join("rootfs")
-}
-
-/// Extract a tar as root would, keeping owners, modes and xattrs.
-fn untar(tar: &Path, dest: &Path) {
-    fs::create_dir_all(dest).unwrap();
-    run(Command::new("tar")
-        .args(["--numeric-owner", "--xattrs", "--xattrs-include=*", "-xpf"])
-        .arg(tar)
-        .arg("-C")
-        .arg(dest));
 }
 
 /// An image of one gzip layer made from `dir`.

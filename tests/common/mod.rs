@@ -24,7 +24,7 @@ pub use proxy::{CountingProxy, ProxyRequest};
 pub use registry::{http_get, Distribution};
 pub use token::{TokenOptions, TokenRequest, TokenServer};
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 /// Path of the `ggfs` CLI built for this test run. Resolved at run time so
@@ -97,6 +97,33 @@ pub fn skopeo_copy_with(extra: &[&str], src: &str, dst: &str) {
         .args(["--src-tls-verify=false", "--dest-tls-verify=false"])
         .args(extra)
         .args([src, dst]));
+}
+
+/// `umoci unpack` of `layout:tag` into `bundle`; returns the bundle's rootfs.
+pub fn umoci_unpack(layout: &Path, tag: &str, bundle: &Path) -> PathBuf {
+    run(Command::new("umoci")
+        .args(["unpack", "--image"])
+        .arg(format!("{}:{tag}", layout.display()))
+        .arg(bundle));
+    bundle.join("rootfs")
+}
+
+/// Extracts `tar` into `dest` as root would, keeping numeric owners, modes
+/// and xattrs; returns `dest`.
+pub fn untar(tar: &Path, dest: &Path) -> PathBuf {
+    std::fs::create_dir_all(dest).unwrap();
+    run(Command::new("tar")
+        .args([
+            "--numeric-owner",
+            "--same-owner",
+            "--xattrs",
+            "--xattrs-include=*",
+            "-xpf",
+        ])
+        .arg(tar)
+        .arg("-C")
+        .arg(dest));
+    dest.to_path_buf()
 }
 
 /// The raw manifest (or index) of `image` (a skopeo transport reference such
