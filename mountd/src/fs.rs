@@ -660,8 +660,9 @@ impl Inner {
 
     /// A whole blob in the cache, downloaded and verified on first use.
     async fn blob_file(&self, repo: &str, d: &Digest, size: u64) -> Res<Arc<std::fs::File>> {
+        // Held briefly: an evicted blob's space is freed once readers move on.
         self.blobs
-            .get(d, FOREVER, self.ns.neg_ttl, || async {
+            .get(d, Duration::from_secs(30), self.ns.neg_ttl, || async {
                 let path = match self.cache.get(cache::Kind::Blob, d) {
                     Some(p) => p,
                     None => self.download(repo, d, size).await.inspect_err(|e| {

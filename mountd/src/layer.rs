@@ -160,7 +160,15 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
 impl PlainLayer {
     /// The cached tar, if it is (still) there.
     fn local_tar(&self) -> Option<Arc<std::fs::File>> {
+        use std::os::unix::fs::MetadataExt;
         let mut tar = self.tar.lock().unwrap_or_else(|p| p.into_inner());
+        // Evicted from the cache: let go, so its space is really freed.
+        if tar
+            .as_ref()
+            .is_some_and(|f| f.metadata().map_or(true, |m| m.nlink() == 0))
+        {
+            *tar = None;
+        }
         if tar.is_none() {
             let path = self.cache.get(self.kind, &self.digest)?;
             *tar = std::fs::File::open(path).ok().map(Arc::new);
