@@ -124,15 +124,7 @@ impl RegistryRepo {
         let skip = match resp.status() {
             StatusCode::OK => offset,
             StatusCode::PARTIAL_CONTENT if offset > 0 => {
-                let start = resp
-                    .header(CONTENT_RANGE.as_str())
-                    .and_then(content_range_start);
-                if start.is_some_and(|s| s != offset) {
-                    return Err(Error::Registry {
-                        registry: self.registry().to_string(),
-                        message: format!("{what}: resuming at {offset}, got bytes from {start:?}"),
-                    });
-                }
+                self.check_range_start(&resp, offset, &what)?;
                 0
             }
             _ => return Err(status_error(self.registry(), &what, resp).await),
@@ -160,19 +152,7 @@ impl RegistryRepo {
         let resp = self.t().send(&req).await?;
         match resp.status() {
             StatusCode::PARTIAL_CONTENT => {
-                if let Some(start) = resp
-                    .header(CONTENT_RANGE.as_str())
-                    .and_then(content_range_start)
-                {
-                    if start != offset {
-                        return Err(Error::Registry {
-                            registry: self.registry().to_string(),
-                            message: format!(
-                                "{what}: asked for bytes from {offset}, got bytes from {start}"
-                            ),
-                        });
-                    }
-                }
+                self.check_range_start(&resp, offset, &what)?;
                 read_window(resp, &what, 0, len).await
             }
             StatusCode::OK => read_window(resp, &what, offset, len).await,
@@ -194,9 +174,8 @@ impl RegistryRepo {
                 let len = resp
                     .header(CONTENT_LENGTH.as_str())
                     .and_then(|v| v.trim().parse::<u64>().ok())
-                    .ok_or_else(|| Error::Registry {
-                        registry: self.registry().to_string(),
-                        message: format!("HEAD of {what} gave no Content-Length"),
+                    .ok_or_else(|| {
+                        self.registry_error(format!("HEAD of {what} gave no Content-Length"))
                     })?;
                 Ok(Some(len))
             }
@@ -287,14 +266,34 @@ impl RegistryRepo {
         }
     }
 
+    /// A 206 must start where we asked, or the bytes are not the ones wanted.
+    fn check_range_start(&self, resp: &Resp, offset: u64, what: &str) -> Result<()> {
+        match resp
+            .header(CONTENT_RANGE.as_str())
+            .and_then(content_range_start)
+        {
+            Some(start) if start != offset => Err(self.registry_error(format!(
+                "{what}: asked for bytes from {offset}, got bytes from {start}"
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// A 202 to PATCH says `Range: 0-<last byte held>`: it must be our end.
+    fn check_range_end(&self, resp: &Resp, end: u64, what: &str) -> Result<()> {
+        match resp.header(RANGE.as_str()) {
+            Some(range) if range_end(range) != Some(end) => Err(self.registry_error(format!(
+                "{what}: sent bytes up to {end}, registry holds Range {range:?}"
+            ))),
+            _ => Ok(()),
+        }
+    }
+
     /// The upload URL the registry named (relative or absolute).
     fn location(&self, resp: &Resp, what: &str) -> Result<Url> {
-        let loc = resp
-            .header(LOCATION.as_str())
-            .ok_or_else(|| Error::Registry {
-                registry: self.registry().to_string(),
-                message: format!("{what}: {} gave no Location", resp.status()),
-            })?;
+        let loc = resp.header(LOCATION.as_str()).ok_or_else(|| {
+            self.registry_error(format!("{what}: {} gave no Location", resp.status()))
+        })?;
         resp.url()
             .join(loc)
             .map_err(|e| Error::invalid(format!("{what}: Location {loc:?}"), e.to_string()))
@@ -315,7 +314,7 @@ impl RegistryRepo {
                 .body(part.clone());
             let failure = match self.t().send(&req).await {
                 Ok(resp) if resp.status() == StatusCode::ACCEPTED => {
-                    check_range(&resp, end, self.registry(), what)?;
+                    self.check_range_end(&resp, end, what)?;
                     return self.location(&resp, what);
                 }
                 Ok(resp) if resp.status().is_server_error() && attempt <= PATCH_RETRIES => {
@@ -331,10 +330,7 @@ impl RegistryRepo {
                 return Ok(next);
             }
             if held != offset {
-                return Err(Error::Registry {
-                    registry: self.registry().to_string(),
-                    message: format!("{what}: after a failed chunk at {offset} the session holds {held} bytes ({failure})"),
-                });
+                return Err(self.registry_error(format!("{what}: after a failed chunk at {offset} the session holds {held} bytes ({failure})")));
             }
             loc = next;
         }
@@ -372,10 +368,9 @@ impl RegistryRepo {
             return Err(status_error(self.registry(), &what, resp).await);
         }
         match resp.header("docker-content-digest") {
-            Some(d) if d != digest.as_str() => Err(Error::Registry {
-                registry: self.registry().to_string(),
-                message: format!("{what}: registry stored it as {d}"),
-            }),
+            Some(d) if d != digest.as_str() => {
+                Err(self.registry_error(format!("{what}: registry stored it as {d}")))
+            }
             _ => Ok(()),
         }
     }
@@ -403,12 +398,19 @@ impl RegistryRepo {
 
     /// Delete a blob (registries may refuse: 405 UNSUPPORTED).
     pub async fn delete_blob(&self, digest: &Digest) -> Result<()> {
-        let what = self.blob_what(digest);
-        let req = self.req(Method::DELETE, self.blob_url(digest)?, "delete");
-        let resp = self.t().send(&req).await?;
+        let url = self.blob_url(digest)?;
+        self.delete_at(url, &self.blob_what(digest)).await
+    }
+
+    /// DELETE `url` (a manifest or blob), naming it `what` on failure.
+    pub(super) async fn delete_at(&self, url: Url, what: &str) -> Result<()> {
+        let resp = self
+            .t()
+            .send(&self.req(Method::DELETE, url, "delete"))
+            .await?;
         match resp.status() {
             StatusCode::ACCEPTED | StatusCode::OK | StatusCode::NO_CONTENT => Ok(()),
-            _ => Err(status_error(self.registry(), &what, resp).await),
+            _ => Err(status_error(self.registry(), what, resp).await),
         }
     }
 }
@@ -416,17 +418,6 @@ impl RegistryRepo {
 /// `0-41` (a Range response header) → 41.
 fn range_end(v: &str) -> Option<u64> {
     v.rsplit('-').next()?.trim().parse().ok()
-}
-
-/// A 202 to PATCH says `Range: 0-<last byte held>`: it must be our end.
-fn check_range(resp: &Resp, end: u64, registry: &str, what: &str) -> Result<()> {
-    match resp.header(RANGE.as_str()) {
-        Some(range) if range_end(range) != Some(end) => Err(Error::Registry {
-            registry: registry.to_string(),
-            message: format!("{what}: sent bytes up to {end}, registry holds Range {range:?}"),
-        }),
-        _ => Ok(()),
-    }
 }
 
 /// `bytes 10-19/100` → 10.

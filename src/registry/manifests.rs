@@ -19,9 +19,15 @@ impl RegistryRepo {
         format!("manifest {}{sep}{reference}", self.repository())
     }
 
-    fn manifest_req(&self, method: Method, reference: &str) -> Result<super::Req> {
+    /// `.../manifests/<reference>`, once the reference is known to be a
+    /// tag or digest (nothing else may reach the URL path).
+    fn manifest_url(&self, reference: &str) -> Result<url::Url> {
         check_reference(reference)?;
-        let url = self.url(&format!("manifests/{reference}"))?;
+        self.url(&format!("manifests/{reference}"))
+    }
+
+    fn manifest_req(&self, method: Method, reference: &str) -> Result<super::Req> {
+        let url = self.manifest_url(reference)?;
         Ok(self
             .pull(method, url)
             .redirects()
@@ -119,11 +125,9 @@ impl RegistryRepo {
         media_type: &str,
         reference: &str,
     ) -> Result<Option<String>> {
-        check_reference(reference)?;
         let what = self.manifest_what(reference);
-        let url = self.url(&format!("manifests/{reference}"))?;
         let req = self
-            .push(Method::PUT, url)
+            .push(Method::PUT, self.manifest_url(reference)?)
             .header(CONTENT_TYPE, media_type)
             .body(bytes.clone());
         let resp = self.t().send(&req).await?;
@@ -186,17 +190,8 @@ impl RegistryRepo {
 
     /// Delete a manifest by digest (or by tag, where the registry allows).
     pub async fn delete(&self, reference: &str) -> Result<()> {
-        check_reference(reference)?;
-        let what = self.manifest_what(reference);
-        let url = self.url(&format!("manifests/{reference}"))?;
-        let resp = self
-            .t()
-            .send(&self.req(Method::DELETE, url, "delete"))
-            .await?;
-        match resp.status() {
-            StatusCode::ACCEPTED | StatusCode::OK | StatusCode::NO_CONTENT => Ok(()),
-            _ => Err(status_error(self.registry(), &what, resp).await),
-        }
+        let url = self.manifest_url(reference)?;
+        self.delete_at(url, &self.manifest_what(reference)).await
     }
 
     /// Manifests whose `subject` is `subject`, optionally only those of one

@@ -168,19 +168,18 @@ impl Client {
         if first.status() != StatusCode::UNAUTHORIZED {
             return Ok(());
         }
-        let header = first.header("www-authenticate").unwrap_or("").to_string();
+        let header = first.header("www-authenticate").unwrap_or("");
+        let challenge = transport::challenge_in(registry, header)?;
+        drop(first);
         let auth_err = |message: String| Error::Auth {
             registry: registry.to_string(),
             message,
         };
-        let challenges = auth::parse_challenges(&header)?;
-        let challenge = auth::pick_challenge(&challenges)
-            .ok_or_else(|| auth_err(format!("no Basic or Bearer challenge in {header:?}")))?;
         let authorization = if challenge.is_bearer() {
             let t = auth::fetch_token(
                 &self.t.http,
                 registry,
-                challenge,
+                &challenge,
                 &[],
                 Some(cred),
                 self.t.scheme(registry) == "http",
@@ -242,6 +241,14 @@ impl RegistryRepo {
     fn url(&self, path: &str) -> Result<url::Url> {
         self.t()
             .url(self.registry(), &format!("{}/{path}", self.name()))
+    }
+
+    /// An error about something this repository's registry answered.
+    fn registry_error(&self, message: String) -> Error {
+        Error::Registry {
+            registry: self.registry().to_string(),
+            message,
+        }
     }
 
     fn req(&self, method: Method, url: url::Url, actions: &str) -> Req {

@@ -357,28 +357,24 @@ impl Transport {
 
     fn learn_challenge(&self, req: &Req, resp: &Resp) -> Result<Challenge> {
         let header = resp.header(WWW_AUTHENTICATE.as_str()).unwrap_or("");
-        let parsed = auth::parse_challenges(header).map_err(|e| Error::Auth {
-            registry: req.registry.clone(),
-            message: format!("401 with an unusable WWW-Authenticate header: {e}"),
-        })?;
-        let c = auth::pick_challenge(&parsed)
-            .cloned()
-            .ok_or_else(|| Error::Auth {
-                registry: req.registry.clone(),
-                message: format!("no Basic or Bearer challenge in {header:?}"),
-            })?;
+        let c = challenge_in(&req.registry, header)?;
         lock(&self.challenges).insert(req.registry.clone(), c.clone());
         Ok(c)
     }
 
-    fn token_key(req: &Req, extra: &[String]) -> (String, String) {
+    /// The request's scopes plus `extra`, sorted and without repeats, so
+    /// one scope set maps to one cached token whatever the order.
+    fn scope_set(req: &Req, extra: &[String]) -> Vec<String> {
         let set: BTreeSet<&String> = req.scopes.iter().chain(extra).collect();
-        let scopes: Vec<&str> = set.into_iter().map(String::as_str).collect();
-        (req.registry.clone(), scopes.join(" "))
+        set.into_iter().cloned().collect()
+    }
+
+    fn token_key(req: &Req) -> (String, String) {
+        (req.registry.clone(), Self::scope_set(req, &[]).join(" "))
     }
 
     fn forget_token(&self, req: &Req) {
-        lock(&self.tokens).remove(&Self::token_key(req, &[]));
+        lock(&self.tokens).remove(&Self::token_key(req));
     }
 
     /// The credential configured for the request's registry (cached).
@@ -409,18 +405,13 @@ impl Transport {
         // Bearer: reuse a fresh token for this scope set, else fetch one
         // covering our scopes plus any the challenge names.
         let extra = fresh.map(Challenge::scopes).unwrap_or_default();
-        let key = Self::token_key(req, &[]);
+        let key = Self::token_key(req);
         if fresh.is_none() {
             if let Some(t) = lock(&self.tokens).get(&key).filter(|t| t.is_fresh()) {
                 return Ok(Some(format!("Bearer {}", t.token)));
             }
         }
-        let scopes: Vec<String> = Self::token_key(req, &extra)
-            .1
-            .split(' ')
-            .filter(|s| !s.is_empty())
-            .map(str::to_string)
-            .collect();
+        let scopes = Self::scope_set(req, &extra);
         let allow_http = self.scheme(&req.registry) == "http";
         let token = auth::fetch_token(
             &self.http,
@@ -455,6 +446,19 @@ impl Transport {
             ),
         }
     }
+}
+
+/// The challenge to answer from a 401's `WWW-Authenticate` header.
+pub(crate) fn challenge_in(registry: &str, header: &str) -> Result<Challenge> {
+    let auth_err = |message: String| Error::Auth {
+        registry: registry.to_string(),
+        message,
+    };
+    let parsed = auth::parse_challenges(header)
+        .map_err(|e| auth_err(format!("401 with an unusable WWW-Authenticate header: {e}")))?;
+    auth::pick_challenge(&parsed)
+        .cloned()
+        .ok_or_else(|| auth_err(format!("no Basic or Bearer challenge in {header:?}")))
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
