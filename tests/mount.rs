@@ -863,7 +863,7 @@ fn small_cache_stays_bounded_and_serves_correct_bytes() {
     let cache = common::tempdir();
     let limit = 3u64 << 20;
     let m = Mount::start_with_cache(reg.addr(), &["--cache-size", "3M"], Some(cache.path()));
-    // The layer's tar (~7 MiB) cannot stay: reads go by verified ranges.
+    // The layer's tar (~7 MiB) is not kept: reads go by verified ranges.
     assert_same_tree(&m.path("small/cache/latest/rootfs"), &expected);
     let used: u64 = walk_sizes(cache.path());
     assert!(

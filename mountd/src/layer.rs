@@ -379,23 +379,32 @@ fn first_pass(
         out: BlockHasher::default(),
     };
     let what = format!("layer {digest}");
-    let index = {
-        let mut tar_out = io::BufWriter::new(tmp.as_file());
-        let index = tarindex::index_layer_tee(&mut hashed, compression, &mut tar_out, |_| {})?;
-        tar_out
-            .flush()
-            .map_err(|e| Error::io(dest.display().to_string(), e))?;
-        index
+    // A tar bigger than half the cache is not kept: reads go by Range.
+    let mut tar_out = Capped {
+        inner: io::BufWriter::new(tmp.as_file()),
+        left: cache.limit() / 2,
+        over: false,
     };
+    let index = tarindex::index_layer_tee(&mut hashed, compression, &mut tar_out, |_| {})?;
+    tar_out
+        .inner
+        .flush()
+        .map_err(|e| Error::io(dest.display().to_string(), e))?;
+    let keep_tar = !tar_out.over;
+    drop(tar_out);
     // Whatever follows the compressed stream is part of the blob too.
     io::copy(&mut hashed, &mut io::sink()).map_err(|e| ggfs::error::from_io(&what, e))?;
     let blocks = hashed.out.finish(&digest, size)?;
     let indexed = Indexed { index, blocks };
     let bytes = indexed.to_bytes()?;
-    let file = tmp
-        .persist(&dest)
-        .map_err(|e| Error::io(dest.display().to_string(), e.error))?;
-    cache.added(file.metadata().map(|m| m.len()).unwrap_or(0));
+    if keep_tar {
+        let file = tmp
+            .persist(&dest)
+            .map_err(|e| Error::io(dest.display().to_string(), e.error))?;
+        cache.added(file.metadata().map(|m| m.len()).unwrap_or(0));
+    } else {
+        tracing::info!("{what}: its tar is over half the cache, reads will use ranges");
+    }
     let ipath = cache.path(cache::Kind::Index, &digest);
     write_atomic(&ipath, &bytes)?;
     cache.added(bytes.len() as u64);
@@ -482,6 +491,29 @@ impl<R: Read, W: Write> Read for Tee<R, W> {
         let n = self.inner.read(buf)?;
         self.out.write_all(&buf[..n])?;
         Ok(n)
+    }
+}
+
+/// Writes until `left` bytes are used up, then discards (and says so).
+struct Capped<W> {
+    inner: W,
+    left: u64,
+    over: bool,
+}
+
+impl<W: Write> Write for Capped<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if !self.over && buf.len() as u64 <= self.left {
+            self.inner.write_all(buf)?;
+            self.left -= buf.len() as u64;
+        } else {
+            self.over = true;
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
     }
 }
 
