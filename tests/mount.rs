@@ -679,8 +679,9 @@ fn check_lazy_conversion(convert: fn(&Distribution, &str, &str) -> serde_json::V
     let layer_size = manifest["layers"][0]["size"].as_u64().unwrap();
     let (_u, expected) = unpack(&layout, "latest");
     let proxy = CountingProxy::start(reg.addr());
+    let cache = common::tempdir();
     {
-        let m = Mount::start(proxy.addr(), &[]);
+        let m = Mount::start_with_cache(proxy.addr(), &[], Some(cache.path()));
         proxy.reset();
         let small = read_string(&m.path(&format!("{repo}/latest/rootfs/small.txt")));
         assert_eq!(small, "hello ggfs\n");
@@ -691,6 +692,18 @@ fn check_lazy_conversion(convert: fn(&Distribution, &str, &str) -> serde_json::V
             proxy.requests()
         );
         assert_same_tree(&m.path(&format!("{repo}/latest/rootfs")), &expected);
+    }
+    {
+        // The next mount finds TOC and chunks in the cache: no blob ranges.
+        let m = Mount::start_with_cache(proxy.addr(), &[], Some(cache.path()));
+        proxy.reset();
+        assert_same_tree(&m.path(&format!("{repo}/latest/rootfs")), &expected);
+        let ranged: Vec<_> = proxy
+            .requests()
+            .into_iter()
+            .filter(|r| r.range.is_some())
+            .collect();
+        assert!(ranged.is_empty(), "cached layer fetched again: {ranged:#?}");
     }
     let path = reg.blob_path(&layer);
     let mut bytes = std::fs::read(&path).unwrap();

@@ -25,6 +25,8 @@ pub enum Kind {
     Chunk,
     /// The tar index and block digests of a plain layer (keyed by its digest).
     Index,
+    /// The footer and TOC byte ranges of an eStargz / zstd:chunked layer.
+    Toc,
 }
 
 impl Kind {
@@ -34,6 +36,7 @@ impl Kind {
             Kind::Tar => "tar",
             Kind::Chunk => "chunks",
             Kind::Index => "index",
+            Kind::Toc => "toc",
         }
     }
 }

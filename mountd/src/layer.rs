@@ -411,7 +411,7 @@ fn first_pass(
     Ok(indexed)
 }
 
-fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
+pub fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
     let dir = path.parent().unwrap_or(std::path::Path::new("."));
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir.display().to_string(), e))?;
     let mut tmp = tempfile::Builder::new()

@@ -86,6 +86,9 @@ pub async fn open(layer: &Layer, cache: Arc<Cache>) -> Result<Option<Arc<TocLaye
     let ann = layer.descriptor.annotations().clone();
     let has = |k: &str| ann.as_ref().is_some_and(|a| a.contains_key(k));
     let source = layer.source.clone();
+    // The footer and TOC ranges of an earlier open, replayed from the cache
+    // (the TOC is verified again all the same).
+    let rec = Recorder::load(source.clone(), &cache, &layer.digest);
     let toc = match layer.compression()? {
         Compression::Gzip if has(estargz::TOC_DIGEST_ANNOTATION) => {
             let want = ann
@@ -93,16 +96,19 @@ pub async fn open(layer: &Layer, cache: Arc<Cache>) -> Result<Option<Arc<TocLaye
                 .and_then(|a| a.get(estargz::TOC_DIGEST_ANNOTATION))
                 .map(|s| Digest::parse(s))
                 .transpose()?;
-            estargz::open(source.as_ref(), &layer.digest, layer.size(), want.as_ref()).await?
+            estargz::open(&rec, &layer.digest, layer.size(), want.as_ref()).await?
         }
         Compression::Zstd
             if has(zstd_chunked::MANIFEST_POSITION_ANNOTATION)
                 || has(zstd_chunked::GITHUB_MANIFEST_POSITION_ANNOTATION) =>
         {
-            zstd_chunked::open(source.as_ref(), &layer.digest, layer.size(), ann.as_ref()).await?
+            zstd_chunked::open(&rec, &layer.digest, layer.size(), ann.as_ref()).await?
         }
         _ => return Ok(None),
     };
+    if toc.verified {
+        rec.save(&cache, &layer.digest);
+    }
     if !toc.verified {
         tracing::warn!(
             "layer {}: no TOC digest annotation, TOC unverified (chunks still are)",
@@ -135,6 +141,91 @@ pub async fn open(layer: &Layer, cache: Arc<Cache>) -> Result<Option<Arc<TocLaye
         });
     }
     Ok(Some(l))
+}
+
+/// A `Source` that answers blob ranges it has seen before from memory and
+/// records the others, so a layer's footer and TOC can be kept in the cache.
+struct Recorder {
+    inner: Arc<dyn Source>,
+    seen: Mutex<Vec<(u64, u64, Bytes)>>,
+    fresh: std::sync::atomic::AtomicBool,
+}
+
+impl Recorder {
+    fn load(inner: Arc<dyn Source>, cache: &Cache, digest: &Digest) -> Self {
+        let seen = cache
+            .get(cache::Kind::Toc, digest)
+            .and_then(|p| std::fs::read(p).ok())
+            .map(|b| decode_ranges(&b))
+            .unwrap_or_default();
+        Recorder {
+            inner,
+            seen: Mutex::new(seen),
+            fresh: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// Persist what was fetched, if anything new was.
+    fn save(&self, cache: &Cache, digest: &Digest) {
+        if !self.fresh.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
+        let seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out = Vec::new();
+        for (off, len, b) in seen.iter() {
+            out.extend_from_slice(&off.to_le_bytes());
+            out.extend_from_slice(&len.to_le_bytes());
+            out.extend_from_slice(b);
+        }
+        let path = cache.path(cache::Kind::Toc, digest);
+        match crate::layer::write_atomic(&path, &out) {
+            Ok(()) => cache.added(out.len() as u64),
+            Err(e) => tracing::warn!("caching the TOC of layer {digest}: {e}"),
+        }
+    }
+}
+
+fn decode_ranges(mut b: &[u8]) -> Vec<(u64, u64, Bytes)> {
+    let mut out = Vec::new();
+    while b.len() >= 16 {
+        let off = u64::from_le_bytes(b[..8].try_into().unwrap_or_default());
+        let len = u64::from_le_bytes(b[8..16].try_into().unwrap_or_default());
+        let Some(data) = b.get(16..16 + len as usize) else {
+            break;
+        };
+        out.push((off, len, Bytes::copy_from_slice(data)));
+        b = &b[16 + len as usize..];
+    }
+    out
+}
+
+#[async_trait]
+impl Source for Recorder {
+    fn name(&self) -> String {
+        self.inner.name()
+    }
+    async fn manifest(&self, reference: &str) -> Result<ggfs::RawManifest> {
+        self.inner.manifest(reference).await
+    }
+    async fn blob(&self, digest: &Digest) -> Result<ggfs::image::ByteStream> {
+        self.inner.blob(digest).await
+    }
+    async fn blob_range(&self, digest: &Digest, offset: u64, len: u64) -> Result<Bytes> {
+        {
+            let seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((_, _, b)) = seen.iter().find(|(o, l, _)| *o == offset && *l == len) {
+                return Ok(b.clone());
+            }
+        }
+        let b = self.inner.blob_range(digest, offset, len).await?;
+        self.fresh.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        seen.push((offset, len, b.clone()));
+        Ok(b)
+    }
+    async fn blob_size(&self, digest: &Digest) -> Result<u64> {
+        self.inner.blob_size(digest).await
+    }
 }
 
 fn convert(e: &TocEntry) -> Option<Entry> {
