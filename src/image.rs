@@ -129,6 +129,26 @@ pub async fn read_blob(source: &dyn Source, digest: &Digest, limit: u64) -> Resu
     Ok(Bytes::from(buf))
 }
 
+/// `len` bytes at `offset` of a local file: `blob_range` for file-backed
+/// sources (layouts, tarballs). `what` names the range in errors; callers
+/// check it against the blob's size first.
+pub(crate) async fn read_file_range(
+    path: &std::path::Path,
+    offset: u64,
+    len: u64,
+    what: &str,
+) -> Result<Bytes> {
+    use tokio::io::{AsyncReadExt, AsyncSeekExt};
+    let io_err = |e| Error::io(what, e);
+    let mut file = tokio::fs::File::open(path).await.map_err(io_err)?;
+    file.seek(io::SeekFrom::Start(offset))
+        .await
+        .map_err(io_err)?;
+    let mut buf = vec![0; len as usize];
+    file.read_exact(&mut buf).await.map_err(io_err)?;
+    Ok(Bytes::from(buf))
+}
+
 /// A manifest that is either an image or an index.
 // Short-lived (one per fetch): boxing the larger variant would only add an
 // allocation, and would change every match in other crates.

@@ -6,7 +6,7 @@
 //! index.json entry. Blobs are written through [`BlobWriter`] (verified,
 //! temporary file renamed into place) and index.json is replaced atomically.
 
-use std::io::{SeekFrom, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -14,11 +14,10 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt;
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
 use crate::digest::{BlobWriter, Digest};
 use crate::error::{from_io, Error, Result};
-use crate::image::{ByteStream, Sink, Source};
+use crate::image::{read_file_range, ByteStream, Sink, Source};
 use crate::manifest::{media, RawManifest, MAX_MANIFEST_SIZE};
 
 /// The annotation that names an index.json entry (the "tag").
@@ -160,10 +159,12 @@ impl Layout {
     /// The entries of index.json, in order.
     pub fn entries(&self) -> Result<Vec<Entry>> {
         let index = self.read_index()?;
-        let what = format!("{}", self.index_path().display());
-        index["manifests"]
-            .as_array()
-            .expect("checked in read_index")
+        self.parse_entries(&index)
+    }
+
+    fn parse_entries(&self, index: &Value) -> Result<Vec<Entry>> {
+        let what = self.index_path().display().to_string();
+        manifests(index)
             .iter()
             .map(|m| parse_entry(m, &what))
             .collect()
@@ -176,7 +177,8 @@ impl Layout {
 
     /// Find the entry for a tag, or for `""` the only entry.
     pub fn resolve_tag(&self, tag: &str) -> Result<Entry> {
-        let entries = self.entries()?;
+        let index = self.read_index()?;
+        let entries = self.parse_entries(&index)?;
         if tag.is_empty() {
             return match entries.as_slice() {
                 [only] => Ok(only.clone()),
@@ -185,70 +187,76 @@ impl Layout {
                     format!(
                         "holds {} manifests; name one of the tags {:?}",
                         entries.len(),
-                        self.tags()?
+                        entries
+                            .iter()
+                            .filter_map(|e| e.name.as_deref())
+                            .collect::<Vec<_>>()
                     ),
                 )),
             };
         }
         // ref.name first; containerd's full-name annotation as a fallback.
-        let by_ref = entries.iter().find(|e| e.name.as_deref() == Some(tag));
-        by_ref
-            .cloned()
-            .or_else(|| self.find_containerd_name(tag))
-            .ok_or_else(|| {
-                Error::NotFound(format!("tag {tag:?} in OCI layout {}", self.root.display()))
-            })
-    }
-
-    fn find_containerd_name(&self, tag: &str) -> Option<Entry> {
-        let index = self.read_index().ok()?;
-        let m = index["manifests"]
-            .as_array()?
-            .iter()
-            .find(|m| m["annotations"][CONTAINERD_NAME].as_str() == Some(tag))?;
-        parse_entry(m, "index.json").ok()
+        let by_ref = entries.iter().position(|e| e.name.as_deref() == Some(tag));
+        let by_containerd = || {
+            manifests(&index)
+                .iter()
+                .position(|m| m["annotations"][CONTAINERD_NAME].as_str() == Some(tag))
+        };
+        match by_ref.or_else(by_containerd) {
+            Some(i) => Ok(entries[i].clone()),
+            None => Err(Error::NotFound(format!(
+                "tag {tag:?} in OCI layout {}",
+                self.root.display()
+            ))),
+        }
     }
 
     /// Point `tag` at a manifest: replaces the entry carrying that tag (in
     /// place) or appends one. index.json is rewritten atomically.
     pub fn set_tag(&self, manifest: &RawManifest, tag: &str) -> Result<()> {
-        let _guard = self.index_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let _dir_lock = self.lock_dir()?;
-        let mut index = self.read_index()?;
-        let entry = json!({
-            "mediaType": manifest.media_type,
-            "digest": manifest.digest,
-            "size": manifest.bytes.len(),
-            "annotations": { REF_NAME: tag },
-        });
-        let list = index["manifests"].as_array_mut().expect("checked");
-        let named = |m: &Value| m["annotations"][REF_NAME].as_str() == Some(tag);
-        match list.iter().position(named) {
-            Some(i) => {
-                list[i] = entry;
-                let mut first = true;
-                list.retain(|m| !named(m) || std::mem::take(&mut first));
+        let mut entry = index_entry(manifest);
+        entry["annotations"] = json!({ REF_NAME: tag });
+        self.update_index(|list| {
+            let named = |m: &Value| m["annotations"][REF_NAME].as_str() == Some(tag);
+            match list.iter().position(named) {
+                Some(i) => {
+                    list[i] = entry;
+                    let mut first = true;
+                    list.retain(|m| !named(m) || std::mem::take(&mut first));
+                }
+                None => list.push(entry),
             }
-            None => list.push(entry),
-        }
-        self.write_index(&index)
+            true
+        })
     }
 
     /// List a manifest in index.json without a name, unless it is listed.
     pub fn add_unnamed(&self, manifest: &RawManifest) -> Result<()> {
+        self.update_index(|list| {
+            if list.iter().any(|m| m["digest"] == manifest.digest.as_str()) {
+                return false;
+            }
+            list.push(index_entry(manifest));
+            true
+        })
+    }
+
+    /// Read-modify-write of index.json's manifests under both locks (this
+    /// process's and the directory's flock); `edit` says whether to write.
+    fn update_index(&self, edit: impl FnOnce(&mut Vec<Value>) -> bool) -> Result<()> {
         let _guard = self.index_lock.lock().unwrap_or_else(|p| p.into_inner());
         let _dir_lock = self.lock_dir()?;
         let mut index = self.read_index()?;
-        let list = index["manifests"].as_array_mut().expect("checked");
-        if list.iter().any(|m| m["digest"] == manifest.digest.as_str()) {
-            return Ok(());
+        let list = index["manifests"].as_array_mut().ok_or_else(|| {
+            Error::invalid(
+                self.index_path().display().to_string(),
+                "no \"manifests\" array",
+            )
+        })?;
+        if edit(list) {
+            self.write_index(&index)?;
         }
-        list.push(json!({
-            "mediaType": manifest.media_type,
-            "digest": manifest.digest,
-            "size": manifest.bytes.len(),
-        }));
-        self.write_index(&index)
+        Ok(())
     }
 
     /// An exclusive flock on the layout directory, released on drop.
@@ -295,6 +303,20 @@ impl Layout {
     }
 }
 
+/// index.json's `manifests` (read_index has checked it is an array).
+fn manifests(index: &Value) -> &[Value] {
+    index["manifests"].as_array().map_or(&[], Vec::as_slice)
+}
+
+/// An unnamed index.json entry for `manifest`.
+fn index_entry(manifest: &RawManifest) -> Value {
+    json!({
+        "mediaType": manifest.media_type,
+        "digest": manifest.digest,
+        "size": manifest.bytes.len(),
+    })
+}
+
 fn parse_entry(m: &Value, what: &str) -> Result<Entry> {
     let bad = |r: &str| Error::invalid(format!("{what} entry"), r.to_string());
     let digest = m["digest"].as_str().ok_or_else(|| bad("no digest"))?;
@@ -339,30 +361,15 @@ impl Source for Layout {
     }
 
     async fn blob_range(&self, digest: &Digest, offset: u64, len: u64) -> Result<Bytes> {
-        let path = self.blob_path(digest);
-        let ctx = || format!("blob {digest} in {} at {offset}+{len}", self.label());
-        let mut file = tokio::fs::File::open(&path)
-            .await
-            .map_err(|e| self.blob_err(digest, e))?;
-        let size = file
-            .metadata()
-            .await
-            .map_err(|e| Error::io(ctx(), e))?
-            .len();
+        let size = self.blob_size(digest).await?;
+        let what = format!("blob {digest} in {} at {offset}+{len}", self.label());
         if offset.checked_add(len).is_none_or(|end| end > size) {
             return Err(Error::invalid(
-                ctx(),
+                what,
                 format!("range past the blob's end ({size} bytes)"),
             ));
         }
-        file.seek(SeekFrom::Start(offset))
-            .await
-            .map_err(|e| Error::io(ctx(), e))?;
-        let mut buf = vec![0; len as usize];
-        file.read_exact(&mut buf)
-            .await
-            .map_err(|e| Error::io(ctx(), e))?;
-        Ok(Bytes::from(buf))
+        read_file_range(&self.blob_path(digest), offset, len, &what).await
     }
 
     async fn blob_size(&self, digest: &Digest) -> Result<u64> {

@@ -24,7 +24,7 @@ use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
 use crate::digest::{Digest, Hasher};
 use crate::error::{from_io, Error, Result};
-use crate::image::{ByteStream, Image, Source, MAX_CONFIG_SIZE};
+use crate::image::{read_file_range, ByteStream, Image, Source, MAX_CONFIG_SIZE};
 use crate::layout::REF_NAME;
 use crate::manifest::{media, Compression, RawManifest};
 use crate::reference::Reference;
@@ -388,24 +388,14 @@ impl Source for Tarball {
 
     async fn blob_range(&self, digest: &Digest, offset: u64, len: u64) -> Result<Bytes> {
         let span = self.span(digest)?;
-        let ctx = || format!("blob {digest} in {} at {offset}+{len}", self.label());
+        let what = format!("blob {digest} in {} at {offset}+{len}", self.label());
         if offset.checked_add(len).is_none_or(|end| end > span.size) {
             return Err(Error::invalid(
-                ctx(),
+                what,
                 format!("range past the blob's end ({} bytes)", span.size),
             ));
         }
-        let mut f = tokio::fs::File::open(&self.path)
-            .await
-            .map_err(|e| Error::io(ctx(), e))?;
-        f.seek(SeekFrom::Start(span.offset + offset))
-            .await
-            .map_err(|e| Error::io(ctx(), e))?;
-        let mut buf = vec![0; len as usize];
-        f.read_exact(&mut buf)
-            .await
-            .map_err(|e| Error::io(ctx(), e))?;
-        Ok(Bytes::from(buf))
+        read_file_range(&self.path, span.offset + offset, len, &what).await
     }
 
     async fn blob_size(&self, digest: &Digest) -> Result<u64> {
