@@ -395,6 +395,10 @@ fn every_file_type_matches_umoci_unpack() {
     // Read-only.
     let err = std::fs::write(m.path("fixture/all/latest/rootfs/new"), b"x").unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc_erofs()), "{err}");
+    // statfs reports the cache: 10 GiB by default.
+    let st = common::run(Command::new("stat").args(["-f", "-c", "%b %S"]).arg(&m.mp));
+    let v: Vec<u64> = st.split_whitespace().map(|x| x.parse().unwrap()).collect();
+    assert_eq!(v[0] * v[1], 10 << 30, "{st}");
     let stats = read_string(&m.path(".ggfs/stats"));
     assert!(stats.contains(&format!("blob {layer}")), "{stats}");
     assert!(stats.contains("cache_misses"), "{stats}");

@@ -859,8 +859,11 @@ impl Filesystem for Fs {
     }
 
     fn statfs(&mut self, _req: &Request<'_>, _ino: u64, reply: ReplyStatfs) {
+        // Sizes are the disk cache's: what `df` shows is how full it is.
         let files = self.inner.lock().keys.len() as u64;
-        reply.statfs(0, 0, 0, files, 0, 4096, 255, 4096);
+        let (limit, used) = (self.inner.cache.limit(), self.inner.cache.used());
+        let free = limit.saturating_sub(used) / 4096;
+        reply.statfs(limit / 4096, free, free, files, 0, 4096, 255, 4096);
     }
 
     fn getxattr(

@@ -264,10 +264,12 @@ impl Ready {
 
 fn foreground(args: MountArgs) -> Result<()> {
     // SAFETY: the fd was handed to us by our parent for this purpose.
-    let mut ready = Ready(
-        args.ready_fd
-            .map(|fd| unsafe { std::fs::File::from_raw_fd(fd) }),
-    );
+    let mut ready = Ready(args.ready_fd.map(|fd| {
+        // Not inherited by helpers we start (fusermount3): the parent waits
+        // for this pipe to close.
+        unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+        unsafe { std::fs::File::from_raw_fd(fd) }
+    }));
     match serve(&args, &mut ready) {
         Ok(()) => Ok(()),
         Err(e) => {
