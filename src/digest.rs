@@ -159,6 +159,34 @@ impl Hasher {
     }
 }
 
+/// Passes bytes through to `inner` while hashing (and counting) them, for
+/// digests of what a writer produces (compressed layers, DiffIDs).
+pub struct HashingWriter<W> {
+    pub inner: W,
+    pub hasher: Hasher,
+}
+
+impl<W> HashingWriter<W> {
+    pub fn new(inner: W) -> Self {
+        HashingWriter {
+            inner,
+            hasher: Hasher::new(),
+        }
+    }
+}
+
+impl<W: Write> Write for HashingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
 /// A reader that hashes what passes through and, at end of stream, fails with
 /// `Error::DigestMismatch`/`SizeMismatch` (inside an `io::Error`) instead of
 /// returning EOF when the bytes are not the expected blob. It also refuses to

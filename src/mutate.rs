@@ -9,7 +9,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsString;
 use std::fs::File;
-use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
+use std::io::{self, BufWriter, Read, Write};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -18,9 +18,9 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use serde_json::{json, Map, Value};
 
-use crate::digest::{Digest, Hasher};
+use crate::digest::{Digest, HashingWriter};
 use crate::error::{Error, Result};
-use crate::image::{ByteStream, Image, Source};
+use crate::image::{read_file_range, ByteStream, Image, Source};
 use crate::manifest::{media, Compression, Platform, RawManifest};
 
 /// Layer media type for an uncompressed docker schema-2 layer.
@@ -53,23 +53,6 @@ impl LocalLayer {
             (Compression::Gzip, false) => media::OCI_LAYER_GZIP,
             (Compression::Zstd, _) => media::OCI_LAYER_ZSTD,
         }
-    }
-}
-
-/// Hashes (and counts) what is written through it.
-struct HashWriter<W> {
-    inner: W,
-    hasher: Hasher,
-}
-
-impl<W: Write> Write for HashWriter<W> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.hasher.update(&buf[..n]);
-        Ok(n)
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
     }
 }
 
@@ -117,7 +100,7 @@ impl<W: Write> Write for Encoder<W> {
     }
 }
 
-type TarSink = HashWriter<Encoder<HashWriter<BufWriter<File>>>>;
+type TarSink = HashingWriter<Encoder<HashingWriter<BufWriter<File>>>>;
 
 /// A temporary file being filled with a compressed tar, hashing both sides.
 struct LayerWriter {
@@ -130,14 +113,8 @@ impl LayerWriter {
     fn new(compression: Compression) -> Result<Self> {
         let ctx = |e| Error::io("creating a temporary layer file", e);
         let (file, tmp) = tempfile::NamedTempFile::new().map_err(ctx)?.into_parts();
-        let outer = HashWriter {
-            inner: BufWriter::new(file),
-            hasher: Hasher::new(),
-        };
-        let sink = HashWriter {
-            inner: Encoder::new(compression, outer).map_err(ctx)?,
-            hasher: Hasher::new(),
-        };
+        let outer = HashingWriter::new(BufWriter::new(file));
+        let sink = HashingWriter::new(Encoder::new(compression, outer).map_err(ctx)?);
         Ok(Self {
             tmp,
             sink,
@@ -458,21 +435,7 @@ impl Source for Overlay {
                 let end = end.ok_or_else(|| Error::invalid(ctx(), "range past the blob's end"))?;
                 Ok(b.slice(offset as usize..end as usize))
             }
-            Some(Blob::File(p)) => {
-                let p = p.to_path_buf();
-                let read = move || -> io::Result<Vec<u8>> {
-                    let mut f = File::open(&p)?;
-                    f.seek(SeekFrom::Start(offset))?;
-                    let mut buf = vec![0; len as usize];
-                    f.read_exact(&mut buf)?;
-                    Ok(buf)
-                };
-                let buf = tokio::task::spawn_blocking(read)
-                    .await
-                    .map_err(|e| Error::invalid(ctx(), e.to_string()))?
-                    .map_err(|e| Error::io(ctx(), e))?;
-                Ok(Bytes::from(buf))
-            }
+            Some(Blob::File(p)) => read_file_range(p, offset, len, &ctx()).await,
             None => {
                 self.base(&format!("blob {digest}"))?
                     .blob_range(digest, offset, len)
