@@ -598,6 +598,29 @@ fn clear_errors_for_bad_mount_points_and_registries() {
     ]);
     assert!(e.contains("unreachable"), "{e}");
     assert!(!is_mounted(&mp));
+    // No /dev/fuse: hide it in a private mount namespace.
+    let bin = mountd();
+    let out = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c"])
+        .arg(r#"mount -t tmpfs tmpfs /dev && exec "$0" mount "$1" "$2""#)
+        .arg(&bin)
+        .arg(reg.addr())
+        .arg(&mp)
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && e.contains("/dev/fuse"), "{e}");
+    // No fusermount3 for an unprivileged user.
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .args(["env", "PATH=/nonexistent"])
+        .arg(&bin)
+        .args(["mount", reg.addr()])
+        .arg(&mp)
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && e.contains("fusermount3"), "{e}");
     // Busy: already mounted.
     let m = Mount::start(reg.addr(), &[]);
     let e = err(&["mount".as_ref(), reg.addr().as_ref(), m.mp.as_os_str()]);
