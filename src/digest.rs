@@ -126,6 +126,20 @@ impl Hasher {
         self.len += bytes.len() as u64;
     }
 
+    /// Hashes everything `r` yields, streamed through one 256 KiB buffer.
+    pub fn read_all(mut r: impl Read) -> io::Result<Self> {
+        let mut h = Self::new();
+        let mut buf = vec![0; 256 * 1024];
+        loop {
+            match r.read(&mut buf) {
+                Ok(0) => return Ok(h),
+                Ok(n) => h.update(&buf[..n]),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     pub fn len(&self) -> u64 {
         self.len
     }

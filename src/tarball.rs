@@ -321,16 +321,7 @@ impl Reader {
     fn hash(&mut self, name: &str, span: Span) -> Result<Digest> {
         let ctx = |e| Error::io(format!("hashing {name} in {}", self.label), e);
         self.file.seek(SeekFrom::Start(span.offset)).map_err(ctx)?;
-        let mut h = Hasher::new();
-        let mut r = (&mut self.file).take(span.size);
-        let mut buf = vec![0; 256 * 1024];
-        loop {
-            let n = r.read(&mut buf).map_err(ctx)?;
-            if n == 0 {
-                break;
-            }
-            h.update(&buf[..n]);
-        }
+        let h = Hasher::read_all((&mut self.file).take(span.size)).map_err(ctx)?;
         if h.len() != span.size {
             return Err(Error::invalid(
                 format!("{name} in {}", self.label),

@@ -5,7 +5,6 @@
 mod common;
 
 use std::fs;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
@@ -67,16 +66,8 @@ async fn verify_layers(image: &Image) {
     for (layer, diff_id) in layers.iter().zip(diff_ids) {
         let layer2 = layer.clone();
         let digest = tokio::task::spawn_blocking(move || {
-            let mut h = ggfs::digest::Hasher::new();
-            let mut r = export::layer_reader(&layer2).unwrap();
-            let mut buf = vec![0; 1 << 16];
-            loop {
-                let n = r.read(&mut buf).unwrap();
-                if n == 0 {
-                    break h.finish();
-                }
-                h.update(&buf[..n]);
-            }
+            let r = export::layer_reader(&layer2).unwrap();
+            ggfs::digest::Hasher::read_all(r).unwrap().finish()
         })
         .await
         .unwrap();

@@ -99,17 +99,9 @@ async fn put_if_missing(sink: &dyn Sink, digest: &Digest, bytes: Bytes) -> Resul
 async fn push_file(sink: &dyn Sink, path: &PathBuf) -> Result<(Digest, u64)> {
     let p = path.clone();
     let (digest, size) = tokio::task::spawn_blocking(move || -> std::io::Result<_> {
-        let mut f = std::fs::File::open(&p)?;
-        let mut h = Hasher::new();
-        let mut buf = vec![0u8; 1 << 16];
-        loop {
-            let n = std::io::Read::read(&mut f, &mut buf)?;
-            if n == 0 {
-                let len = h.len();
-                return Ok((h.finish(), len));
-            }
-            h.update(&buf[..n]);
-        }
+        let h = Hasher::read_all(std::fs::File::open(&p)?)?;
+        let len = h.len();
+        Ok((h.finish(), len))
     })
     .await?
     .with_context(|| format!("reading {}", path.display()))?;
