@@ -34,10 +34,7 @@ pub struct Args {
 /// is written), appends them, and pushes blobs before the manifest.
 pub async fn run(ctx: &Ctx, a: Args) -> Result<()> {
     let base = match &a.base {
-        Some(b) => {
-            let (src, reference) = ctx.source(b).await?;
-            ggfs::image::fetch_image(src, &reference, ctx.global.platform.as_ref()).await?
-        }
+        Some(b) => ctx.image(b).await?,
         None => mutate::empty(
             &ctx.global
                 .platform

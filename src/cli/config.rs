@@ -11,8 +11,7 @@ pub struct Args {
 }
 
 pub async fn run(ctx: &Ctx, a: Args) -> Result<()> {
-    let (src, reference) = ctx.source(&a.image).await?;
-    let image = ggfs::image::fetch_image(src, &reference, ctx.global.platform.as_ref()).await?;
+    let image = ctx.image(&a.image).await?;
     std::io::stdout().write_all(&image.config)?;
     Ok(())
 }

@@ -13,11 +13,7 @@ pub struct Args {
 
 /// The top manifest's digest, or with --platform the chosen image's.
 pub async fn run(ctx: &Ctx, a: Args) -> Result<()> {
-    let (src, reference) = ctx.source(&a.image).await?;
-    let mut raw = src.manifest(&reference).await?;
-    if let (Some(p), true) = (&ctx.global.platform, raw.is_index()) {
-        raw = ggfs::copy::pick_platform(src.as_ref(), &raw, p).await?;
-    }
+    let raw = ctx.manifest(&a.image).await?;
     if a.full_ref {
         let r = super::parse_ref(&a.image)?;
         println!("{}@{}", r.repo, raw.digest);

@@ -16,8 +16,7 @@ pub struct Args {
 /// The flattened filesystem (whiteouts applied) as one tar. A file output is
 /// written beside its final name and renamed only when complete.
 pub async fn run(ctx: &Ctx, a: Args) -> Result<()> {
-    let (src, reference) = ctx.source(&a.image).await?;
-    let image = ggfs::image::fetch_image(src, &reference, ctx.global.platform.as_ref()).await?;
+    let image = ctx.image(&a.image).await?;
     if a.output.as_os_str() == "-" {
         let out = super::progress::writer(std::io::BufWriter::new(std::io::stdout()), "export");
         return flatten(&image, out).await;

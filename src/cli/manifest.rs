@@ -13,11 +13,7 @@ pub struct Args {
 /// Prints the bytes exactly as served (no re-serialization), or, with
 /// --platform on an index, the chosen child's bytes.
 pub async fn run(ctx: &Ctx, a: Args) -> Result<()> {
-    let (src, reference) = ctx.source(&a.image).await?;
-    let mut raw = src.manifest(&reference).await?;
-    if let (Some(p), true) = (&ctx.global.platform, raw.is_index()) {
-        raw = ggfs::copy::pick_platform(src.as_ref(), &raw, p).await?;
-    }
+    let raw = ctx.manifest(&a.image).await?;
     std::io::stdout().write_all(&raw.bytes)?;
     Ok(())
 }

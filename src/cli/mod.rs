@@ -5,7 +5,8 @@ use std::sync::{Arc, OnceLock};
 
 use anyhow::{Context as _, Result};
 use clap::{Args, Parser, Subcommand};
-use ggfs::image::{Sink, Source};
+use ggfs::image::{fetch_image, Image, Sink, Source};
+use ggfs::manifest::RawManifest;
 use ggfs::registry::{Client, ClientOptions, RegistryRepo};
 use ggfs::{Platform, Reference};
 
@@ -189,6 +190,24 @@ impl Ctx {
     /// as a source, with the tag or digest to read from it.
     pub async fn source(&self, location: &str) -> Result<(Arc<dyn Source>, String)> {
         Location::parse(location)?.open_source(self).await
+    }
+
+    /// The image at a location; from an index, the --platform one (default:
+    /// the host's).
+    pub async fn image(&self, location: &str) -> Result<Image> {
+        let (src, reference) = self.source(location).await?;
+        Ok(fetch_image(src, &reference, self.global.platform.as_ref()).await?)
+    }
+
+    /// The manifest at a location as served, or with --platform on an index
+    /// the chosen child's.
+    pub async fn manifest(&self, location: &str) -> Result<RawManifest> {
+        let (src, reference) = self.source(location).await?;
+        let mut raw = src.manifest(&reference).await?;
+        if let (Some(p), true) = (&self.global.platform, raw.is_index()) {
+            raw = ggfs::copy::pick_platform(src.as_ref(), &raw, p).await?;
+        }
+        Ok(raw)
     }
 
     /// Open a location as a sink, with the tag to write (if any).

@@ -35,8 +35,7 @@ pub struct Args {
 
 /// crane mutate: edit the config (and annotations) and push the new image.
 pub async fn run(ctx: &Ctx, a: Args) -> Result<()> {
-    let (src, reference) = ctx.source(&a.image).await?;
-    let mut image = ggfs::image::fetch_image(src, &reference, ctx.global.platform.as_ref()).await?;
+    let mut image = ctx.image(&a.image).await?;
     let edits = ConfigEdits {
         env: pairs(&a.env)?.into_iter().collect(),
         entrypoint: a.entrypoint.as_deref().map(split_list),

@@ -12,8 +12,7 @@ pub struct Args {
 /// Reads every layer once: the compressed bytes are checked against the
 /// layer digest and the uncompressed tar against the config's DiffID.
 pub async fn run(ctx: &Ctx, a: Args) -> Result<()> {
-    let (src, reference) = ctx.source(&a.image).await?;
-    let image = ggfs::image::fetch_image(src, &reference, ctx.global.platform.as_ref()).await?;
+    let image = ctx.image(&a.image).await?;
     let layers = image.layers()?;
     let cfg = image.config_file()?;
     if cfg.rootfs().diff_ids().len() != layers.len() {
@@ -27,17 +26,10 @@ pub async fn run(ctx: &Ctx, a: Args) -> Result<()> {
     for layer in layers {
         let l = layer.clone();
         let diff_id = tokio::task::spawn_blocking(move || -> ggfs::Result<_> {
-            let mut reader = ggfs::export::layer_reader(&l)?;
-            let mut h = Hasher::new();
-            let mut buf = vec![0u8; 1 << 16];
-            loop {
-                let n = std::io::Read::read(&mut reader, &mut buf)
-                    .map_err(|e| ggfs::error::from_io(format!("layer {}", l.digest), e))?;
-                if n == 0 {
-                    return Ok(h.finish());
-                }
-                h.update(&buf[..n]);
-            }
+            let reader = ggfs::export::layer_reader(&l)?;
+            Hasher::read_all(reader)
+                .map(Hasher::finish)
+                .map_err(|e| ggfs::error::from_io(format!("layer {}", l.digest), e))
         })
         .await??;
         match &layer.diff_id {
