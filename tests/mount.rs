@@ -802,11 +802,23 @@ fn evicted_plain_layer_is_read_by_verified_ranges() {
     std::fs::remove_dir_all(cache.path().join("tar")).unwrap();
     let proxy = CountingProxy::start(reg.addr());
     let m = Mount::start_with_cache(proxy.addr(), &[], Some(cache.path()));
+    // By digest, manifest and config come from the cache too.
+    let manifest = std::fs::read(m.path("ranges/latest/manifest.json")).unwrap();
+    let by_digest = m.path(&format!("ranges/{}", common::sha256_digest(&manifest)));
     proxy.reset();
     assert_eq!(
-        read_string(&m.path("ranges/latest/rootfs/small.txt")),
+        read_string(&by_digest.join("rootfs/small.txt")),
         "hello ggfs\n"
     );
+    assert!(std::fs::read(by_digest.join("config.json")).is_ok());
+    let whole: Vec<_> = proxy
+        .requests()
+        .into_iter()
+        .filter(|r| {
+            r.path.contains("/manifests/") || (r.path.contains("/blobs/") && r.range.is_none())
+        })
+        .collect();
+    assert!(whole.is_empty(), "fetched again: {whole:#?}");
     let down = proxy.bytes_down();
     assert!(
         down * 2 < layer_size,

@@ -332,7 +332,7 @@ fn serve(args: &MountArgs, ready: &mut Ready) -> Result<()> {
     let cache_dir = args.cache_dir.clone().unwrap_or_else(cache::default_dir);
     let cache = Arc::new(cache::Cache::open(&cache_dir, args.cache_size)?);
     let stats = Arc::new(stats::Stats::default());
-    let mut ns = ns::Namespace::new(reg, stats, Duration::from_secs(args.tag_ttl));
+    let mut ns = ns::Namespace::new(reg, stats, cache.clone(), Duration::from_secs(args.tag_ttl));
     ns.platform = args.platform.clone();
     let filesystem = fs::Fs::new(ns, cache, rt.handle().clone());
     let options = mount_options(&args.options)?;

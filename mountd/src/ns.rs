@@ -16,6 +16,7 @@ use ggfs::{Digest, Error, RawManifest};
 use tokio::sync::OnceCell;
 
 use crate::backend::Registry;
+use crate::cache::{self, Cache};
 use crate::stats::{CountingSource, Stats};
 
 /// A failure as the filesystem reports it: an errno and a message for the log.
@@ -123,6 +124,7 @@ const FOREVER: Duration = Duration::from_secs(u32::MAX as u64);
 
 pub struct Namespace {
     reg: Arc<dyn Registry>,
+    cache: Arc<Cache>,
     pub stats: Arc<Stats>,
     pub tag_ttl: Duration,
     pub neg_ttl: Duration,
@@ -137,9 +139,15 @@ pub struct Namespace {
 }
 
 impl Namespace {
-    pub fn new(reg: Arc<dyn Registry>, stats: Arc<Stats>, tag_ttl: Duration) -> Self {
+    pub fn new(
+        reg: Arc<dyn Registry>,
+        stats: Arc<Stats>,
+        cache: Arc<Cache>,
+        tag_ttl: Duration,
+    ) -> Self {
         Namespace {
             reg,
+            cache,
             stats,
             tag_ttl,
             neg_ttl: Duration::from_secs(5),
@@ -156,7 +164,10 @@ impl Namespace {
     pub fn source(&self, repo: &str) -> Arc<dyn Source> {
         let mut s = self.sources.lock().unwrap_or_else(|p| p.into_inner());
         s.entry(repo.to_string())
-            .or_insert_with(|| CountingSource::wrap(self.reg.source(repo), self.stats.clone()))
+            .or_insert_with(|| {
+                let counted = CountingSource::wrap(self.reg.source(repo), self.stats.clone());
+                CachingSource::wrap(counted, self.cache.clone())
+            })
             .clone()
     }
 
@@ -222,6 +233,8 @@ impl Namespace {
                 let cfg = image.manifest.config();
                 if let Ok(d) = manifest::digest_of(cfg) {
                     self.stats.note_size(&d, cfg.size());
+                    // Verified by Image::load: keep it for the next mount.
+                    crate::layer::store(&self.cache, cache::Kind::Blob, &d, &image.config);
                 }
                 for l in &layers {
                     self.stats.note_size(&l.digest, l.size());
@@ -290,6 +303,82 @@ pub fn children_of(repos: &[String], prefix: &str) -> Vec<String> {
     out.sort();
     out.dedup();
     out
+}
+
+/// A `Source` that answers from the cache's verified whole blobs when it
+/// can (manifests by digest, configs, blobs read whole before), and keeps
+/// every manifest it fetches under its digest.
+pub struct CachingSource {
+    inner: Arc<dyn Source>,
+    cache: Arc<Cache>,
+}
+
+impl CachingSource {
+    pub fn wrap(inner: Arc<dyn Source>, cache: Arc<Cache>) -> Arc<dyn Source> {
+        Arc::new(CachingSource { inner, cache })
+    }
+
+    fn cached(&self, d: &Digest) -> Option<std::path::PathBuf> {
+        self.cache.get(cache::Kind::Blob, d)
+    }
+}
+
+#[async_trait::async_trait]
+impl Source for CachingSource {
+    fn name(&self) -> String {
+        self.inner.name()
+    }
+
+    async fn manifest(&self, reference: &str) -> ggfs::Result<RawManifest> {
+        if let Ok(d) = Digest::parse(reference) {
+            if let Some(bytes) = self.cached(&d).and_then(|p| std::fs::read(p).ok()) {
+                if let Ok(m) = RawManifest::verified(bytes.into(), None, &d) {
+                    return Ok(m);
+                }
+            }
+        }
+        let m = self.inner.manifest(reference).await?;
+        crate::layer::store(&self.cache, cache::Kind::Blob, &m.digest, &m.bytes);
+        Ok(m)
+    }
+
+    async fn blob(&self, digest: &Digest) -> ggfs::Result<ggfs::image::ByteStream> {
+        if let Some(p) = self.cached(digest) {
+            if let Ok(f) = tokio::fs::File::open(&p).await {
+                return Ok(Box::pin(tokio_util::io::ReaderStream::new(f)));
+            }
+        }
+        self.inner.blob(digest).await
+    }
+
+    async fn blob_range(
+        &self,
+        digest: &Digest,
+        offset: u64,
+        len: u64,
+    ) -> ggfs::Result<bytes::Bytes> {
+        if let Some(p) = self.cached(digest) {
+            let read = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {
+                use std::os::unix::fs::FileExt;
+                let f = std::fs::File::open(p)?;
+                let mut buf = vec![0u8; len as usize];
+                f.read_exact_at(&mut buf, offset)?;
+                Ok(buf)
+            })
+            .await;
+            if let Ok(Ok(buf)) = read {
+                return Ok(buf.into());
+            }
+        }
+        self.inner.blob_range(digest, offset, len).await
+    }
+
+    async fn blob_size(&self, digest: &Digest) -> ggfs::Result<u64> {
+        if let Some(md) = self.cached(digest).and_then(|p| std::fs::metadata(p).ok()) {
+            return Ok(md.len());
+        }
+        self.inner.blob_size(digest).await
+    }
 }
 
 #[cfg(test)]
