@@ -167,16 +167,8 @@ fn copy_index_whole_or_one_platform() {
 /// tags list, delete removes.
 #[test]
 fn embedded_registry_serves_ggfs_and_skopeo() {
-    let port = common::free_port();
-    let addr = format!("127.0.0.1:{port}");
-    let _server = Server(
-        Command::new(common::ggfs_bin())
-            .args(["registry", "serve", "--address", &addr])
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    wait_for(&addr);
+    let server = Server::start();
+    let addr = server.addr.clone();
     let work = common::tempdir();
     let dir = work.path().join("d");
     std::fs::create_dir_all(dir.join("etc")).unwrap();
@@ -210,22 +202,36 @@ fn embedded_registry_serves_ggfs_and_skopeo() {
     assert_eq!(ggfs(&["ls", &format!("{addr}/e/app")]), "v1\nv2\n");
 }
 
-struct Server(Child);
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+/// `ggfs registry serve` on a free loopback port, killed on drop.
+struct Server {
+    child: Child,
+    addr: String,
+}
+
+impl Server {
+    fn start() -> Self {
+        let addr = format!("127.0.0.1:{}", common::free_port());
+        let child = Command::new(common::ggfs_bin())
+            .args(["registry", "serve", "--address", &addr])
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let server = Server { child, addr };
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(&server.addr).is_ok() {
+                return server;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        panic!("{} never listened", server.addr);
     }
 }
 
-fn wait_for(addr: &str) {
-    for _ in 0..100 {
-        if std::net::TcpStream::connect(addr).is_ok() {
-            return;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
-    panic!("{addr} never listened");
 }
 
 /// Bad input: one clear line, non-zero exit, nothing half-written.
@@ -345,16 +351,8 @@ fn basic_auth_with_login_and_docker_config() {
 #[test]
 fn attach_and_refs_on_both_registries() {
     let dist = Distribution::start();
-    let port = common::free_port();
-    let embedded = format!("127.0.0.1:{port}");
-    let _server = Server(
-        Command::new(common::ggfs_bin())
-            .args(["registry", "serve", "--address", &embedded])
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    wait_for(&embedded);
+    let server = Server::start();
+    let embedded = server.addr.clone();
     let work = common::tempdir();
     std::fs::write(work.path().join("f"), "content\n").unwrap();
     std::fs::write(work.path().join("sbom.json"), "{\"sbom\":true}\n").unwrap();

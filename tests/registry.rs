@@ -15,7 +15,7 @@ use ggfs::digest::Hasher;
 use ggfs::error::Error;
 use ggfs::image::{self, ByteStream, Sink, Source};
 use ggfs::manifest::{media, RawManifest};
-use ggfs::registry::{Client, ClientOptions, RetryPolicy};
+use ggfs::registry::{Client, ClientOptions, RegistryRepo, RetryPolicy};
 use ggfs::Digest;
 
 use common::client::{image_manifest, put, repo, stream_of, CONFIG};
@@ -307,14 +307,40 @@ async fn delete_manifests_and_blobs() {
     );
 }
 
+/// An image tagged `app` in `r` to refer to, and the `{}` blob artifacts use.
+async fn subject_and_empty(r: &RegistryRepo) -> (RawManifest, Digest) {
+    let cfg = put(r, CONFIG).await.unwrap();
+    let subject = image_manifest(&cfg, CONFIG.len(), &[]);
+    r.put_manifest(&subject, Some("app")).await.unwrap();
+    (subject, put(r, b"{}").await.unwrap())
+}
+
+/// An artifact manifest of type `kind` (empty config and layer) about `subject`.
+fn artifact(kind: &str, empty: &Digest, subject: &RawManifest) -> serde_json::Value {
+    serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": media::OCI_MANIFEST,
+        "artifactType": kind,
+        "config": {"mediaType": media::OCI_EMPTY, "digest": empty, "size": 2},
+        "layers": [{"mediaType": media::OCI_EMPTY, "digest": empty, "size": 2}],
+        "subject": subject.descriptor(),
+    })
+}
+
+fn referrer_digests(index: &ggfs::manifest::ImageIndex) -> Vec<String> {
+    index
+        .manifests()
+        .iter()
+        .map(|d| d.digest().to_string())
+        .collect()
+}
+
 #[tokio::test]
 async fn referrers_fall_back_to_the_tag_schema() {
     let reg = Distribution::start();
     let c = client();
     let r = repo(&c, reg.addr(), "refs");
-    let cfg = put(&r, CONFIG).await.unwrap();
-    let subject = image_manifest(&cfg, CONFIG.len(), &[]);
-    r.put_manifest(&subject, Some("app")).await.unwrap();
+    let (subject, empty) = subject_and_empty(&r).await;
     assert!(r
         .referrers(&subject.digest, None)
         .await
@@ -322,32 +348,22 @@ async fn referrers_fall_back_to_the_tag_schema() {
         .manifests()
         .is_empty());
 
-    let empty = put(&r, b"{}").await.unwrap();
-    let artifact = |kind: &str| {
-        RawManifest::from_json(&serde_json::json!({
-            "schemaVersion": 2,
-            "mediaType": media::OCI_MANIFEST,
-            "artifactType": kind,
-            "config": {"mediaType": media::OCI_EMPTY, "digest": empty, "size": 2},
-            "layers": [{"mediaType": media::OCI_EMPTY, "digest": empty, "size": 2}],
-            "subject": subject.descriptor(),
-            "annotations": {"org.example.kind": kind},
-        }))
-        .unwrap()
+    let annotated = |kind: &str| {
+        let mut v = artifact(kind, &empty, &subject);
+        v["annotations"] = serde_json::json!({"org.example.kind": kind});
+        RawManifest::from_json(&v).unwrap()
     };
-    let sig = artifact("application/vnd.example.sig");
-    let sbom = artifact("application/vnd.example.sbom");
+    let sig = annotated("application/vnd.example.sig");
+    let sbom = annotated("application/vnd.example.sbom");
     r.put_manifest(&sig, None).await.unwrap();
     r.put_manifest(&sbom, None).await.unwrap();
     r.put_manifest(&sig, None).await.unwrap(); // twice: listed once
 
     let all = r.referrers(&subject.digest, None).await.unwrap();
-    let digests: Vec<String> = all
-        .manifests()
-        .iter()
-        .map(|d| d.digest().to_string())
-        .collect();
-    assert_eq!(digests, [sig.digest.to_string(), sbom.digest.to_string()]);
+    assert_eq!(
+        referrer_digests(&all),
+        [sig.digest.to_string(), sbom.digest.to_string()]
+    );
     assert_eq!(
         all.manifests()[0]
             .artifact_type()
@@ -379,35 +395,17 @@ async fn referrers_api_when_the_registry_has_it() {
         .unwrap();
     let c = client();
     let r = repo(&c, &server.host(), "refs/api");
-    let cfg = put(&r, CONFIG).await.unwrap();
-    let subject = image_manifest(&cfg, CONFIG.len(), &[]);
-    r.put_manifest(&subject, Some("app")).await.unwrap();
-    let empty = put(&r, b"{}").await.unwrap();
+    let (subject, empty) = subject_and_empty(&r).await;
     let mut pushed = Vec::new();
     for kind in [
         "application/vnd.example.sig",
         "application/vnd.example.sbom",
     ] {
-        let m = RawManifest::from_json(&serde_json::json!({
-            "schemaVersion": 2,
-            "mediaType": media::OCI_MANIFEST,
-            "artifactType": kind,
-            "config": {"mediaType": media::OCI_EMPTY, "digest": empty, "size": 2},
-            "layers": [{"mediaType": media::OCI_EMPTY, "digest": empty, "size": 2}],
-            "subject": subject.descriptor(),
-        }))
-        .unwrap();
+        let m = RawManifest::from_json(&artifact(kind, &empty, &subject)).unwrap();
         r.put_manifest(&m, None).await.unwrap();
         pushed.push(m.digest.to_string());
     }
-    let mut got: Vec<String> = r
-        .referrers(&subject.digest, None)
-        .await
-        .unwrap()
-        .manifests()
-        .iter()
-        .map(|d| d.digest().to_string())
-        .collect();
+    let mut got = referrer_digests(&r.referrers(&subject.digest, None).await.unwrap());
     got.sort();
     pushed.sort();
     assert_eq!(got, pushed);
