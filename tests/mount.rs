@@ -469,6 +469,12 @@ fn index_shows_one_directory_per_platform() {
     let index = std::fs::read(m.path("plat/multi/manifest.json")).unwrap();
     let parsed: serde_json::Value = serde_json::from_slice(&index).unwrap();
     assert_eq!(parsed["manifests"].as_array().unwrap().len(), 2);
+    // --platform keeps one platform's directory.
+    let arm = Mount::start(reg.addr(), &["--platform", "linux/arm64"]);
+    assert_eq!(
+        names_in(&arm.path("plat/multi")),
+        ["digest", "linux-arm64", "manifest.json"]
+    );
 }
 
 /// A tiny image with a dynamically linked /bin/sh taken from this machine.

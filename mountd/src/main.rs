@@ -47,7 +47,9 @@ enum Cmd {
 
 #[derive(clap::Args, Clone)]
 struct MountArgs {
+    /// Registry host[:port] (loopback registries are spoken to over HTTP).
     registry: String,
+    /// An existing, empty-of-mounts directory.
     mountpoint: PathBuf,
     /// Stay in the foreground instead of detaching once mounted.
     #[arg(long)]
