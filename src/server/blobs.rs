@@ -130,14 +130,7 @@ pub async fn delete(store: &Store, name: &str, digest: &str) -> ApiResult<Respon
 
 /// 201 for a blob now present in `name`.
 fn created(name: &str, d: &Digest) -> ApiResult<Response> {
-    let mut resp = StatusCode::CREATED.into_response();
-    let h = resp.headers_mut();
-    h.insert(
-        header::LOCATION,
-        header_value(&format!("/v2/{name}/blobs/{d}"))?,
-    );
-    h.insert(DIGEST_HEADER, header_value(d.as_str())?);
-    Ok(resp)
+    super::created(&format!("/v2/{name}/blobs/{d}"), d)
 }
 
 /// Location, Range and UUID headers describing an open session.

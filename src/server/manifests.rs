@@ -251,15 +251,10 @@ pub async fn put(
         Ref::Digest(_) => None,
     };
     store.add_manifest(name, &bytes, record, tag).await?;
-    let mut resp = StatusCode::CREATED.into_response();
-    let h = resp.headers_mut();
-    h.insert(
-        header::LOCATION,
-        header_value(&format!("/v2/{name}/manifests/{digest}"))?,
-    );
-    h.insert(DIGEST_HEADER, header_value(digest.as_str())?);
+    let mut resp = super::created(&format!("/v2/{name}/manifests/{digest}"), &digest)?;
     if let Some(s) = subject {
-        h.insert("OCI-Subject", header_value(s.as_str())?);
+        resp.headers_mut()
+            .insert("OCI-Subject", header_value(s.as_str())?);
     }
     Ok(resp)
 }

@@ -118,6 +118,17 @@ fn header_value(s: &str) -> ApiResult<HeaderValue> {
         .map_err(|_| ApiError::internal(Error::invalid("response header", format!("{s:?}"))))
 }
 
+/// 201 Created for something now at `location` (a blob or manifest path),
+/// naming its digest.
+fn created(location: &str, d: &crate::digest::Digest) -> ApiResult<axum::response::Response> {
+    use axum::response::IntoResponse;
+    let mut resp = axum::http::StatusCode::CREATED.into_response();
+    let h = resp.headers_mut();
+    h.insert(axum::http::header::LOCATION, header_value(location)?);
+    h.insert(DIGEST_HEADER, header_value(d.as_str())?);
+    Ok(resp)
+}
+
 /// The first value of a query parameter.
 fn param<'a>(query: &'a [(String, String)], key: &str) -> Option<&'a str> {
     query
