@@ -564,6 +564,52 @@ mod tests {
     use super::*;
 
     #[test]
+    fn first_pass_indexes_verifies_and_caches() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path(), 1 << 30).unwrap();
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_size(5);
+        h.set_mode(0o640);
+        b.append_data(&mut h, "dir/file", &b"hello"[..]).unwrap();
+        let tar = b.into_inner().unwrap();
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(&tar).unwrap();
+        let blob = gz.finish().unwrap();
+        let d = Digest::of(&blob);
+        let run = |digest: Digest| {
+            first_pass(
+                Box::new(std::io::Cursor::new(blob.clone())),
+                &cache,
+                cache::Kind::Tar,
+                Compression::Gzip,
+                digest,
+                blob.len() as u64,
+            )
+        };
+        // Wrong digest: an error and nothing cached.
+        assert!(run(Digest::of(b"other")).is_err());
+        assert!(cache
+            .path(cache::Kind::Tar, &Digest::of(b"other"))
+            .metadata()
+            .is_err());
+        let indexed = run(d.clone()).unwrap();
+        let (entries, _) = indexed.entries();
+        assert_eq!(entries.len(), 1);
+        assert_eq!(entries[0].path, b"dir/file");
+        assert_eq!(entries[0].meta.mode, 0o640);
+        assert_eq!(
+            std::fs::read(cache.path(cache::Kind::Tar, &d)).unwrap(),
+            tar
+        );
+        let saved = std::fs::read(cache.path(cache::Kind::Index, &d)).unwrap();
+        let back = Indexed::from_bytes(&saved).unwrap();
+        assert_eq!(back.blocks, indexed.blocks);
+        assert_eq!(back.index, indexed.index);
+        assert!(Indexed::from_bytes(&saved[..20]).is_err());
+    }
+
+    #[test]
     fn block_digests() {
         let data: Vec<u8> = (0..(BLOCK as usize * 2 + 10)).map(|i| i as u8).collect();
         let mut h = BlockHasher::default();
