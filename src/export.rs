@@ -188,10 +188,10 @@ fn emit_orphans<W: Write>(
         if !entry.header().entry_type().is_file() {
             continue;
         }
-        let Some(links) = orphans.remove(&path) else {
+        let links = orphans.remove(&path).unwrap_or_default();
+        let Some((first, rest)) = links.split_first() else {
             continue;
         };
-        let (first, rest) = links.split_first().expect("never empty");
         copy_entry(out, &mut entry, first)?;
         for link in rest {
             let mut h = fresh_header(entry.header())?;
@@ -286,13 +286,16 @@ fn fresh_header(src: &tar::Header) -> io::Result<tar::Header> {
     h.set_gid(src.gid().unwrap_or(0));
     h.set_mtime(src.mtime().unwrap_or(0));
     h.set_size(0);
-    if let Some(u) = src.username_bytes() {
-        h.as_gnu_mut().expect("gnu").uname[..u.len().min(32)]
-            .copy_from_slice(&u[..u.len().min(32)]);
-    }
-    if let Some(g) = src.groupname_bytes() {
-        h.as_gnu_mut().expect("gnu").gname[..g.len().min(32)]
-            .copy_from_slice(&g[..g.len().min(32)]);
+    if let Some(gnu) = h.as_gnu_mut() {
+        // Owner names as raw bytes (not always UTF-8), cut to the field.
+        for (field, name) in [
+            (&mut gnu.uname, src.username_bytes()),
+            (&mut gnu.gname, src.groupname_bytes()),
+        ] {
+            let name = name.unwrap_or_default();
+            let n = name.len().min(field.len());
+            field[..n].copy_from_slice(&name[..n]);
+        }
     }
     let kind = src.entry_type();
     let is_dev = matches!(kind, tar::EntryType::Char | tar::EntryType::Block);
