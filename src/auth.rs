@@ -329,18 +329,15 @@ impl Keychain {
     /// Credentials for `registry` (host[:port]); `repo` lets podman's
     /// namespaced keys (`quay.io/org`) match. `None` means anonymous.
     pub fn resolve(&self, registry: &str, repo: Option<&str>) -> Result<Option<Credential>> {
-        for path in &self.docker_configs {
-            if let Some(cfg) = ConfigFile::load(path)? {
-                if let Some(c) = cfg.credential(path, registry, None)? {
-                    return Ok(Some(c));
-                }
-            }
-        }
-        for path in &self.auth_files {
-            if let Some(cfg) = ConfigFile::load(path)? {
-                if let Some(c) = cfg.credential(path, registry, repo)? {
-                    return Ok(Some(c));
-                }
+        // docker's config.json knows no namespaced keys: only podman's files get `repo`.
+        let docker = self.docker_configs.iter().map(|p| (p, None));
+        let podman = self.auth_files.iter().map(|p| (p, repo));
+        for (path, repo) in docker.chain(podman) {
+            let Some(cfg) = ConfigFile::load(path)? else {
+                continue;
+            };
+            if let Some(c) = cfg.credential(path, registry, repo)? {
+                return Ok(Some(c));
             }
         }
         Ok(None)
@@ -368,22 +365,26 @@ struct ConfigFile {
 /// The registry a config.json key names: scheme and path dropped, Docker
 /// Hub aliases folded into `index.docker.io`.
 pub fn key_registry(key: &str) -> String {
-    let k = key
-        .strip_prefix("https://")
-        .or_else(|| key.strip_prefix("http://"))
-        .unwrap_or(key);
+    let k = strip_scheme(key).unwrap_or(key);
     let host = k.split('/').next().unwrap_or(k);
     crate::reference::normalize_registry(host)
 }
 
 /// Does a config key name a whole registry (`host`, `https://host/v1/`),
-/// as opposed to podman's `host/namespace`?
+/// as opposed to podman's `host/namespace`? Keys with a scheme are docker's
+/// URL form, whatever their path.
 pub fn is_registry_key(key: &str) -> bool {
-    let has_scheme = key.starts_with("https://") || key.starts_with("http://");
-    let k = key
-        .trim_start_matches("https://")
-        .trim_start_matches("http://");
-    has_scheme || !k.trim_end_matches('/').contains('/')
+    strip_scheme(key).is_some() || !key.trim_end_matches('/').contains('/')
+}
+
+fn strip_scheme(key: &str) -> Option<&str> {
+    key.strip_prefix("https://")
+        .or_else(|| key.strip_prefix("http://"))
+}
+
+/// Does config key `key` stand for the whole of (normalised) `registry`?
+fn names_registry(key: &str, registry: &str) -> bool {
+    is_registry_key(key) && key_registry(key) == registry
 }
 
 /// The key docker writes for a registry (Docker Hub's is special).
@@ -458,7 +459,7 @@ impl ConfigFile {
         }
         self.auths
             .iter()
-            .find(|(k, _)| is_registry_key(k) && key_registry(k) == registry)
+            .find(|(k, _)| names_registry(k, registry))
             .map(|(_, e)| e)
     }
 }
@@ -535,13 +536,13 @@ fn helper_get(helper: &str, registry: &str) -> Result<Option<Credential>> {
         {
             Ok(None)
         }
-        Err(e) => Err(Error::Auth {
-            registry: registry.to_string(),
-            message: format!(
+        Err(e) => Err(Error::auth(
+            registry,
+            format!(
                 "credential helper docker-credential-{helper}: {}",
                 first_line(&e.to_string())
             ),
-        }),
+        )),
     }
 }
 
@@ -632,15 +633,11 @@ pub async fn fetch_token(
     cred: Option<&Credential>,
     allow_http: bool,
 ) -> Result<Token> {
-    let auth_err = |message: String| Error::Auth {
-        registry: registry.to_string(),
-        message,
-    };
     let realm = challenge
         .realm()
-        .ok_or_else(|| auth_err("Bearer challenge names no realm".into()))?;
-    let realm_url =
-        url::Url::parse(realm).map_err(|e| auth_err(format!("token realm {realm:?}: {e}")))?;
+        .ok_or_else(|| Error::auth(registry, "Bearer challenge names no realm"))?;
+    let realm_url = url::Url::parse(realm)
+        .map_err(|e| Error::auth(registry, format!("token realm {realm:?}: {e}")))?;
     match realm_url.scheme() {
         "https" => {}
         "http"
@@ -649,9 +646,12 @@ pub async fn fetch_token(
                     .host_str()
                     .is_some_and(crate::registry::is_loopback) => {}
         _ => {
-            return Err(auth_err(format!(
-                "token realm {realm:?} is not https (credentials would travel in clear text)"
-            )))
+            return Err(Error::auth(
+                registry,
+                format!(
+                    "token realm {realm:?} is not https (credentials would travel in clear text)"
+                ),
+            ))
         }
     }
     let service = challenge.service().unwrap_or(registry);
@@ -669,11 +669,14 @@ pub async fn fetch_token(
         tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
     }
     .map_err(|e| {
-        auth_err(format!(
-            "token request to {}: {}",
-            realm_url.origin().ascii_serialization(),
-            e.without_url()
-        ))
+        Error::auth(
+            registry,
+            format!(
+                "token request to {}: {}",
+                realm_url.origin().ascii_serialization(),
+                e.without_url()
+            ),
+        )
     })?;
     parse_token_response(registry, &realm_url, resp).await
 }
@@ -763,28 +766,34 @@ async fn parse_token_response(
 ) -> Result<Token> {
     let status = resp.status();
     let origin = realm.origin().ascii_serialization();
-    let auth_err = |message: String| Error::Auth {
-        registry: registry.to_string(),
-        message,
-    };
     let body = read_capped(resp, MAX_TOKEN_RESPONSE)
         .await
-        .map_err(|e| auth_err(format!("token response from {origin}: {e}")))?;
+        .map_err(|e| Error::auth(registry, format!("token response from {origin}: {e}")))?;
     if !status.is_success() {
         let detail = String::from_utf8_lossy(&body[..body.len().min(300)])
             .trim()
             .to_string();
-        return Err(auth_err(format!(
-            "token server {origin} answered {status}: {detail}"
-        )));
+        return Err(Error::auth(
+            registry,
+            format!("token server {origin} answered {status}: {detail}"),
+        ));
     }
-    let t: TokenResponse = serde_json::from_slice(&body)
-        .map_err(|e| auth_err(format!("token response from {origin} is not JSON: {e}")))?;
+    let t: TokenResponse = serde_json::from_slice(&body).map_err(|e| {
+        Error::auth(
+            registry,
+            format!("token response from {origin} is not JSON: {e}"),
+        )
+    })?;
     let token = t
         .token
         .or(t.access_token)
         .filter(|t| !t.is_empty())
-        .ok_or_else(|| auth_err(format!("token response from {origin} holds no token")))?;
+        .ok_or_else(|| {
+            Error::auth(
+                registry,
+                format!("token response from {origin} holds no token"),
+            )
+        })?;
     let life = Duration::from_secs(t.expires_in.unwrap_or(DEFAULT_TOKEN_LIFETIME).max(1));
     let expires = Instant::now() + life.saturating_sub(TOKEN_MARGIN).max(life / 2);
     Ok(Token {
@@ -854,7 +863,7 @@ pub fn store(registry: &str, user: &str, pass: &str) -> Result<String> {
         .ok_or_else(|| Error::invalid(path.display().to_string(), "`auths` is not an object"))?;
     // Drop other spellings of the same registry so the new entry wins.
     let norm = crate::reference::normalize_registry(registry);
-    auths.retain(|k, _| !(is_registry_key(k) && key_registry(k) == norm));
+    auths.retain(|k, _| !names_registry(k, &norm));
     let encoded = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"));
     auths.insert(key, serde_json::json!({ "auth": encoded }));
     save_json(&path, &cfg)?;
@@ -878,7 +887,7 @@ pub fn logout(registry: &str) -> Result<bool> {
         return Ok(erased);
     };
     let before = auths.len();
-    auths.retain(|k, _| !(is_registry_key(k) && key_registry(k) == norm));
+    auths.retain(|k, _| !names_registry(k, &norm));
     let removed = auths.len() != before;
     if removed {
         save_json(&path, &cfg)?;

@@ -77,6 +77,14 @@ impl Error {
         }
     }
 
+    /// `registry` refused us, or we cannot authenticate to it.
+    pub fn auth(registry: impl Into<String>, message: impl Into<String>) -> Self {
+        Error::Auth {
+            registry: registry.into(),
+            message: message.into(),
+        }
+    }
+
     pub fn invalid(what: impl Into<String>, reason: impl Into<String>) -> Self {
         Error::Invalid {
             what: what.into(),

@@ -171,10 +171,6 @@ impl Client {
         let header = first.header("www-authenticate").unwrap_or("");
         let challenge = transport::challenge_in(registry, header)?;
         drop(first);
-        let auth_err = |message: String| Error::Auth {
-            registry: registry.to_string(),
-            message,
-        };
         let authorization = if challenge.is_bearer() {
             let t = auth::fetch_token(
                 &self.t.http,
@@ -188,16 +184,19 @@ impl Client {
             format!("Bearer {}", t.token)
         } else {
             cred.basic_header().ok_or_else(|| {
-                auth_err("an identity token cannot answer a Basic challenge".into())
+                Error::auth(
+                    registry,
+                    "an identity token cannot answer a Basic challenge",
+                )
             })?
         };
         let resp = self.t.send_plain(&req, Some(&authorization)).await?;
         match resp.status() {
             s if s.is_success() => Ok(()),
-            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Err(auth_err(format!(
-                "credentials rejected: GET /v2/ answered {}",
-                resp.status()
-            ))),
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Err(Error::auth(
+                registry,
+                format!("credentials rejected: GET /v2/ answered {}", resp.status()),
+            )),
             _ => {
                 Err(transport::status_error(registry, &format!("registry {registry}"), resp).await)
             }

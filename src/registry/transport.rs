@@ -437,28 +437,31 @@ impl Transport {
             }
             _ => " (no credentials configured)".into(),
         };
-        Error::Auth {
-            registry: req.registry.clone(),
-            message: format!(
+        Error::auth(
+            &req.registry,
+            format!(
                 "{what}{who}: {} {} answered {status}{detail}",
                 req.method,
                 req.url.path()
             ),
-        }
+        )
     }
 }
 
 /// The challenge to answer from a 401's `WWW-Authenticate` header.
 pub(crate) fn challenge_in(registry: &str, header: &str) -> Result<Challenge> {
-    let auth_err = |message: String| Error::Auth {
-        registry: registry.to_string(),
-        message,
-    };
-    let parsed = auth::parse_challenges(header)
-        .map_err(|e| auth_err(format!("401 with an unusable WWW-Authenticate header: {e}")))?;
-    auth::pick_challenge(&parsed)
-        .cloned()
-        .ok_or_else(|| auth_err(format!("no Basic or Bearer challenge in {header:?}")))
+    let parsed = auth::parse_challenges(header).map_err(|e| {
+        Error::auth(
+            registry,
+            format!("401 with an unusable WWW-Authenticate header: {e}"),
+        )
+    })?;
+    auth::pick_challenge(&parsed).cloned().ok_or_else(|| {
+        Error::auth(
+            registry,
+            format!("no Basic or Bearer challenge in {header:?}"),
+        )
+    })
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
