@@ -72,16 +72,26 @@ pub async fn copy(
     opts: &CopyOptions,
 ) -> Result<CopyReport> {
     let mut report = CopyReport::default();
-    let raw = src.manifest(reference).await?;
-    let top = match (&opts.platform, raw.is_index()) {
-        (Some(p), true) => pick_platform(src.as_ref(), &raw, p).await?,
-        _ => raw,
-    };
+    let top = manifest_for(src.as_ref(), reference, opts.platform.as_ref()).await?;
     copy_manifest(&src, &top, &dst, opts, &mut report).await?;
     dst.put_manifest(&top, tag).await?;
     dst.finish().await?;
     report.digest = Some(top.digest.clone());
     Ok(report)
+}
+
+/// The manifest `reference` names; when it is an index and `platform` is
+/// given, that platform's child instead.
+pub async fn manifest_for(
+    src: &dyn Source,
+    reference: &str,
+    platform: Option<&Platform>,
+) -> Result<RawManifest> {
+    let raw = src.manifest(reference).await?;
+    match platform {
+        Some(p) if raw.is_index() => pick_platform(src, &raw, p).await,
+        _ => Ok(raw),
+    }
 }
 
 /// The child manifest of an index for one platform, verified.

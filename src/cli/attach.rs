@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context as _, Result};
 use bytes::Bytes;
 use ggfs::digest::Hasher;
-use ggfs::image::{ByteStream, Sink, Source};
+use ggfs::image::{ByteStream, Sink};
 use ggfs::manifest::media;
 use ggfs::{Digest, RawManifest};
 use serde_json::json;
@@ -35,10 +35,8 @@ pub struct Args {
 pub async fn run(ctx: &Ctx, a: Args) -> Result<()> {
     let r = super::parse_ref(&a.image)?;
     let repo = ctx.repo(&r)?;
-    let mut subject = repo.manifest(&r.identifier()).await?;
-    if let (Some(p), true) = (&ctx.global.platform, subject.is_index()) {
-        subject = ggfs::copy::pick_platform(&repo, &subject, p).await?;
-    }
+    let platform = ctx.global.platform.as_ref();
+    let subject = ggfs::copy::manifest_for(&repo, &r.identifier(), platform).await?;
     let empty = Bytes::from_static(b"{}");
     let empty_digest = Digest::of(&empty);
     put_if_missing(&repo, &empty_digest, empty.clone()).await?;

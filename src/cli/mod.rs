@@ -203,11 +203,8 @@ impl Ctx {
     /// the chosen child's.
     pub async fn manifest(&self, location: &str) -> Result<RawManifest> {
         let (src, reference) = self.source(location).await?;
-        let mut raw = src.manifest(&reference).await?;
-        if let (Some(p), true) = (&self.global.platform, raw.is_index()) {
-            raw = ggfs::copy::pick_platform(src.as_ref(), &raw, p).await?;
-        }
-        Ok(raw)
+        let platform = self.global.platform.as_ref();
+        Ok(ggfs::copy::manifest_for(src.as_ref(), &reference, platform).await?)
     }
 
     /// Open a location as a sink, with the tag to write (if any).
