@@ -136,8 +136,25 @@ impl Distribution {
 
     /// Freezes the process (SIGSTOP): connections are accepted by the kernel
     /// but never answered, like a hung registry. Undo with [`Self::resume`].
+    /// SIGSTOP, returning only once every thread is stopped: kill(1)
+    /// returns before the kernel has stopped them all.
     pub fn pause(&self) {
         self.signal("STOP");
+        let tasks = format!("/proc/{}/task", self.child.id());
+        for _ in 0..200 {
+            let stopped = std::fs::read_dir(&tasks).map(|d| {
+                d.filter_map(|t| t.ok()).all(|t| {
+                    let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+                    stat.rsplit_once(')')
+                        .is_some_and(|(_, rest)| rest.trim_start().starts_with('T'))
+                })
+            });
+            if stopped.unwrap_or(false) {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        panic!("registry {} did not stop", self.addr);
     }
 
     pub fn resume(&self) {
