@@ -23,7 +23,7 @@ use crate::manifest::{media, RawManifest, MAX_MANIFEST_SIZE};
 /// The annotation that names an index.json entry (the "tag").
 pub const REF_NAME: &str = "org.opencontainers.image.ref.name";
 /// containerd names entries with the full image name instead.
-const CONTAINERD_NAME: &str = "io.containerd.image.name";
+pub const CONTAINERD_NAME: &str = "io.containerd.image.name";
 const LAYOUT_VERSION: &str = "1.0.0";
 
 /// An OCI image-layout directory.

@@ -24,6 +24,7 @@ pub mod media {
     pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
     pub const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
     pub const DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
+    pub const DOCKER_LAYER: &str = "application/vnd.docker.image.rootfs.diff.tar";
     pub const DOCKER_LAYER_GZIP: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
     pub const DOCKER_FOREIGN_LAYER: &str =
         "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip";
@@ -68,6 +69,18 @@ impl Compression {
             [0x1f, 0x8b, ..] => Compression::Gzip,
             [0x28, 0xb5, 0x2f, 0xfd, ..] => Compression::Zstd,
             _ => Compression::None,
+        }
+    }
+
+    /// The layer media type for this compression, in a docker schema-2
+    /// manifest (`docker`) or an OCI one. Docker has no zstd type: OCI's.
+    pub fn layer_media_type(self, docker: bool) -> &'static str {
+        match (self, docker) {
+            (Compression::None, true) => media::DOCKER_LAYER,
+            (Compression::Gzip, true) => media::DOCKER_LAYER_GZIP,
+            (Compression::None, false) => media::OCI_LAYER,
+            (Compression::Gzip, false) => media::OCI_LAYER_GZIP,
+            (Compression::Zstd, _) => media::OCI_LAYER_ZSTD,
         }
     }
 }

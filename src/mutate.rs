@@ -23,9 +23,6 @@ use crate::error::{Error, Result};
 use crate::image::{read_file_range, ByteStream, Image, Source};
 use crate::manifest::{media, Compression, Platform, RawManifest};
 
-/// Layer media type for an uncompressed docker schema-2 layer.
-const DOCKER_LAYER_TAR: &str = "application/vnd.docker.image.rootfs.diff.tar";
-
 /// A layer built locally: its compressed blob in a temporary file (removed
 /// when the last handle goes), with digest and DiffID computed while writing.
 #[derive(Clone, Debug)]
@@ -46,13 +43,7 @@ impl LocalLayer {
     /// The media type this layer gets in a manifest of `manifest_media_type`.
     pub fn media_type(&self, manifest_media_type: &str) -> &'static str {
         let docker = manifest_media_type == media::DOCKER_MANIFEST;
-        match (self.compression, docker) {
-            (Compression::None, true) => DOCKER_LAYER_TAR,
-            (Compression::Gzip, true) => media::DOCKER_LAYER_GZIP,
-            (Compression::None, false) => media::OCI_LAYER,
-            (Compression::Gzip, false) => media::OCI_LAYER_GZIP,
-            (Compression::Zstd, _) => media::OCI_LAYER_ZSTD,
-        }
+        self.compression.layer_media_type(docker)
     }
 }
 

@@ -25,12 +25,10 @@ use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use crate::digest::{Digest, Hasher};
 use crate::error::{from_io, Error, Result};
 use crate::image::{read_file_range, ByteStream, Image, Source, MAX_CONFIG_SIZE};
-use crate::layout::REF_NAME;
+use crate::layout::{CONTAINERD_NAME, REF_NAME};
 use crate::manifest::{media, Compression, RawManifest};
 use crate::reference::Reference;
 
-const DOCKER_LAYER_TAR: &str = "application/vnd.docker.image.rootfs.diff.tar";
-const CONTAINERD_NAME: &str = "io.containerd.image.name";
 /// Symlink hops followed inside the tar (old docker save links shared layers).
 const MAX_LINK_HOPS: usize = 8;
 
@@ -305,13 +303,8 @@ impl Reader {
             (None, Compression::None, Some(d)) => d.clone(),
             _ => self.hash(name, span)?,
         };
-        let media_type = match compression {
-            Compression::None => DOCKER_LAYER_TAR,
-            Compression::Gzip => media::DOCKER_LAYER_GZIP,
-            Compression::Zstd => media::OCI_LAYER_ZSTD,
-        };
         let desc = Desc {
-            media_type,
+            media_type: compression.layer_media_type(true),
             size: span.size,
             digest,
         };
@@ -665,7 +658,7 @@ mod tests {
         let layers = img.layers().unwrap();
         let digests: Vec<_> = layers.iter().map(|l| l.digest.clone()).collect();
         assert_eq!(digests, [da.clone(), Digest::of(&b), da]);
-        assert_eq!(layers[0].media_type(), DOCKER_LAYER_TAR);
+        assert_eq!(layers[0].media_type(), media::DOCKER_LAYER);
         assert_eq!(layers[1].media_type(), media::DOCKER_LAYER_GZIP);
         for l in &layers {
             let got = crate::image::read_blob(img.source.as_ref(), &l.digest, 1 << 20)
