@@ -669,8 +669,8 @@ fn readers_are_not_blocked_behind_a_slow_fetch() {
     let layouts = fixture_layout();
     let layout = layouts.path().join("layout");
     common::push_oci_layout(&layout, "latest", &reg.reference("slow:latest"));
-    // ~6 MiB layer at 1 MiB/s: the first read of the rootfs takes seconds.
-    let proxy = slow_proxy(reg.addr(), 1 << 20);
+    // ~6 MiB layer at 256 KiB/s: the first read of the rootfs takes ~25 s.
+    let proxy = slow_proxy(reg.addr(), 256 << 10);
     let m = Mount::start(&proxy, &[]);
     assert!(m.path("slow/latest/manifest.json").exists());
     let file = m.path("slow/latest/rootfs/small.txt");
@@ -687,8 +687,9 @@ fn readers_are_not_blocked_behind_a_slow_fetch() {
         !reader.is_finished(),
         "the layer fetch was too fast to test anything"
     );
+    // Generous for loaded CI machines, far below the fetch's duration.
     assert!(
-        took < Duration::from_secs(2),
+        took < Duration::from_secs(8),
         "other requests waited {took:?} on the fetch"
     );
     let got = within(120, "slow read", move || reader.join().unwrap()).unwrap();
@@ -901,14 +902,19 @@ fn tags_move_after_ttl_tags_shadow_repos_and_misses_are_cached() {
         "v3\n"
     );
 
-    // Shell-style probes of missing names do not flood the registry.
+    // Shell-style probes of missing names do not flood the registry (a
+    // mount with the default TTL, so nothing expires during the loop).
+    drop(m);
+    let m = Mount::start(proxy.addr(), &[]);
+    assert!(m.path("ns/app/v1/digest").exists());
     proxy.reset();
     for _ in 0..20 {
         assert!(!m.path("ns/app/.git").exists());
         assert!(!m.path("nosuchrepo").exists());
         assert!(!m.path("ns/app/v1/nosuchfile").exists());
     }
-    assert!(proxy.request_count() <= 3, "{:#?}", proxy.requests());
+    // At most: the tags of `nosuchrepo` (404), once.
+    assert!(proxy.request_count() <= 2, "{:#?}", proxy.requests());
 }
 
 #[test]

@@ -432,7 +432,9 @@ impl Inner {
                 return Ok(Node::Ns(k));
             }
             return match key {
-                Key::Tag(repo, tag) if valid_component(tag) => {
+                Key::Tag(repo, tag)
+                    if valid_component(tag) && self.may_be_repo(&join(repo, tag)).await =>
+                {
                     self.lookup_repo(&join(repo, tag), name).await
                 }
                 _ => Err(Fail::noent(name)),
