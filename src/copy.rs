@@ -7,8 +7,8 @@ use futures::{StreamExt, TryStreamExt};
 
 use crate::digest::Digest;
 use crate::error::{Error, Result};
-use crate::image::{ByteStream, Sink, Source};
-use crate::manifest::{self, Descriptor, Parsed, Platform, RawManifest};
+use crate::image::{self, ByteStream, Sink, Source};
+use crate::manifest::{self, Parsed, Platform, RawManifest};
 
 /// What happened to one blob, for progress reporting and for tests that
 /// check a copy within one registry moved no bytes.
@@ -101,27 +101,8 @@ pub async fn pick_platform(
     platform: &Platform,
 ) -> Result<RawManifest> {
     let idx = index.index()?;
-    let desc = idx
-        .manifests()
-        .iter()
-        .find(|d| d.platform().as_ref().is_some_and(|p| platform.matches(p)))
-        .ok_or_else(|| Error::NoPlatform {
-            what: format!("index {}", index.digest),
-            platform: platform.to_string(),
-        })?;
-    fetch_child(src, desc).await
-}
-
-async fn fetch_child(src: &dyn Source, desc: &Descriptor) -> Result<RawManifest> {
-    let digest = manifest::digest_of(desc)?;
-    let raw = src.manifest(digest.as_str()).await?;
-    if raw.digest != digest {
-        return Err(Error::DigestMismatch {
-            expected: digest,
-            actual: raw.digest,
-        });
-    }
-    Ok(raw)
+    let desc = image::child_for_platform(&idx, &index.digest, platform)?;
+    image::fetch_child(src, desc).await
 }
 
 /// Copy everything `raw` references (blobs, child manifests), not `raw` itself.
@@ -142,7 +123,7 @@ async fn copy_manifest(
         }
         Parsed::Index(idx) => {
             for desc in idx.manifests() {
-                let child = fetch_child(src.as_ref(), desc).await?;
+                let child = image::fetch_child(src.as_ref(), desc).await?;
                 Box::pin(copy_manifest(src, &child, dst, opts, report)).await?;
                 dst.put_manifest(&child, None).await?;
             }

@@ -112,9 +112,8 @@ pub fn verify_stream(stream: ByteStream, digest: Digest, size: Option<u64>) -> B
 
 /// Read a whole (small) blob into memory, verified.
 pub async fn read_blob(source: &dyn Source, digest: &Digest, limit: u64) -> Result<Bytes> {
-    let stream = verify_stream(source.blob(digest).await?, digest.clone(), None);
+    let mut stream = verify_stream(source.blob(digest).await?, digest.clone(), None);
     let mut buf = Vec::new();
-    let mut stream = stream;
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(|e| crate::error::from_io(format!("blob {digest}"), e))?;
         buf.extend_from_slice(&chunk);
@@ -303,28 +302,13 @@ impl Index {
 
     /// Fetch (and verify) the child manifest a descriptor points at.
     pub async fn child(&self, desc: &Descriptor) -> Result<Artifact> {
-        let digest = manifest::digest_of(desc)?;
-        let raw = self.source.manifest(digest.as_str()).await?;
-        if raw.digest != digest {
-            return Err(Error::DigestMismatch {
-                expected: digest,
-                actual: raw.digest,
-            });
-        }
+        let raw = fetch_child(self.source.as_ref(), desc).await?;
         Box::pin(Artifact::from_raw(self.source.clone(), raw)).await
     }
 
     /// The image for a platform, or an error naming the index and platform.
     pub async fn image_for(&self, platform: &Platform) -> Result<Image> {
-        let desc = self
-            .parsed
-            .manifests()
-            .iter()
-            .find(|d| d.platform().as_ref().is_some_and(|p| platform.matches(p)))
-            .ok_or_else(|| Error::NoPlatform {
-                what: format!("index {}", self.raw.digest),
-                platform: platform.to_string(),
-            })?;
+        let desc = child_for_platform(&self.parsed, &self.raw.digest, platform)?;
         match self.child(desc).await? {
             Artifact::Image(img) => Ok(img),
             Artifact::Index(i) => Err(Error::invalid(
@@ -333,6 +317,35 @@ impl Index {
             )),
         }
     }
+}
+
+/// The manifest an index entry points at, checked against the entry's digest.
+pub async fn fetch_child(source: &dyn Source, desc: &Descriptor) -> Result<RawManifest> {
+    let digest = manifest::digest_of(desc)?;
+    let raw = source.manifest(digest.as_str()).await?;
+    if raw.digest != digest {
+        return Err(Error::DigestMismatch {
+            expected: digest,
+            actual: raw.digest,
+        });
+    }
+    Ok(raw)
+}
+
+/// The first entry of `index` (whose digest is `digest`) for `platform`.
+pub fn child_for_platform<'a>(
+    index: &'a ImageIndex,
+    digest: &Digest,
+    platform: &Platform,
+) -> Result<&'a Descriptor> {
+    index
+        .manifests()
+        .iter()
+        .find(|d| d.platform().as_ref().is_some_and(|p| platform.matches(p)))
+        .ok_or_else(|| Error::NoPlatform {
+            what: format!("index {digest}"),
+            platform: platform.to_string(),
+        })
 }
 
 /// One layer: a blob plus what we know about its uncompressed form.
