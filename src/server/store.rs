@@ -236,6 +236,19 @@ impl Store {
             .join(d.hex())
     }
 
+    fn tag_path(root: &Path, name: &str, tag: &str) -> PathBuf {
+        Self::repo_dir(root, name).join("_tags").join(tag)
+    }
+
+    /// Memory mode's content; see [`lock`] on poisoning.
+    fn memory_blobs(&self) -> std::sync::RwLockReadGuard<'_, HashMap<Digest, Bytes>> {
+        self.blobs.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn memory_blobs_mut(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<Digest, Bytes>> {
+        self.blobs.write().unwrap_or_else(|p| p.into_inner())
+    }
+
     // ---- metadata ----
 
     pub fn has_blob(&self, repo: &str, d: &Digest) -> bool {
@@ -347,7 +360,7 @@ impl Store {
             let link = Self::link_path(root, repo, "_manifests", &m.digest);
             write_small(&link, m.media_type.as_bytes())?;
             if let Some(tag) = tag {
-                let path = Self::repo_dir(root, repo).join("_tags").join(tag);
+                let path = Self::tag_path(root, repo, tag);
                 write_small(&path, m.digest.as_str().as_bytes())?;
             }
         }
@@ -395,7 +408,7 @@ impl Store {
         };
         if let Some(root) = &self.root {
             for t in tags {
-                remove_file(&Self::repo_dir(root, repo).join("_tags").join(t))?;
+                remove_file(&Self::tag_path(root, repo, &t))?;
             }
         }
         if r.is_empty() {
@@ -429,7 +442,7 @@ impl Store {
     /// The size of stored content, if present (in any repository).
     pub async fn content_size(&self, d: &Digest) -> Result<Option<u64>> {
         let Some(root) = &self.root else {
-            let blobs = self.blobs.read().unwrap_or_else(|p| p.into_inner());
+            let blobs = self.memory_blobs();
             return Ok(blobs.get(d).map(|b| b.len() as u64));
         };
         let path = Self::blob_path(root, d);
@@ -443,7 +456,7 @@ impl Store {
     /// `len` bytes of stored content from `start`, streamed.
     pub async fn read_content(&self, d: &Digest, start: u64, len: u64) -> Result<Body> {
         let Some(root) = &self.root else {
-            let blobs = self.blobs.read().unwrap_or_else(|p| p.into_inner());
+            let blobs = self.memory_blobs();
             let b = blobs
                 .get(d)
                 .ok_or_else(|| Error::NotFound(format!("blob {d}")))?;
@@ -475,13 +488,11 @@ impl Store {
 
     fn read_small_sync(&self, d: &Digest) -> Result<Bytes> {
         match &self.root {
-            None => {
-                let blobs = self.blobs.read().unwrap_or_else(|p| p.into_inner());
-                blobs
-                    .get(d)
-                    .cloned()
-                    .ok_or_else(|| Error::NotFound(format!("blob {d}")))
-            }
+            None => self
+                .memory_blobs()
+                .get(d)
+                .cloned()
+                .ok_or_else(|| Error::NotFound(format!("blob {d}"))),
             Some(root) => {
                 let path = Self::blob_path(root, d);
                 std::fs::read(&path).map(Bytes::from).map_err(io_err(&path))
@@ -500,8 +511,7 @@ impl Store {
         }
         match &self.root {
             None => {
-                let mut blobs = self.blobs.write().unwrap_or_else(|p| p.into_inner());
-                blobs.remove(d);
+                self.memory_blobs_mut().remove(d);
                 Ok(())
             }
             Some(root) => remove_file(&Self::blob_path(root, d)),
@@ -513,8 +523,9 @@ impl Store {
         let d = Digest::of(bytes);
         match &self.root {
             None => {
-                let mut blobs = self.blobs.write().unwrap_or_else(|p| p.into_inner());
-                blobs.entry(d.clone()).or_insert_with(|| bytes.clone());
+                self.memory_blobs_mut()
+                    .entry(d.clone())
+                    .or_insert_with(|| bytes.clone());
             }
             Some(root) => {
                 let path = Self::blob_path(root, &d);
@@ -606,8 +617,9 @@ impl Store {
         let repo = upload.repo.clone();
         match (upload.sink, &self.root) {
             (Sink::Memory(buf), _) => {
-                let mut blobs = self.blobs.write().unwrap_or_else(|p| p.into_inner());
-                blobs.entry(actual.clone()).or_insert_with(|| buf.freeze());
+                self.memory_blobs_mut()
+                    .entry(actual.clone())
+                    .or_insert_with(|| buf.freeze());
             }
             (Sink::Disk { path, mut file }, Some(root)) => {
                 persist_upload(&path, &mut file, &Self::blob_path(root, &actual)).await?;
