@@ -188,19 +188,25 @@ async fn abandon(store: &Store, id: &str) {
     }
 }
 
-/// Run `f` on a session of repository `name`, holding its lock.
-macro_rules! with_session {
-    ($store:expr, $name:expr, $id:expr, |$u:ident| $body:expr) => {{
-        let session = $store
-            .upload($id)
-            .ok_or_else(|| ApiError::upload_unknown($id))?;
-        let mut guard = session.lock().await;
-        let $u = match guard.as_mut() {
-            Some(u) if u.repo == $name => u,
-            _ => return Err(ApiError::upload_unknown($id)),
-        };
-        $body
-    }};
+type SessionGuard = tokio::sync::OwnedMutexGuard<Option<Upload>>;
+
+/// Upload session `id`, locked, when it is open and belongs to repository
+/// `name`; UPLOAD_UNKNOWN otherwise (also to a request that waited on the
+/// lock while another ended the session).
+async fn open_session(store: &Store, name: &str, id: &str) -> ApiResult<SessionGuard> {
+    let session = store
+        .upload(id)
+        .ok_or_else(|| ApiError::upload_unknown(id))?;
+    let guard = session.lock_owned().await;
+    match guard.as_ref() {
+        Some(u) if u.repo == name => Ok(guard),
+        _ => Err(ApiError::upload_unknown(id)),
+    }
+}
+
+/// The upload in a guard from [`open_session`].
+fn upload<'a>(guard: &'a mut SessionGuard, id: &str) -> ApiResult<&'a mut Upload> {
+    guard.as_mut().ok_or_else(|| ApiError::upload_unknown(id))
 }
 
 /// The `start-end` of a chunk's Content-Range (a `bytes ` prefix and
@@ -277,38 +283,26 @@ pub async fn patch(
     headers: &HeaderMap,
     body: Body,
 ) -> ApiResult<Response> {
-    with_session!(store, name, id, |u| {
-        append(u, name, id, headers, body).await?;
-        session_response(StatusCode::ACCEPTED, name, id, u.offset())
-    })
+    let mut session = open_session(store, name, id).await?;
+    let u = upload(&mut session, id)?;
+    append(u, name, id, headers, body).await?;
+    session_response(StatusCode::ACCEPTED, name, id, u.offset())
 }
 
 /// GET /v2/<name>/blobs/uploads/<id>
 pub async fn status(store: &Store, name: &str, id: &str) -> ApiResult<Response> {
-    with_session!(store, name, id, |u| session_response(
-        StatusCode::NO_CONTENT,
-        name,
-        id,
-        u.offset()
-    ))
+    let mut session = open_session(store, name, id).await?;
+    let offset = upload(&mut session, id)?.offset();
+    session_response(StatusCode::NO_CONTENT, name, id, offset)
 }
 
 /// DELETE /v2/<name>/blobs/uploads/<id>
 pub async fn cancel(store: &Store, name: &str, id: &str) -> ApiResult<Response> {
-    let session = store
-        .upload(id)
-        .ok_or_else(|| ApiError::upload_unknown(id))?;
-    let mut guard = session.lock().await;
-    match guard.take() {
-        Some(u) if u.repo == name => {
-            store.cancel_upload(id, u).await;
-            Ok(StatusCode::NO_CONTENT.into_response())
-        }
-        other => {
-            *guard = other;
-            Err(ApiError::upload_unknown(id))
-        }
+    let mut session = open_session(store, name, id).await?;
+    if let Some(u) = session.take() {
+        store.cancel_upload(id, u).await;
     }
+    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 /// PUT /v2/<name>/blobs/uploads/<id>?digest=
@@ -336,16 +330,9 @@ async fn finish(
     body: Body,
     d: &Digest,
 ) -> ApiResult<Response> {
-    let session = store
-        .upload(id)
-        .ok_or_else(|| ApiError::upload_unknown(id))?;
-    let mut guard = session.lock().await;
-    let upload = match guard.as_mut() {
-        Some(u) if u.repo == name => u,
-        _ => return Err(ApiError::upload_unknown(id)),
-    };
-    append(upload, name, id, headers, body).await?;
-    let upload = guard.take().ok_or_else(|| ApiError::upload_unknown(id))?;
+    let mut session = open_session(store, name, id).await?;
+    append(upload(&mut session, id)?, name, id, headers, body).await?;
+    let upload = session.take().ok_or_else(|| ApiError::upload_unknown(id))?;
     store
         .commit_upload(id, upload, d)
         .await
