@@ -226,24 +226,26 @@ fn validate_registry(input: &str, registry: &str) -> Result<()> {
 
 /// Repository path: components of `[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*` joined by '/'.
 fn validate_name(input: &str, name: &str) -> Result<()> {
+    match repository_name_problem(name) {
+        Some(reason) => Err(bad(input, &reason)),
+        None => Ok(()),
+    }
+}
+
+/// What is wrong with a repository name (components of
+/// `[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*` joined by '/', at most 255
+/// characters), or `None` when it is valid. Shared with the registry server.
+pub fn repository_name_problem(name: &str) -> Option<String> {
     if name.len() > MAX_NAME_LEN {
-        return Err(bad(
-            input,
-            &format!("repository name longer than {MAX_NAME_LEN} characters"),
+        return Some(format!(
+            "repository name longer than {MAX_NAME_LEN} characters"
         ));
     }
-    for component in name.split('/') {
-        if !valid_component(component) {
-            return Err(bad(
-                input,
-                &format!(
-                    "repository component {component:?} must be lower-case letters and digits, \
-                     separated by '.', '_', '__' or '-'"
-                ),
-            ));
-        }
-    }
-    Ok(())
+    let component = name.split('/').find(|c| !valid_component(c))?;
+    Some(format!(
+        "repository component {component:?} must be lower-case letters and digits, \
+         separated by '.', '_', '__' or '-'"
+    ))
 }
 
 fn valid_component(c: &str) -> bool {
@@ -274,19 +276,23 @@ fn valid_component(c: &str) -> bool {
 
 /// Tag: `[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}`.
 fn validate_tag(input: &str, tag: &str) -> Result<()> {
-    let b = tag.as_bytes();
-    let word = |x: u8| x.is_ascii_alphanumeric() || x == b'_';
-    let ok = !b.is_empty()
-        && b.len() <= 128
-        && word(b[0])
-        && b.iter().all(|&x| word(x) || x == b'.' || x == b'-');
-    if !ok {
+    if !is_valid_tag(tag) {
         return Err(bad(
             input,
             &format!("tag {tag:?} must be 1-128 of [A-Za-z0-9_.-], not starting with '.' or '-'"),
         ));
     }
     Ok(())
+}
+
+/// `[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}`, the distribution spec's tag.
+pub fn is_valid_tag(tag: &str) -> bool {
+    let b = tag.as_bytes();
+    let word = |x: u8| x.is_ascii_alphanumeric() || x == b'_';
+    !b.is_empty()
+        && b.len() <= 128
+        && word(b[0])
+        && b.iter().all(|&x| word(x) || x == b'.' || x == b'-')
 }
 
 #[cfg(test)]

@@ -269,13 +269,7 @@ fn check_reference(reference: &str) -> Result<()> {
     if reference.contains(':') {
         return Digest::parse(reference).map(|_| ());
     }
-    let b = reference.as_bytes();
-    let word = |x: u8| x.is_ascii_alphanumeric() || x == b'_';
-    let ok = !b.is_empty()
-        && b.len() <= 128
-        && word(b[0])
-        && b.iter().all(|&x| word(x) || x == b'.' || x == b'-');
-    if ok {
+    if crate::reference::is_valid_tag(reference) {
         Ok(())
     } else {
         Err(Error::Reference {

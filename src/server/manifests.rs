@@ -28,23 +28,12 @@ impl Ref {
                 .map(Ref::Digest)
                 .map_err(|e| ApiError::digest_invalid(e.to_string()));
         }
-        if is_valid_tag(s) {
+        if crate::reference::is_valid_tag(s) {
             Ok(Ref::Tag(s.to_string()))
         } else {
             Err(ApiError::tag_invalid(s))
         }
     }
-}
-
-/// `[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}`
-fn is_valid_tag(s: &str) -> bool {
-    let b = s.as_bytes();
-    !b.is_empty()
-        && b.len() <= 128
-        && (b[0].is_ascii_alphanumeric() || b[0] == b'_')
-        && b[1..]
-            .iter()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-'))
 }
 
 /// The fields of a manifest or index the registry acts on.

@@ -140,33 +140,10 @@ fn param<'a>(query: &'a [(String, String)], key: &str) -> Option<&'a str> {
 /// Repository names per the distribution spec: slash-separated components
 /// of `[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*`.
 fn check_name(name: &str) -> ApiResult<()> {
-    if name.len() > 255 {
-        return Err(ApiError::name_invalid(name, "longer than 255 characters"));
+    match crate::reference::repository_name_problem(name) {
+        Some(reason) => Err(ApiError::name_invalid(name, &reason)),
+        None => Ok(()),
     }
-    for comp in name.split('/') {
-        if let Err(reason) = check_component(comp) {
-            return Err(ApiError::name_invalid(
-                name,
-                &format!("component {comp:?} {reason}"),
-            ));
-        }
-    }
-    Ok(())
-}
-
-fn check_component(comp: &str) -> std::result::Result<(), &'static str> {
-    let alnum = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit();
-    if !comp.starts_with(alnum) || !comp.ends_with(alnum) {
-        return Err("must start and end with [a-z0-9]");
-    }
-    // Separator runs between alphanumeric runs: ".", "_", "__" or "-"+.
-    for sep in comp.split(alnum).filter(|s| !s.is_empty()) {
-        let ok = matches!(sep, "." | "_" | "__") || sep.chars().all(|c| c == '-');
-        if !ok {
-            return Err("has a separator other than '.', '_', '__' or dashes (or a character outside [a-z0-9._-])");
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]
