@@ -24,11 +24,7 @@ pub struct Args {
 }
 
 pub async fn run(ctx: &Ctx, a: Args) -> Result<()> {
-    let opts = CopyOptions {
-        platform: ctx.global.platform.clone(),
-        jobs: a.jobs,
-        progress: super::progress::reporter(),
-    };
+    let opts = ctx.copy_options(a.jobs);
     if a.all_tags {
         return copy_all_tags(ctx, &a, &opts).await;
     }

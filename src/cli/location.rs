@@ -63,12 +63,7 @@ impl Location {
 
     pub async fn open_sink(&self, ctx: &Ctx) -> Result<(Arc<dyn Sink>, Option<String>)> {
         match self {
-            Location::Registry(r) => {
-                if r.digest.is_some() && r.tag.is_none() {
-                    return Ok((Arc::new(ctx.repo(r)?), None));
-                }
-                Ok((Arc::new(ctx.repo(r)?), r.tag.clone()))
-            }
+            Location::Registry(r) => Ok((Arc::new(ctx.repo(r)?), r.tag.clone())),
             Location::Layout { dir, tag } => {
                 Ok((Arc::new(ggfs::layout::Layout::create(dir)?), tag.clone()))
             }

@@ -207,6 +207,16 @@ impl Ctx {
         Ok(ggfs::copy::manifest_for(src.as_ref(), &reference, platform).await?)
     }
 
+    /// Copy options from the global flags, `jobs` blobs at a time, with
+    /// progress on a terminal.
+    pub fn copy_options(&self, jobs: usize) -> ggfs::copy::CopyOptions {
+        ggfs::copy::CopyOptions {
+            platform: self.global.platform.clone(),
+            jobs,
+            progress: progress::reporter(),
+        }
+    }
+
     /// Open a location as a sink, with the tag to write (if any).
     pub async fn sink(&self, location: &str) -> Result<(Arc<dyn Sink>, Option<String>)> {
         Location::parse(location)?.open_sink(self).await

@@ -2,7 +2,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{bail, Context as _, Result};
-use ggfs::copy::CopyOptions;
 
 use super::Ctx;
 
@@ -37,11 +36,7 @@ pub async fn run(ctx: &Ctx, a: Args) -> Result<()> {
 
 async fn pull_oci(ctx: &Ctx, a: &Args) -> Result<()> {
     let layout = Arc::new(ggfs::layout::Layout::create(&a.path)?);
-    let opts = CopyOptions {
-        platform: ctx.global.platform.clone(),
-        jobs: a.jobs,
-        progress: super::progress::reporter(),
-    };
+    let opts = ctx.copy_options(a.jobs);
     for image in &a.images {
         let r = super::parse_ref(image)?;
         let src = Arc::new(ctx.repo(&r)?);

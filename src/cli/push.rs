@@ -1,7 +1,6 @@
 use std::path::PathBuf;
 
 use anyhow::{Context as _, Result};
-use ggfs::copy::CopyOptions;
 
 use super::Ctx;
 
@@ -24,11 +23,7 @@ pub async fn run(ctx: &Ctx, a: Args) -> Result<()> {
     };
     let (source, reference) = ctx.source(&src).await?;
     let (sink, tag) = ctx.sink(&a.image).await?;
-    let opts = CopyOptions {
-        platform: ctx.global.platform.clone(),
-        jobs: a.jobs,
-        progress: super::progress::reporter(),
-    };
+    let opts = ctx.copy_options(a.jobs);
     let report = ggfs::copy::copy(source, &reference, sink, tag.as_deref(), &opts)
         .await
         .with_context(|| format!("pushing {} to {}", a.path.display(), a.image))?;
