@@ -30,16 +30,8 @@ fn client() -> Client {
 
 /// Deterministic, incompressible-looking chunk `i` of a large blob.
 fn chunk(i: u64, len: usize) -> Bytes {
-    let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ i.wrapping_mul(0xD1B5_4A32_D192_ED03);
-    let mut v = Vec::with_capacity(len);
-    while v.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        v.extend_from_slice(&x.to_le_bytes());
-    }
-    v.truncate(len);
-    Bytes::from(v)
+    let seed = 0x9E37_79B9_7F4A_7C15u64 ^ i.wrapping_mul(0xD1B5_4A32_D192_ED03);
+    Bytes::from(common::pseudo_random(len, seed))
 }
 
 const MIB: usize = 1024 * 1024;

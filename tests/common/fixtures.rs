@@ -62,7 +62,7 @@ pub fn fixture_rootfs() -> &'static Path {
 
 /// Deterministic pseudo-random bytes (xorshift64), so every builder of the
 /// cache produces the same tree.
-fn pseudo_random(len: usize, mut seed: u64) -> Vec<u8> {
+pub fn pseudo_random(len: usize, mut seed: u64) -> Vec<u8> {
     let mut out = Vec::with_capacity(len + 8);
     while out.len() < len {
         seed ^= seed << 13;

@@ -17,8 +17,8 @@ pub mod tree;
 
 pub use convert::{estargz_image, zstdchunked_image, Containerd};
 pub use fixtures::{
-    fixture_rootfs, fixtures_dir, index_two_platforms, multilayer_image, push_oci_layout,
-    push_oci_layout_v2s2, umoci_image, umoci_image_from, MULTILAYER_TAG,
+    fixture_rootfs, fixtures_dir, index_two_platforms, multilayer_image, pseudo_random,
+    push_oci_layout, push_oci_layout_v2s2, umoci_image, umoci_image_from, MULTILAYER_TAG,
 };
 pub use proxy::{CountingProxy, ProxyRequest};
 pub use registry::{http_get, Distribution};
