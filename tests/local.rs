@@ -181,6 +181,13 @@ async fn flatten_matches_umoci_unpack_of_multilayer_fixture() {
     assert!(!ours.join("opq/old1").exists() && !ours.join("gone_dir").exists());
 }
 
+/// Rewrite a file's last byte: corrupts a stored blob in place.
+fn edit_last_byte(path: &Path, edit: impl FnOnce(&mut u8)) {
+    let mut bytes = fs::read(path).unwrap();
+    edit(bytes.last_mut().expect("a non-empty blob"));
+    fs::write(path, &bytes).unwrap();
+}
+
 /// Write `files` (path → content; a trailing `/` makes a directory) under a
 /// fresh directory inside `parent`.
 fn tree(parent: &Path, name: &str, files: &[(&str, &str)]) -> PathBuf {
@@ -285,11 +292,7 @@ async fn corrupted_layout_blob_is_a_digest_error_and_writes_nothing() {
     let layout = t.path().join("oci");
     let store = save_to_layout(&image, &layout, "v1").await;
     let digest = image.layers().unwrap()[0].digest.clone();
-    let blob = store.blob_path(&digest);
-    let mut bytes = fs::read(&blob).unwrap();
-    let last = bytes.len() - 1;
-    bytes[last] ^= 0xff;
-    fs::write(&blob, &bytes).unwrap();
+    edit_last_byte(&store.blob_path(&digest), |b| *b ^= 0xff);
 
     let image = open_layout_image(&layout, "v1").await;
     let out = t.path().join("out.tar");
@@ -430,11 +433,7 @@ async fn export_notices_corruption_after_the_end_of_archive() {
     let store = save_to_layout(&image, &layout, "v1").await;
     // Flip a byte in the tar's trailing zero blocks: the entries still
     // parse, only the digest can tell.
-    let blob = store.blob_path(&layer.digest);
-    let mut bytes = fs::read(&blob).unwrap();
-    let last = bytes.len() - 1;
-    bytes[last] = 1;
-    fs::write(&blob, &bytes).unwrap();
+    edit_last_byte(&store.blob_path(&layer.digest), |b| *b = 1);
 
     let image = open_layout_image(&layout, "v1").await;
     let err = export::flatten(&image, Vec::new()).await.unwrap_err();
