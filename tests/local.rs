@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 
+use common::tree::assert_same_tree;
 use common::{
     fixture_rootfs, multilayer_image, run, tempdir, umoci_image, umoci_unpack, untar,
     MULTILAYER_TAG,
@@ -19,10 +20,8 @@ use ggfs::layout::Layout;
 use ggfs::manifest::Compression;
 use ggfs::{export, mutate, tarball, Digest};
 
-/// Trees compared with mtimes: every tool here keeps them.
-fn assert_same_tree(got: &Path, want: &Path) {
-    common::tree::assert_same_tree(got, want, true);
-}
+/// Trees are compared with mtimes: every tool here keeps them.
+const WITH_MTIME: bool = true;
 
 /// An image of one gzip layer made from `dir`.
 fn image_of_dir(dir: &Path) -> Image {
@@ -81,7 +80,7 @@ async fn layout_we_write_unpacks_with_umoci() {
     let image = image_of_dir(fixture_rootfs());
     save_to_layout(&image, &t.path().join("oci"), "v1").await;
     let rootfs = umoci_unpack(&t.path().join("oci"), "v1", &t.path().join("bundle"));
-    assert_same_tree(&rootfs, fixture_rootfs());
+    assert_same_tree(&rootfs, fixture_rootfs(), WITH_MTIME);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -123,7 +122,7 @@ async fn skopeo_reads_our_tarball_and_layout() {
         &format!("oci:{}:t", from_tar.display()),
     );
     let rootfs = umoci_unpack(&from_tar, "t", &t.path().join("b1"));
-    assert_same_tree(&rootfs, fixture_rootfs());
+    assert_same_tree(&rootfs, fixture_rootfs(), WITH_MTIME);
 
     save_to_layout(&image, &t.path().join("ours"), "v1").await;
     let copied = t.path().join("copied");
@@ -164,7 +163,7 @@ async fn tarball_source_reads_skopeo_docker_archive() {
 
     let out = t.path().join("flat");
     flatten_to_dir(&image, &out).await;
-    assert_same_tree(&out, fixture_rootfs());
+    assert_same_tree(&out, fixture_rootfs(), WITH_MTIME);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -176,7 +175,7 @@ async fn flatten_matches_umoci_unpack_of_multilayer_fixture() {
     let ours = t.path().join("ours");
     flatten_to_dir(&image, &ours).await;
     let theirs = umoci_unpack(layout, MULTILAYER_TAG, &t.path().join("bundle"));
-    assert_same_tree(&ours, &theirs);
+    assert_same_tree(&ours, &theirs, WITH_MTIME);
     assert_eq!(fs::read(ours.join("base/keep.txt")).unwrap(), b"v3\n");
     assert!(!ours.join("opq/old1").exists() && !ours.join("gone_dir").exists());
 }
@@ -242,7 +241,7 @@ async fn flatten_with_hardlinks_and_whiteouts_matches_umoci() {
     let theirs = umoci_unpack(&layout, "v1", &t.path().join("bundle"));
     let ours = t.path().join("ours");
     flatten_to_dir(&open_layout_image(&layout, "v1").await, &ours).await;
-    assert_same_tree(&ours, &theirs);
+    assert_same_tree(&ours, &theirs, WITH_MTIME);
     // Spot checks that the comparison covered the interesting cases.
     assert_eq!(
         fs::read(ours.join("hard/b")).unwrap(),
@@ -386,7 +385,7 @@ async fn overlayfs_style_deletions_become_whiteouts() {
     let layout = t.path().join("oci");
     save_to_layout(&image, &layout, "v1").await;
     let theirs = umoci_unpack(&layout, "v1", &t.path().join("bundle"));
-    assert_same_tree(&ours, &theirs);
+    assert_same_tree(&ours, &theirs, WITH_MTIME);
     let mut names: Vec<String> = walkdir(&ours);
     names.sort();
     assert_eq!(names, ["d", "d/x", "d/y", "keep", "opq", "opq/new"]);
