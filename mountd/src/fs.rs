@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use fuser::consts::{FOPEN_DIRECT_IO, FOPEN_KEEP_CACHE};
+use fuser::consts::{FOPEN_CACHE_DIR, FOPEN_DIRECT_IO, FOPEN_KEEP_CACHE};
 use fuser::{
     FileAttr, FileType, Filesystem, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry,
     ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request,
@@ -829,8 +829,20 @@ impl Filesystem for Fs {
         });
     }
 
-    fn opendir(&mut self, _req: &Request<'_>, _ino: u64, _flags: i32, reply: ReplyOpen) {
-        reply.opened(0, 0);
+    fn opendir(&mut self, _req: &Request<'_>, ino: u64, _flags: i32, reply: ReplyOpen) {
+        // A directory under a digest never changes: the kernel may keep its
+        // listing, so a second `find` or `ls -R` costs no READDIR at all.
+        let immutable = match self.inner.node(ino) {
+            Ok(Node::Tree(..)) => true,
+            Ok(Node::Ns(k)) => !k.mutable(),
+            Err(_) => false,
+        };
+        let flags = if immutable {
+            FOPEN_CACHE_DIR | FOPEN_KEEP_CACHE
+        } else {
+            0
+        };
+        reply.opened(0, flags);
     }
 
     fn readdir(
