@@ -26,8 +26,7 @@ fn ggfs_fails(args: &[&str]) -> String {
 }
 
 fn skopeo_digest(image: &str) -> String {
-    let out = run(Command::new("skopeo").args(["inspect", "--raw", "--tls-verify=false", image]));
-    common::sha256_digest(out.as_bytes())
+    common::sha256_digest(common::skopeo_raw(image).as_bytes())
 }
 
 /// An image made by umoci and pushed by skopeo: ggfs copies it with identical

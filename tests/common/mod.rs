@@ -129,8 +129,13 @@ pub fn untar(tar: &Path, dest: &Path) -> PathBuf {
 /// The raw manifest (or index) of `image` (a skopeo transport reference such
 /// as `docker://127.0.0.1:5000/foo:tag` or `oci:/path:tag`), parsed.
 pub fn skopeo_inspect_raw(image: &str) -> serde_json::Value {
-    let out = run(Command::new("skopeo").args(["inspect", "--raw", "--tls-verify=false", image]));
+    let out = skopeo_raw(image);
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("manifest of {image}: {e}: {out}"))
+}
+
+/// The raw manifest (or index) of `image` exactly as skopeo prints it.
+pub fn skopeo_raw(image: &str) -> String {
+    run(Command::new("skopeo").args(["inspect", "--raw", "--tls-verify=false", image]))
 }
 
 /// A fresh temporary directory under /tmp named `ggfs-test-*` (scripts/test.sh

@@ -103,16 +103,11 @@ fn xattrs(p: &Path) -> BTreeMap<String, Vec<u8>> {
 /// Panics with the first differences when `got` and `want` are not the same tree.
 pub fn assert_same_tree(got: &Path, want: &Path, with_mtime: bool) {
     let (g, w) = (snapshot(got, with_mtime), snapshot(want, with_mtime));
-    let missing: Vec<_> = w
-        .nodes
-        .keys()
-        .filter(|k| !g.nodes.contains_key(*k))
-        .collect();
-    let extra: Vec<_> = g
-        .nodes
-        .keys()
-        .filter(|k| !w.nodes.contains_key(*k))
-        .collect();
+    let only_in = |a: &Snapshot, b: &Snapshot| -> Vec<PathBuf> {
+        let absent = |k: &&PathBuf| !b.nodes.contains_key(*k);
+        a.nodes.keys().filter(absent).cloned().collect()
+    };
+    let (missing, extra) = (only_in(&w, &g), only_in(&g, &w));
     assert!(
         missing.is_empty() && extra.is_empty(),
         "{} vs {}: missing {missing:?}, unexpected {extra:?}",
