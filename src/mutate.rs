@@ -499,12 +499,12 @@ fn editable(image: &Image) -> Result<(Value, Value)> {
     Ok((config, manifest))
 }
 
-/// Get `v[key]` as an object, creating (or replacing a null with) one.
-fn object<'a>(v: &'a mut Value, key: &str) -> &'a mut Map<String, Value> {
-    if !v[key].is_object() {
-        v[key] = Value::Object(Map::new());
+/// `slot` as an object, replacing anything else (null, a string) by `{}`.
+fn as_object(slot: &mut Value) -> &mut Map<String, Value> {
+    if !slot.is_object() {
+        *slot = json!({});
     }
-    v[key].as_object_mut().expect("just made an object")
+    slot.as_object_mut().expect("just made an object")
 }
 
 fn with_base(
@@ -556,26 +556,27 @@ pub fn append(image: &Image, layers: Vec<LocalLayer>) -> Result<Image> {
             "digest": layer.digest,
             "size": layer.size,
         });
-        push(&mut manifest, "layers", desc);
-        object(&mut config, "rootfs");
-        push(&mut config["rootfs"], "diff_ids", json!(layer.diff_id));
+        as_array(&mut manifest["layers"]).push(desc);
+        let rootfs = as_object(&mut config["rootfs"]);
+        as_array(rootfs.entry("diff_ids").or_insert(Value::Null)).push(json!(layer.diff_id));
         // History must list one non-empty entry per layer; only extend it
         // when that invariant can hold.
         if config["history"].is_array() || base_layers == 0 {
             let entry = json!({ "created": created, "created_by": "ggfs append" });
-            push(&mut config, "history", entry);
+            as_array(&mut config["history"]).push(entry);
         }
         blobs.insert(layer.digest.clone(), Blob::File(layer.file.clone()));
     }
-    object(&mut config, "rootfs").insert("type".into(), json!("layers"));
+    as_object(&mut config["rootfs"]).insert("type".into(), json!("layers"));
     with_base(image, &config, manifest, blobs)
 }
 
-fn push(v: &mut Value, key: &str, item: Value) {
-    if !v[key].is_array() {
-        v[key] = json!([]);
+/// `slot` as an array, replacing anything else (null, a string) by `[]`.
+fn as_array(slot: &mut Value) -> &mut Vec<Value> {
+    if !slot.is_array() {
+        *slot = json!([]);
     }
-    v[key].as_array_mut().expect("array").push(item);
+    slot.as_array_mut().expect("just made an array")
 }
 
 /// `SOURCE_DATE_EPOCH` when set (reproducible builds), else now.
@@ -605,7 +606,7 @@ pub struct ConfigEdits {
 /// Apply [`ConfigEdits`] to the image config's `config` section.
 pub fn config(image: &Image, edits: &ConfigEdits) -> Result<Image> {
     let (mut cfg, manifest) = editable(image)?;
-    let c = object(&mut cfg, "config");
+    let c = as_object(&mut cfg["config"]);
     for (k, v) in &edits.env {
         set_env(c, k, v);
     }
@@ -616,7 +617,7 @@ pub fn config(image: &Image, edits: &ConfigEdits) -> Result<Image> {
         c.insert("Cmd".into(), json!(cmd));
     }
     if !edits.labels.is_empty() {
-        let labels = object_in(c, "Labels");
+        let labels = as_object(c.entry("Labels").or_insert(Value::Null));
         for (k, v) in &edits.labels {
             labels.insert(k.clone(), json!(v));
         }
@@ -630,21 +631,9 @@ pub fn config(image: &Image, edits: &ConfigEdits) -> Result<Image> {
     with_base(image, &cfg, manifest, HashMap::new())
 }
 
-fn object_in<'a>(m: &'a mut Map<String, Value>, key: &str) -> &'a mut Map<String, Value> {
-    let v = m.entry(key).or_insert_with(|| json!({}));
-    if !v.is_object() {
-        *v = json!({});
-    }
-    v.as_object_mut().expect("object")
-}
-
 fn set_env(c: &mut Map<String, Value>, key: &str, value: &str) {
     let item = json!(format!("{key}={value}"));
-    let env = c.entry("Env").or_insert_with(|| json!([]));
-    if !env.is_array() {
-        *env = json!([]);
-    }
-    let list = env.as_array_mut().expect("array");
+    let list = as_array(c.entry("Env").or_insert(Value::Null));
     let prefix = format!("{key}=");
     match list
         .iter_mut()
@@ -658,7 +647,7 @@ fn set_env(c: &mut Map<String, Value>, key: &str, value: &str) {
 /// Merge annotations into the manifest.
 pub fn annotations(image: &Image, add: &BTreeMap<String, String>) -> Result<Image> {
     let (cfg, mut manifest) = editable(image)?;
-    let a = object(&mut manifest, "annotations");
+    let a = as_object(&mut manifest["annotations"]);
     for (k, v) in add {
         a.insert(k.clone(), json!(v));
     }
