@@ -67,7 +67,7 @@ fn daemon_pids(mp: &Path) -> Vec<u32> {
         };
         let args: Vec<&[u8]> = cmd.split(|&b| b == 0).collect();
         let is_mountd = args.first().is_some_and(|a| a.ends_with(b"ggfs-mountd"));
-        if is_mountd && args.iter().any(|a| *a == mp.as_os_str().as_encoded_bytes()) {
+        if is_mountd && args.contains(&mp.as_os_str().as_encoded_bytes()) {
             out.push(pid);
         }
     }
