@@ -633,32 +633,17 @@ pub async fn fetch_token(
     cred: Option<&Credential>,
     allow_http: bool,
 ) -> Result<Token> {
-    let realm = challenge
-        .realm()
-        .ok_or_else(|| Error::auth(registry, "Bearer challenge names no realm"))?;
-    let realm_url = url::Url::parse(realm)
-        .map_err(|e| Error::auth(registry, format!("token realm {realm:?}: {e}")))?;
-    match realm_url.scheme() {
-        "https" => {}
-        "http"
-            if allow_http
-                || realm_url
-                    .host_str()
-                    .is_some_and(crate::registry::is_loopback) => {}
-        _ => {
-            return Err(Error::auth(
-                registry,
-                format!(
-                    "token realm {realm:?} is not https (credentials would travel in clear text)"
-                ),
-            ))
-        }
-    }
-    let service = challenge.service().unwrap_or(registry);
+    let realm = token_realm(registry, challenge, allow_http)?;
+    let endpoint = TokenEndpoint {
+        http,
+        realm: &realm,
+        service: challenge.service().unwrap_or(registry),
+        scopes,
+    };
     let mut attempt = 0;
     let resp = loop {
         attempt += 1;
-        let r = token_request(http, &realm_url, service, scopes, cred).await;
+        let r = endpoint.request(cred).await;
         let transient = match &r {
             Ok(resp) => resp.status().is_server_error() || resp.status().as_u16() == 429,
             Err(e) => e.is_connect() || e.is_timeout(),
@@ -669,94 +654,107 @@ pub async fn fetch_token(
         tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
     }
     .map_err(|e| {
+        let origin = realm.origin().ascii_serialization();
         Error::auth(
             registry,
-            format!(
-                "token request to {}: {}",
-                realm_url.origin().ascii_serialization(),
-                e.without_url()
-            ),
+            format!("token request to {origin}: {}", e.without_url()),
         )
     })?;
-    parse_token_response(registry, &realm_url, resp).await
+    parse_token_response(registry, &realm, resp).await
 }
 
-/// One token request in the form the credential calls for.
-async fn token_request(
-    http: &reqwest::Client,
-    realm: &url::Url,
-    service: &str,
-    scopes: &[String],
-    cred: Option<&Credential>,
-) -> reqwest::Result<reqwest::Response> {
-    match cred {
-        Some(Credential::IdentityToken { token, .. }) => {
-            let extra = [("refresh_token", token)];
-            oauth_post(http, realm, service, scopes, "refresh_token", &extra).await
-        }
-        Some(Credential::Basic { username, password }) => {
-            let r = token_get(http, realm, service, scopes, cred).await;
-            match r {
+/// The challenge's realm, if credentials may be sent there: https, or http
+/// when the registry itself is spoken to over http or the realm is loopback.
+fn token_realm(registry: &str, challenge: &Challenge, allow_http: bool) -> Result<url::Url> {
+    let realm = challenge
+        .realm()
+        .ok_or_else(|| Error::auth(registry, "Bearer challenge names no realm"))?;
+    let url = url::Url::parse(realm)
+        .map_err(|e| Error::auth(registry, format!("token realm {realm:?}: {e}")))?;
+    let loopback = url.host_str().is_some_and(crate::registry::is_loopback);
+    match url.scheme() {
+        "https" => Ok(url),
+        "http" if allow_http || loopback => Ok(url),
+        _ => Err(Error::auth(
+            registry,
+            format!("token realm {realm:?} is not https (credentials would travel in clear text)"),
+        )),
+    }
+}
+
+/// A token realm and what every request to it carries.
+struct TokenEndpoint<'a> {
+    http: &'a reqwest::Client,
+    realm: &'a url::Url,
+    service: &'a str,
+    scopes: &'a [String],
+}
+
+impl TokenEndpoint<'_> {
+    /// One token request in the form the credential calls for.
+    async fn request(&self, cred: Option<&Credential>) -> reqwest::Result<reqwest::Response> {
+        match cred {
+            Some(Credential::IdentityToken { token, .. }) => {
+                self.oauth_post("refresh_token", &[("refresh_token", token)])
+                    .await
+            }
+            Some(Credential::Basic { username, password }) => match self.get(cred).await {
                 Ok(r) if matches!(r.status().as_u16(), 404 | 405) => {
                     let extra = [("username", username), ("password", password)];
-                    oauth_post(http, realm, service, scopes, "password", &extra).await
+                    self.oauth_post("password", &extra).await
                 }
                 other => other,
+            },
+            None => self.get(None).await,
+        }
+    }
+
+    /// Docker's token GET, with Basic auth when there is a password.
+    async fn get(&self, cred: Option<&Credential>) -> reqwest::Result<reqwest::Response> {
+        let mut url = self.realm.clone();
+        {
+            let mut q = url.query_pairs_mut();
+            q.append_pair("service", self.service);
+            for s in self.scopes {
+                q.append_pair("scope", s);
             }
         }
-        None => token_get(http, realm, service, scopes, None).await,
-    }
-}
-
-async fn token_get(
-    http: &reqwest::Client,
-    realm: &url::Url,
-    service: &str,
-    scopes: &[String],
-    cred: Option<&Credential>,
-) -> reqwest::Result<reqwest::Response> {
-    let mut url = realm.clone();
-    {
-        let mut q = url.query_pairs_mut();
-        q.append_pair("service", service);
-        for s in scopes {
-            q.append_pair("scope", s);
+        let mut req = self.http.get(url);
+        if let Some(h) = cred.and_then(Credential::basic_header) {
+            req = req.header(reqwest::header::AUTHORIZATION, h);
         }
+        req.send().await
     }
-    let mut req = http.get(url);
-    if let Some(h) = cred.and_then(Credential::basic_header) {
-        req = req.header(reqwest::header::AUTHORIZATION, h);
-    }
-    req.send().await
-}
 
-async fn oauth_post(
-    http: &reqwest::Client,
-    realm: &url::Url,
-    service: &str,
-    scopes: &[String],
-    grant: &str,
-    extra: &[(&str, &String)],
-) -> reqwest::Result<reqwest::Response> {
-    let body = {
-        let mut form = url::form_urlencoded::Serializer::new(String::new());
-        form.append_pair("grant_type", grant)
-            .append_pair("service", service)
-            .append_pair("client_id", "ggfs")
-            .append_pair("scope", &scopes.join(" "));
-        for (k, v) in extra {
-            form.append_pair(k, v);
-        }
-        form.finish()
-    };
-    http.post(realm.clone())
-        .header(
-            reqwest::header::CONTENT_TYPE,
-            "application/x-www-form-urlencoded",
-        )
-        .body(body)
-        .send()
-        .await
+    /// An OAuth2 token POST with `grant` and its own fields.
+    async fn oauth_post(
+        &self,
+        grant: &str,
+        extra: &[(&str, &String)],
+    ) -> reqwest::Result<reqwest::Response> {
+        // Built in its own scope: the serializer is not Send, so it must be
+        // gone before the await.
+        let body = {
+            let mut form = url::form_urlencoded::Serializer::new(String::new());
+            form.append_pair("grant_type", grant)
+                .append_pair("service", self.service)
+                .append_pair("client_id", "ggfs")
+                .append_pair("scope", &self.scopes.join(" "));
+            for (k, v) in extra {
+                form.append_pair(k, v);
+            }
+            form.finish()
+        };
+        self.http
+            .post(self.realm.clone())
+            .header(
+                reqwest::header::CONTENT_TYPE,
+                "application/x-www-form-urlencoded",
+            )
+            .body(body)
+            .send()
+            .await
+    }
 }
 
 async fn parse_token_response(
