@@ -23,6 +23,14 @@ struct Bars {
     bars: Mutex<HashMap<Digest, ProgressBar>>,
 }
 
+impl Bars {
+    /// The bars by blob; a panic elsewhere while holding the lock leaves
+    /// nothing here worth refusing to draw over.
+    fn bars(&self) -> std::sync::MutexGuard<'_, HashMap<Digest, ProgressBar>> {
+        self.bars.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
 impl Progress for Bars {
     fn start(&self, digest: &Digest, size: u64) {
         let bar = self.multi.add(ProgressBar::new(size));
@@ -33,20 +41,17 @@ impl Progress for Bars {
         .progress_chars("=> ");
         bar.set_style(style);
         bar.set_prefix(digest.short().to_string());
-        self.bars
-            .lock()
-            .expect("progress lock")
-            .insert(digest.clone(), bar);
+        self.bars().insert(digest.clone(), bar);
     }
 
     fn advance(&self, digest: &Digest, bytes: u64) {
-        if let Some(bar) = self.bars.lock().expect("progress lock").get(digest) {
+        if let Some(bar) = self.bars().get(digest) {
             bar.inc(bytes);
         }
     }
 
     fn finish(&self, digest: &Digest, outcome: BlobOutcome) {
-        let bar = self.bars.lock().expect("progress lock").remove(digest);
+        let bar = self.bars().remove(digest);
         let msg = match outcome {
             BlobOutcome::Present => "exists",
             BlobOutcome::Mounted => "mounted",
