@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 
 use crate::digest::{BlobWriter, Digest};
 use crate::error::{from_io, Error, Result};
-use crate::image::{read_file_range, ByteStream, Sink, Source};
+use crate::image::{file_stream, read_file_range, ByteStream, Sink, Source};
 use crate::manifest::{media, RawManifest, MAX_MANIFEST_SIZE};
 
 /// The annotation that names an index.json entry (the "tag").
@@ -354,10 +354,7 @@ impl Source for Layout {
         let file = tokio::fs::File::open(self.blob_path(digest))
             .await
             .map_err(|e| self.blob_err(digest, e))?;
-        Ok(Box::pin(tokio_util::io::ReaderStream::with_capacity(
-            file,
-            256 * 1024,
-        )))
+        Ok(file_stream(file))
     }
 
     async fn blob_range(&self, digest: &Digest, offset: u64, len: u64) -> Result<Bytes> {

@@ -20,7 +20,7 @@ use serde_json::{json, Map, Value};
 
 use crate::digest::{Digest, HashingWriter};
 use crate::error::{Error, Result};
-use crate::image::{read_file_range, ByteStream, Image, Source};
+use crate::image::{file_stream, read_file_range, ByteStream, Image, Source};
 use crate::manifest::{media, Compression, Platform, RawManifest};
 
 /// A layer built locally: its compressed blob in a temporary file (removed
@@ -409,10 +409,7 @@ impl Source for Overlay {
                 let f = tokio::fs::File::open(p.to_path_buf())
                     .await
                     .map_err(|e| Error::io(format!("layer {digest} at {}", p.display()), e))?;
-                Ok(Box::pin(tokio_util::io::ReaderStream::with_capacity(
-                    f,
-                    256 * 1024,
-                )))
+                Ok(file_stream(f))
             }
             None => self.base(&format!("blob {digest}"))?.blob(digest).await,
         }

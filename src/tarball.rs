@@ -24,7 +24,7 @@ use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
 use crate::digest::{Digest, Hasher};
 use crate::error::{from_io, Error, Result};
-use crate::image::{read_file_range, ByteStream, Image, Source, MAX_CONFIG_SIZE};
+use crate::image::{file_stream, read_file_range, ByteStream, Image, Source, MAX_CONFIG_SIZE};
 use crate::layout::{CONTAINERD_NAME, REF_NAME};
 use crate::manifest::{media, Compression, RawManifest};
 use crate::reference::Reference;
@@ -364,10 +364,7 @@ impl Source for Tarball {
         let ctx = |e| Error::io(format!("blob {digest} in {}", self.label()), e);
         let mut f = tokio::fs::File::open(&self.path).await.map_err(ctx)?;
         f.seek(SeekFrom::Start(span.offset)).await.map_err(ctx)?;
-        Ok(Box::pin(tokio_util::io::ReaderStream::with_capacity(
-            f.take(span.size),
-            256 * 1024,
-        )))
+        Ok(file_stream(f.take(span.size)))
     }
 
     async fn blob_range(&self, digest: &Digest, offset: u64, len: u64) -> Result<Bytes> {

@@ -107,7 +107,7 @@ async fn push_file(sink: &dyn Sink, path: &PathBuf) -> Result<(Digest, u64)> {
         let file = tokio::fs::File::open(path)
             .await
             .with_context(|| format!("opening {}", path.display()))?;
-        let stream: ByteStream = Box::pin(tokio_util::io::ReaderStream::new(file));
+        let stream = ggfs::image::file_stream(file);
         sink.put_blob(&digest, size, stream).await?;
     }
     Ok((digest, size))
