@@ -128,6 +128,11 @@ pub async fn read_blob(source: &dyn Source, digest: &Digest, limit: u64) -> Resu
     Ok(Bytes::from(buf))
 }
 
+/// Bytes in memory as a one-chunk blob stream.
+pub fn bytes_stream(b: Bytes) -> ByteStream {
+    Box::pin(futures::stream::iter([Ok(b)]))
+}
+
 /// A local file (or part of one) as a blob stream, read 256 KiB at a time.
 pub fn file_stream(r: impl tokio::io::AsyncRead + Send + 'static) -> ByteStream {
     Box::pin(tokio_util::io::ReaderStream::with_capacity(r, 256 * 1024))

@@ -447,7 +447,7 @@ mod tests {
     use super::*;
 
     fn stream(bytes: &'static [u8]) -> ByteStream {
-        Box::pin(futures::stream::iter([Ok(Bytes::from_static(bytes))]))
+        crate::image::bytes_stream(Bytes::from_static(bytes))
     }
 
     #[tokio::test]

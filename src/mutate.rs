@@ -20,7 +20,7 @@ use serde_json::{json, Map, Value};
 
 use crate::digest::{Digest, HashingWriter};
 use crate::error::{Error, Result};
-use crate::image::{file_stream, read_file_range, ByteStream, Image, Source};
+use crate::image::{bytes_stream, file_stream, read_file_range, ByteStream, Image, Source};
 use crate::manifest::{media, Compression, Platform, RawManifest};
 
 /// A layer built locally: its compressed blob in a temporary file (removed
@@ -401,10 +401,7 @@ impl Source for Overlay {
 
     async fn blob(&self, digest: &Digest) -> Result<ByteStream> {
         match self.blobs.get(digest) {
-            Some(Blob::Memory(b)) => {
-                let b = b.clone();
-                Ok(Box::pin(futures::stream::iter([Ok(b)])))
-            }
+            Some(Blob::Memory(b)) => Ok(bytes_stream(b.clone())),
             Some(Blob::File(p)) => {
                 let f = tokio::fs::File::open(p.to_path_buf())
                     .await

@@ -239,13 +239,9 @@ async fn cross_repo_mount_moves_no_bytes() {
     let src = repo(&c, proxy.addr(), "mount/src");
     let dst = repo(&c, proxy.addr(), "mount/dst");
     let d = Digest::of(&chunk(7, 256 * 1024));
-    src.put_blob(
-        &d,
-        256 * 1024,
-        Box::pin(futures::stream::iter([Ok(chunk(7, 256 * 1024))])),
-    )
-    .await
-    .unwrap();
+    src.put_blob(&d, 256 * 1024, image::bytes_stream(chunk(7, 256 * 1024)))
+        .await
+        .unwrap();
     assert!(!dst.has_blob(&d).await.unwrap());
 
     proxy.reset();

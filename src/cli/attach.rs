@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context as _, Result};
 use bytes::Bytes;
 use ggfs::digest::Hasher;
-use ggfs::image::{ByteStream, Sink};
+use ggfs::image::Sink;
 use ggfs::manifest::media;
 use ggfs::{Digest, RawManifest};
 use serde_json::json;
@@ -86,8 +86,8 @@ fn annotations(pairs: &[String]) -> Result<BTreeMap<String, String>> {
 async fn put_if_missing(sink: &dyn Sink, digest: &Digest, bytes: Bytes) -> Result<()> {
     if !sink.has_blob(digest).await? {
         let size = bytes.len() as u64;
-        let stream: ByteStream = Box::pin(futures::stream::iter([Ok(bytes)]));
-        sink.put_blob(digest, size, stream).await?;
+        sink.put_blob(digest, size, ggfs::image::bytes_stream(bytes))
+            .await?;
     }
     Ok(())
 }

@@ -18,7 +18,7 @@ pub fn repo(c: &Client, registry: &str, name: &str) -> RegistryRepo {
 
 /// `b` as a one-chunk blob stream.
 pub fn stream_of(b: &'static [u8]) -> ByteStream {
-    Box::pin(futures::stream::iter([Ok(Bytes::from_static(b))]))
+    ggfs::image::bytes_stream(Bytes::from_static(b))
 }
 
 /// Pushes `bytes` as a blob; returns its digest.
