@@ -180,20 +180,17 @@ impl Layout {
         let index = self.read_index()?;
         let entries = self.parse_entries(&index)?;
         if tag.is_empty() {
-            return match entries.as_slice() {
-                [only] => Ok(only.clone()),
-                _ => Err(Error::invalid(
-                    format!("OCI layout {}", self.root.display()),
-                    format!(
-                        "holds {} manifests; name one of the tags {:?}",
-                        entries.len(),
-                        entries
-                            .iter()
-                            .filter_map(|e| e.name.as_deref())
-                            .collect::<Vec<_>>()
-                    ),
-                )),
-            };
+            if let [only] = entries.as_slice() {
+                return Ok(only.clone());
+            }
+            let tags: Vec<&str> = entries.iter().filter_map(|e| e.name.as_deref()).collect();
+            return Err(Error::invalid(
+                format!("OCI layout {}", self.root.display()),
+                format!(
+                    "holds {} manifests; name one of the tags {tags:?}",
+                    entries.len()
+                ),
+            ));
         }
         // ref.name first; containerd's full-name annotation as a fallback.
         let by_ref = entries.iter().position(|e| e.name.as_deref() == Some(tag));
