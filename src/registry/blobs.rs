@@ -9,7 +9,7 @@ use reqwest::header::{CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, LOCATION, RAN
 use reqwest::{Method, StatusCode};
 use url::Url;
 
-use super::transport::{http_err, status_error, Resp};
+use super::transport::{http_err, Resp};
 use super::RegistryRepo;
 use crate::digest::Digest;
 use crate::error::{from_io, Error, Result};
@@ -127,7 +127,7 @@ impl RegistryRepo {
                 self.check_range_start(&resp, offset, &what)?;
                 0
             }
-            _ => return Err(status_error(self.registry(), &what, resp).await),
+            _ => return Err(self.status_error(&what, resp).await),
         };
         let Resp { inner, permit } = resp;
         drop(permit);
@@ -160,7 +160,7 @@ impl RegistryRepo {
                 format!("range {offset}-{end} of {what}"),
                 "past the end of the blob",
             )),
-            _ => Err(status_error(self.registry(), &what, resp).await),
+            _ => Err(self.status_error(&what, resp).await),
         }
     }
 
@@ -180,7 +180,7 @@ impl RegistryRepo {
                 Ok(Some(len))
             }
             StatusCode::NOT_FOUND => Ok(None),
-            _ => Err(status_error(self.registry(), &what, resp).await),
+            _ => Err(self.status_error(&what, resp).await),
         }
     }
 
@@ -262,7 +262,7 @@ impl RegistryRepo {
         match resp.status() {
             StatusCode::CREATED if mount.is_some() => Ok(Started::Mounted),
             StatusCode::ACCEPTED => Ok(Started::Session(self.location(&resp, &what)?)),
-            _ => Err(status_error(self.registry(), &what, resp).await),
+            _ => Err(self.status_error(&what, resp).await),
         }
     }
 
@@ -318,9 +318,9 @@ impl RegistryRepo {
                     return self.location(&resp, what);
                 }
                 Ok(resp) if resp.status().is_server_error() && attempt <= PATCH_RETRIES => {
-                    status_error(self.registry(), what, resp).await
+                    self.status_error(what, resp).await
                 }
-                Ok(resp) => return Err(status_error(self.registry(), what, resp).await),
+                Ok(resp) => return Err(self.status_error(what, resp).await),
                 Err(e @ Error::Http { .. }) if attempt <= PATCH_RETRIES => e,
                 Err(e) => return Err(e),
             };
@@ -340,7 +340,7 @@ impl RegistryRepo {
     async fn upload_progress(&self, loc: &Url, what: &str) -> Result<(u64, Url)> {
         let resp = self.t().send(&self.push(Method::GET, loc.clone())).await?;
         if !matches!(resp.status(), StatusCode::NO_CONTENT | StatusCode::OK) {
-            return Err(status_error(self.registry(), what, resp).await);
+            return Err(self.status_error(what, resp).await);
         }
         // `0-<last>`; distribution writes `0-0` for an empty session too.
         let held = match resp.header(RANGE.as_str()).and_then(range_end) {
@@ -365,7 +365,7 @@ impl RegistryRepo {
             .body(body);
         let resp = self.t().send(&req).await?;
         if resp.status() != StatusCode::CREATED {
-            return Err(status_error(self.registry(), &what, resp).await);
+            return Err(self.status_error(&what, resp).await);
         }
         match resp.header("docker-content-digest") {
             Some(d) if d != digest.as_str() => {
@@ -410,7 +410,7 @@ impl RegistryRepo {
             .await?;
         match resp.status() {
             StatusCode::ACCEPTED | StatusCode::OK | StatusCode::NO_CONTENT => Ok(()),
-            _ => Err(status_error(self.registry(), what, resp).await),
+            _ => Err(self.status_error(what, resp).await),
         }
     }
 }

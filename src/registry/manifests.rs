@@ -7,7 +7,6 @@ use reqwest::header::{ACCEPT, CONTENT_LENGTH, CONTENT_TYPE};
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 
-use super::transport::status_error;
 use super::{check_reference, RegistryRepo};
 use crate::digest::Digest;
 use crate::error::{Error, Result};
@@ -42,7 +41,7 @@ impl RegistryRepo {
         let req = self.manifest_req(Method::GET, reference)?;
         let resp = self.t().send(&req).await?;
         if resp.status() != StatusCode::OK {
-            return Err(status_error(self.registry(), &what, resp).await);
+            return Err(self.status_error(&what, resp).await);
         }
         let content_type = resp.header(CONTENT_TYPE.as_str()).map(str::to_string);
         let claimed = resp.header("docker-content-digest").map(str::to_string);
@@ -68,7 +67,7 @@ impl RegistryRepo {
         match resp.status() {
             StatusCode::OK => {}
             StatusCode::NOT_FOUND => return Ok(None),
-            _ => return Err(status_error(self.registry(), &what, resp).await),
+            _ => return Err(self.status_error(&what, resp).await),
         }
         let digest = resp
             .header("docker-content-digest")
@@ -132,7 +131,7 @@ impl RegistryRepo {
             .body(bytes.clone());
         let resp = self.t().send(&req).await?;
         if !matches!(resp.status(), StatusCode::CREATED | StatusCode::OK) {
-            return Err(status_error(self.registry(), &what, resp).await);
+            return Err(self.status_error(&what, resp).await);
         }
         let stored = resp.header("docker-content-digest").map(str::to_string);
         if resp.header("oci-subject").is_none() {
@@ -223,7 +222,7 @@ impl RegistryRepo {
                 (v, filtered)
             }
             StatusCode::NOT_FOUND => (self.fallback_index(&referrers_tag(subject)).await?, false),
-            _ => return Err(status_error(self.registry(), &what, resp).await),
+            _ => return Err(self.status_error(&what, resp).await),
         };
         if let (Some(at), false) = (artifact_type, filtered) {
             if let Some(list) = index["manifests"].as_array_mut() {

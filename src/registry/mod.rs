@@ -242,6 +242,11 @@ impl RegistryRepo {
             .url(self.registry(), &format!("{}/{path}", self.name()))
     }
 
+    /// The error for an unexpected answer about `what` (404: not found).
+    async fn status_error(&self, what: &str, resp: transport::Resp) -> Error {
+        transport::status_error(self.registry(), what, resp).await
+    }
+
     /// An error about something this repository's registry answered.
     fn registry_error(&self, message: String) -> Error {
         Error::Registry {
