@@ -392,7 +392,7 @@ async fn overlayfs_style_deletions_become_whiteouts() {
 }
 
 fn walkdir(root: &Path) -> Vec<String> {
-    common::tree::snapshot(root, false)
+    common::tree::snapshot(root, common::tree::Mtimes::Ignore)
         .nodes
         .keys()
         .map(|p| p.to_string_lossy().into_owned())

@@ -7,8 +7,6 @@
 
 mod common;
 
-use std::collections::BTreeMap;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
@@ -200,117 +198,12 @@ fn run_mountd(args: &[&std::ffi::OsStr], extra: &[&str]) -> std::process::Output
     })
 }
 
-/// What we compare of one file.
-#[derive(Debug, PartialEq, Eq)]
-struct Info {
-    kind: &'static str,
-    mode: u32,
-    uid: u32,
-    gid: u32,
-    size: u64,
-    mtime: (i64, i64),
-    rdev: u64,
-    nlink: u64,
-    link: Option<PathBuf>,
-    content: Option<String>,
-}
-
-fn kind(ft: std::fs::FileType) -> &'static str {
-    if ft.is_dir() {
-        "dir"
-    } else if ft.is_file() {
-        "file"
-    } else if ft.is_symlink() {
-        "symlink"
-    } else if ft.is_char_device() {
-        "char"
-    } else if ft.is_block_device() {
-        "block"
-    } else if ft.is_fifo() {
-        "fifo"
-    } else {
-        "other"
-    }
-}
-
-/// Every path under `root` (relative) with its metadata, content digest and
-/// hardlink group (other names of the same inode).
-fn snapshot(root: &Path) -> (BTreeMap<PathBuf, Info>, Vec<Vec<PathBuf>>) {
-    let mut out = BTreeMap::new();
-    let mut inodes: BTreeMap<u64, Vec<PathBuf>> = BTreeMap::new();
-    let mut stack = vec![PathBuf::new()];
-    while let Some(rel) = stack.pop() {
-        let p = root.join(&rel);
-        let md = std::fs::symlink_metadata(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
-        let k = kind(md.file_type());
-        let content = (k == "file").then(|| {
-            let bytes = std::fs::read(&p).unwrap_or_else(|e| panic!("read {}: {e}", p.display()));
-            common::sha256_digest(&bytes)
-        });
-        if k == "dir" {
-            for e in std::fs::read_dir(&p).unwrap() {
-                stack.push(rel.join(e.unwrap().file_name()));
-            }
-        } else {
-            inodes.entry(md.ino()).or_default().push(rel.clone());
-        }
-        let info = Info {
-            kind: k,
-            mode: md.mode() & 0o7777,
-            uid: md.uid(),
-            gid: md.gid(),
-            size: if k == "dir" { 0 } else { md.size() },
-            mtime: (md.mtime(), md.mtime_nsec()),
-            rdev: md.rdev(),
-            nlink: if k == "dir" { 0 } else { md.nlink() },
-            link: (k == "symlink").then(|| std::fs::read_link(&p).unwrap()),
-            content,
-        };
-        out.insert(rel, info);
-    }
-    let mut groups: Vec<Vec<PathBuf>> = inodes.into_values().filter(|g| g.len() > 1).collect();
-    groups.iter_mut().for_each(|g| g.sort());
-    groups.sort();
-    (out, groups)
-}
-
-/// `getfattr -R` of a tree, paths relative.
-fn xattrs(root: &Path) -> String {
-    let out = Command::new("getfattr")
-        .args(["-R", "-h", "-d", "-m", "-", "-e", "hex", "."])
-        .current_dir(root)
-        .output()
-        .expect("getfattr");
-    let mut blocks: Vec<String> = String::from_utf8_lossy(&out.stdout)
-        .split("\n\n")
-        .map(|b| b.trim().to_string())
-        .filter(|b| !b.is_empty())
-        .collect();
-    blocks.sort();
-    blocks.join("\n\n")
-}
-
-/// Assert that the mounted tree equals the unpacked one.
+/// Assert that the mounted tree equals the unpacked one, every mtime included.
 fn assert_same_tree(mounted: &Path, expected: &Path) {
-    let m = mounted.to_path_buf();
-    let (got, got_links) = within(300, "walking the mount", move || snapshot(&m));
-    let (want, want_links) = snapshot(expected);
-    let got_paths: Vec<_> = got.keys().collect();
-    let want_paths: Vec<_> = want.keys().collect();
-    assert_eq!(got_paths, want_paths, "paths differ");
-    for (path, w) in &want {
-        let g = &got[path];
-        if path.as_os_str().is_empty() {
-            // The unpacked root dir is made by umoci, not by the image.
-            assert_eq!(g.kind, "dir");
-            continue;
-        }
-        assert_eq!(g, w, "{} differs", path.display());
-    }
-    assert_eq!(got_links, want_links, "hardlink groups differ");
-    let m = mounted.to_path_buf();
-    let got_x = within(60, "getfattr on the mount", move || xattrs(&m));
-    assert_eq!(got_x, xattrs(expected), "xattrs differ");
+    let (m, e) = (mounted.to_path_buf(), expected.to_path_buf());
+    within(300, "comparing the mount", move || {
+        common::tree::assert_same(&m, &e, common::tree::Mtimes::All)
+    });
 }
 
 /// `umoci unpack` of `layout:tag` into a temp dir; returns (dir, rootfs).

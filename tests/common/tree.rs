@@ -14,8 +14,7 @@ pub struct Node {
     pub uid: u32,
     pub gid: u32,
     pub size: u64,
-    /// Set only when mtimes are compared (directories excluded: extractors
-    /// touch them as they create children).
+    /// Set only when mtimes are compared.
     pub mtime: Option<(i64, i64)>,
     pub rdev: u64,
     pub link: Option<PathBuf>,
@@ -42,7 +41,16 @@ pub fn kind(ft: std::fs::FileType) -> &'static str {
 }
 
 /// Every entry below `root` (not `root` itself), by relative path.
-pub fn snapshot(root: &Path, with_mtime: bool) -> Snapshot {
+/// Which mtimes a comparison looks at.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Mtimes {
+    Ignore,
+    /// All but directories': after whiteouts, extractors disagree on those.
+    NonDirs,
+    All,
+}
+
+pub fn snapshot(root: &Path, mtimes: Mtimes) -> Snapshot {
     let mut nodes = BTreeMap::new();
     let mut inodes: BTreeMap<u64, Vec<PathBuf>> = BTreeMap::new();
     let mut stack: Vec<PathBuf> = children(root, Path::new(""));
@@ -69,7 +77,11 @@ pub fn snapshot(root: &Path, with_mtime: bool) -> Snapshot {
             } else {
                 0
             },
-            mtime: (with_mtime && k != "dir").then(|| (md.mtime(), md.mtime_nsec())),
+            mtime: match (mtimes, k) {
+                (Mtimes::All, _) => Some((md.mtime(), md.mtime_nsec())),
+                (Mtimes::NonDirs, k) if k != "dir" => Some((md.mtime(), md.mtime_nsec())),
+                _ => None,
+            },
             rdev: md.rdev(),
             link: (k == "symlink").then(|| std::fs::read_link(&p).unwrap()),
             content,
@@ -101,8 +113,18 @@ fn xattrs(p: &Path) -> BTreeMap<String, Vec<u8>> {
 }
 
 /// Panics with the first differences when `got` and `want` are not the same tree.
+/// `with_mtime` compares the mtimes of everything but directories.
 pub fn assert_same_tree(got: &Path, want: &Path, with_mtime: bool) {
-    let (g, w) = (snapshot(got, with_mtime), snapshot(want, with_mtime));
+    let mtimes = if with_mtime {
+        Mtimes::NonDirs
+    } else {
+        Mtimes::Ignore
+    };
+    assert_same(got, want, mtimes);
+}
+
+pub fn assert_same(got: &Path, want: &Path, mtimes: Mtimes) {
+    let (g, w) = (snapshot(got, mtimes), snapshot(want, mtimes));
     let only_in = |a: &Snapshot, b: &Snapshot| -> Vec<PathBuf> {
         let absent = |k: &&PathBuf| !b.nodes.contains_key(*k);
         a.nodes.keys().filter(absent).cloned().collect()
