@@ -15,7 +15,7 @@ use base64::Engine as _;
 use bytes::Bytes;
 use serde::Deserialize;
 
-use crate::digest::{Digest, Hasher};
+use crate::digest::{Digest, HashingWriter};
 use crate::error::{Error, Result};
 use crate::image::Source;
 
@@ -608,10 +608,7 @@ impl Toc {
             &mut io::sink(),
         )
         .map_err(bad)?;
-        let mut hashing = HashingWriter {
-            inner: out,
-            hasher: Hasher::new(),
-        };
+        let mut hashing = HashingWriter::new(out);
         let copied = io::copy(&mut decoder.take(chunk.size), &mut hashing).map_err(bad)?;
         if skipped + copied < chunk.inner_offset + chunk.size {
             return Err(Error::invalid(
@@ -735,23 +732,6 @@ impl Toc {
             ));
         }
         Ok(out)
-    }
-}
-
-/// Passes bytes through while hashing them.
-struct HashingWriter<W> {
-    inner: W,
-    hasher: Hasher,
-}
-
-impl<W: Write> Write for HashingWriter<W> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.hasher.update(&buf[..n]);
-        Ok(n)
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
     }
 }
 
