@@ -18,6 +18,9 @@ declare -A TOOLS=(
   [jq]=jq
   [curl]=curl
   [openssl]=openssl
+  # benchmark scripts (scripts/bench/)
+  [bc]=bc
+  [/usr/bin/time]=time
 )
 
 missing=()
