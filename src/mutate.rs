@@ -165,6 +165,38 @@ pub fn layer_from_tar(path: impl AsRef<Path>, compression: Compression) -> Resul
 /// `trusted.overlay.opaque` (or `user.overlay.opaque`) xattr set to `y` gets
 /// a `.wh..wh..opq` marker; files already named `.wh.*` pass through as is.
 pub fn layer_from_dir(dir: impl AsRef<Path>, compression: Compression) -> Result<LocalLayer> {
+    layer_from_dir_with(dir, compression, &PlainDir)
+}
+
+/// Shapes a layer built from a directory: leave entries out, drop xattrs,
+/// or take a regular file's bytes from elsewhere (a writable mount's upper
+/// directory keeps unchanged bytes in the layer below).
+pub trait DirHooks: Sync {
+    /// Leave this entry (and, for a directory, everything below it) out.
+    fn skip(&self, _rel: &Path) -> bool {
+        false
+    }
+    /// Whether the xattr `name` goes into the layer.
+    fn keep_xattr(&self, _name: &str) -> bool {
+        true
+    }
+    /// The bytes of the regular file at `full` when they are not its own;
+    /// exactly its size is read.
+    fn data(&self, _full: &Path) -> io::Result<Option<Box<dyn Read + '_>>> {
+        Ok(None)
+    }
+}
+
+/// A directory taken as it is.
+pub struct PlainDir;
+impl DirHooks for PlainDir {}
+
+/// [`layer_from_dir`] with [`DirHooks`].
+pub fn layer_from_dir_with(
+    dir: impl AsRef<Path>,
+    compression: Compression,
+    hooks: &dyn DirHooks,
+) -> Result<LocalLayer> {
     let dir = dir.as_ref();
     let meta = std::fs::metadata(dir).map_err(|e| Error::io(dir.display().to_string(), e))?;
     if !meta.is_dir() {
@@ -176,6 +208,7 @@ pub fn layer_from_dir(dir: impl AsRef<Path>, compression: Compression) -> Result
     let mut walk = DirWalk {
         root: dir,
         links: HashMap::new(),
+        hooks,
     };
     walk.append_children(&mut builder, Path::new(""))?;
     let sink = builder
@@ -188,6 +221,7 @@ struct DirWalk<'a> {
     root: &'a Path,
     /// (dev, inode) of multiply-linked files already written → their name.
     links: HashMap<(u64, u64), PathBuf>,
+    hooks: &'a dyn DirHooks,
 }
 
 impl DirWalk<'_> {
@@ -202,6 +236,9 @@ impl DirWalk<'_> {
         names.sort();
         for name in names {
             let rel = rel.join(&name);
+            if self.hooks.skip(&rel) {
+                continue;
+            }
             let full = self.root.join(&rel);
             let meta = std::fs::symlink_metadata(&full)
                 .map_err(|e| Error::io(full.display().to_string(), e))?;
@@ -223,7 +260,8 @@ impl DirWalk<'_> {
     ) -> io::Result<()> {
         let mut h = base_header(meta);
         let ft = meta.file_type();
-        let xattrs = read_xattrs(full)?;
+        let mut xattrs = read_xattrs(full)?;
+        xattrs.retain(|(k, _)| self.hooks.keep_xattr(k));
         if ft.is_char_device() && meta.rdev() == 0 {
             // overlayfs whiteout: the OCI form is an empty `.wh.<name>` file.
             let name = rel.file_name().unwrap_or_default().to_string_lossy();
@@ -286,9 +324,11 @@ impl DirWalk<'_> {
         h.set_size(meta.len());
         // Guard against the file changing size under us: tar needs the
         // declared size exactly.
-        let file = File::open(full)?;
-        let mut data = file.take(meta.len());
-        b.append_data(&mut h, rel, &mut data)
+        let data: Box<dyn Read> = match self.hooks.data(full)? {
+            Some(d) => d,
+            None => Box::new(File::open(full)?),
+        };
+        b.append_data(&mut h, rel, &mut data.take(meta.len()))
     }
 }
 
@@ -540,6 +580,16 @@ pub fn empty(platform: &Platform) -> Result<Image> {
 /// Append layers on top of `image`: manifest layers, `rootfs.diff_ids` and
 /// (when the config keeps one) history are extended.
 pub fn append(image: &Image, layers: Vec<LocalLayer>) -> Result<Image> {
+    append_with_history(image, layers, "ggfs append", None)
+}
+
+/// [`append`] with the history entries' `created_by` and `comment`.
+pub fn append_with_history(
+    image: &Image,
+    layers: Vec<LocalLayer>,
+    created_by: &str,
+    comment: Option<&str>,
+) -> Result<Image> {
     let (mut config, mut manifest) = editable(image)?;
     let base_layers = image.manifest.layers().len();
     let created = now_rfc3339();
@@ -556,7 +606,10 @@ pub fn append(image: &Image, layers: Vec<LocalLayer>) -> Result<Image> {
         // History must list one non-empty entry per layer; only extend it
         // when that invariant can hold.
         if config["history"].is_array() || base_layers == 0 {
-            let entry = json!({ "created": created, "created_by": "ggfs append" });
+            let mut entry = json!({ "created": created, "created_by": created_by });
+            if let Some(c) = comment {
+                entry["comment"] = json!(c);
+            }
             as_array(&mut config["history"]).push(entry);
         }
         blobs.insert(layer.digest.clone(), Blob::File(layer.file.clone()));

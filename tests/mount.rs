@@ -9,195 +9,11 @@ mod common;
 
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::sync::OnceLock;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::mount::{is_mounted, kill, mountd, run_mountd, within, Mount};
 use common::{CountingProxy, Distribution};
-
-/// `target/debug/ggfs-mountd`, built once per test process: cargo does not
-/// hand the root package's tests the binaries of other workspace members.
-fn mountd() -> PathBuf {
-    static BUILT: OnceLock<()> = OnceLock::new();
-    BUILT.get_or_init(|| {
-        let status = Command::new(env!("CARGO"))
-            .args(["build", "--quiet", "-p", "ggfs-mountd"])
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .status()
-            .expect("run cargo build");
-        assert!(status.success(), "cargo build -p ggfs-mountd failed");
-    });
-    common::mountd_bin()
-}
-
-/// Run `f` on another thread, failing if it takes longer than `secs`.
-fn within<T: Send + 'static>(secs: u64, what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(f());
-    });
-    match rx.recv_timeout(Duration::from_secs(secs)) {
-        Ok(v) => v,
-        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-            panic!("{what}: no result within {secs}s")
-        }
-        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => panic!("{what} failed (above)"),
-    }
-}
-
-fn is_mounted(mp: &Path) -> bool {
-    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
-    let mp = mp.to_string_lossy().replace(' ', "\\040");
-    mounts.lines().any(|l| l.split(' ').nth(1) == Some(&mp))
-}
-
-/// Pids of ggfs-mountd processes serving `mp`.
-fn daemon_pids(mp: &Path) -> Vec<u32> {
-    let mut out = Vec::new();
-    let Ok(rd) = std::fs::read_dir("/proc") else {
-        return out;
-    };
-    for e in rd.flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
-            continue;
-        };
-        let args: Vec<&[u8]> = cmd.split(|&b| b == 0).collect();
-        let is_mountd = args.first().is_some_and(|a| a.ends_with(b"ggfs-mountd"));
-        if is_mountd && args.contains(&mp.as_os_str().as_encoded_bytes()) {
-            out.push(pid);
-        }
-    }
-    out
-}
-
-/// A running mount; unmounted (and its daemon gone) when dropped.
-struct Mount {
-    _dir: tempfile::TempDir,
-    mp: PathBuf,
-    log: PathBuf,
-    pid: u32,
-}
-
-impl Mount {
-    fn start(registry: &str, extra: &[&str]) -> Mount {
-        Self::start_with_cache(registry, extra, None)
-    }
-
-    fn start_with_cache(registry: &str, extra: &[&str], cache: Option<&Path>) -> Mount {
-        let dir = common::tempdir();
-        let mp = dir.path().join("mnt");
-        std::fs::create_dir(&mp).unwrap();
-        let log = dir.path().join("mountd.log");
-        let cache = cache.map_or_else(|| dir.path().join("cache"), Path::to_path_buf);
-        let out = run_mountd(
-            &[
-                "mount".as_ref(),
-                registry.as_ref(),
-                mp.as_os_str(),
-                "--insecure".as_ref(),
-                "--cache-dir".as_ref(),
-                cache.as_os_str(),
-                "--log".as_ref(),
-                log.as_os_str(),
-            ],
-            extra,
-        );
-        assert!(
-            out.status.success(),
-            "mount failed: {}\nlog: {}",
-            String::from_utf8_lossy(&out.stderr),
-            std::fs::read_to_string(&log).unwrap_or_default()
-        );
-        assert!(is_mounted(&mp), "{} not in /proc/mounts", mp.display());
-        let pids = daemon_pids(&mp);
-        assert_eq!(
-            pids.len(),
-            1,
-            "expected one daemon for {}: {pids:?}",
-            mp.display()
-        );
-        Mount {
-            _dir: dir,
-            mp,
-            log,
-            pid: pids[0],
-        }
-    }
-
-    fn path(&self, rel: &str) -> PathBuf {
-        self.mp.join(rel)
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn pid_alive(&self) -> bool {
-        Path::new(&format!("/proc/{}", self.pid)).exists()
-            && !std::fs::read_to_string(format!("/proc/{}/stat", self.pid))
-                .unwrap_or_default()
-                .contains(") Z ")
-    }
-
-    /// `ggfs-mountd unmount`, then wait for the daemon to exit.
-    fn unmount(&self) -> Result<(), String> {
-        let out = run_mountd(&["unmount".as_ref(), self.mp.as_os_str()], &[]);
-        if !out.status.success() {
-            return Err(String::from_utf8_lossy(&out.stderr).into_owned());
-        }
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while self.pid_alive() {
-            if Instant::now() > deadline {
-                return Err(format!("daemon {} still running after unmount", self.pid));
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Ok(())
-    }
-}
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        if self.unmount().is_ok() && !is_mounted(&self.mp) {
-            return;
-        }
-        kill(self.pid, "KILL");
-        let _ = Command::new("fusermount3")
-            .args(["-u", "-z"])
-            .arg(&self.mp)
-            .stderr(Stdio::null())
-            .status();
-        let _ = Command::new("umount")
-            .arg("-l")
-            .arg(&self.mp)
-            .stderr(Stdio::null())
-            .status();
-    }
-}
-
-fn kill(pid: u32, sig: &str) {
-    let _ = Command::new("kill")
-        .args([format!("-{sig}"), pid.to_string()])
-        .stderr(Stdio::null())
-        .status();
-}
-
-/// Run ggfs-mountd with a 120 s limit.
-fn run_mountd(args: &[&std::ffi::OsStr], extra: &[&str]) -> std::process::Output {
-    let mut cmd = Command::new(mountd());
-    cmd.args(args).args(extra).stdin(Stdio::null());
-    let child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn ggfs-mountd");
-    within(120, "ggfs-mountd", move || {
-        child.wait_with_output().expect("wait ggfs-mountd")
-    })
-}
 
 /// Assert that the mounted tree equals the unpacked one, every mtime included.
 fn assert_same_tree(mounted: &Path, expected: &Path) {
@@ -286,11 +102,12 @@ fn every_file_type_matches_umoci_unpack() {
     assert!(!m.path("nosuchrepo").exists());
     assert!(!m.path("fixture/all/nosuchtag").exists());
 
-    // Read-only.
-    let err = std::fs::write(m.path("fixture/all/latest/rootfs/new"), b"x").unwrap_err();
+    // An image by digest is read-only (a tag's rootfs is not: tests/write.rs).
+    let err =
+        std::fs::write(m.path(&format!("fixture/all/{digest}/rootfs/new")), b"x").unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc_erofs()), "{err}");
     // statfs reports the cache: 10 GiB by default.
-    let st = common::run(Command::new("stat").args(["-f", "-c", "%b %S"]).arg(&m.mp));
+    let st = common::run(Command::new("stat").args(["-f", "-c", "%b %S"]).arg(m.mp()));
     let v: Vec<u64> = st.split_whitespace().map(|x| x.parse().unwrap()).collect();
     assert_eq!(v[0] * v[1], 10 << 30, "{st}");
     let stats = read_string(&m.path(".ggfs/stats"));
@@ -458,14 +275,14 @@ fn unmount_leaves_no_process_and_no_mount() {
     let m = Mount::start(reg.addr(), &[]);
     assert!(m.pid_alive());
     m.unmount().unwrap();
-    assert!(!is_mounted(&m.mp));
+    assert!(!is_mounted(m.mp()));
     assert!(!m.pid_alive());
 
     // SIGTERM unmounts too.
     let m2 = Mount::start(reg.addr(), &[]);
-    kill(m2.pid, "TERM");
+    kill(m2.pid(), "TERM");
     let deadline = Instant::now() + Duration::from_secs(10);
-    while m2.pid_alive() || is_mounted(&m2.mp) {
+    while m2.pid_alive() || is_mounted(m2.mp()) {
         assert!(Instant::now() < deadline, "daemon did not exit on SIGTERM");
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -523,7 +340,7 @@ fn clear_errors_for_bad_mount_points_and_registries() {
     assert!(!out.status.success() && e.contains("fusermount3"), "{e}");
     // Busy: already mounted.
     let m = Mount::start(reg.addr(), &[]);
-    let e = err(&["mount".as_ref(), reg.addr().as_ref(), m.mp.as_os_str()]);
+    let e = err(&["mount".as_ref(), reg.addr().as_ref(), m.mp().as_os_str()]);
     assert!(e.contains("busy"), "{e}");
 }
 

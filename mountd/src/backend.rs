@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use ggfs::image::{ByteStream, Source};
+use ggfs::image::{ByteStream, Sink, Source};
 use ggfs::registry::{Client, ClientOptions, RegistryRepo};
 use ggfs::{Digest, Error, RawManifest, Repository, Result};
 
@@ -25,6 +25,12 @@ pub trait Registry: Send + Sync {
 
     /// Manifests and blobs of one repository.
     fn source(&self, repo: &str) -> Arc<dyn Source>;
+
+    /// Where commits to one repository go.
+    fn sink(&self, repo: &str) -> Result<Arc<dyn Sink>>;
+
+    /// The digest `reference` names in `repo` now (a HEAD), `None` if nothing.
+    async fn head(&self, repo: &str, reference: &str) -> Result<Option<Digest>>;
 }
 
 /// The registry through the library's client (auth from the docker
@@ -84,6 +90,18 @@ impl Registry for LibRegistry {
             Ok(r) => Arc::new(r),
             Err(e) => Arc::new(Invalid(repo.to_string(), e.to_string())),
         }
+    }
+
+    fn sink(&self, repo: &str) -> Result<Arc<dyn Sink>> {
+        Ok(Arc::new(self.repo(repo)?))
+    }
+
+    async fn head(&self, repo: &str, reference: &str) -> Result<Option<Digest>> {
+        Ok(self
+            .repo(repo)?
+            .head_manifest(reference)
+            .await?
+            .map(|(d, _, _)| d))
     }
 }
 

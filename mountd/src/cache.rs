@@ -137,10 +137,14 @@ impl Cache {
 }
 
 /// Every committed file under `root`: path, size, mtime. Temporary files
-/// (`.tmp-*`) left by a crash are removed on the way.
+/// (`.tmp-*`) left by a crash are removed on the way. `upper/` (changes
+/// not yet pushed, and their journals) is not the cache's to count or evict.
 fn files(root: &Path) -> Vec<(PathBuf, u64, SystemTime)> {
     let mut out = Vec::new();
-    let mut stack = vec![root.to_path_buf()];
+    let mut stack: Vec<PathBuf> = ["blobs", "tar", "chunks", "index", "toc"]
+        .iter()
+        .map(|k| root.join(k))
+        .collect();
     while let Some(dir) = stack.pop() {
         let Ok(rd) = std::fs::read_dir(&dir) else {
             continue;

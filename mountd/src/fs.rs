@@ -10,8 +10,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use fuser::consts::{FOPEN_CACHE_DIR, FOPEN_DIRECT_IO, FOPEN_KEEP_CACHE};
@@ -23,15 +24,20 @@ use ggfs::image::is_layer_media_type;
 use ggfs::{Digest, Error};
 
 use crate::cache::{self, Cache};
-use crate::layer::{LayerData, Layers};
+use crate::commit::{self as journal, Journal};
+use crate::layer::Layers;
 use crate::ns::{children_of, valid_component, Art, Fail, Memo, Namespace, Res};
-use crate::tree::{self, NodeId, Tree};
+use crate::rootfs::{io_fail, Data, RootFs, SetAttr, Work, WRITABLE_RANGE};
+use crate::tree::{self, DataRef, NodeId, Tree};
+use crate::upper::Upper;
 
 /// Inodes at and above this belong to merged rootfs trees.
 const TREE_BASE: u64 = 1 << 40;
 /// How long the kernel may cache anything addressed by digest.
 const LONG: Duration = Duration::from_secs(24 * 3600);
 const FOREVER: Duration = Duration::from_secs(u32::MAX as u64);
+/// How long the kernel may cache what a writable tree says.
+const SHORT: Duration = Duration::from_secs(1);
 
 /// A namespace node.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -49,45 +55,56 @@ pub enum Key {
     DigestFile(String, Digest),
     Blobs(String, Digest),
     Blob(String, Digest, u64),
+    /// The read-only rootfs of an image by digest.
     Rootfs(String, Digest),
+    /// A tag's rootfs: writable, on the base image the changes started from.
+    WRootfs(String, String, Digest),
+    /// `.ggfs/status`: changed images and their commits.
+    Status,
+    /// `.ggfs/ctl`: `ggfs commit` writes a request, reads the reply.
+    Ctl,
 }
 
 impl Key {
     fn is_dir(&self) -> bool {
         !matches!(
             self,
-            Key::Stats | Key::Manifest(..) | Key::Config(..) | Key::DigestFile(..) | Key::Blob(..)
+            Key::Stats
+                | Key::Status
+                | Key::Ctl
+                | Key::Manifest(..)
+                | Key::Config(..)
+                | Key::DigestFile(..)
+                | Key::Blob(..)
         )
     }
 
     /// Whether what this node shows can change (tags move, repos appear).
     fn mutable(&self) -> bool {
-        matches!(self, Key::Root | Key::Repo(_) | Key::Tag(..) | Key::Stats)
-    }
-}
-
-/// A merged root filesystem with its inode range.
-pub struct RootFs {
-    tree: Tree,
-    layers: Vec<Arc<dyn LayerData>>,
-    base: u64,
-    root_ino: u64,
-}
-
-impl RootFs {
-    fn ino(&self, id: NodeId) -> u64 {
-        if id == tree::ROOT {
-            self.root_ino
-        } else {
-            self.base + id as u64
-        }
+        matches!(
+            self,
+            Key::Root | Key::Repo(_) | Key::Tag(..) | Key::Stats | Key::Status | Key::Ctl
+        )
     }
 }
 
 #[derive(Clone)]
 enum Node {
     Ns(Key),
+    /// A node of a read-only tree.
     Tree(Arc<RootFs>, NodeId),
+    /// An inode of a writable tree.
+    W(Arc<RootFs>, u64),
+}
+
+/// An open file.
+enum Handle {
+    /// Its upper copy.
+    Upper(Arc<std::fs::File>, Arc<RootFs>),
+    /// Its bytes in a lower layer.
+    Lower(Arc<RootFs>, DataRef),
+    /// `.ggfs/ctl`: the reply to the request written.
+    Ctl(Arc<Mutex<Vec<u8>>>),
 }
 
 struct Inodes {
@@ -117,6 +134,9 @@ impl Inodes {
                 .map(Node::Ns);
         }
         let (base, r) = self.trees.range(..=ino).next_back()?;
+        if r.w.is_some() {
+            return r.knows(ino).then(|| Node::W(r.clone(), ino));
+        }
         let id = (ino - base) as usize;
         (id > 0 && id < r.tree.nodes.len()).then(|| Node::Tree(r.clone(), id as NodeId))
     }
@@ -128,6 +148,13 @@ pub struct Inner {
     layers: Layers,
     inodes: Mutex<Inodes>,
     rootfs: Memo<(String, Digest), Arc<RootFs>>,
+    wrootfs: Memo<(String, String, Digest), Arc<RootFs>>,
+    /// Writable trees by (repository, tag).
+    work: Mutex<HashMap<(String, String), Arc<RootFs>>>,
+    /// Changed images an earlier mount left unpushed, until opened.
+    recovered: Mutex<HashMap<(String, String), Digest>>,
+    handles: Mutex<HashMap<u64, Arc<Handle>>>,
+    next_fh: AtomicU64,
     blobs: Memo<Digest, Arc<std::fs::File>>,
     uid: u32,
     gid: u32,
@@ -141,6 +168,10 @@ pub struct Fs {
 
 impl Fs {
     pub fn new(ns: Namespace, cache: Arc<Cache>, rt: tokio::runtime::Handle) -> Self {
+        let recovered = journal::recover(cache.root(), &ns.registry_name())
+            .into_iter()
+            .map(|s| ((s.repo, s.tag), s.base))
+            .collect();
         let inodes = Inodes {
             keys: vec![Key::Root],
             by_key: HashMap::from([(Key::Root, 1)]),
@@ -153,6 +184,11 @@ impl Fs {
             cache,
             inodes: Mutex::new(inodes),
             rootfs: Memo::default(),
+            wrootfs: Memo::default(),
+            work: Mutex::new(HashMap::new()),
+            recovered: Mutex::new(recovered),
+            handles: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
             blobs: Memo::default(),
             uid: unsafe { libc::getuid() },
             gid: unsafe { libc::getgid() },
@@ -163,6 +199,10 @@ impl Fs {
             rt,
         }
     }
+
+    pub fn inner(&self) -> Arc<Inner> {
+        self.inner.clone()
+    }
 }
 
 fn join(repo: &str, name: &str) -> String {
@@ -170,17 +210,6 @@ fn join(repo: &str, name: &str) -> String {
         name.to_string()
     } else {
         format!("{repo}/{name}")
-    }
-}
-
-fn file_type(k: &tree::Kind) -> FileType {
-    match k {
-        tree::Kind::Dir => FileType::Directory,
-        tree::Kind::File => FileType::RegularFile,
-        tree::Kind::Symlink => FileType::Symlink,
-        tree::Kind::Char => FileType::CharDevice,
-        tree::Kind::Block => FileType::BlockDevice,
-        tree::Kind::Fifo => FileType::NamedPipe,
     }
 }
 
@@ -229,37 +258,10 @@ impl Inner {
         }
     }
 
-    fn tree_attr(&self, r: &RootFs, id: NodeId) -> FileAttr {
-        let n = r.tree.node(id);
-        let m = &n.meta;
-        let t = if m.mtime >= 0 {
-            UNIX_EPOCH + Duration::new(m.mtime as u64, m.mtime_nsec)
-        } else {
-            UNIX_EPOCH - Duration::from_secs(m.mtime.unsigned_abs())
-                + Duration::from_nanos(m.mtime_nsec as u64)
-        };
-        FileAttr {
-            ino: r.ino(id),
-            size: m.size,
-            blocks: m.size.div_ceil(512),
-            atime: t,
-            mtime: t,
-            ctime: t,
-            crtime: t,
-            kind: file_type(&m.kind),
-            perm: (m.mode & 0o7777) as u16,
-            nlink: n.nlink.max(1),
-            uid: m.uid,
-            gid: m.gid,
-            rdev: m.rdev,
-            blksize: 4096,
-            flags: 0,
-        }
-    }
-
     async fn attr(&self, ino: u64, node: &Node) -> Res<(Duration, FileAttr)> {
         let key = match node {
-            Node::Tree(r, id) => return Ok((LONG, self.tree_attr(r, *id))),
+            Node::Tree(r, id) => return Ok((LONG, r.lower_attr(*id))),
+            Node::W(r, ino) => return Ok((SHORT, r.getattr(*ino)?)),
             Node::Ns(k) => k,
         };
         let ttl = if key.mutable() { self.ns.tag_ttl } else { LONG };
@@ -278,9 +280,25 @@ impl Inner {
                 // Built trees answer for themselves; an unbuilt one is not
                 // fetched just to be listed.
                 return Ok(match self.rootfs.peek(&(repo.clone(), d.clone())) {
-                    Some(r) => (LONG, self.tree_attr(&r, tree::ROOT)),
+                    Some(r) => (LONG, r.lower_attr(tree::ROOT)),
                     None => (Duration::from_secs(1), self.ns_attr(ino, true, 0)),
                 });
+            }
+            Key::WRootfs(repo, tag, d) => {
+                let key = (repo.clone(), tag.clone(), d.clone());
+                return Ok(match self.wrootfs.peek(&key) {
+                    Some(r) => (SHORT, r.getattr(r.root_ino)?),
+                    None => (Duration::from_secs(1), self.ns_attr(ino, true, 0)),
+                });
+            }
+            Key::Status => {
+                let len = self.status().len() as u64;
+                return Ok((Duration::ZERO, self.ns_attr(ino, false, len)));
+            }
+            Key::Ctl => {
+                let mut a = self.ns_attr(ino, false, 0);
+                a.perm = 0o600;
+                return Ok((Duration::ZERO, a));
             }
             _ => 0,
         };
@@ -291,7 +309,7 @@ impl Inner {
         self.ns.stats.render(&self.cache)
     }
 
-    async fn image(&self, repo: &str, d: &Digest) -> Res<ggfs::image::Image> {
+    pub async fn image(&self, repo: &str, d: &Digest) -> Res<ggfs::image::Image> {
         match &*self.ns.artifact(repo, d).await? {
             Art::Image { image, .. } => Ok((**image).clone()),
             Art::Index { .. } => Err(Fail::new(libc::ENOENT, format!("{d} is an index"))),
@@ -305,6 +323,20 @@ impl Inner {
             Key::Art(repo, d) => Some((repo.clone(), d.clone())),
             _ => None,
         })
+    }
+
+    /// An image's or index's entries; a tag's `rootfs` is writable.
+    fn entries(&self, key: &Key, repo: &str, art: &Art) -> Vec<(String, Key)> {
+        let mut out = Self::art_entries(repo, art);
+        if let Key::Tag(_, tag) = key {
+            for (_, k) in out.iter_mut() {
+                if let Key::Rootfs(r, d) = k {
+                    let base = self.work_base(r, tag).unwrap_or_else(|| d.clone());
+                    *k = Key::WRootfs(r.clone(), tag.clone(), base);
+                }
+            }
+        }
+        out
     }
 
     fn art_entries(repo: &str, art: &Art) -> Vec<(String, Key)> {
@@ -333,7 +365,7 @@ impl Inner {
     async fn list(&self, key: &Key) -> Res<Vec<(String, Key)>> {
         if let Some((repo, d)) = self.art_digest(key).await? {
             let art = self.ns.artifact(&repo, &d).await?;
-            let mut out = Self::art_entries(&repo, &art);
+            let mut out = self.entries(key, &repo, &art);
             if let Key::Tag(repo, tag) = key {
                 // A tag that is also a child repository's name: the image's
                 // own entries win, the repository's children follow.
@@ -355,7 +387,11 @@ impl Inner {
                 Ok(out)
             }
             Key::Repo(path) => Ok(self.list_repo(path).await),
-            Key::Meta => Ok(vec![("stats".into(), Key::Stats)]),
+            Key::Meta => Ok(vec![
+                ("ctl".into(), Key::Ctl),
+                ("stats".into(), Key::Stats),
+                ("status".into(), Key::Status),
+            ]),
             Key::Blobs(repo, d) => {
                 let image = self.image(repo, d).await?;
                 let mut out = Vec::new();
@@ -423,9 +459,15 @@ impl Inner {
                 .ok_or_else(|| Fail::noent(name))?;
             return Ok(Node::Tree(r, id));
         }
+        if let Key::WRootfs(repo, tag, d) = key {
+            let r = self.wrootfs(repo, tag, d).await?;
+            let attr = r.lookup(r.root_ino, name.as_bytes())?;
+            return Ok(Node::W(r, attr.ino));
+        }
         if let Some((repo, d)) = self.art_digest(key).await? {
             let art = self.ns.artifact(&repo, &d).await?;
-            if let Some((_, k)) = Self::art_entries(&repo, &art)
+            if let Some((_, k)) = self
+                .entries(key, &repo, &art)
                 .into_iter()
                 .find(|(n, _)| n == name)
             {
@@ -444,6 +486,8 @@ impl Inner {
             Key::Root if name == ".ggfs" => Ok(Node::Ns(Key::Meta)),
             Key::Root => self.lookup_child_repo("", name).await,
             Key::Meta if name == "stats" => Ok(Node::Ns(Key::Stats)),
+            Key::Meta if name == "status" => Ok(Node::Ns(Key::Status)),
+            Key::Meta if name == "ctl" => Ok(Node::Ns(Key::Ctl)),
             Key::Repo(path) => self.lookup_repo(path, name).await,
             Key::Blobs(..) => self
                 .list(key)
@@ -522,10 +566,11 @@ impl Inner {
                 let base = inodes.next_base;
                 inodes.next_base += (tree.nodes.len() as u64 + 1).next_multiple_of(1024);
                 let r = Arc::new(RootFs {
-                    tree,
-                    layers: opened,
+                    tree: Arc::new(tree),
+                    layers: Arc::new(opened),
                     base,
                     root_ino,
+                    w: None,
                 });
                 inodes.trees.insert(base, r.clone());
                 Ok(r)
@@ -533,12 +578,153 @@ impl Inner {
             .await
     }
 
+    /// The writable rootfs of `repo:tag` on `base`: the base's merged tree
+    /// (shared with its read-only rootfs) and an upper directory, made on
+    /// the first change, in the journal directory of that tag.
+    pub async fn wrootfs(&self, repo: &str, tag: &str, base: &Digest) -> Res<Arc<RootFs>> {
+        let key = (repo.to_string(), tag.to_string(), base.clone());
+        self.wrootfs
+            .get(&key, FOREVER, self.ns.neg_ttl, || async {
+                let ro = self.build_rootfs(repo, base).await?;
+                let registry = self.ns.registry_name();
+                let dir = journal::work_dir(self.cache.root(), &registry, repo, tag);
+                let j = Journal::open(&dir, &registry, repo, tag, base.clone());
+                let root_ino = self.ino(Key::WRootfs(repo.into(), tag.into(), base.clone()));
+                let mut inodes = self.lock();
+                let b = inodes.next_base;
+                inodes.next_base += WRITABLE_RANGE;
+                let first_free = b + ro.tree.nodes.len() as u64;
+                let r = Arc::new(RootFs {
+                    tree: ro.tree.clone(),
+                    layers: ro.layers.clone(),
+                    base: b,
+                    root_ino,
+                    w: Some(Work::new(Upper::new(&dir), j, first_free)),
+                });
+                inodes.trees.insert(b, r.clone());
+                drop(inodes);
+                let k = (repo.to_string(), tag.to_string());
+                let mut work = self.work.lock().unwrap_or_else(|p| p.into_inner());
+                let keep = work
+                    .get(&k)
+                    .is_some_and(|old| old.w.as_ref().is_some_and(|w| w.journal.materialized()));
+                if !keep {
+                    work.insert(k.clone(), r.clone());
+                    self.recovered
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&k);
+                }
+                Ok(r)
+            })
+            .await
+    }
+
+    /// The base of the changes made to `repo:tag`, if there are any.
+    fn work_base(&self, repo: &str, tag: &str) -> Option<Digest> {
+        let k = (repo.to_string(), tag.to_string());
+        let work = self.work.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(w) = work.get(&k).and_then(|r| r.w.as_ref()) {
+            if w.journal.materialized() {
+                return Some(w.journal.saved().base);
+            }
+        }
+        drop(work);
+        let rec = self.recovered.lock().unwrap_or_else(|p| p.into_inner());
+        rec.get(&k).cloned()
+    }
+
+    /// Every writable tree with changes, opening those an earlier mount left.
+    pub async fn writables(&self) -> Vec<Arc<RootFs>> {
+        let left: Vec<((String, String), Digest)> = {
+            let rec = self.recovered.lock().unwrap_or_else(|p| p.into_inner());
+            rec.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+        };
+        for ((repo, tag), base) in left {
+            if let Err(f) = self.wrootfs(&repo, &tag, &base).await {
+                tracing::warn!(
+                    "changes to {repo}:{tag} left by an earlier mount: {}",
+                    f.msg
+                );
+            }
+        }
+        let work = self.work.lock().unwrap_or_else(|p| p.into_inner());
+        work.values()
+            .filter(|r| r.w.as_ref().is_some_and(|w| w.journal.materialized()))
+            .cloned()
+            .collect()
+    }
+
+    fn status(&self) -> String {
+        let work = self.work.lock().unwrap_or_else(|p| p.into_inner());
+        let mut lines: Vec<String> = work
+            .values()
+            .filter_map(|r| r.w.as_ref())
+            .filter(|w| w.journal.materialized())
+            .map(|w| w.journal.line())
+            .collect();
+        drop(work);
+        let rec = self.recovered.lock().unwrap_or_else(|p| p.into_inner());
+        for ((repo, tag), base) in rec.iter() {
+            lines.push(format!(
+                "pending {repo}:{tag} base={base} pushed=- (not opened yet)"
+            ));
+        }
+        lines.sort();
+        lines.iter().map(|l| format!("{l}\n")).collect()
+    }
+
+    /// The writable tree behind `ino`, if it is in one (or its root).
+    async fn writable(&self, ino: u64) -> Res<Option<Arc<RootFs>>> {
+        Ok(match self.node(ino)? {
+            Node::W(r, _) => Some(r),
+            Node::Ns(Key::WRootfs(repo, tag, base)) => {
+                Some(self.wrootfs(&repo, &tag, &base).await?)
+            }
+            _ => None,
+        })
+    }
+
+    /// The writable tree behind `ino`, or EROFS.
+    async fn must_write(&self, ino: u64) -> Res<Arc<RootFs>> {
+        self.writable(ino).await?.ok_or_else(|| {
+            Fail::new(
+                libc::EROFS,
+                "read-only: only a tag's rootfs/ takes changes (images by digest and the namespace do not)",
+            )
+        })
+    }
+
+    /// Serve a `ggfs commit` request.
+    async fn control(&self, request: &[u8]) -> journal::Reply {
+        let req: journal::Request = match serde_json::from_slice(request) {
+            Ok(r) => r,
+            Err(e) => return journal::Reply::error(format!("bad request: {e}")),
+        };
+        let path = req.path.trim_matches('/');
+        let path = path.strip_suffix("/rootfs").unwrap_or(path);
+        let Some((repo, tag)) = path.rsplit_once('/') else {
+            return journal::Reply::error(format!("{path:?} is not an image directory (REPO/TAG)"));
+        };
+        let base = match self.work_base(repo, tag) {
+            Some(b) => b,
+            None => match self.ns.resolve(repo, tag).await {
+                Ok(d) => d,
+                Err(f) => return journal::Reply::error(format!("{repo}:{tag}: {}", f.msg)),
+            },
+        };
+        match self.wrootfs(repo, tag, &base).await {
+            Ok(r) => journal::commit(self, &r, &req).await,
+            Err(f) => journal::Reply::error(format!("{repo}:{tag}: {}", f.msg)),
+        }
+    }
+
     /// The tree behind a node, if it is a rootfs directory or inside one.
     async fn tree_node(&self, node: &Node) -> Res<Option<(Arc<RootFs>, NodeId)>> {
         Ok(match node {
             Node::Tree(r, id) => Some((r.clone(), *id)),
             Node::Ns(Key::Rootfs(repo, d)) => Some((self.build_rootfs(repo, d).await?, tree::ROOT)),
-            Node::Ns(_) => None,
+            Node::Ns(_) | Node::W(..) => None,
         })
     }
 
@@ -552,6 +738,10 @@ impl Inner {
                     .ok_or_else(|| Fail::noent(name.to_string_lossy()))?;
                 Node::Tree(r.clone(), c)
             }
+            Node::W(r, ino) => {
+                let attr = r.lookup(*ino, name.as_bytes())?;
+                Node::W(r.clone(), attr.ino)
+            }
             Node::Ns(k) => {
                 let name = name
                     .to_str()
@@ -561,6 +751,7 @@ impl Inner {
         };
         let ino = match &child {
             Node::Tree(r, id) => r.ino(*id),
+            Node::W(_, ino) => *ino,
             Node::Ns(k) => self.ino(k.clone()),
         };
         let (ttl, attr) = self.attr(ino, &child).await?;
@@ -572,19 +763,31 @@ impl Inner {
         Ok((entry_ttl, attr))
     }
 
-    pub async fn getattr(&self, ino: u64) -> Res<(Duration, FileAttr)> {
+    pub async fn getattr(&self, ino: u64, fh: Option<u64>) -> Res<(Duration, FileAttr)> {
         let node = self.node(ino)?;
+        // An open file keeps its attributes after its last name is gone.
+        if let (Node::W(r, _), Some(Handle::Upper(f, _))) =
+            (&node, fh.and_then(|fh| self.handle(fh)).as_deref())
+        {
+            if r.getattr(ino).is_err() {
+                let md = f.metadata().map_err(|e| io_fail("fstat", e))?;
+                return Ok((SHORT, crate::rootfs::attr_of(ino, &md)));
+            }
+        }
         self.attr(ino, &node).await
     }
 
     pub async fn readdir(&self, ino: u64) -> Res<Vec<(u64, FileType, OsString)>> {
+        if let Some(r) = self.writable(ino).await? {
+            return r.readdir(ino);
+        }
         let node = self.node(ino)?;
         let mut out = vec![(ino, FileType::Directory, OsString::from("."))];
         if let Some((r, id)) = self.tree_node(&node).await? {
             let n = r.tree.node(id);
             out.push((r.ino(n.parent), FileType::Directory, "..".into()));
             for (name, &c) in &n.children {
-                let kind = file_type(&r.tree.node(c).meta.kind);
+                let kind = crate::rootfs::file_type(&r.tree.node(c).meta.kind);
                 out.push((r.ino(c), kind, OsString::from_vec(name.to_vec())));
             }
             return Ok(out);
@@ -602,33 +805,187 @@ impl Inner {
         Ok(out)
     }
 
-    /// Open flags for a readable node: digest-addressed content keeps the
-    /// kernel's page cache across opens; stats are read fresh.
-    pub async fn open(&self, ino: u64, flags: i32) -> Res<u32> {
-        if flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0 {
-            return Err(Fail::new(libc::EROFS, "read-only filesystem"));
+    fn handle(&self, fh: u64) -> Option<Arc<Handle>> {
+        let h = self.handles.lock().unwrap_or_else(|p| p.into_inner());
+        h.get(&fh).cloned()
+    }
+
+    fn add_handle(&self, h: Handle) -> u64 {
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        let mut hs = self.handles.lock().unwrap_or_else(|p| p.into_inner());
+        hs.insert(fh, Arc::new(h));
+        fh
+    }
+
+    pub fn release(&self, fh: u64) {
+        let mut hs = self.handles.lock().unwrap_or_else(|p| p.into_inner());
+        hs.remove(&fh);
+    }
+
+    /// Open: (file handle, flags). Digest-addressed content keeps the
+    /// kernel's page cache across opens; stats are read fresh; a writable
+    /// tree's files get a handle on their upper copy or lower bytes.
+    pub async fn open(&self, ino: u64, flags: i32) -> Res<(u64, u32)> {
+        let write = flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0;
+        if let Some(r) = self.writable(ino).await? {
+            if write {
+                let _g = r.w.as_ref().expect("writable").lock.write().await;
+                let f = r.open_write(ino, flags & libc::O_TRUNC != 0).await?;
+                return Ok((self.add_handle(Handle::Upper(Arc::new(f), r.clone())), 0));
+            }
+            return Ok(match r.data_for_read(ino)? {
+                Data::Upper(f) => (self.add_handle(Handle::Upper(Arc::new(f), r.clone())), 0),
+                Data::Lower(d) => (
+                    self.add_handle(Handle::Lower(r.clone(), d)),
+                    FOPEN_KEEP_CACHE,
+                ),
+            });
         }
-        Ok(match self.node(ino)? {
-            Node::Ns(Key::Stats) => FOPEN_DIRECT_IO,
-            _ => FOPEN_KEEP_CACHE,
+        let node = self.node(ino)?;
+        if let Node::Ns(Key::Ctl) = node {
+            let reply = Arc::new(Mutex::new(Vec::new()));
+            return Ok((self.add_handle(Handle::Ctl(reply)), FOPEN_DIRECT_IO));
+        }
+        if write {
+            return Err(Fail::new(
+                libc::EROFS,
+                "read-only: only a tag's rootfs/ takes changes",
+            ));
+        }
+        Ok(match node {
+            Node::Ns(Key::Stats | Key::Status) => (0, FOPEN_DIRECT_IO),
+            _ => (0, FOPEN_KEEP_CACHE),
         })
     }
 
-    pub async fn read(&self, ino: u64, offset: u64, size: u32) -> Res<Bytes> {
+    pub async fn read(&self, ino: u64, fh: u64, offset: u64, size: u32) -> Res<Bytes> {
+        if let Some(h) = self.handle(fh) {
+            return match &*h {
+                Handle::Upper(f, _) => {
+                    let f = f.clone();
+                    tokio::task::spawn_blocking(move || {
+                        let mut buf = vec![0u8; size as usize];
+                        let mut n = 0;
+                        while n < buf.len() {
+                            match f.read_at(&mut buf[n..], offset + n as u64) {
+                                Ok(0) => break,
+                                Ok(k) => n += k,
+                                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                                Err(e) => return Err(io_fail("read", e)),
+                            }
+                        }
+                        buf.truncate(n);
+                        Ok(Bytes::from(buf))
+                    })
+                    .await
+                    .map_err(|e| Fail::new(libc::EIO, e.to_string()))?
+                }
+                Handle::Lower(r, d) => self.read_lower(r, *d, offset, size).await,
+                Handle::Ctl(reply) => {
+                    let reply = reply.lock().unwrap_or_else(|p| p.into_inner());
+                    Ok(slice(&reply, offset, size))
+                }
+            };
+        }
         match self.node(ino)? {
             Node::Tree(r, id) => {
                 let n = r.tree.node(id);
                 let Some(data) = n.data else {
                     return Err(Fail::new(libc::EISDIR, "not a regular file"));
                 };
-                let layer = &r.layers[data.layer];
-                Ok(layer.read(data.entry, offset, size).await.map_err(|e| {
-                    tracing::error!("read of layer {}: {e}", layer.digest());
-                    Fail::from(e)
-                })?)
+                self.read_lower(&r, data, offset, size).await
             }
+            Node::W(..) => Err(Fail::new(libc::EBADF, "read without an open handle")),
             Node::Ns(key) => self.read_ns(&key, offset, size).await,
         }
+    }
+
+    async fn read_lower(&self, r: &RootFs, d: DataRef, offset: u64, size: u32) -> Res<Bytes> {
+        let layer = &r.layers[d.layer];
+        layer.read(d.entry, offset, size).await.map_err(|e| {
+            tracing::error!("read of layer {}: {e}", layer.digest());
+            Fail::from(e)
+        })
+    }
+
+    pub async fn write(&self, fh: u64, offset: u64, data: Vec<u8>) -> Res<u32> {
+        let h = self
+            .handle(fh)
+            .ok_or_else(|| Fail::new(libc::EBADF, "write to a file not open for writing"))?;
+        match &*h {
+            Handle::Upper(f, r) => {
+                let w = r.w.as_ref().expect("writable");
+                let _g = w.lock.read().await;
+                w.journal
+                    .touch(&w.upper, &r.tree.node(tree::ROOT).meta)
+                    .map_err(|e| io_fail("journal", e))?;
+                let f = f.clone();
+                tokio::task::spawn_blocking(move || {
+                    f.write_all_at(&data, offset)
+                        .map(|_| data.len() as u32)
+                        .map_err(|e| io_fail("write", e))
+                })
+                .await
+                .map_err(|e| Fail::new(libc::EIO, e.to_string()))?
+            }
+            Handle::Ctl(reply) => {
+                let len = data.len() as u32;
+                let answer = self.control(&data).await;
+                let bytes = serde_json::to_vec(&answer).unwrap_or_default();
+                *reply.lock().unwrap_or_else(|p| p.into_inner()) = bytes;
+                Ok(len)
+            }
+            Handle::Lower(..) => Err(Fail::new(libc::EBADF, "file not open for writing")),
+        }
+    }
+
+    pub async fn fsync(&self, ino: u64, fh: u64) -> Res<()> {
+        if let Some(h) = self.handle(fh) {
+            if let Handle::Upper(f, r) = &*h {
+                let (f, r) = (f.clone(), r.clone());
+                return tokio::task::spawn_blocking(move || {
+                    f.sync_all().map_err(|e| io_fail("fsync", e))?;
+                    r.sync_names(ino)
+                })
+                .await
+                .map_err(|e| Fail::new(libc::EIO, e.to_string()))?;
+            }
+        }
+        Ok(())
+    }
+
+    pub async fn fallocate(&self, fh: u64, offset: i64, length: i64, mode: i32) -> Res<()> {
+        let h = self
+            .handle(fh)
+            .ok_or_else(|| Fail::new(libc::EBADF, "fallocate on a file not open for writing"))?;
+        let Handle::Upper(f, r) = &*h else {
+            return Err(Fail::new(libc::EBADF, "file not open for writing"));
+        };
+        let w = r.w.as_ref().expect("writable");
+        let _g = w.lock.read().await;
+        w.journal
+            .touch(&w.upper, &r.tree.node(tree::ROOT).meta)
+            .map_err(|e| io_fail("journal", e))?;
+        use std::os::fd::AsRawFd;
+        // SAFETY: a valid open descriptor.
+        let rc = unsafe { libc::fallocate(f.as_raw_fd(), mode, offset, length) };
+        if rc != 0 {
+            return Err(io_fail("fallocate", std::io::Error::last_os_error()));
+        }
+        Ok(())
+    }
+
+    /// Run a change on the writable tree behind `ino`, holding its lock.
+    async fn change<T>(&self, ino: u64, f: impl FnOnce(&RootFs) -> Res<T>) -> Res<T> {
+        let r = self.must_write(ino).await?;
+        let _g = r.w.as_ref().expect("writable").lock.write().await;
+        tokio::task::block_in_place(|| f(&r))
+    }
+
+    pub async fn setattr(&self, ino: u64, a: SetAttr) -> Res<FileAttr> {
+        let r = self.must_write(ino).await?;
+        let _g = r.w.as_ref().expect("writable").lock.write().await;
+        r.setattr(ino, &a).await
     }
 
     async fn read_ns(&self, key: &Key, offset: u64, size: u32) -> Res<Bytes> {
@@ -640,6 +997,7 @@ impl Inner {
             Key::Config(repo, d) => Ok(slice(&self.image(repo, d).await?.config, offset, size)),
             Key::DigestFile(_, d) => Ok(slice(format!("{d}\n").as_bytes(), offset, size)),
             Key::Stats => Ok(slice(self.stats().as_bytes(), offset, size)),
+            Key::Status => Ok(slice(self.status().as_bytes(), offset, size)),
             Key::Blob(repo, d, len) => {
                 if offset >= *len {
                     return Ok(Bytes::new());
@@ -702,6 +1060,9 @@ impl Inner {
     }
 
     pub async fn readlink(&self, ino: u64) -> Res<Bytes> {
+        if let Some(r) = self.writable(ino).await? {
+            return Ok(Bytes::from(r.readlink(ino)?));
+        }
         match self.node(ino)? {
             Node::Tree(r, id) if r.tree.node(id).meta.kind == tree::Kind::Symlink => {
                 Ok(Bytes::copy_from_slice(&r.tree.node(id).meta.link))
@@ -711,6 +1072,9 @@ impl Inner {
     }
 
     pub async fn xattrs(&self, ino: u64) -> Res<Vec<(Vec<u8>, Vec<u8>)>> {
+        if let Some(r) = self.writable(ino).await? {
+            return r.xattrs(ino);
+        }
         let node = self.node(ino)?;
         Ok(match self.tree_node(&node).await? {
             Some((r, id)) => r.tree.node(id).meta.xattrs.clone(),
@@ -777,9 +1141,9 @@ impl Filesystem for Fs {
         });
     }
 
-    fn getattr(&mut self, _req: &Request<'_>, ino: u64, _fh: Option<u64>, reply: ReplyAttr) {
+    fn getattr(&mut self, _req: &Request<'_>, ino: u64, fh: Option<u64>, reply: ReplyAttr) {
         self.spawn(|fs| async move {
-            match fs.getattr(ino).await {
+            match fs.getattr(ino, fh).await {
                 Ok((ttl, attr)) => reply.attr(&ttl, &attr),
                 Err(f) => {
                     fs.fail("getattr", &f);
@@ -801,8 +1165,11 @@ impl Filesystem for Fs {
     fn open(&mut self, _req: &Request<'_>, ino: u64, flags: i32, reply: ReplyOpen) {
         self.spawn(|fs| async move {
             match fs.open(ino, flags).await {
-                Ok(fl) => reply.opened(0, fl),
-                Err(f) => reply.error(f.errno),
+                Ok((fh, fl)) => reply.opened(fh, fl),
+                Err(f) => {
+                    fs.fail("open", &f);
+                    reply.error(f.errno)
+                }
             }
         });
     }
@@ -811,7 +1178,7 @@ impl Filesystem for Fs {
         &mut self,
         _req: &Request<'_>,
         ino: u64,
-        _fh: u64,
+        fh: u64,
         offset: i64,
         size: u32,
         _flags: i32,
@@ -819,7 +1186,7 @@ impl Filesystem for Fs {
         reply: ReplyData,
     ) {
         self.spawn(|fs| async move {
-            match fs.read(ino, offset.max(0) as u64, size).await {
+            match fs.read(ino, fh, offset.max(0) as u64, size).await {
                 Ok(b) => reply.data(&b),
                 Err(f) => {
                     fs.fail("read", &f);
@@ -829,13 +1196,29 @@ impl Filesystem for Fs {
         });
     }
 
+    fn release(
+        &mut self,
+        _req: &Request<'_>,
+        _ino: u64,
+        fh: u64,
+        _flags: i32,
+        _lock_owner: Option<u64>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.inner.release(fh);
+        reply.ok();
+    }
+
     fn opendir(&mut self, _req: &Request<'_>, ino: u64, _flags: i32, reply: ReplyOpen) {
-        // A directory under a digest never changes: the kernel may keep its
-        // listing, so a second `find` or `ls -R` costs no READDIR at all.
+        // A directory under a digest never changes, and one of a writable
+        // tree changes only through this mount (the kernel drops its cached
+        // listing when it does): the kernel may keep listings, so a second
+        // `find` or `ls -R` costs no READDIR at all.
         let immutable = match self.inner.node(ino) {
-            Ok(Node::Tree(..)) => true,
+            Ok(Node::Tree(..) | Node::W(..)) => true,
             Ok(Node::Ns(k)) => !k.mutable(),
-            Err(_) => false,
+            _ => false,
         };
         let flags = if immutable {
             FOPEN_CACHE_DIR | FOPEN_KEEP_CACHE
@@ -916,26 +1299,30 @@ impl Filesystem for Fs {
         });
     }
 
-    fn access(&mut self, _req: &Request<'_>, _ino: u64, mask: i32, reply: ReplyEmpty) {
-        if mask & libc::W_OK != 0 {
+    fn access(&mut self, _req: &Request<'_>, ino: u64, mask: i32, reply: ReplyEmpty) {
+        let writable = matches!(
+            self.inner.node(ino),
+            Ok(Node::W(..) | Node::Ns(Key::WRootfs(..) | Key::Ctl))
+        );
+        if mask & libc::W_OK != 0 && !writable {
             reply.error(libc::EROFS)
         } else {
             reply.ok()
         }
     }
 
-    // Everything that would change the filesystem.
+    // Changes: only a tag's rootfs/ takes them; everything else is EROFS.
 
     fn setattr(
         &mut self,
         _req: &Request<'_>,
-        _ino: u64,
-        _mode: Option<u32>,
-        _uid: Option<u32>,
-        _gid: Option<u32>,
-        _size: Option<u64>,
-        _atime: Option<fuser::TimeOrNow>,
-        _mtime: Option<fuser::TimeOrNow>,
+        ino: u64,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<fuser::TimeOrNow>,
+        mtime: Option<fuser::TimeOrNow>,
         _ctime: Option<SystemTime>,
         _fh: Option<u64>,
         _crtime: Option<SystemTime>,
@@ -944,119 +1331,310 @@ impl Filesystem for Fs {
         _flags: Option<u32>,
         reply: ReplyAttr,
     ) {
-        reply.error(libc::EROFS);
+        let a = SetAttr {
+            mode,
+            uid,
+            gid,
+            size,
+            atime: atime.map(timespec),
+            mtime: mtime.map(timespec),
+        };
+        self.spawn(|fs| async move {
+            match fs.setattr(ino, a).await {
+                Ok(attr) => reply.attr(&SHORT, &attr),
+                Err(f) => {
+                    fs.fail("setattr", &f);
+                    reply.error(f.errno)
+                }
+            }
+        });
     }
 
     fn mknod(
         &mut self,
-        _req: &Request<'_>,
-        _parent: u64,
-        _name: &OsStr,
-        _mode: u32,
-        _umask: u32,
-        _rdev: u32,
+        req: &Request<'_>,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        rdev: u32,
         reply: ReplyEntry,
     ) {
-        reply.error(libc::EROFS);
+        let (name, uid, gid) = (name.as_bytes().to_vec(), req.uid(), req.gid());
+        self.spawn(|fs| async move {
+            let r = fs
+                .change(parent, |r| {
+                    r.mknod(parent, &name, mode & !umask, rdev, uid, gid)
+                })
+                .await;
+            entry_reply(&fs, "mknod", r, reply)
+        });
     }
 
     fn mkdir(
         &mut self,
-        _req: &Request<'_>,
-        _parent: u64,
-        _name: &OsStr,
-        _mode: u32,
-        _umask: u32,
+        req: &Request<'_>,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
         reply: ReplyEntry,
     ) {
-        reply.error(libc::EROFS);
+        let (name, uid, gid) = (name.as_bytes().to_vec(), req.uid(), req.gid());
+        self.spawn(|fs| async move {
+            let r = fs
+                .change(parent, |r| r.mkdir(parent, &name, mode & !umask, uid, gid))
+                .await;
+            entry_reply(&fs, "mkdir", r, reply)
+        });
     }
 
-    fn unlink(&mut self, _req: &Request<'_>, _parent: u64, _name: &OsStr, reply: ReplyEmpty) {
-        reply.error(libc::EROFS);
+    fn unlink(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEmpty) {
+        let name = name.as_bytes().to_vec();
+        self.spawn(|fs| async move {
+            let r = fs.change(parent, |r| r.unlink(parent, &name)).await;
+            empty_reply(&fs, "unlink", r, reply)
+        });
     }
 
-    fn rmdir(&mut self, _req: &Request<'_>, _parent: u64, _name: &OsStr, reply: ReplyEmpty) {
-        reply.error(libc::EROFS);
+    fn rmdir(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEmpty) {
+        let name = name.as_bytes().to_vec();
+        self.spawn(|fs| async move {
+            let r = fs.change(parent, |r| r.rmdir(parent, &name)).await;
+            empty_reply(&fs, "rmdir", r, reply)
+        });
     }
 
     fn symlink(
         &mut self,
-        _req: &Request<'_>,
-        _parent: u64,
-        _link_name: &OsStr,
-        _target: &std::path::Path,
+        req: &Request<'_>,
+        parent: u64,
+        link_name: &OsStr,
+        target: &std::path::Path,
         reply: ReplyEntry,
     ) {
-        reply.error(libc::EROFS);
+        let (name, uid, gid) = (link_name.as_bytes().to_vec(), req.uid(), req.gid());
+        let target = target.to_path_buf();
+        self.spawn(|fs| async move {
+            let r = fs
+                .change(parent, |r| r.symlink(parent, &name, &target, uid, gid))
+                .await;
+            entry_reply(&fs, "symlink", r, reply)
+        });
     }
 
     fn rename(
         &mut self,
         _req: &Request<'_>,
-        _parent: u64,
-        _name: &OsStr,
-        _newparent: u64,
-        _newname: &OsStr,
-        _flags: u32,
+        parent: u64,
+        name: &OsStr,
+        newparent: u64,
+        newname: &OsStr,
+        flags: u32,
         reply: ReplyEmpty,
     ) {
-        reply.error(libc::EROFS);
+        let (name, newname) = (name.as_bytes().to_vec(), newname.as_bytes().to_vec());
+        self.spawn(|fs| async move {
+            let r = match fs.must_write(newparent).await {
+                Ok(to) => {
+                    let same = fs
+                        .must_write(parent)
+                        .await
+                        .is_ok_and(|from| Arc::ptr_eq(&from, &to));
+                    if same {
+                        fs.change(parent, |r| {
+                            r.rename(parent, &name, newparent, &newname, flags)
+                        })
+                        .await
+                    } else {
+                        Err(Fail::new(libc::EXDEV, "rename across images"))
+                    }
+                }
+                Err(f) => Err(f),
+            };
+            empty_reply(&fs, "rename", r, reply)
+        });
     }
 
     fn link(
         &mut self,
         _req: &Request<'_>,
-        _ino: u64,
-        _newparent: u64,
-        _newname: &OsStr,
+        ino: u64,
+        newparent: u64,
+        newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        reply.error(libc::EROFS);
+        let newname = newname.as_bytes().to_vec();
+        self.spawn(|fs| async move {
+            let r = fs.change(ino, |r| r.link(ino, newparent, &newname)).await;
+            entry_reply(&fs, "link", r, reply)
+        });
     }
 
     fn write(
         &mut self,
         _req: &Request<'_>,
         _ino: u64,
-        _fh: u64,
-        _offset: i64,
-        _data: &[u8],
+        fh: u64,
+        offset: i64,
+        data: &[u8],
         _write_flags: u32,
         _flags: i32,
         _lock_owner: Option<u64>,
         reply: ReplyWrite,
     ) {
-        reply.error(libc::EROFS);
+        let data = data.to_vec();
+        self.spawn(|fs| async move {
+            match fs.write(fh, offset.max(0) as u64, data).await {
+                Ok(n) => reply.written(n),
+                Err(f) => {
+                    fs.fail("write", &f);
+                    reply.error(f.errno)
+                }
+            }
+        });
     }
 
     fn create(
         &mut self,
-        _req: &Request<'_>,
-        _parent: u64,
-        _name: &OsStr,
-        _mode: u32,
-        _umask: u32,
+        req: &Request<'_>,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
         _flags: i32,
         reply: fuser::ReplyCreate,
     ) {
-        reply.error(libc::EROFS);
+        let (name, uid, gid) = (name.as_bytes().to_vec(), req.uid(), req.gid());
+        self.spawn(|fs| async move {
+            let made = fs
+                .change(parent, |r| r.create(parent, &name, mode & !umask, uid, gid))
+                .await;
+            match made {
+                Ok((attr, file)) => match fs.must_write(parent).await {
+                    Ok(r) => {
+                        let fh = fs.add_handle(Handle::Upper(Arc::new(file), r));
+                        reply.created(&SHORT, &attr, 0, fh, 0)
+                    }
+                    Err(f) => reply.error(f.errno),
+                },
+                Err(f) => {
+                    fs.fail("create", &f);
+                    reply.error(f.errno)
+                }
+            }
+        });
+    }
+
+    fn fsync(&mut self, _req: &Request<'_>, ino: u64, fh: u64, _datasync: bool, reply: ReplyEmpty) {
+        self.spawn(|fs| async move {
+            let r = fs.fsync(ino, fh).await;
+            empty_reply(&fs, "fsync", r, reply)
+        });
+    }
+
+    fn fsyncdir(
+        &mut self,
+        _req: &Request<'_>,
+        ino: u64,
+        _fh: u64,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.spawn(|fs| async move {
+            let r = match fs.writable(ino).await {
+                Ok(Some(r)) => r.sync_names(ino),
+                Ok(None) => Ok(()),
+                Err(f) => Err(f),
+            };
+            empty_reply(&fs, "fsyncdir", r, reply)
+        });
+    }
+
+    fn fallocate(
+        &mut self,
+        _req: &Request<'_>,
+        _ino: u64,
+        fh: u64,
+        offset: i64,
+        length: i64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        self.spawn(|fs| async move {
+            let r = fs.fallocate(fh, offset, length, mode).await;
+            empty_reply(&fs, "fallocate", r, reply)
+        });
     }
 
     fn setxattr(
         &mut self,
         _req: &Request<'_>,
-        _ino: u64,
-        _name: &OsStr,
-        _value: &[u8],
-        _flags: i32,
+        ino: u64,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        reply.error(libc::EROFS);
+        let (name, value) = (name.as_bytes().to_vec(), value.to_vec());
+        self.spawn(|fs| async move {
+            let r = fs
+                .change(ino, |r| r.setxattr(ino, &name, &value, flags))
+                .await;
+            empty_reply(&fs, "setxattr", r, reply)
+        });
     }
 
-    fn removexattr(&mut self, _req: &Request<'_>, _ino: u64, _name: &OsStr, reply: ReplyEmpty) {
-        reply.error(libc::EROFS);
+    fn removexattr(&mut self, _req: &Request<'_>, ino: u64, name: &OsStr, reply: ReplyEmpty) {
+        let name = name.as_bytes().to_vec();
+        self.spawn(|fs| async move {
+            let r = fs.change(ino, |r| r.removexattr(ino, &name)).await;
+            empty_reply(&fs, "removexattr", r, reply)
+        });
+    }
+}
+
+fn timespec(t: fuser::TimeOrNow) -> libc::timespec {
+    match t {
+        fuser::TimeOrNow::Now => libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_NOW,
+        },
+        fuser::TimeOrNow::SpecificTime(t) => {
+            let (sec, nsec) = match t.duration_since(std::time::UNIX_EPOCH) {
+                Ok(d) => (d.as_secs() as i64, d.subsec_nanos() as i64),
+                Err(e) => {
+                    let d = e.duration();
+                    let (s, n) = (d.as_secs() as i64, d.subsec_nanos() as i64);
+                    if n == 0 {
+                        (-s, 0)
+                    } else {
+                        (-s - 1, 1_000_000_000 - n)
+                    }
+                }
+            };
+            crate::upper::timespec(sec, nsec)
+        }
+    }
+}
+
+fn entry_reply(fs: &Inner, what: &str, r: Res<FileAttr>, reply: ReplyEntry) {
+    match r {
+        Ok(attr) => reply.entry(&SHORT, &attr, 0),
+        Err(f) => {
+            fs.fail(what, &f);
+            reply.error(f.errno)
+        }
+    }
+}
+
+fn empty_reply(fs: &Inner, what: &str, r: Res<()>, reply: ReplyEmpty) {
+    match r {
+        Ok(()) => reply.ok(),
+        Err(f) => {
+            fs.fail(what, &f);
+            reply.error(f.errno)
+        }
     }
 }

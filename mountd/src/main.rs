@@ -1,4 +1,5 @@
-//! `ggfs-mountd`: mount a registry as a read-only filesystem.
+//! `ggfs-mountd`: mount a registry as a filesystem whose tags' rootfs/
+//! directories take changes and commit them as new images.
 //!
 //! `ggfs-mountd mount REGISTRY MOUNTPOINT` returns once the mount is ready and
 //! keeps serving in the background (it re-executes itself with
@@ -7,12 +8,15 @@
 
 mod backend;
 mod cache;
+mod commit;
 mod fs;
 mod layer;
 mod lazy;
 mod ns;
+mod rootfs;
 mod stats;
 mod tree;
+mod upper;
 
 use std::ffi::OsString;
 use std::io::{Read, Write};
@@ -38,6 +42,7 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once
 enum Cmd {
     /// Mount REGISTRY (host[:port]) at MOUNTPOINT.
     Mount(MountArgs),
@@ -72,12 +77,30 @@ struct MountArgs {
     /// Mount options: allow_other, allow_root.
     #[arg(short = 'o')]
     options: Vec<String>,
+    /// Commit an image's changes after this many seconds without writes
+    /// (and at unmount); `manual`: only `ggfs commit` does.
+    #[arg(long, default_value = "10", value_parser = parse_delay)]
+    commit_delay: CommitDelay,
     /// Write the daemon's log here (appending).
     #[arg(long)]
     log: Option<PathBuf>,
     /// Internal: file descriptor to report readiness on.
     #[arg(long, hide = true)]
     ready_fd: Option<i32>,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct CommitDelay(Option<Duration>);
+
+fn parse_delay(s: &str) -> std::result::Result<CommitDelay, String> {
+    if s == "manual" {
+        return Ok(CommitDelay(None));
+    }
+    s.parse::<f64>()
+        .ok()
+        .filter(|v| v.is_finite() && *v >= 0.0)
+        .map(|v| CommitDelay(Some(Duration::from_secs_f64(v))))
+        .ok_or_else(|| format!("{s:?}: want seconds or `manual`"))
 }
 
 fn main() -> ExitCode {
@@ -159,6 +182,10 @@ fn child_args(a: &MountArgs, fd: i32) -> Vec<OsString> {
     }
     v.push(format!("--cache-size={}", a.cache_size).into());
     v.push(format!("--tag-ttl={}", a.tag_ttl).into());
+    match a.commit_delay.0 {
+        Some(d) => v.push(format!("--commit-delay={}", d.as_secs_f64()).into()),
+        None => v.push("--commit-delay=manual".into()),
+    }
     if let Some(p) = &a.platform {
         v.push(format!("--platform={p}").into());
     }
@@ -231,7 +258,6 @@ fn mount_options(opts: &[String]) -> Result<Vec<fuser::MountOption>> {
     let mut out = vec![
         M::FSName("ggfs".into()),
         M::Subtype("ggfs".into()),
-        M::RO,
         M::DefaultPermissions,
         M::NoDev,
         M::NoSuid,
@@ -244,7 +270,7 @@ fn mount_options(opts: &[String]) -> Result<Vec<fuser::MountOption>> {
         out.push(match o {
             "allow_other" => M::AllowOther,
             "allow_root" => M::AllowRoot,
-            "ro" => continue,
+            "ro" => M::RO,
             other => {
                 bail!("unsupported mount option {other:?} (supported: allow_other, allow_root)")
             }
@@ -337,6 +363,10 @@ fn serve(args: &MountArgs, ready: &mut Ready) -> Result<()> {
     let mut ns = ns::Namespace::new(reg, stats, cache.clone(), Duration::from_secs(args.tag_ttl));
     ns.platform = args.platform.clone();
     let filesystem = fs::Fs::new(ns, cache, rt.handle().clone());
+    let inner = filesystem.inner();
+    if let Some(delay) = args.commit_delay.0 {
+        rt.spawn(commit::auto(inner.clone(), delay));
+    }
     let options = mount_options(&args.options)?;
     let mut session = fuser::Session::new(filesystem, &args.mountpoint, &options)
         .with_context(|| format!("mounting at {}", args.mountpoint.display()))?;
@@ -364,6 +394,18 @@ fn serve(args: &MountArgs, ready: &mut Ready) -> Result<()> {
         Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::warn!("session: {e}"),
         Err(_) => tracing::error!("session thread panicked"),
+    }
+    if args.commit_delay.0.is_some() {
+        // Whatever is left goes now; what cannot stays journalled.
+        rt.block_on(async {
+            let all = commit::commit_due(&inner, Duration::ZERO);
+            if tokio::time::timeout(Duration::from_secs(120), all)
+                .await
+                .is_err()
+            {
+                tracing::warn!("commits at unmount: not done within 120s; they stay pending");
+            }
+        });
     }
     rt.shutdown_timeout(Duration::from_secs(2));
     Ok(())
@@ -406,7 +448,8 @@ fn unmount(mountpoint: &Path) -> Result<()> {
     }
     let pids = daemons_of(mountpoint);
     unmount_only(mountpoint)?;
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    // The daemon pushes pending commits before it exits.
+    let deadline = std::time::Instant::now() + Duration::from_secs(150);
     while pids.iter().any(|p| alive(*p)) {
         if std::time::Instant::now() > deadline {
             bail!(

@@ -91,6 +91,12 @@ impl<K: Hash + Eq + Clone, V: Clone> Memo<K, V> {
         cell.get_or_init(f).await.clone()
     }
 
+    /// Drop an entry: the next `get` computes it anew.
+    pub fn forget(&self, key: &K) {
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        map.remove(key);
+    }
+
     /// The value if it is already there (expired or not).
     pub fn peek(&self, key: &K) -> Option<V> {
         let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
@@ -169,6 +175,28 @@ impl Namespace {
                 CachingSource::wrap(counted, self.cache.clone())
             })
             .clone()
+    }
+
+    pub fn registry_name(&self) -> String {
+        self.reg.name()
+    }
+
+    pub fn sink(&self, repo: &str) -> ggfs::Result<Arc<dyn ggfs::image::Sink>> {
+        self.reg.sink(repo)
+    }
+
+    /// What `repo:tag` points at in the registry right now (no memo).
+    pub async fn tag_digest(&self, repo: &str, tag: &str) -> ggfs::Result<Option<Digest>> {
+        self.stats.request();
+        self.reg.head(repo, tag).await
+    }
+
+    /// Point `repo:tag` at `raw` (already pushed by digest, with its blobs).
+    pub async fn put_tag(&self, repo: &str, tag: &str, raw: &RawManifest) -> ggfs::Result<()> {
+        self.reg.sink(repo)?.put_manifest(raw, Some(tag)).await?;
+        self.resolved.forget(&(repo.to_string(), tag.to_string()));
+        self.tags.forget(&repo.to_string());
+        Ok(())
     }
 
     pub async fn catalog(&self) -> Res<Option<Arc<Vec<String>>>> {

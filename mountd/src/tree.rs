@@ -154,6 +154,28 @@ impl Tree {
         Some(id)
     }
 
+    /// Every path at which node `id` is linked (a hardlinked file has several).
+    pub fn paths_of(&self, id: NodeId) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        let mut stack: Vec<(NodeId, Vec<u8>)> = vec![(ROOT, Vec::new())];
+        while let Some((dir, path)) = stack.pop() {
+            for (name, &c) in &self.nodes[dir as usize].children {
+                let p = if path.is_empty() {
+                    name.to_vec()
+                } else {
+                    [&path[..], b"/", name].concat()
+                };
+                if c == id {
+                    out.push(p.clone());
+                }
+                if self.nodes[c as usize].meta.kind == Kind::Dir && c != dir {
+                    stack.push((c, p));
+                }
+            }
+        }
+        out
+    }
+
     /// Apply one layer: its whiteouts act on the layers below it only, so
     /// they go first, then its entries in order.
     pub fn apply(&mut self, layer: usize, entries: &[Entry]) {

@@ -15,6 +15,7 @@ mod attach;
 mod auth;
 mod blob;
 mod catalog;
+mod commit;
 mod config;
 mod copy;
 mod delete;
@@ -110,6 +111,10 @@ pub enum Command {
     Mount(mount::MountArgs),
     /// Unmount a ggfs mount.
     Unmount(mount::UnmountArgs),
+    /// Commit the changes made under an image's rootfs/ in a mount as a new image.
+    Commit(commit::CommitArgs),
+    /// List a mount's changed images and their commits.
+    Status(commit::StatusArgs),
     /// Print the version.
     Version,
 }
@@ -138,6 +143,8 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Registry(c) => registry::run(c).await,
         Command::Mount(a) => mount::mount(a),
         Command::Unmount(a) => mount::unmount(a),
+        Command::Commit(a) => tokio::task::block_in_place(|| commit::commit(a)),
+        Command::Status(a) => commit::status(a),
         Command::Version => version::run(),
     }
 }

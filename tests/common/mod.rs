@@ -10,6 +10,7 @@
 pub mod client;
 mod convert;
 mod fixtures;
+pub mod mount;
 mod proxy;
 mod registry;
 mod token;

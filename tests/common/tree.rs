@@ -125,24 +125,29 @@ pub fn assert_same_tree(got: &Path, want: &Path, with_mtime: bool) {
 
 pub fn assert_same(got: &Path, want: &Path, mtimes: Mtimes) {
     let (g, w) = (snapshot(got, mtimes), snapshot(want, mtimes));
+    assert_same_snapshot(
+        &g,
+        &got.display().to_string(),
+        &w,
+        &want.display().to_string(),
+    );
+}
+
+/// [`assert_same`] of two snapshots taken with the same [`Mtimes`], e.g. one
+/// of a tree as it was before it changed; the names are for the messages.
+pub fn assert_same_snapshot(g: &Snapshot, got: &str, w: &Snapshot, want: &str) {
     let only_in = |a: &Snapshot, b: &Snapshot| -> Vec<PathBuf> {
         let absent = |k: &&PathBuf| !b.nodes.contains_key(*k);
         a.nodes.keys().filter(absent).cloned().collect()
     };
-    let (missing, extra) = (only_in(&w, &g), only_in(&g, &w));
+    let (missing, extra) = (only_in(w, g), only_in(g, w));
     assert!(
         missing.is_empty() && extra.is_empty(),
-        "{} vs {}: missing {missing:?}, unexpected {extra:?}",
-        got.display(),
-        want.display()
+        "{got} vs {want}: missing {missing:?}, unexpected {extra:?}"
     );
     for (path, want_node) in &w.nodes {
         assert_eq!(&g.nodes[path], want_node, "{} differs", path.display());
     }
     assert_eq!(g.hardlinks, w.hardlinks, "hardlink groups differ");
-    assert!(
-        !w.nodes.is_empty(),
-        "{} is empty: nothing was compared",
-        want.display()
-    );
+    assert!(!w.nodes.is_empty(), "{want} is empty: nothing was compared");
 }
