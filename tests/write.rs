@@ -239,6 +239,176 @@ fn posix_tools_then_commit_match_umoci_unpack() {
     }
 }
 
+/// Renames over existing targets (a file over a lower file, a directory
+/// over an empty lower one, one refused over a non-empty one), `sed -i`,
+/// `tar -x` and a git repository made and cloned inside the mount: the
+/// committed image, unpacked by umoci, is the tree the mount showed.
+#[test]
+fn renames_sed_tar_and_git_then_commit_match_umoci_unpack() {
+    let reg = Distribution::start();
+    push_fixture(&reg);
+    let work = common::tempdir();
+    let archive = work.path().join("in.tar");
+    let src = local_tree(work.path());
+    common::run(
+        Command::new("tar")
+            .arg("-cf")
+            .arg(&archive)
+            .arg("-C")
+            .arg(&src)
+            .arg("."),
+    );
+    let m = Mount::start(reg.addr(), MANUAL);
+    let root = m.path(ROOTFS);
+    let r = |argv: &[&str]| tool(&root, argv);
+    r(&["mv", "-f", "small.txt", "empty"]);
+    r(&["mkdir", "newer"]);
+    r(&["mv", "-T", "links", "owned/dir"]);
+    r(&[
+        "sed",
+        "-i",
+        "s/VERSION_ID=1/VERSION_ID=2/",
+        "etc/os-release",
+    ]);
+    r(&["mkdir", "untarred"]);
+    r(&["tar", "-xpf", archive.to_str().unwrap(), "-C", "untarred"]);
+    let git = |dir: &str, args: &[&str]| {
+        let mut argv = vec![
+            "git",
+            "-C",
+            dir,
+            "-c",
+            "user.name=t",
+            "-c",
+            "user.email=t@e",
+        ];
+        argv.extend_from_slice(args);
+        r(&argv);
+    };
+    r(&["git", "init", "-q", "repo"]);
+    fs::write(root.join("repo/README"), b"inside the mount\n").unwrap();
+    git("repo", &["add", "README"]);
+    git("repo", &["commit", "-q", "-m", "first"]);
+    r(&["git", "clone", "-q", "repo", "clone"]);
+    // A directory over a non-empty one is refused, and changes nothing.
+    let err = fs::rename(root.join("data"), root.join("hard")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(39), "ENOTEMPTY: {err}");
+
+    assert_eq!(read_string(&root.join("empty")), "hello ggfs\n");
+    assert!(!exists(&root.join("small.txt")));
+    assert!(exists(&root.join("owned/dir/abs")) && !exists(&root.join("links")));
+    assert_eq!(
+        read_string(&root.join("etc/os-release")),
+        "ID=ggfs-fixture\nVERSION_ID=2\n"
+    );
+    assert_eq!(read_string(&root.join("untarred/f1.txt")), "first\n");
+    assert_eq!(
+        read_string(&root.join("clone/README")),
+        "inside the mount\n"
+    );
+    let find = "find . -mindepth 1 -newermt @1700000001 -exec touch -h -d @1700000100 {} +";
+    r(&find.split(' ').collect::<Vec<_>>());
+    let before = snap(&root);
+
+    let new = committed(&commit(&m, IMAGE, &[]), &reg, REPO);
+    let layout = work.path().join("pulled");
+    common::skopeo_copy(
+        &format!("docker://{}@{new}", reg.reference(REPO)),
+        &format!("oci:{}:new", layout.display()),
+    );
+    let unpacked = common::umoci_unpack(&layout, "new", &work.path().join("bundle"));
+    tree::assert_same_snapshot(
+        &snap(&unpacked),
+        "umoci unpack",
+        &before,
+        "mount before commit",
+    );
+    // git itself reads the committed repository back.
+    let out = common::output(
+        Command::new("git")
+            .args(["-C"])
+            .arg(unpacked.join("clone"))
+            .args(["log", "--format=%s"]),
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "first");
+}
+
+/// A container runs on the writable rootfs: runc (what podman and
+/// containerd run) makes its mount points in it, the container's shell
+/// writes, and the commit carries what it wrote.
+#[test]
+fn runc_runs_on_the_writable_rootfs() {
+    let reg = Distribution::start();
+    let work = common::tempdir();
+    // The smallest image with a shell: dash and the libraries it needs.
+    let img = work.path().join("img");
+    for (from, to) in [
+        ("/bin/dash", "bin/sh"),
+        (
+            "/lib/x86_64-linux-gnu/libc.so.6",
+            "lib/x86_64-linux-gnu/libc.so.6",
+        ),
+        ("/lib64/ld-linux-x86-64.so.2", "lib64/ld-linux-x86-64.so.2"),
+    ] {
+        fs::create_dir_all(img.join(to).parent().unwrap()).unwrap();
+        fs::copy(from, img.join(to)).unwrap();
+    }
+    let out = ggfs(&[
+        OsStr::new("append"),
+        OsStr::new("-f"),
+        img.as_os_str(),
+        OsStr::new("-t"),
+        OsStr::new(&reg.reference("shell:v1")),
+    ]);
+    assert!(out.status.success(), "ggfs append: {}", describe(&out));
+    let m = Mount::start(reg.addr(), MANUAL);
+    let root = m.path("shell/v1/rootfs");
+    let bundle = work.path().join("bundle");
+    fs::create_dir(&bundle).unwrap();
+    common::run(Command::new("runc").arg("spec").current_dir(&bundle));
+    let spec_path = bundle.join("config.json");
+    let mut spec: serde_json::Value =
+        serde_json::from_slice(&fs::read(&spec_path).unwrap()).unwrap();
+    spec["root"] = serde_json::json!({ "path": root, "readonly": false });
+    spec["process"]["terminal"] = false.into();
+    spec["process"]["args"] = serde_json::json!([
+        "/bin/sh",
+        "-c",
+        // dash's builtins only: the image has nothing else.
+        "echo from-the-container > /written && read l < /written && echo $l"
+    ]);
+    fs::write(&spec_path, serde_json::to_vec(&spec).unwrap()).unwrap();
+    let id = format!("ggfs-test-{}", std::process::id());
+    let b = bundle.clone();
+    let out = within(120, "runc run", move || {
+        Command::new("runc")
+            .args(["run", &id])
+            .current_dir(&b)
+            .stdin(Stdio::null())
+            .output()
+            .expect("spawn runc")
+    });
+    assert!(out.status.success(), "runc run: {}", describe(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "from-the-container"
+    );
+    assert_eq!(read_string(&root.join("written")), "from-the-container\n");
+
+    let new = committed(&commit(&m, "shell/v1", &[]), &reg, "shell");
+    let layout = work.path().join("pulled");
+    common::skopeo_copy(
+        &format!("docker://{}@{new}", reg.reference("shell")),
+        &format!("oci:{}:new", layout.display()),
+    );
+    let unpacked = common::umoci_unpack(&layout, "new", &work.path().join("unpacked"));
+    assert_eq!(
+        read_string(&unpacked.join("written")),
+        "from-the-container\n"
+    );
+    assert!(unpacked.join("bin/sh").is_file());
+}
+
 /// By-digest images and the namespace files refuse writes with EROFS, and
 /// writes through the tag do not show through the digest.
 #[test]

@@ -1,6 +1,6 @@
-//! The FUSE side. fuser dispatches requests on one thread, so every request
-//! is moved, with its `Reply*`, onto the tokio runtime and answered there:
-//! a read waiting on the network never holds up another request.
+//! What the mount shows, by inode: the namespace (repositories, tags,
+//! manifests, ...) and the rootfs trees under it. The kernel-facing side is
+//! `fuse`; open files are `handles`; writable trees are `work`.
 //!
 //! Inodes: namespace nodes (repositories, tags, manifests, ...) are keyed by
 //! what they show, so one digest's content always has one inode; each merged
@@ -10,34 +10,30 @@ use std::collections::{BTreeMap, HashMap};
 use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use fuser::consts::{FOPEN_CACHE_DIR, FOPEN_DIRECT_IO, FOPEN_KEEP_CACHE};
-use fuser::{
-    FileAttr, FileType, Filesystem, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry,
-    ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request,
-};
+use fuser::{FileAttr, FileType};
 use ggfs::image::is_layer_media_type;
 use ggfs::{Digest, Error};
 
 use crate::cache::{self, Cache};
-use crate::commit::{self as journal, Journal};
+use crate::commit as journal;
+use crate::handles::Handle;
 use crate::layer::Layers;
 use crate::ns::{children_of, valid_component, Art, Fail, Memo, Namespace, Res};
-use crate::rootfs::{io_fail, Data, RootFs, SetAttr, Work, WRITABLE_RANGE};
-use crate::tree::{self, DataRef, NodeId, Tree};
-use crate::upper::Upper;
+use crate::rootfs::{io_fail, RootFs};
+use crate::tree::{self, NodeId, Tree};
 
 /// Inodes at and above this belong to merged rootfs trees.
 const TREE_BASE: u64 = 1 << 40;
 /// How long the kernel may cache anything addressed by digest.
-const LONG: Duration = Duration::from_secs(24 * 3600);
-const FOREVER: Duration = Duration::from_secs(u32::MAX as u64);
+pub(crate) const LONG: Duration = Duration::from_secs(24 * 3600);
+pub(crate) const FOREVER: Duration = Duration::from_secs(u32::MAX as u64);
 /// How long the kernel may cache what a writable tree says.
-const SHORT: Duration = Duration::from_secs(1);
+pub(crate) const SHORT: Duration = Duration::from_secs(1);
 
 /// A namespace node.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -66,7 +62,7 @@ pub enum Key {
 }
 
 impl Key {
-    fn is_dir(&self) -> bool {
+    pub(crate) fn is_dir(&self) -> bool {
         !matches!(
             self,
             Key::Stats
@@ -80,7 +76,7 @@ impl Key {
     }
 
     /// Whether what this node shows can change (tags move, repos appear).
-    fn mutable(&self) -> bool {
+    pub(crate) fn mutable(&self) -> bool {
         matches!(
             self,
             Key::Root | Key::Repo(_) | Key::Tag(..) | Key::Stats | Key::Status | Key::Ctl
@@ -89,7 +85,7 @@ impl Key {
 }
 
 #[derive(Clone)]
-enum Node {
+pub(crate) enum Node {
     Ns(Key),
     /// A node of a read-only tree.
     Tree(Arc<RootFs>, NodeId),
@@ -97,25 +93,15 @@ enum Node {
     W(Arc<RootFs>, u64),
 }
 
-/// An open file.
-enum Handle {
-    /// Its upper copy.
-    Upper(Arc<std::fs::File>, Arc<RootFs>),
-    /// Its bytes in a lower layer.
-    Lower(Arc<RootFs>, DataRef),
-    /// `.ggfs/ctl`: the reply to the request written.
-    Ctl(Arc<Mutex<Vec<u8>>>),
-}
-
-struct Inodes {
-    keys: Vec<Key>,
-    by_key: HashMap<Key, u64>,
-    trees: BTreeMap<u64, Arc<RootFs>>,
-    next_base: u64,
+pub(crate) struct Inodes {
+    pub(crate) keys: Vec<Key>,
+    pub(crate) by_key: HashMap<Key, u64>,
+    pub(crate) trees: BTreeMap<u64, Arc<RootFs>>,
+    pub(crate) next_base: u64,
 }
 
 impl Inodes {
-    fn ino(&mut self, key: Key) -> u64 {
+    pub(crate) fn ino(&mut self, key: Key) -> u64 {
         if let Some(&i) = self.by_key.get(&key) {
             return i;
         }
@@ -125,7 +111,7 @@ impl Inodes {
         i
     }
 
-    fn get(&self, ino: u64) -> Option<Node> {
+    pub(crate) fn get(&self, ino: u64) -> Option<Node> {
         if ino < TREE_BASE {
             return self
                 .keys
@@ -144,30 +130,25 @@ impl Inodes {
 
 pub struct Inner {
     pub ns: Namespace,
-    cache: Arc<Cache>,
-    layers: Layers,
-    inodes: Mutex<Inodes>,
-    rootfs: Memo<(String, Digest), Arc<RootFs>>,
-    wrootfs: Memo<(String, String, Digest), Arc<RootFs>>,
+    pub(crate) cache: Arc<Cache>,
+    pub(crate) layers: Layers,
+    pub(crate) inodes: Mutex<Inodes>,
+    pub(crate) rootfs: Memo<(String, Digest), Arc<RootFs>>,
+    pub(crate) wrootfs: Memo<(String, String, Digest), Arc<RootFs>>,
     /// Writable trees by (repository, tag).
-    work: Mutex<HashMap<(String, String), Arc<RootFs>>>,
+    pub(crate) work: Mutex<HashMap<(String, String), Arc<RootFs>>>,
     /// Changed images an earlier mount left unpushed, until opened.
-    recovered: Mutex<HashMap<(String, String), Digest>>,
-    handles: Mutex<HashMap<u64, Arc<Handle>>>,
-    next_fh: AtomicU64,
-    blobs: Memo<Digest, Arc<std::fs::File>>,
-    uid: u32,
-    gid: u32,
-    start: SystemTime,
+    pub(crate) recovered: Mutex<HashMap<(String, String), Digest>>,
+    pub(crate) handles: Mutex<HashMap<u64, Arc<Handle>>>,
+    pub(crate) next_fh: AtomicU64,
+    pub(crate) blobs: Memo<Digest, Arc<std::fs::File>>,
+    pub(crate) uid: u32,
+    pub(crate) gid: u32,
+    pub(crate) start: SystemTime,
 }
 
-pub struct Fs {
-    inner: Arc<Inner>,
-    rt: tokio::runtime::Handle,
-}
-
-impl Fs {
-    pub fn new(ns: Namespace, cache: Arc<Cache>, rt: tokio::runtime::Handle) -> Self {
+impl Inner {
+    pub fn new(ns: Namespace, cache: Arc<Cache>) -> Self {
         let recovered = journal::recover(cache.root(), &ns.registry_name())
             .into_iter()
             .map(|s| ((s.repo, s.tag), s.base))
@@ -178,7 +159,7 @@ impl Fs {
             trees: BTreeMap::new(),
             next_base: TREE_BASE,
         };
-        let inner = Inner {
+        Inner {
             ns,
             layers: Layers::new(cache.clone()),
             cache,
@@ -193,15 +174,7 @@ impl Fs {
             uid: unsafe { libc::getuid() },
             gid: unsafe { libc::getgid() },
             start: SystemTime::now(),
-        };
-        Fs {
-            inner: Arc::new(inner),
-            rt,
         }
-    }
-
-    pub fn inner(&self) -> Arc<Inner> {
-        self.inner.clone()
     }
 }
 
@@ -213,28 +186,28 @@ fn join(repo: &str, name: &str) -> String {
     }
 }
 
-fn slice(b: &[u8], offset: u64, size: u32) -> Bytes {
+pub(crate) fn slice(b: &[u8], offset: u64, size: u32) -> Bytes {
     let start = (offset as usize).min(b.len());
     let end = start.saturating_add(size as usize).min(b.len());
     Bytes::copy_from_slice(&b[start..end])
 }
 
 impl Inner {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inodes> {
+    pub(crate) fn lock(&self) -> std::sync::MutexGuard<'_, Inodes> {
         self.inodes.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn ino(&self, key: Key) -> u64 {
+    pub(crate) fn ino(&self, key: Key) -> u64 {
         self.lock().ino(key)
     }
 
-    fn node(&self, ino: u64) -> Res<Node> {
+    pub(crate) fn node(&self, ino: u64) -> Res<Node> {
         self.lock()
             .get(ino)
             .ok_or_else(|| Fail::new(libc::ESTALE, format!("unknown inode {ino}")))
     }
 
-    fn ns_attr(&self, ino: u64, dir: bool, size: u64) -> FileAttr {
+    pub(crate) fn ns_attr(&self, ino: u64, dir: bool, size: u64) -> FileAttr {
         FileAttr {
             ino,
             size,
@@ -258,7 +231,7 @@ impl Inner {
         }
     }
 
-    async fn attr(&self, ino: u64, node: &Node) -> Res<(Duration, FileAttr)> {
+    pub(crate) async fn attr(&self, ino: u64, node: &Node) -> Res<(Duration, FileAttr)> {
         let key = match node {
             Node::Tree(r, id) => return Ok((LONG, r.lower_attr(*id))),
             Node::W(r, ino) => return Ok((SHORT, r.getattr(*ino)?)),
@@ -305,7 +278,7 @@ impl Inner {
         Ok((ttl, self.ns_attr(ino, key.is_dir(), size)))
     }
 
-    fn stats(&self) -> String {
+    pub(crate) fn stats(&self) -> String {
         self.ns.stats.render(&self.cache)
     }
 
@@ -317,7 +290,7 @@ impl Inner {
     }
 
     /// The digest a tag or digest directory shows.
-    async fn art_digest(&self, key: &Key) -> Res<Option<(String, Digest)>> {
+    pub(crate) async fn art_digest(&self, key: &Key) -> Res<Option<(String, Digest)>> {
         Ok(match key {
             Key::Tag(repo, tag) => Some((repo.clone(), self.ns.resolve(repo, tag).await?)),
             Key::Art(repo, d) => Some((repo.clone(), d.clone())),
@@ -326,7 +299,7 @@ impl Inner {
     }
 
     /// An image's or index's entries; a tag's `rootfs` is writable.
-    fn entries(&self, key: &Key, repo: &str, art: &Art) -> Vec<(String, Key)> {
+    pub(crate) fn entries(&self, key: &Key, repo: &str, art: &Art) -> Vec<(String, Key)> {
         let mut out = Self::art_entries(repo, art);
         if let Key::Tag(_, tag) = key {
             for (_, k) in out.iter_mut() {
@@ -339,7 +312,7 @@ impl Inner {
         out
     }
 
-    fn art_entries(repo: &str, art: &Art) -> Vec<(String, Key)> {
+    pub(crate) fn art_entries(repo: &str, art: &Art) -> Vec<(String, Key)> {
         let r = repo.to_string();
         let d = art.raw().digest.clone();
         let mut out = vec![
@@ -362,7 +335,7 @@ impl Inner {
     }
 
     /// The entries of a namespace directory.
-    async fn list(&self, key: &Key) -> Res<Vec<(String, Key)>> {
+    pub(crate) async fn list(&self, key: &Key) -> Res<Vec<(String, Key)>> {
         if let Some((repo, d)) = self.art_digest(key).await? {
             let art = self.ns.artifact(&repo, &d).await?;
             let mut out = self.entries(key, &repo, &art);
@@ -412,7 +385,7 @@ impl Inner {
     }
 
     /// Child repository names below `path` according to the catalog.
-    async fn repo_children(&self, path: &str) -> Vec<String> {
+    pub(crate) async fn repo_children(&self, path: &str) -> Vec<String> {
         match self.ns.catalog().await {
             Ok(Some(cat)) => children_of(&cat, path),
             _ => Vec::new(),
@@ -421,7 +394,7 @@ impl Inner {
 
     /// Whether `path` may be a repository or a prefix of one: per the
     /// catalog, or always when the registry does not list its catalog.
-    async fn may_be_repo(&self, path: &str) -> bool {
+    pub(crate) async fn may_be_repo(&self, path: &str) -> bool {
         match self.ns.catalog().await {
             Ok(Some(cat)) => {
                 let prefix = format!("{path}/");
@@ -432,7 +405,7 @@ impl Inner {
     }
 
     /// Tags first; child repositories whose name is also a tag are shadowed.
-    async fn list_repo(&self, path: &str) -> Vec<(String, Key)> {
+    pub(crate) async fn list_repo(&self, path: &str) -> Vec<(String, Key)> {
         let mut out: Vec<(String, Key)> = Vec::new();
         if !path.is_empty() {
             if let Ok(tags) = self.ns.tags(path).await {
@@ -450,7 +423,7 @@ impl Inner {
     }
 
     /// Look `name` up in a namespace directory.
-    async fn lookup_ns(&self, key: &Key, name: &str) -> Res<Node> {
+    pub(crate) async fn lookup_ns(&self, key: &Key, name: &str) -> Res<Node> {
         if let Key::Rootfs(repo, d) = key {
             let r = self.build_rootfs(repo, d).await?;
             let id = r
@@ -501,7 +474,7 @@ impl Inner {
         }
     }
 
-    async fn lookup_repo(&self, path: &str, name: &str) -> Res<Node> {
+    pub(crate) async fn lookup_repo(&self, path: &str, name: &str) -> Res<Node> {
         if name.starts_with("sha256:") {
             let d = Digest::parse(name).map_err(|_| Fail::noent(name))?;
             self.ns.artifact(path, &d).await?;
@@ -518,7 +491,7 @@ impl Inner {
     /// A child repository (or repository prefix). Listed ones exist; an
     /// unlisted one exists when it has tags, or when the registry keeps its
     /// catalog to itself (a prefix cannot be told from nothing then).
-    async fn lookup_child_repo(&self, path: &str, name: &str) -> Res<Node> {
+    pub(crate) async fn lookup_child_repo(&self, path: &str, name: &str) -> Res<Node> {
         if !valid_component(name) {
             return Err(Fail::noent(name));
         }
@@ -534,7 +507,7 @@ impl Inner {
     }
 
     /// Fetch and merge an image's layers (once per image and process).
-    async fn build_rootfs(&self, repo: &str, d: &Digest) -> Res<Arc<RootFs>> {
+    pub(crate) async fn build_rootfs(&self, repo: &str, d: &Digest) -> Res<Arc<RootFs>> {
         let key = (repo.to_string(), d.clone());
         self.rootfs
             .get(&key, FOREVER, self.ns.neg_ttl, || async {
@@ -578,149 +551,8 @@ impl Inner {
             .await
     }
 
-    /// The writable rootfs of `repo:tag` on `base`: the base's merged tree
-    /// (shared with its read-only rootfs) and an upper directory, made on
-    /// the first change, in the journal directory of that tag.
-    pub async fn wrootfs(&self, repo: &str, tag: &str, base: &Digest) -> Res<Arc<RootFs>> {
-        let key = (repo.to_string(), tag.to_string(), base.clone());
-        self.wrootfs
-            .get(&key, FOREVER, self.ns.neg_ttl, || async {
-                let ro = self.build_rootfs(repo, base).await?;
-                let registry = self.ns.registry_name();
-                let dir = journal::work_dir(self.cache.root(), &registry, repo, tag);
-                let j = Journal::open(&dir, &registry, repo, tag, base.clone());
-                let root_ino = self.ino(Key::WRootfs(repo.into(), tag.into(), base.clone()));
-                let mut inodes = self.lock();
-                let b = inodes.next_base;
-                inodes.next_base += WRITABLE_RANGE;
-                let first_free = b + ro.tree.nodes.len() as u64;
-                let r = Arc::new(RootFs {
-                    tree: ro.tree.clone(),
-                    layers: ro.layers.clone(),
-                    base: b,
-                    root_ino,
-                    w: Some(Work::new(Upper::new(&dir), j, first_free)),
-                });
-                inodes.trees.insert(b, r.clone());
-                drop(inodes);
-                let k = (repo.to_string(), tag.to_string());
-                let mut work = self.work.lock().unwrap_or_else(|p| p.into_inner());
-                let keep = work
-                    .get(&k)
-                    .is_some_and(|old| old.w.as_ref().is_some_and(|w| w.journal.materialized()));
-                if !keep {
-                    work.insert(k.clone(), r.clone());
-                    self.recovered
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .remove(&k);
-                }
-                Ok(r)
-            })
-            .await
-    }
-
-    /// The base of the changes made to `repo:tag`, if there are any.
-    fn work_base(&self, repo: &str, tag: &str) -> Option<Digest> {
-        let k = (repo.to_string(), tag.to_string());
-        let work = self.work.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(w) = work.get(&k).and_then(|r| r.w.as_ref()) {
-            if w.journal.materialized() {
-                return Some(w.journal.saved().base);
-            }
-        }
-        drop(work);
-        let rec = self.recovered.lock().unwrap_or_else(|p| p.into_inner());
-        rec.get(&k).cloned()
-    }
-
-    /// Every writable tree with changes, opening those an earlier mount left.
-    pub async fn writables(&self) -> Vec<Arc<RootFs>> {
-        let left: Vec<((String, String), Digest)> = {
-            let rec = self.recovered.lock().unwrap_or_else(|p| p.into_inner());
-            rec.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
-        };
-        for ((repo, tag), base) in left {
-            if let Err(f) = self.wrootfs(&repo, &tag, &base).await {
-                tracing::warn!(
-                    "changes to {repo}:{tag} left by an earlier mount: {}",
-                    f.msg
-                );
-            }
-        }
-        let work = self.work.lock().unwrap_or_else(|p| p.into_inner());
-        work.values()
-            .filter(|r| r.w.as_ref().is_some_and(|w| w.journal.materialized()))
-            .cloned()
-            .collect()
-    }
-
-    fn status(&self) -> String {
-        let work = self.work.lock().unwrap_or_else(|p| p.into_inner());
-        let mut lines: Vec<String> = work
-            .values()
-            .filter_map(|r| r.w.as_ref())
-            .filter(|w| w.journal.materialized())
-            .map(|w| w.journal.line())
-            .collect();
-        drop(work);
-        let rec = self.recovered.lock().unwrap_or_else(|p| p.into_inner());
-        for ((repo, tag), base) in rec.iter() {
-            lines.push(format!(
-                "pending {repo}:{tag} base={base} pushed=- (not opened yet)"
-            ));
-        }
-        lines.sort();
-        lines.iter().map(|l| format!("{l}\n")).collect()
-    }
-
-    /// The writable tree behind `ino`, if it is in one (or its root).
-    async fn writable(&self, ino: u64) -> Res<Option<Arc<RootFs>>> {
-        Ok(match self.node(ino)? {
-            Node::W(r, _) => Some(r),
-            Node::Ns(Key::WRootfs(repo, tag, base)) => {
-                Some(self.wrootfs(&repo, &tag, &base).await?)
-            }
-            _ => None,
-        })
-    }
-
-    /// The writable tree behind `ino`, or EROFS.
-    async fn must_write(&self, ino: u64) -> Res<Arc<RootFs>> {
-        self.writable(ino).await?.ok_or_else(|| {
-            Fail::new(
-                libc::EROFS,
-                "read-only: only a tag's rootfs/ takes changes (images by digest and the namespace do not)",
-            )
-        })
-    }
-
-    /// Serve a `ggfs commit` request.
-    async fn control(&self, request: &[u8]) -> journal::Reply {
-        let req: journal::Request = match serde_json::from_slice(request) {
-            Ok(r) => r,
-            Err(e) => return journal::Reply::error(format!("bad request: {e}")),
-        };
-        let path = req.path.trim_matches('/');
-        let path = path.strip_suffix("/rootfs").unwrap_or(path);
-        let Some((repo, tag)) = path.rsplit_once('/') else {
-            return journal::Reply::error(format!("{path:?} is not an image directory (REPO/TAG)"));
-        };
-        let base = match self.work_base(repo, tag) {
-            Some(b) => b,
-            None => match self.ns.resolve(repo, tag).await {
-                Ok(d) => d,
-                Err(f) => return journal::Reply::error(format!("{repo}:{tag}: {}", f.msg)),
-            },
-        };
-        match self.wrootfs(repo, tag, &base).await {
-            Ok(r) => journal::commit(self, &r, &req).await,
-            Err(f) => journal::Reply::error(format!("{repo}:{tag}: {}", f.msg)),
-        }
-    }
-
     /// The tree behind a node, if it is a rootfs directory or inside one.
-    async fn tree_node(&self, node: &Node) -> Res<Option<(Arc<RootFs>, NodeId)>> {
+    pub(crate) async fn tree_node(&self, node: &Node) -> Res<Option<(Arc<RootFs>, NodeId)>> {
         Ok(match node {
             Node::Tree(r, id) => Some((r.clone(), *id)),
             Node::Ns(Key::Rootfs(repo, d)) => Some((self.build_rootfs(repo, d).await?, tree::ROOT)),
@@ -805,190 +637,7 @@ impl Inner {
         Ok(out)
     }
 
-    fn handle(&self, fh: u64) -> Option<Arc<Handle>> {
-        let h = self.handles.lock().unwrap_or_else(|p| p.into_inner());
-        h.get(&fh).cloned()
-    }
-
-    fn add_handle(&self, h: Handle) -> u64 {
-        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        let mut hs = self.handles.lock().unwrap_or_else(|p| p.into_inner());
-        hs.insert(fh, Arc::new(h));
-        fh
-    }
-
-    pub fn release(&self, fh: u64) {
-        let mut hs = self.handles.lock().unwrap_or_else(|p| p.into_inner());
-        hs.remove(&fh);
-    }
-
-    /// Open: (file handle, flags). Digest-addressed content keeps the
-    /// kernel's page cache across opens; stats are read fresh; a writable
-    /// tree's files get a handle on their upper copy or lower bytes.
-    pub async fn open(&self, ino: u64, flags: i32) -> Res<(u64, u32)> {
-        let write = flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0;
-        if let Some(r) = self.writable(ino).await? {
-            if write {
-                let _g = r.w.as_ref().expect("writable").lock.write().await;
-                let f = r.open_write(ino, flags & libc::O_TRUNC != 0).await?;
-                return Ok((self.add_handle(Handle::Upper(Arc::new(f), r.clone())), 0));
-            }
-            return Ok(match r.data_for_read(ino)? {
-                Data::Upper(f) => (self.add_handle(Handle::Upper(Arc::new(f), r.clone())), 0),
-                Data::Lower(d) => (
-                    self.add_handle(Handle::Lower(r.clone(), d)),
-                    FOPEN_KEEP_CACHE,
-                ),
-            });
-        }
-        let node = self.node(ino)?;
-        if let Node::Ns(Key::Ctl) = node {
-            let reply = Arc::new(Mutex::new(Vec::new()));
-            return Ok((self.add_handle(Handle::Ctl(reply)), FOPEN_DIRECT_IO));
-        }
-        if write {
-            return Err(Fail::new(
-                libc::EROFS,
-                "read-only: only a tag's rootfs/ takes changes",
-            ));
-        }
-        Ok(match node {
-            Node::Ns(Key::Stats | Key::Status) => (0, FOPEN_DIRECT_IO),
-            _ => (0, FOPEN_KEEP_CACHE),
-        })
-    }
-
-    pub async fn read(&self, ino: u64, fh: u64, offset: u64, size: u32) -> Res<Bytes> {
-        if let Some(h) = self.handle(fh) {
-            return match &*h {
-                Handle::Upper(f, _) => {
-                    let f = f.clone();
-                    tokio::task::spawn_blocking(move || {
-                        let mut buf = vec![0u8; size as usize];
-                        let mut n = 0;
-                        while n < buf.len() {
-                            match f.read_at(&mut buf[n..], offset + n as u64) {
-                                Ok(0) => break,
-                                Ok(k) => n += k,
-                                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                                Err(e) => return Err(io_fail("read", e)),
-                            }
-                        }
-                        buf.truncate(n);
-                        Ok(Bytes::from(buf))
-                    })
-                    .await
-                    .map_err(|e| Fail::new(libc::EIO, e.to_string()))?
-                }
-                Handle::Lower(r, d) => self.read_lower(r, *d, offset, size).await,
-                Handle::Ctl(reply) => {
-                    let reply = reply.lock().unwrap_or_else(|p| p.into_inner());
-                    Ok(slice(&reply, offset, size))
-                }
-            };
-        }
-        match self.node(ino)? {
-            Node::Tree(r, id) => {
-                let n = r.tree.node(id);
-                let Some(data) = n.data else {
-                    return Err(Fail::new(libc::EISDIR, "not a regular file"));
-                };
-                self.read_lower(&r, data, offset, size).await
-            }
-            Node::W(..) => Err(Fail::new(libc::EBADF, "read without an open handle")),
-            Node::Ns(key) => self.read_ns(&key, offset, size).await,
-        }
-    }
-
-    async fn read_lower(&self, r: &RootFs, d: DataRef, offset: u64, size: u32) -> Res<Bytes> {
-        let layer = &r.layers[d.layer];
-        layer.read(d.entry, offset, size).await.map_err(|e| {
-            tracing::error!("read of layer {}: {e}", layer.digest());
-            Fail::from(e)
-        })
-    }
-
-    pub async fn write(&self, fh: u64, offset: u64, data: Vec<u8>) -> Res<u32> {
-        let h = self
-            .handle(fh)
-            .ok_or_else(|| Fail::new(libc::EBADF, "write to a file not open for writing"))?;
-        match &*h {
-            Handle::Upper(f, r) => {
-                let w = r.w.as_ref().expect("writable");
-                let _g = w.lock.read().await;
-                w.journal
-                    .touch(&w.upper, &r.tree.node(tree::ROOT).meta)
-                    .map_err(|e| io_fail("journal", e))?;
-                let f = f.clone();
-                tokio::task::spawn_blocking(move || {
-                    f.write_all_at(&data, offset)
-                        .map(|_| data.len() as u32)
-                        .map_err(|e| io_fail("write", e))
-                })
-                .await
-                .map_err(|e| Fail::new(libc::EIO, e.to_string()))?
-            }
-            Handle::Ctl(reply) => {
-                let len = data.len() as u32;
-                let answer = self.control(&data).await;
-                let bytes = serde_json::to_vec(&answer).unwrap_or_default();
-                *reply.lock().unwrap_or_else(|p| p.into_inner()) = bytes;
-                Ok(len)
-            }
-            Handle::Lower(..) => Err(Fail::new(libc::EBADF, "file not open for writing")),
-        }
-    }
-
-    pub async fn fsync(&self, ino: u64, fh: u64) -> Res<()> {
-        if let Some(h) = self.handle(fh) {
-            if let Handle::Upper(f, r) = &*h {
-                let (f, r) = (f.clone(), r.clone());
-                return tokio::task::spawn_blocking(move || {
-                    f.sync_all().map_err(|e| io_fail("fsync", e))?;
-                    r.sync_names(ino)
-                })
-                .await
-                .map_err(|e| Fail::new(libc::EIO, e.to_string()))?;
-            }
-        }
-        Ok(())
-    }
-
-    pub async fn fallocate(&self, fh: u64, offset: i64, length: i64, mode: i32) -> Res<()> {
-        let h = self
-            .handle(fh)
-            .ok_or_else(|| Fail::new(libc::EBADF, "fallocate on a file not open for writing"))?;
-        let Handle::Upper(f, r) = &*h else {
-            return Err(Fail::new(libc::EBADF, "file not open for writing"));
-        };
-        let w = r.w.as_ref().expect("writable");
-        let _g = w.lock.read().await;
-        w.journal
-            .touch(&w.upper, &r.tree.node(tree::ROOT).meta)
-            .map_err(|e| io_fail("journal", e))?;
-        use std::os::fd::AsRawFd;
-        // SAFETY: a valid open descriptor.
-        let rc = unsafe { libc::fallocate(f.as_raw_fd(), mode, offset, length) };
-        if rc != 0 {
-            return Err(io_fail("fallocate", std::io::Error::last_os_error()));
-        }
-        Ok(())
-    }
-
-    /// Run a change on the writable tree behind `ino`, holding its lock.
-    async fn change<T>(&self, ino: u64, f: impl FnOnce(&RootFs) -> Res<T>) -> Res<T> {
-        let r = self.must_write(ino).await?;
-        let _g = r.w.as_ref().expect("writable").lock.write().await;
-        tokio::task::block_in_place(|| f(&r))
-    }
-
-    pub async fn setattr(&self, ino: u64, a: SetAttr) -> Res<FileAttr> {
-        let r = self.must_write(ino).await?;
-        let _g = r.w.as_ref().expect("writable").lock.write().await;
-        r.setattr(ino, &a).await
-    }
-
-    async fn read_ns(&self, key: &Key, offset: u64, size: u32) -> Res<Bytes> {
+    pub(crate) async fn read_ns(&self, key: &Key, offset: u64, size: u32) -> Res<Bytes> {
         match key {
             Key::Manifest(repo, d) => {
                 let art = self.ns.artifact(repo, d).await?;
@@ -1019,7 +668,12 @@ impl Inner {
     }
 
     /// A whole blob in the cache, downloaded and verified on first use.
-    async fn blob_file(&self, repo: &str, d: &Digest, size: u64) -> Res<Arc<std::fs::File>> {
+    pub(crate) async fn blob_file(
+        &self,
+        repo: &str,
+        d: &Digest,
+        size: u64,
+    ) -> Res<Arc<std::fs::File>> {
         // Held briefly: an evicted blob's space is freed once readers move on.
         self.blobs
             .get(d, Duration::from_secs(30), self.ns.neg_ttl, || async {
@@ -1036,7 +690,7 @@ impl Inner {
             .await
     }
 
-    async fn download(
+    pub(crate) async fn download(
         &self,
         repo: &str,
         d: &Digest,
@@ -1082,559 +736,12 @@ impl Inner {
         })
     }
 
-    fn fail(&self, what: &str, f: &Fail) {
+    pub(crate) fn fail(&self, what: &str, f: &Fail) {
         match f.errno {
             libc::ENOENT | libc::EROFS | libc::ENODATA | libc::ERANGE => {
                 tracing::debug!("{what}: {}", f.msg)
             }
             _ => tracing::warn!("{what}: {}", f.msg),
-        }
-    }
-}
-
-impl Fs {
-    fn spawn<F>(&self, f: impl FnOnce(Arc<Inner>) -> F)
-    where
-        F: std::future::Future<Output = ()> + Send + 'static,
-    {
-        self.rt.spawn(f(self.inner.clone()));
-    }
-}
-
-fn xattr_reply(reply: ReplyXattr, data: &[u8], size: u32) {
-    if size == 0 {
-        reply.size(data.len() as u32);
-    } else if (size as usize) < data.len() {
-        reply.error(libc::ERANGE);
-    } else {
-        reply.data(data);
-    }
-}
-
-impl Filesystem for Fs {
-    fn init(&mut self, _req: &Request<'_>, config: &mut fuser::KernelConfig) -> Result<(), i32> {
-        // Bigger reads mean fewer chunk lookups and inflates per file.
-        if let Err(max) = config.set_max_readahead(1 << 20) {
-            let _ = config.set_max_readahead(max);
-        }
-        // Reads are answered asynchronously: let the kernel keep more in flight.
-        let _ = config.set_max_background(64);
-        Ok(())
-    }
-
-    fn lookup(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEntry) {
-        let name = name.to_owned();
-        self.spawn(|fs| async move {
-            match fs.lookup(parent, &name).await {
-                Ok((ttl, attr)) => reply.entry(&ttl, &attr, 0),
-                Err(f) if f.errno == libc::ENOENT => {
-                    // A negative entry: the kernel remembers the miss.
-                    let mut attr = fs.ns_attr(0, false, 0);
-                    attr.ino = 0;
-                    reply.entry(&fs.ns.neg_ttl, &attr, 0)
-                }
-                Err(f) => {
-                    fs.fail("lookup", &f);
-                    reply.error(f.errno)
-                }
-            }
-        });
-    }
-
-    fn getattr(&mut self, _req: &Request<'_>, ino: u64, fh: Option<u64>, reply: ReplyAttr) {
-        self.spawn(|fs| async move {
-            match fs.getattr(ino, fh).await {
-                Ok((ttl, attr)) => reply.attr(&ttl, &attr),
-                Err(f) => {
-                    fs.fail("getattr", &f);
-                    reply.error(f.errno)
-                }
-            }
-        });
-    }
-
-    fn readlink(&mut self, _req: &Request<'_>, ino: u64, reply: ReplyData) {
-        self.spawn(|fs| async move {
-            match fs.readlink(ino).await {
-                Ok(b) => reply.data(&b),
-                Err(f) => reply.error(f.errno),
-            }
-        });
-    }
-
-    fn open(&mut self, _req: &Request<'_>, ino: u64, flags: i32, reply: ReplyOpen) {
-        self.spawn(|fs| async move {
-            match fs.open(ino, flags).await {
-                Ok((fh, fl)) => reply.opened(fh, fl),
-                Err(f) => {
-                    fs.fail("open", &f);
-                    reply.error(f.errno)
-                }
-            }
-        });
-    }
-
-    fn read(
-        &mut self,
-        _req: &Request<'_>,
-        ino: u64,
-        fh: u64,
-        offset: i64,
-        size: u32,
-        _flags: i32,
-        _lock_owner: Option<u64>,
-        reply: ReplyData,
-    ) {
-        self.spawn(|fs| async move {
-            match fs.read(ino, fh, offset.max(0) as u64, size).await {
-                Ok(b) => reply.data(&b),
-                Err(f) => {
-                    fs.fail("read", &f);
-                    reply.error(f.errno)
-                }
-            }
-        });
-    }
-
-    fn release(
-        &mut self,
-        _req: &Request<'_>,
-        _ino: u64,
-        fh: u64,
-        _flags: i32,
-        _lock_owner: Option<u64>,
-        _flush: bool,
-        reply: ReplyEmpty,
-    ) {
-        self.inner.release(fh);
-        reply.ok();
-    }
-
-    fn opendir(&mut self, _req: &Request<'_>, ino: u64, _flags: i32, reply: ReplyOpen) {
-        // A directory under a digest never changes, and one of a writable
-        // tree changes only through this mount (the kernel drops its cached
-        // listing when it does): the kernel may keep listings, so a second
-        // `find` or `ls -R` costs no READDIR at all.
-        let immutable = match self.inner.node(ino) {
-            Ok(Node::Tree(..) | Node::W(..)) => true,
-            Ok(Node::Ns(k)) => !k.mutable(),
-            _ => false,
-        };
-        let flags = if immutable {
-            FOPEN_CACHE_DIR | FOPEN_KEEP_CACHE
-        } else {
-            0
-        };
-        reply.opened(0, flags);
-    }
-
-    fn readdir(
-        &mut self,
-        _req: &Request<'_>,
-        ino: u64,
-        _fh: u64,
-        offset: i64,
-        mut reply: ReplyDirectory,
-    ) {
-        self.spawn(|fs| async move {
-            match fs.readdir(ino).await {
-                Ok(entries) => {
-                    let skip = offset.max(0) as usize;
-                    for (i, (ino, kind, name)) in entries.into_iter().enumerate().skip(skip) {
-                        if reply.add(ino, (i + 1) as i64, kind, &name) {
-                            break;
-                        }
-                    }
-                    reply.ok()
-                }
-                Err(f) => {
-                    fs.fail("readdir", &f);
-                    reply.error(f.errno)
-                }
-            }
-        });
-    }
-
-    fn statfs(&mut self, _req: &Request<'_>, _ino: u64, reply: ReplyStatfs) {
-        // Sizes are the disk cache's: what `df` shows is how full it is.
-        let files = self.inner.lock().keys.len() as u64;
-        let (limit, used) = (self.inner.cache.limit(), self.inner.cache.used());
-        let free = limit.saturating_sub(used) / 4096;
-        reply.statfs(limit / 4096, free, free, files, 0, 4096, 255, 4096);
-    }
-
-    fn getxattr(
-        &mut self,
-        _req: &Request<'_>,
-        ino: u64,
-        name: &OsStr,
-        size: u32,
-        reply: ReplyXattr,
-    ) {
-        let name = name.as_bytes().to_vec();
-        self.spawn(|fs| async move {
-            match fs.xattrs(ino).await {
-                Ok(x) => match x.iter().find(|(n, _)| *n == name) {
-                    Some((_, v)) => xattr_reply(reply, v, size),
-                    None => reply.error(libc::ENODATA),
-                },
-                Err(f) => reply.error(f.errno),
-            }
-        });
-    }
-
-    fn listxattr(&mut self, _req: &Request<'_>, ino: u64, size: u32, reply: ReplyXattr) {
-        self.spawn(|fs| async move {
-            match fs.xattrs(ino).await {
-                Ok(x) => {
-                    let mut names = Vec::new();
-                    for (n, _) in &x {
-                        names.extend_from_slice(n);
-                        names.push(0);
-                    }
-                    xattr_reply(reply, &names, size)
-                }
-                Err(f) => reply.error(f.errno),
-            }
-        });
-    }
-
-    fn access(&mut self, _req: &Request<'_>, ino: u64, mask: i32, reply: ReplyEmpty) {
-        let writable = matches!(
-            self.inner.node(ino),
-            Ok(Node::W(..) | Node::Ns(Key::WRootfs(..) | Key::Ctl))
-        );
-        if mask & libc::W_OK != 0 && !writable {
-            reply.error(libc::EROFS)
-        } else {
-            reply.ok()
-        }
-    }
-
-    // Changes: only a tag's rootfs/ takes them; everything else is EROFS.
-
-    fn setattr(
-        &mut self,
-        _req: &Request<'_>,
-        ino: u64,
-        mode: Option<u32>,
-        uid: Option<u32>,
-        gid: Option<u32>,
-        size: Option<u64>,
-        atime: Option<fuser::TimeOrNow>,
-        mtime: Option<fuser::TimeOrNow>,
-        _ctime: Option<SystemTime>,
-        _fh: Option<u64>,
-        _crtime: Option<SystemTime>,
-        _chgtime: Option<SystemTime>,
-        _bkuptime: Option<SystemTime>,
-        _flags: Option<u32>,
-        reply: ReplyAttr,
-    ) {
-        let a = SetAttr {
-            mode,
-            uid,
-            gid,
-            size,
-            atime: atime.map(timespec),
-            mtime: mtime.map(timespec),
-        };
-        self.spawn(|fs| async move {
-            match fs.setattr(ino, a).await {
-                Ok(attr) => reply.attr(&SHORT, &attr),
-                Err(f) => {
-                    fs.fail("setattr", &f);
-                    reply.error(f.errno)
-                }
-            }
-        });
-    }
-
-    fn mknod(
-        &mut self,
-        req: &Request<'_>,
-        parent: u64,
-        name: &OsStr,
-        mode: u32,
-        umask: u32,
-        rdev: u32,
-        reply: ReplyEntry,
-    ) {
-        let (name, uid, gid) = (name.as_bytes().to_vec(), req.uid(), req.gid());
-        self.spawn(|fs| async move {
-            let r = fs
-                .change(parent, |r| {
-                    r.mknod(parent, &name, mode & !umask, rdev, uid, gid)
-                })
-                .await;
-            entry_reply(&fs, "mknod", r, reply)
-        });
-    }
-
-    fn mkdir(
-        &mut self,
-        req: &Request<'_>,
-        parent: u64,
-        name: &OsStr,
-        mode: u32,
-        umask: u32,
-        reply: ReplyEntry,
-    ) {
-        let (name, uid, gid) = (name.as_bytes().to_vec(), req.uid(), req.gid());
-        self.spawn(|fs| async move {
-            let r = fs
-                .change(parent, |r| r.mkdir(parent, &name, mode & !umask, uid, gid))
-                .await;
-            entry_reply(&fs, "mkdir", r, reply)
-        });
-    }
-
-    fn unlink(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEmpty) {
-        let name = name.as_bytes().to_vec();
-        self.spawn(|fs| async move {
-            let r = fs.change(parent, |r| r.unlink(parent, &name)).await;
-            empty_reply(&fs, "unlink", r, reply)
-        });
-    }
-
-    fn rmdir(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEmpty) {
-        let name = name.as_bytes().to_vec();
-        self.spawn(|fs| async move {
-            let r = fs.change(parent, |r| r.rmdir(parent, &name)).await;
-            empty_reply(&fs, "rmdir", r, reply)
-        });
-    }
-
-    fn symlink(
-        &mut self,
-        req: &Request<'_>,
-        parent: u64,
-        link_name: &OsStr,
-        target: &std::path::Path,
-        reply: ReplyEntry,
-    ) {
-        let (name, uid, gid) = (link_name.as_bytes().to_vec(), req.uid(), req.gid());
-        let target = target.to_path_buf();
-        self.spawn(|fs| async move {
-            let r = fs
-                .change(parent, |r| r.symlink(parent, &name, &target, uid, gid))
-                .await;
-            entry_reply(&fs, "symlink", r, reply)
-        });
-    }
-
-    fn rename(
-        &mut self,
-        _req: &Request<'_>,
-        parent: u64,
-        name: &OsStr,
-        newparent: u64,
-        newname: &OsStr,
-        flags: u32,
-        reply: ReplyEmpty,
-    ) {
-        let (name, newname) = (name.as_bytes().to_vec(), newname.as_bytes().to_vec());
-        self.spawn(|fs| async move {
-            let r = match fs.must_write(newparent).await {
-                Ok(to) => {
-                    let same = fs
-                        .must_write(parent)
-                        .await
-                        .is_ok_and(|from| Arc::ptr_eq(&from, &to));
-                    if same {
-                        fs.change(parent, |r| {
-                            r.rename(parent, &name, newparent, &newname, flags)
-                        })
-                        .await
-                    } else {
-                        Err(Fail::new(libc::EXDEV, "rename across images"))
-                    }
-                }
-                Err(f) => Err(f),
-            };
-            empty_reply(&fs, "rename", r, reply)
-        });
-    }
-
-    fn link(
-        &mut self,
-        _req: &Request<'_>,
-        ino: u64,
-        newparent: u64,
-        newname: &OsStr,
-        reply: ReplyEntry,
-    ) {
-        let newname = newname.as_bytes().to_vec();
-        self.spawn(|fs| async move {
-            let r = fs.change(ino, |r| r.link(ino, newparent, &newname)).await;
-            entry_reply(&fs, "link", r, reply)
-        });
-    }
-
-    fn write(
-        &mut self,
-        _req: &Request<'_>,
-        _ino: u64,
-        fh: u64,
-        offset: i64,
-        data: &[u8],
-        _write_flags: u32,
-        _flags: i32,
-        _lock_owner: Option<u64>,
-        reply: ReplyWrite,
-    ) {
-        let data = data.to_vec();
-        self.spawn(|fs| async move {
-            match fs.write(fh, offset.max(0) as u64, data).await {
-                Ok(n) => reply.written(n),
-                Err(f) => {
-                    fs.fail("write", &f);
-                    reply.error(f.errno)
-                }
-            }
-        });
-    }
-
-    fn create(
-        &mut self,
-        req: &Request<'_>,
-        parent: u64,
-        name: &OsStr,
-        mode: u32,
-        umask: u32,
-        _flags: i32,
-        reply: fuser::ReplyCreate,
-    ) {
-        let (name, uid, gid) = (name.as_bytes().to_vec(), req.uid(), req.gid());
-        self.spawn(|fs| async move {
-            let made = fs
-                .change(parent, |r| r.create(parent, &name, mode & !umask, uid, gid))
-                .await;
-            match made {
-                Ok((attr, file)) => match fs.must_write(parent).await {
-                    Ok(r) => {
-                        let fh = fs.add_handle(Handle::Upper(Arc::new(file), r));
-                        reply.created(&SHORT, &attr, 0, fh, 0)
-                    }
-                    Err(f) => reply.error(f.errno),
-                },
-                Err(f) => {
-                    fs.fail("create", &f);
-                    reply.error(f.errno)
-                }
-            }
-        });
-    }
-
-    fn fsync(&mut self, _req: &Request<'_>, ino: u64, fh: u64, _datasync: bool, reply: ReplyEmpty) {
-        self.spawn(|fs| async move {
-            let r = fs.fsync(ino, fh).await;
-            empty_reply(&fs, "fsync", r, reply)
-        });
-    }
-
-    fn fsyncdir(
-        &mut self,
-        _req: &Request<'_>,
-        ino: u64,
-        _fh: u64,
-        _datasync: bool,
-        reply: ReplyEmpty,
-    ) {
-        self.spawn(|fs| async move {
-            let r = match fs.writable(ino).await {
-                Ok(Some(r)) => r.sync_names(ino),
-                Ok(None) => Ok(()),
-                Err(f) => Err(f),
-            };
-            empty_reply(&fs, "fsyncdir", r, reply)
-        });
-    }
-
-    fn fallocate(
-        &mut self,
-        _req: &Request<'_>,
-        _ino: u64,
-        fh: u64,
-        offset: i64,
-        length: i64,
-        mode: i32,
-        reply: ReplyEmpty,
-    ) {
-        self.spawn(|fs| async move {
-            let r = fs.fallocate(fh, offset, length, mode).await;
-            empty_reply(&fs, "fallocate", r, reply)
-        });
-    }
-
-    fn setxattr(
-        &mut self,
-        _req: &Request<'_>,
-        ino: u64,
-        name: &OsStr,
-        value: &[u8],
-        flags: i32,
-        _position: u32,
-        reply: ReplyEmpty,
-    ) {
-        let (name, value) = (name.as_bytes().to_vec(), value.to_vec());
-        self.spawn(|fs| async move {
-            let r = fs
-                .change(ino, |r| r.setxattr(ino, &name, &value, flags))
-                .await;
-            empty_reply(&fs, "setxattr", r, reply)
-        });
-    }
-
-    fn removexattr(&mut self, _req: &Request<'_>, ino: u64, name: &OsStr, reply: ReplyEmpty) {
-        let name = name.as_bytes().to_vec();
-        self.spawn(|fs| async move {
-            let r = fs.change(ino, |r| r.removexattr(ino, &name)).await;
-            empty_reply(&fs, "removexattr", r, reply)
-        });
-    }
-}
-
-fn timespec(t: fuser::TimeOrNow) -> libc::timespec {
-    match t {
-        fuser::TimeOrNow::Now => libc::timespec {
-            tv_sec: 0,
-            tv_nsec: libc::UTIME_NOW,
-        },
-        fuser::TimeOrNow::SpecificTime(t) => {
-            let (sec, nsec) = match t.duration_since(std::time::UNIX_EPOCH) {
-                Ok(d) => (d.as_secs() as i64, d.subsec_nanos() as i64),
-                Err(e) => {
-                    let d = e.duration();
-                    let (s, n) = (d.as_secs() as i64, d.subsec_nanos() as i64);
-                    if n == 0 {
-                        (-s, 0)
-                    } else {
-                        (-s - 1, 1_000_000_000 - n)
-                    }
-                }
-            };
-            crate::upper::timespec(sec, nsec)
-        }
-    }
-}
-
-fn entry_reply(fs: &Inner, what: &str, r: Res<FileAttr>, reply: ReplyEntry) {
-    match r {
-        Ok(attr) => reply.entry(&SHORT, &attr, 0),
-        Err(f) => {
-            fs.fail(what, &f);
-            reply.error(f.errno)
-        }
-    }
-}
-
-fn empty_reply(fs: &Inner, what: &str, r: Res<()>, reply: ReplyEmpty) {
-    match r {
-        Ok(()) => reply.ok(),
-        Err(f) => {
-            fs.fail(what, &f);
-            reply.error(f.errno)
         }
     }
 }

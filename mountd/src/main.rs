@@ -10,6 +10,8 @@ mod backend;
 mod cache;
 mod commit;
 mod fs;
+mod fuse;
+mod handles;
 mod layer;
 mod lazy;
 mod ns;
@@ -17,6 +19,7 @@ mod rootfs;
 mod stats;
 mod tree;
 mod upper;
+mod work;
 
 use std::ffi::OsString;
 use std::io::{Read, Write};
@@ -362,7 +365,7 @@ fn serve(args: &MountArgs, ready: &mut Ready) -> Result<()> {
     let stats = Arc::new(stats::Stats::default());
     let mut ns = ns::Namespace::new(reg, stats, cache.clone(), Duration::from_secs(args.tag_ttl));
     ns.platform = args.platform.clone();
-    let filesystem = fs::Fs::new(ns, cache, rt.handle().clone());
+    let filesystem = fuse::Fs::new(ns, cache, rt.handle().clone());
     let inner = filesystem.inner();
     if let Some(delay) = args.commit_delay.0 {
         rt.spawn(commit::auto(inner.clone(), delay));

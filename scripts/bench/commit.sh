@@ -31,7 +31,8 @@ secs() { echo "$2 - $1" | bc -l; }
 
 # A ~100 MB tree of real files, as /opt/tree of an image.
 mkdir -p "$WORK/wrap/opt/tree"
-(cd / && find usr/lib/x86_64-linux-gnu -type f -size -8M 2>/dev/null | head -3000 |
+(cd / && find usr/lib/x86_64-linux-gnu -type f -size -8M -printf '%s %p\n' 2>/dev/null |
+    awk '{ if (sum + $1 > 100000000) exit; sum += $1; print $2 }' |
     tar -cf - -T - 2>/dev/null) | tar -xf - -C "$WORK/wrap/opt/tree" 2>/dev/null || true
 TREE_MB=$(du -sm "$WORK/wrap/opt/tree" | cut -f1)
 echo "tree for cp -a: ${TREE_MB} MB" >&2
@@ -54,6 +55,7 @@ ggfs_change() {
 umoci_change() {
     local d=$WORK/u$2
     rm -rf "$d"
+    mkdir -p "$d"
     skopeo copy -q --src-tls-verify=false "docker://$REG/bench/debian:$1" "oci:$d/layout:t"
     umoci unpack --image "$d/layout:t" "$d/bundle" >/dev/null
     echo "changed by run $2" >"$d/bundle/rootfs/etc/motd"

@@ -1,0 +1,583 @@
+//! The kernel side. fuser dispatches requests on one thread, so every
+//! request is moved, with its `Reply*`, onto the tokio runtime and answered
+//! there: a read waiting on the network never holds up another request.
+
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use fuser::consts::{FOPEN_CACHE_DIR, FOPEN_KEEP_CACHE};
+use fuser::{
+    FileAttr, Filesystem, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen,
+    ReplyStatfs, ReplyWrite, ReplyXattr, Request,
+};
+
+use crate::cache::Cache;
+use crate::fs::{Inner, Key, Node, SHORT};
+use crate::handles::Handle;
+use crate::ns::{Fail, Namespace, Res};
+use crate::rootfs::SetAttr;
+
+pub struct Fs {
+    inner: Arc<Inner>,
+    rt: tokio::runtime::Handle,
+}
+
+impl Fs {
+    pub fn new(ns: Namespace, cache: Arc<Cache>, rt: tokio::runtime::Handle) -> Self {
+        Fs {
+            inner: Arc::new(Inner::new(ns, cache)),
+            rt,
+        }
+    }
+
+    pub fn inner(&self) -> Arc<Inner> {
+        self.inner.clone()
+    }
+
+    fn spawn<F>(&self, f: impl FnOnce(Arc<Inner>) -> F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        self.rt.spawn(f(self.inner.clone()));
+    }
+}
+
+fn xattr_reply(reply: ReplyXattr, data: &[u8], size: u32) {
+    if size == 0 {
+        reply.size(data.len() as u32);
+    } else if (size as usize) < data.len() {
+        reply.error(libc::ERANGE);
+    } else {
+        reply.data(data);
+    }
+}
+
+impl Filesystem for Fs {
+    fn init(&mut self, _req: &Request<'_>, config: &mut fuser::KernelConfig) -> Result<(), i32> {
+        // Bigger reads mean fewer chunk lookups and inflates per file.
+        if let Err(max) = config.set_max_readahead(1 << 20) {
+            let _ = config.set_max_readahead(max);
+        }
+        // Reads are answered asynchronously: let the kernel keep more in flight.
+        let _ = config.set_max_background(64);
+        Ok(())
+    }
+
+    fn lookup(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEntry) {
+        let name = name.to_owned();
+        self.spawn(|fs| async move {
+            match fs.lookup(parent, &name).await {
+                Ok((ttl, attr)) => reply.entry(&ttl, &attr, 0),
+                Err(f) if f.errno == libc::ENOENT => {
+                    // A negative entry: the kernel remembers the miss.
+                    let mut attr = fs.ns_attr(0, false, 0);
+                    attr.ino = 0;
+                    reply.entry(&fs.ns.neg_ttl, &attr, 0)
+                }
+                Err(f) => {
+                    fs.fail("lookup", &f);
+                    reply.error(f.errno)
+                }
+            }
+        });
+    }
+
+    fn getattr(&mut self, _req: &Request<'_>, ino: u64, fh: Option<u64>, reply: ReplyAttr) {
+        self.spawn(|fs| async move {
+            match fs.getattr(ino, fh).await {
+                Ok((ttl, attr)) => reply.attr(&ttl, &attr),
+                Err(f) => {
+                    fs.fail("getattr", &f);
+                    reply.error(f.errno)
+                }
+            }
+        });
+    }
+
+    fn readlink(&mut self, _req: &Request<'_>, ino: u64, reply: ReplyData) {
+        self.spawn(|fs| async move {
+            match fs.readlink(ino).await {
+                Ok(b) => reply.data(&b),
+                Err(f) => reply.error(f.errno),
+            }
+        });
+    }
+
+    fn open(&mut self, _req: &Request<'_>, ino: u64, flags: i32, reply: ReplyOpen) {
+        self.spawn(|fs| async move {
+            match fs.open(ino, flags).await {
+                Ok((fh, fl)) => reply.opened(fh, fl),
+                Err(f) => {
+                    fs.fail("open", &f);
+                    reply.error(f.errno)
+                }
+            }
+        });
+    }
+
+    fn read(
+        &mut self,
+        _req: &Request<'_>,
+        ino: u64,
+        fh: u64,
+        offset: i64,
+        size: u32,
+        _flags: i32,
+        _lock_owner: Option<u64>,
+        reply: ReplyData,
+    ) {
+        self.spawn(|fs| async move {
+            match fs.read(ino, fh, offset.max(0) as u64, size).await {
+                Ok(b) => reply.data(&b),
+                Err(f) => {
+                    fs.fail("read", &f);
+                    reply.error(f.errno)
+                }
+            }
+        });
+    }
+
+    fn release(
+        &mut self,
+        _req: &Request<'_>,
+        _ino: u64,
+        fh: u64,
+        _flags: i32,
+        _lock_owner: Option<u64>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.inner.release(fh);
+        reply.ok();
+    }
+
+    fn opendir(&mut self, _req: &Request<'_>, ino: u64, _flags: i32, reply: ReplyOpen) {
+        // A directory under a digest never changes, and one of a writable
+        // tree changes only through this mount (the kernel drops its cached
+        // listing when it does): the kernel may keep listings, so a second
+        // `find` or `ls -R` costs no READDIR at all.
+        let immutable = match self.inner.node(ino) {
+            Ok(Node::Tree(..) | Node::W(..)) => true,
+            Ok(Node::Ns(k)) => !k.mutable(),
+            _ => false,
+        };
+        let flags = if immutable {
+            FOPEN_CACHE_DIR | FOPEN_KEEP_CACHE
+        } else {
+            0
+        };
+        reply.opened(0, flags);
+    }
+
+    fn readdir(
+        &mut self,
+        _req: &Request<'_>,
+        ino: u64,
+        _fh: u64,
+        offset: i64,
+        mut reply: ReplyDirectory,
+    ) {
+        self.spawn(|fs| async move {
+            match fs.readdir(ino).await {
+                Ok(entries) => {
+                    let skip = offset.max(0) as usize;
+                    for (i, (ino, kind, name)) in entries.into_iter().enumerate().skip(skip) {
+                        if reply.add(ino, (i + 1) as i64, kind, &name) {
+                            break;
+                        }
+                    }
+                    reply.ok()
+                }
+                Err(f) => {
+                    fs.fail("readdir", &f);
+                    reply.error(f.errno)
+                }
+            }
+        });
+    }
+
+    fn statfs(&mut self, _req: &Request<'_>, _ino: u64, reply: ReplyStatfs) {
+        // Sizes are the disk cache's: what `df` shows is how full it is.
+        let files = self.inner.lock().keys.len() as u64;
+        let (limit, used) = (self.inner.cache.limit(), self.inner.cache.used());
+        let free = limit.saturating_sub(used) / 4096;
+        reply.statfs(limit / 4096, free, free, files, 0, 4096, 255, 4096);
+    }
+
+    fn getxattr(
+        &mut self,
+        _req: &Request<'_>,
+        ino: u64,
+        name: &OsStr,
+        size: u32,
+        reply: ReplyXattr,
+    ) {
+        let name = name.as_bytes().to_vec();
+        self.spawn(|fs| async move {
+            match fs.xattrs(ino).await {
+                Ok(x) => match x.iter().find(|(n, _)| *n == name) {
+                    Some((_, v)) => xattr_reply(reply, v, size),
+                    None => reply.error(libc::ENODATA),
+                },
+                Err(f) => reply.error(f.errno),
+            }
+        });
+    }
+
+    fn listxattr(&mut self, _req: &Request<'_>, ino: u64, size: u32, reply: ReplyXattr) {
+        self.spawn(|fs| async move {
+            match fs.xattrs(ino).await {
+                Ok(x) => {
+                    let mut names = Vec::new();
+                    for (n, _) in &x {
+                        names.extend_from_slice(n);
+                        names.push(0);
+                    }
+                    xattr_reply(reply, &names, size)
+                }
+                Err(f) => reply.error(f.errno),
+            }
+        });
+    }
+
+    fn access(&mut self, _req: &Request<'_>, ino: u64, mask: i32, reply: ReplyEmpty) {
+        let writable = matches!(
+            self.inner.node(ino),
+            Ok(Node::W(..) | Node::Ns(Key::WRootfs(..) | Key::Ctl))
+        );
+        if mask & libc::W_OK != 0 && !writable {
+            reply.error(libc::EROFS)
+        } else {
+            reply.ok()
+        }
+    }
+
+    // Changes: only a tag's rootfs/ takes them; everything else is EROFS.
+
+    fn setattr(
+        &mut self,
+        _req: &Request<'_>,
+        ino: u64,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<fuser::TimeOrNow>,
+        mtime: Option<fuser::TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<u64>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<u32>,
+        reply: ReplyAttr,
+    ) {
+        let a = SetAttr {
+            mode,
+            uid,
+            gid,
+            size,
+            atime: atime.map(timespec),
+            mtime: mtime.map(timespec),
+        };
+        self.spawn(|fs| async move {
+            match fs.setattr(ino, a).await {
+                Ok(attr) => reply.attr(&SHORT, &attr),
+                Err(f) => {
+                    fs.fail("setattr", &f);
+                    reply.error(f.errno)
+                }
+            }
+        });
+    }
+
+    fn mknod(
+        &mut self,
+        req: &Request<'_>,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        let (name, uid, gid) = (name.as_bytes().to_vec(), req.uid(), req.gid());
+        self.spawn(|fs| async move {
+            let r = fs
+                .change(parent, |r| {
+                    r.mknod(parent, &name, mode & !umask, rdev, uid, gid)
+                })
+                .await;
+            entry_reply(&fs, "mknod", r, reply)
+        });
+    }
+
+    fn mkdir(
+        &mut self,
+        req: &Request<'_>,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        reply: ReplyEntry,
+    ) {
+        let (name, uid, gid) = (name.as_bytes().to_vec(), req.uid(), req.gid());
+        self.spawn(|fs| async move {
+            let r = fs
+                .change(parent, |r| r.mkdir(parent, &name, mode & !umask, uid, gid))
+                .await;
+            entry_reply(&fs, "mkdir", r, reply)
+        });
+    }
+
+    fn unlink(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEmpty) {
+        let name = name.as_bytes().to_vec();
+        self.spawn(|fs| async move {
+            let r = fs.change(parent, |r| r.unlink(parent, &name)).await;
+            empty_reply(&fs, "unlink", r, reply)
+        });
+    }
+
+    fn rmdir(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEmpty) {
+        let name = name.as_bytes().to_vec();
+        self.spawn(|fs| async move {
+            let r = fs.change(parent, |r| r.rmdir(parent, &name)).await;
+            empty_reply(&fs, "rmdir", r, reply)
+        });
+    }
+
+    fn symlink(
+        &mut self,
+        req: &Request<'_>,
+        parent: u64,
+        link_name: &OsStr,
+        target: &std::path::Path,
+        reply: ReplyEntry,
+    ) {
+        let (name, uid, gid) = (link_name.as_bytes().to_vec(), req.uid(), req.gid());
+        let target = target.to_path_buf();
+        self.spawn(|fs| async move {
+            let r = fs
+                .change(parent, |r| r.symlink(parent, &name, &target, uid, gid))
+                .await;
+            entry_reply(&fs, "symlink", r, reply)
+        });
+    }
+
+    fn rename(
+        &mut self,
+        _req: &Request<'_>,
+        parent: u64,
+        name: &OsStr,
+        newparent: u64,
+        newname: &OsStr,
+        flags: u32,
+        reply: ReplyEmpty,
+    ) {
+        let (name, newname) = (name.as_bytes().to_vec(), newname.as_bytes().to_vec());
+        self.spawn(|fs| async move {
+            let r = match fs.must_write(newparent).await {
+                Ok(to) => {
+                    let same = fs
+                        .must_write(parent)
+                        .await
+                        .is_ok_and(|from| Arc::ptr_eq(&from, &to));
+                    if same {
+                        fs.change(parent, |r| {
+                            r.rename(parent, &name, newparent, &newname, flags)
+                        })
+                        .await
+                    } else {
+                        Err(Fail::new(libc::EXDEV, "rename across images"))
+                    }
+                }
+                Err(f) => Err(f),
+            };
+            empty_reply(&fs, "rename", r, reply)
+        });
+    }
+
+    fn link(
+        &mut self,
+        _req: &Request<'_>,
+        ino: u64,
+        newparent: u64,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        let newname = newname.as_bytes().to_vec();
+        self.spawn(|fs| async move {
+            let r = fs.change(ino, |r| r.link(ino, newparent, &newname)).await;
+            entry_reply(&fs, "link", r, reply)
+        });
+    }
+
+    fn write(
+        &mut self,
+        _req: &Request<'_>,
+        _ino: u64,
+        fh: u64,
+        offset: i64,
+        data: &[u8],
+        _write_flags: u32,
+        _flags: i32,
+        _lock_owner: Option<u64>,
+        reply: ReplyWrite,
+    ) {
+        let data = data.to_vec();
+        self.spawn(|fs| async move {
+            match fs.write(fh, offset.max(0) as u64, data).await {
+                Ok(n) => reply.written(n),
+                Err(f) => {
+                    fs.fail("write", &f);
+                    reply.error(f.errno)
+                }
+            }
+        });
+    }
+
+    fn create(
+        &mut self,
+        req: &Request<'_>,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        _flags: i32,
+        reply: fuser::ReplyCreate,
+    ) {
+        let (name, uid, gid) = (name.as_bytes().to_vec(), req.uid(), req.gid());
+        self.spawn(|fs| async move {
+            let made = fs
+                .change(parent, |r| r.create(parent, &name, mode & !umask, uid, gid))
+                .await;
+            match made {
+                Ok((attr, file)) => match fs.must_write(parent).await {
+                    Ok(r) => {
+                        let fh = fs.add_handle(Handle::Upper(Arc::new(file), r));
+                        reply.created(&SHORT, &attr, 0, fh, 0)
+                    }
+                    Err(f) => reply.error(f.errno),
+                },
+                Err(f) => {
+                    fs.fail("create", &f);
+                    reply.error(f.errno)
+                }
+            }
+        });
+    }
+
+    fn fsync(&mut self, _req: &Request<'_>, ino: u64, fh: u64, _datasync: bool, reply: ReplyEmpty) {
+        self.spawn(|fs| async move {
+            let r = fs.fsync(ino, fh).await;
+            empty_reply(&fs, "fsync", r, reply)
+        });
+    }
+
+    fn fsyncdir(
+        &mut self,
+        _req: &Request<'_>,
+        ino: u64,
+        _fh: u64,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.spawn(|fs| async move {
+            let r = match fs.writable(ino).await {
+                Ok(Some(r)) => r.sync_names(ino),
+                Ok(None) => Ok(()),
+                Err(f) => Err(f),
+            };
+            empty_reply(&fs, "fsyncdir", r, reply)
+        });
+    }
+
+    fn fallocate(
+        &mut self,
+        _req: &Request<'_>,
+        _ino: u64,
+        fh: u64,
+        offset: i64,
+        length: i64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        self.spawn(|fs| async move {
+            let r = fs.fallocate(fh, offset, length, mode).await;
+            empty_reply(&fs, "fallocate", r, reply)
+        });
+    }
+
+    fn setxattr(
+        &mut self,
+        _req: &Request<'_>,
+        ino: u64,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        let (name, value) = (name.as_bytes().to_vec(), value.to_vec());
+        self.spawn(|fs| async move {
+            let r = fs
+                .change(ino, |r| r.setxattr(ino, &name, &value, flags))
+                .await;
+            empty_reply(&fs, "setxattr", r, reply)
+        });
+    }
+
+    fn removexattr(&mut self, _req: &Request<'_>, ino: u64, name: &OsStr, reply: ReplyEmpty) {
+        let name = name.as_bytes().to_vec();
+        self.spawn(|fs| async move {
+            let r = fs.change(ino, |r| r.removexattr(ino, &name)).await;
+            empty_reply(&fs, "removexattr", r, reply)
+        });
+    }
+}
+
+fn timespec(t: fuser::TimeOrNow) -> libc::timespec {
+    match t {
+        fuser::TimeOrNow::Now => libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_NOW,
+        },
+        fuser::TimeOrNow::SpecificTime(t) => {
+            let (sec, nsec) = match t.duration_since(std::time::UNIX_EPOCH) {
+                Ok(d) => (d.as_secs() as i64, d.subsec_nanos() as i64),
+                Err(e) => {
+                    let d = e.duration();
+                    let (s, n) = (d.as_secs() as i64, d.subsec_nanos() as i64);
+                    if n == 0 {
+                        (-s, 0)
+                    } else {
+                        (-s - 1, 1_000_000_000 - n)
+                    }
+                }
+            };
+            crate::upper::timespec(sec, nsec)
+        }
+    }
+}
+
+fn entry_reply(fs: &Inner, what: &str, r: Res<FileAttr>, reply: ReplyEntry) {
+    match r {
+        Ok(attr) => reply.entry(&SHORT, &attr, 0),
+        Err(f) => {
+            fs.fail(what, &f);
+            reply.error(f.errno)
+        }
+    }
+}
+
+fn empty_reply(fs: &Inner, what: &str, r: Res<()>, reply: ReplyEmpty) {
+    match r {
+        Ok(()) => reply.ok(),
+        Err(f) => {
+            fs.fail(what, &f);
+            reply.error(f.errno)
+        }
+    }
+}

@@ -1,0 +1,202 @@
+//! Open files: a handle on a writable tree's upper copy or on lower bytes,
+//! and `.ggfs/ctl`, whose reply is what `ggfs commit` reads back.
+
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use fuser::consts::{FOPEN_DIRECT_IO, FOPEN_KEEP_CACHE};
+
+use crate::fs::{slice, Inner, Key, Node};
+use crate::ns::{Fail, Res};
+use crate::rootfs::{io_fail, Data, RootFs};
+use crate::tree::{self, DataRef};
+
+/// An open file.
+pub enum Handle {
+    /// Its upper copy.
+    Upper(Arc<std::fs::File>, Arc<RootFs>),
+    /// Its bytes in a lower layer.
+    Lower(Arc<RootFs>, DataRef),
+    /// `.ggfs/ctl`: the reply to the request written.
+    Ctl(Arc<Mutex<Vec<u8>>>),
+}
+
+impl Inner {
+    pub(crate) fn handle(&self, fh: u64) -> Option<Arc<Handle>> {
+        let h = self.handles.lock().unwrap_or_else(|p| p.into_inner());
+        h.get(&fh).cloned()
+    }
+
+    pub(crate) fn add_handle(&self, h: Handle) -> u64 {
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        let mut hs = self.handles.lock().unwrap_or_else(|p| p.into_inner());
+        hs.insert(fh, Arc::new(h));
+        fh
+    }
+
+    pub fn release(&self, fh: u64) {
+        let mut hs = self.handles.lock().unwrap_or_else(|p| p.into_inner());
+        hs.remove(&fh);
+    }
+
+    /// Open: (file handle, flags). Digest-addressed content keeps the
+    /// kernel's page cache across opens; stats are read fresh; a writable
+    /// tree's files get a handle on their upper copy or lower bytes.
+    pub async fn open(&self, ino: u64, flags: i32) -> Res<(u64, u32)> {
+        let write = flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0;
+        if let Some(r) = self.writable(ino).await? {
+            if write {
+                let _g = r.w.as_ref().expect("writable").lock.write().await;
+                let f = r.open_write(ino, flags & libc::O_TRUNC != 0).await?;
+                return Ok((self.add_handle(Handle::Upper(Arc::new(f), r.clone())), 0));
+            }
+            return Ok(match r.data_for_read(ino)? {
+                Data::Upper(f) => (self.add_handle(Handle::Upper(Arc::new(f), r.clone())), 0),
+                Data::Lower(d) => (
+                    self.add_handle(Handle::Lower(r.clone(), d)),
+                    FOPEN_KEEP_CACHE,
+                ),
+            });
+        }
+        let node = self.node(ino)?;
+        if let Node::Ns(Key::Ctl) = node {
+            let reply = Arc::new(Mutex::new(Vec::new()));
+            return Ok((self.add_handle(Handle::Ctl(reply)), FOPEN_DIRECT_IO));
+        }
+        if write {
+            return Err(Fail::new(
+                libc::EROFS,
+                "read-only: only a tag's rootfs/ takes changes",
+            ));
+        }
+        Ok(match node {
+            Node::Ns(Key::Stats | Key::Status) => (0, FOPEN_DIRECT_IO),
+            _ => (0, FOPEN_KEEP_CACHE),
+        })
+    }
+
+    pub async fn read(&self, ino: u64, fh: u64, offset: u64, size: u32) -> Res<Bytes> {
+        if let Some(h) = self.handle(fh) {
+            return match &*h {
+                Handle::Upper(f, _) => {
+                    let f = f.clone();
+                    tokio::task::spawn_blocking(move || {
+                        let mut buf = vec![0u8; size as usize];
+                        let mut n = 0;
+                        while n < buf.len() {
+                            match f.read_at(&mut buf[n..], offset + n as u64) {
+                                Ok(0) => break,
+                                Ok(k) => n += k,
+                                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                                Err(e) => return Err(io_fail("read", e)),
+                            }
+                        }
+                        buf.truncate(n);
+                        Ok(Bytes::from(buf))
+                    })
+                    .await
+                    .map_err(|e| Fail::new(libc::EIO, e.to_string()))?
+                }
+                Handle::Lower(r, d) => self.read_lower(r, *d, offset, size).await,
+                Handle::Ctl(reply) => {
+                    let reply = reply.lock().unwrap_or_else(|p| p.into_inner());
+                    Ok(slice(&reply, offset, size))
+                }
+            };
+        }
+        match self.node(ino)? {
+            Node::Tree(r, id) => {
+                let n = r.tree.node(id);
+                let Some(data) = n.data else {
+                    return Err(Fail::new(libc::EISDIR, "not a regular file"));
+                };
+                self.read_lower(&r, data, offset, size).await
+            }
+            Node::W(..) => Err(Fail::new(libc::EBADF, "read without an open handle")),
+            Node::Ns(key) => self.read_ns(&key, offset, size).await,
+        }
+    }
+
+    pub(crate) async fn read_lower(
+        &self,
+        r: &RootFs,
+        d: DataRef,
+        offset: u64,
+        size: u32,
+    ) -> Res<Bytes> {
+        let layer = &r.layers[d.layer];
+        layer.read(d.entry, offset, size).await.map_err(|e| {
+            tracing::error!("read of layer {}: {e}", layer.digest());
+            Fail::from(e)
+        })
+    }
+
+    pub async fn write(&self, fh: u64, offset: u64, data: Vec<u8>) -> Res<u32> {
+        let h = self
+            .handle(fh)
+            .ok_or_else(|| Fail::new(libc::EBADF, "write to a file not open for writing"))?;
+        match &*h {
+            Handle::Upper(f, r) => {
+                let w = r.w.as_ref().expect("writable");
+                let _g = w.lock.read().await;
+                w.journal
+                    .touch(&w.upper, &r.tree.node(tree::ROOT).meta)
+                    .map_err(|e| io_fail("journal", e))?;
+                let f = f.clone();
+                tokio::task::spawn_blocking(move || {
+                    f.write_all_at(&data, offset)
+                        .map(|_| data.len() as u32)
+                        .map_err(|e| io_fail("write", e))
+                })
+                .await
+                .map_err(|e| Fail::new(libc::EIO, e.to_string()))?
+            }
+            Handle::Ctl(reply) => {
+                let len = data.len() as u32;
+                let answer = self.control(&data).await;
+                let bytes = serde_json::to_vec(&answer).unwrap_or_default();
+                *reply.lock().unwrap_or_else(|p| p.into_inner()) = bytes;
+                Ok(len)
+            }
+            Handle::Lower(..) => Err(Fail::new(libc::EBADF, "file not open for writing")),
+        }
+    }
+
+    pub async fn fsync(&self, ino: u64, fh: u64) -> Res<()> {
+        if let Some(h) = self.handle(fh) {
+            if let Handle::Upper(f, r) = &*h {
+                let (f, r) = (f.clone(), r.clone());
+                return tokio::task::spawn_blocking(move || {
+                    f.sync_all().map_err(|e| io_fail("fsync", e))?;
+                    r.sync_names(ino)
+                })
+                .await
+                .map_err(|e| Fail::new(libc::EIO, e.to_string()))?;
+            }
+        }
+        Ok(())
+    }
+
+    pub async fn fallocate(&self, fh: u64, offset: i64, length: i64, mode: i32) -> Res<()> {
+        let h = self
+            .handle(fh)
+            .ok_or_else(|| Fail::new(libc::EBADF, "fallocate on a file not open for writing"))?;
+        let Handle::Upper(f, r) = &*h else {
+            return Err(Fail::new(libc::EBADF, "file not open for writing"));
+        };
+        let w = r.w.as_ref().expect("writable");
+        let _g = w.lock.read().await;
+        w.journal
+            .touch(&w.upper, &r.tree.node(tree::ROOT).meta)
+            .map_err(|e| io_fail("journal", e))?;
+        use std::os::fd::AsRawFd;
+        // SAFETY: a valid open descriptor.
+        let rc = unsafe { libc::fallocate(f.as_raw_fd(), mode, offset, length) };
+        if rc != 0 {
+            return Err(io_fail("fallocate", std::io::Error::last_os_error()));
+        }
+        Ok(())
+    }
+}

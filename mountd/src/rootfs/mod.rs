@@ -1,0 +1,498 @@
+//! A merged root filesystem as the mount shows it: the image's layers,
+//! merged read-only into a [`Tree`], and for a tag's `rootfs/` an upper
+//! directory on top that takes every change, overlayfs-style.
+//!
+//! Inodes: lower node `id` is `base + id` whether or not it has been copied
+//! up (a copy-up keeps its inode); entries made in the upper directory get
+//! numbers after the tree's. A writable tree knows each inode by the paths
+//! it was last looked up at, since every upper operation is by path.
+
+use std::collections::{HashMap, HashSet};
+use std::ffi::OsStr;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fuser::{FileAttr, FileType};
+
+use crate::commit::Journal;
+use crate::layer::LayerData;
+use crate::ns::{Fail, Res};
+use crate::tree::{self, DataRef, Kind, NodeId, Tree};
+use crate::upper::{self, join, split, Upper, WHITEOUT};
+
+mod change;
+
+/// Inodes each writable tree may use.
+pub const WRITABLE_RANGE: u64 = 1 << 32;
+
+pub struct RootFs {
+    pub tree: Arc<Tree>,
+    pub layers: Arc<Vec<Arc<dyn LayerData>>>,
+    pub base: u64,
+    pub root_ino: u64,
+    /// The upper side, for a tag's (writable) rootfs.
+    pub w: Option<Work>,
+}
+
+/// The writable side of a rootfs.
+pub struct Work {
+    pub upper: Upper,
+    pub journal: Journal,
+    /// Changes take it exclusively, data writes shared, so a commit's
+    /// snapshot sees no change half made.
+    pub lock: tokio::sync::RwLock<()>,
+    inos: Mutex<Inos>,
+}
+
+impl Work {
+    pub fn new(upper: Upper, journal: Journal, first_free: u64) -> Self {
+        Work {
+            upper,
+            journal,
+            lock: tokio::sync::RwLock::new(()),
+            inos: Mutex::new(Inos {
+                next: first_free,
+                ..Inos::default()
+            }),
+        }
+    }
+
+    fn inos(&self) -> std::sync::MutexGuard<'_, Inos> {
+        self.inos.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[derive(Default)]
+struct Inos {
+    paths: HashMap<u64, Vec<Vec<u8>>>,
+    /// Upper inode number → ours.
+    by_upper: HashMap<u64, u64>,
+    next: u64,
+}
+
+impl Inos {
+    fn add_path(&mut self, ino: u64, path: &[u8]) {
+        let v = self.paths.entry(ino).or_default();
+        if let Some(i) = v.iter().position(|p| p == path) {
+            v.remove(i);
+        }
+        v.push(path.to_vec());
+    }
+
+    fn remove_path(&mut self, path: &[u8]) {
+        for v in self.paths.values_mut() {
+            v.retain(|p| p != path);
+        }
+    }
+
+    /// Everything at or below `from` is now below `to`.
+    fn moved(&mut self, from: &[u8], to: &[u8]) {
+        self.remove_path(to);
+        for v in self.paths.values_mut() {
+            for p in v.iter_mut() {
+                if p == from || (p.starts_with(from) && p.get(from.len()) == Some(&b'/')) {
+                    *p = [to, &p[from.len()..]].concat();
+                }
+            }
+        }
+    }
+}
+
+/// Where an entry of the merged view lives.
+pub enum At {
+    Upper(std::fs::Metadata),
+    Lower(NodeId),
+}
+
+/// What a `setattr` changes.
+#[derive(Default)]
+pub struct SetAttr {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub atime: Option<libc::timespec>,
+    pub mtime: Option<libc::timespec>,
+}
+
+/// Where an open file's bytes come from.
+pub enum Data {
+    Upper(std::fs::File),
+    Lower(DataRef),
+}
+
+pub fn io_fail(what: impl std::fmt::Display, e: io::Error) -> Fail {
+    Fail::new(
+        e.raw_os_error().unwrap_or(libc::EIO),
+        format!("{what}: {e}"),
+    )
+}
+
+fn erofs() -> Fail {
+    Fail::new(libc::EROFS, "read-only: an image by digest never changes")
+}
+
+pub fn file_type(k: &Kind) -> FileType {
+    match k {
+        Kind::Dir => FileType::Directory,
+        Kind::File => FileType::RegularFile,
+        Kind::Symlink => FileType::Symlink,
+        Kind::Char => FileType::CharDevice,
+        Kind::Block => FileType::BlockDevice,
+        Kind::Fifo => FileType::NamedPipe,
+    }
+}
+
+fn md_type(md: &std::fs::Metadata) -> FileType {
+    use std::os::unix::fs::FileTypeExt;
+    let t = md.file_type();
+    if t.is_dir() {
+        FileType::Directory
+    } else if t.is_symlink() {
+        FileType::Symlink
+    } else if t.is_char_device() {
+        FileType::CharDevice
+    } else if t.is_block_device() {
+        FileType::BlockDevice
+    } else if t.is_fifo() {
+        FileType::NamedPipe
+    } else if t.is_socket() {
+        FileType::Socket
+    } else {
+        FileType::RegularFile
+    }
+}
+
+/// The attributes of an upper entry.
+pub fn attr_of(ino: u64, md: &std::fs::Metadata) -> FileAttr {
+    FileAttr {
+        ino,
+        size: md.len(),
+        blocks: md.len().div_ceil(512),
+        atime: time(md.atime(), md.atime_nsec()),
+        mtime: time(md.mtime(), md.mtime_nsec()),
+        ctime: time(md.ctime(), md.ctime_nsec()),
+        crtime: time(md.mtime(), md.mtime_nsec()),
+        kind: md_type(md),
+        perm: (md.mode() & 0o7777) as u16,
+        nlink: md.nlink() as u32,
+        uid: md.uid(),
+        gid: md.gid(),
+        rdev: md.rdev() as u32,
+        blksize: 4096,
+        flags: 0,
+    }
+}
+
+fn time(sec: i64, nsec: i64) -> SystemTime {
+    if sec >= 0 {
+        UNIX_EPOCH + Duration::new(sec as u64, nsec as u32)
+    } else {
+        UNIX_EPOCH - Duration::from_secs(sec.unsigned_abs()) + Duration::from_nanos(nsec as u64)
+    }
+}
+
+/// A name a writer may create: the kernel never sends `/`, `.` or `..`;
+/// `.wh.` names are how layers record deletions.
+fn check_name(name: &[u8]) -> Res<()> {
+    if name.starts_with(WHITEOUT) {
+        return Err(Fail::new(
+            libc::EPERM,
+            format!(
+                "{}: names starting with .wh. are reserved for layer whiteouts",
+                String::from_utf8_lossy(name)
+            ),
+        ));
+    }
+    Ok(())
+}
+
+impl RootFs {
+    pub fn ino(&self, id: NodeId) -> u64 {
+        if id == tree::ROOT {
+            self.root_ino
+        } else {
+            self.base + id as u64
+        }
+    }
+
+    /// Whether `ino` is one of this writable tree's inodes.
+    pub fn knows(&self, ino: u64) -> bool {
+        match &self.w {
+            Some(w) => ino == self.root_ino || w.inos().paths.contains_key(&ino),
+            None => false,
+        }
+    }
+
+    pub fn lower_attr(&self, id: NodeId) -> FileAttr {
+        let n = self.tree.node(id);
+        let m = &n.meta;
+        let t = time(m.mtime, m.mtime_nsec as i64);
+        FileAttr {
+            ino: self.ino(id),
+            size: m.size,
+            blocks: m.size.div_ceil(512),
+            atime: t,
+            mtime: t,
+            ctime: t,
+            crtime: t,
+            kind: file_type(&m.kind),
+            perm: (m.mode & 0o7777) as u16,
+            nlink: n.nlink.max(1),
+            uid: m.uid,
+            gid: m.gid,
+            rdev: m.rdev,
+            blksize: 4096,
+            flags: 0,
+        }
+    }
+
+    fn work(&self) -> Res<&Work> {
+        self.w.as_ref().ok_or_else(erofs)
+    }
+
+    fn up(&self) -> &Upper {
+        &self.w.as_ref().expect("a writable tree").upper
+    }
+
+    pub fn path_of(&self, ino: u64) -> Res<Vec<u8>> {
+        if ino == self.root_ino {
+            return Ok(Vec::new());
+        }
+        let w = self.work()?;
+        let inos = w.inos();
+        inos.paths
+            .get(&ino)
+            .and_then(|v| v.last().cloned())
+            .ok_or_else(|| Fail::new(libc::ENOENT, format!("inode {ino} has no name any more")))
+    }
+
+    /// The lower node at `path` unless a whiteout, an opaque directory or
+    /// an upper non-directory above it hides it (the upper entry at `path`
+    /// itself does not count: it shadows the node, which is still there).
+    pub fn lower_at(&self, path: &[u8]) -> Option<NodeId> {
+        let u = self.up();
+        let mut in_upper = u.has(b"");
+        let mut id = tree::ROOT;
+        let mut dir: Vec<u8> = Vec::new();
+        let comps: Vec<&[u8]> = path
+            .split(|&b| b == b'/')
+            .filter(|c| !c.is_empty())
+            .collect();
+        for (i, c) in comps.iter().enumerate() {
+            let here = join(&dir, c);
+            if in_upper && (u.is_opaque(&dir) || u.has_whiteout(&here)) {
+                return None;
+            }
+            id = self.tree.child(id, c)?;
+            if in_upper && i + 1 < comps.len() {
+                match u.lstat(&here) {
+                    Some(md) if !md.is_dir() => return None,
+                    Some(_) => {}
+                    None => in_upper = false,
+                }
+            }
+            dir = here;
+        }
+        Some(id)
+    }
+
+    pub fn find(&self, path: &[u8]) -> Option<At> {
+        let (_, name) = split(path);
+        if name.starts_with(WHITEOUT) {
+            return None;
+        }
+        if let Some(md) = self.up().lstat(path) {
+            return Some(At::Upper(md));
+        }
+        self.lower_at(path).map(At::Lower)
+    }
+
+    fn need(&self, path: &[u8]) -> Res<At> {
+        self.find(path)
+            .ok_or_else(|| Fail::noent(String::from_utf8_lossy(path)))
+    }
+
+    /// Our inode for the entry at `path`, remembered under that path.
+    fn ino_of(&self, path: &[u8], at: &At) -> u64 {
+        if path.is_empty() {
+            return self.root_ino;
+        }
+        let mut inos = self.up_inos();
+        let ino = match at {
+            At::Lower(id) => self.ino(*id),
+            At::Upper(md) => match inos.by_upper.get(&md.ino()) {
+                Some(&i) => i,
+                None => {
+                    let i = inos.next;
+                    inos.next += 1;
+                    inos.by_upper.insert(md.ino(), i);
+                    i
+                }
+            },
+        };
+        inos.add_path(ino, path);
+        ino
+    }
+
+    fn up_inos(&self) -> std::sync::MutexGuard<'_, Inos> {
+        self.w.as_ref().expect("a writable tree").inos()
+    }
+
+    fn attr(&self, ino: u64, path: &[u8], at: &At) -> FileAttr {
+        match at {
+            At::Lower(id) => FileAttr {
+                ino,
+                ..self.lower_attr(*id)
+            },
+            At::Upper(md) => {
+                let mut a = attr_of(ino, md);
+                if md.is_dir() {
+                    let subdirs = self
+                        .merged(path)
+                        .iter()
+                        .filter(|(_, a)| self.is_dir(a))
+                        .count();
+                    a.nlink = 2 + subdirs as u32;
+                }
+                a
+            }
+        }
+    }
+
+    fn is_dir(&self, at: &At) -> bool {
+        match at {
+            At::Upper(md) => md.is_dir(),
+            At::Lower(id) => self.tree.node(*id).meta.kind == Kind::Dir,
+        }
+    }
+
+    /// The entries of a merged directory: upper ones, then the lower ones
+    /// neither shadowed nor whited out (none under an opaque directory).
+    pub fn merged(&self, path: &[u8]) -> Vec<(Vec<u8>, At)> {
+        let mut out = Vec::new();
+        let mut hide: HashSet<Vec<u8>> = HashSet::new();
+        let listing = self.up().list(path);
+        let opaque = listing.as_ref().is_some_and(|l| l.opaque);
+        if let Some(l) = listing {
+            hide.extend(l.whiteouts);
+            for (name, md) in l.entries {
+                hide.insert(name.clone());
+                out.push((name, At::Upper(md)));
+            }
+        }
+        if !opaque {
+            if let Some(id) = self.lower_at(path) {
+                for (name, &c) in &self.tree.node(id).children {
+                    if !hide.contains(&name[..]) {
+                        out.push((name.to_vec(), At::Lower(c)));
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    pub fn lookup(&self, parent: u64, name: &[u8]) -> Res<FileAttr> {
+        let path = join(&self.path_of(parent)?, name);
+        let at = self.need(&path)?;
+        let ino = self.ino_of(&path, &at);
+        Ok(self.attr(ino, &path, &at))
+    }
+
+    pub fn getattr(&self, ino: u64) -> Res<FileAttr> {
+        let path = self.path_of(ino)?;
+        let at = self.need(&path)?;
+        Ok(self.attr(ino, &path, &at))
+    }
+
+    pub fn readdir(&self, ino: u64) -> Res<Vec<(u64, FileType, std::ffi::OsString)>> {
+        let path = self.path_of(ino)?;
+        let parent = if path.is_empty() {
+            self.root_ino
+        } else {
+            let (d, _) = split(&path);
+            let at = self.need(d)?;
+            self.ino_of(d, &at)
+        };
+        let mut out = vec![
+            (ino, FileType::Directory, ".".into()),
+            (parent, FileType::Directory, "..".into()),
+        ];
+        for (name, at) in self.merged(&path) {
+            let child = join(&path, &name);
+            let kind = match &at {
+                At::Upper(md) => md_type(md),
+                At::Lower(id) => file_type(&self.tree.node(*id).meta.kind),
+            };
+            let cino = self.ino_of(&child, &at);
+            out.push((cino, kind, OsStr::from_bytes(&name).to_owned()));
+        }
+        Ok(out)
+    }
+
+    pub fn readlink(&self, ino: u64) -> Res<Vec<u8>> {
+        let path = self.path_of(ino)?;
+        match self.need(&path)? {
+            At::Upper(_) => std::fs::read_link(self.up().path(&path))
+                .map(|p| p.as_os_str().as_bytes().to_vec())
+                .map_err(|e| io_fail("readlink", e)),
+            At::Lower(id) => {
+                let m = &self.tree.node(id).meta;
+                if m.kind != Kind::Symlink {
+                    return Err(Fail::new(libc::EINVAL, "not a symlink"));
+                }
+                Ok(m.link.clone())
+            }
+        }
+    }
+
+    pub fn xattrs(&self, ino: u64) -> Res<Vec<(Vec<u8>, Vec<u8>)>> {
+        let path = self.path_of(ino)?;
+        match self.need(&path)? {
+            At::Upper(_) => {
+                upper::xattrs(&self.up().path(&path)).map_err(|e| io_fail("listxattr", e))
+            }
+            At::Lower(id) => Ok(self.tree.node(id).meta.xattrs.clone()),
+        }
+    }
+
+    /// Where reading `ino` gets its bytes, for a reader.
+    pub fn data_for_read(&self, ino: u64) -> Res<Data> {
+        let path = self.path_of(ino)?;
+        match self.need(&path)? {
+            At::Lower(id) => self.lower_data(id),
+            At::Upper(md) if md.is_file() => match self.up().origin(&path) {
+                Some(origin) => self.origin_data(&origin),
+                None => std::fs::File::open(self.up().path(&path))
+                    .map(Data::Upper)
+                    .map_err(|e| io_fail("open", e)),
+            },
+            At::Upper(_) => Err(Fail::new(libc::EISDIR, "not a regular file")),
+        }
+    }
+
+    fn lower_data(&self, id: NodeId) -> Res<Data> {
+        self.tree
+            .node(id)
+            .data
+            .map(Data::Lower)
+            .ok_or_else(|| Fail::new(libc::EISDIR, "not a regular file"))
+    }
+
+    pub fn origin_data(&self, origin: &[u8]) -> Res<Data> {
+        let id = self.tree.resolve(origin).ok_or_else(|| {
+            Fail::new(
+                libc::EIO,
+                format!(
+                    "the lower file {} that a changed file reads from is gone",
+                    String::from_utf8_lossy(origin)
+                ),
+            )
+        })?;
+        self.lower_data(id)
+    }
+}
