@@ -409,6 +409,45 @@ fn runc_runs_on_the_writable_rootfs() {
     assert!(unpacked.join("bin/sh").is_file());
 }
 
+/// A write drops a file's capabilities and chown does too, as on any Linux
+/// file system (the mount does it: it tells the kernel it will); a write
+/// by root keeps setuid.
+#[test]
+fn writes_drop_file_capabilities_and_root_keeps_setuid() {
+    let reg = Distribution::start();
+    push_fixture(&reg);
+    let m = Mount::start(reg.addr(), MANUAL);
+    let root = m.path(ROOTFS);
+    let cap = |p: &str| xattr::get(root.join(p), "security.capability").unwrap();
+    assert!(
+        cap("usr/bin/cap").is_some(),
+        "the fixture's file has a capability"
+    );
+    tool(&root, &["sh", "-c", "printf '#' >> usr/bin/cap"]);
+    assert_eq!(cap("usr/bin/cap"), None, "a write keeps the capability");
+    tool(
+        &root,
+        &[
+            "setfattr",
+            "-n",
+            "security.capability",
+            "-v",
+            "0x0100000200040000000000000000000000000000",
+            "usr/bin/cap",
+        ],
+    );
+    assert!(cap("usr/bin/cap").is_some());
+    tool(&root, &["chown", "1000", "usr/bin/cap"]);
+    assert_eq!(cap("usr/bin/cap"), None, "chown keeps the capability");
+    tool(&root, &["sh", "-c", "printf '#' >> usr/bin/suid"]);
+    let mode = fs::metadata(root.join("usr/bin/suid")).unwrap().mode();
+    assert_eq!(mode & 0o7777, 0o4755, "root's write dropped setuid");
+    assert_eq!(
+        read_string(&root.join("usr/bin/suid")),
+        "#!/bin/sh\necho suid\n#"
+    );
+}
+
 /// By-digest images and the namespace files refuse writes with EROFS, and
 /// writes through the tag do not show through the digest.
 #[test]

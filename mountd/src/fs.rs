@@ -24,7 +24,7 @@ use crate::commit as journal;
 use crate::handles::Handle;
 use crate::layer::Layers;
 use crate::ns::{children_of, valid_component, Art, Fail, Memo, Namespace, Res};
-use crate::rootfs::{io_fail, RootFs};
+use crate::rootfs::RootFs;
 use crate::tree::{self, NodeId, Tree};
 
 /// Inodes at and above this belong to merged rootfs trees.
@@ -596,16 +596,10 @@ impl Inner {
     }
 
     pub async fn getattr(&self, ino: u64, fh: Option<u64>) -> Res<(Duration, FileAttr)> {
-        let node = self.node(ino)?;
-        // An open file keeps its attributes after its last name is gone.
-        if let (Node::W(r, _), Some(Handle::Upper(f, _))) =
-            (&node, fh.and_then(|fh| self.handle(fh)).as_deref())
-        {
-            if r.getattr(ino).is_err() {
-                let md = f.metadata().map_err(|e| io_fail("fstat", e))?;
-                return Ok((SHORT, crate::rootfs::attr_of(ino, &md)));
-            }
+        if let Some(r) = self.writable(ino).await? {
+            return Ok((SHORT, self.getattr_w(&r, ino, fh)?));
         }
+        let node = self.node(ino)?;
         self.attr(ino, &node).await
     }
 

@@ -5,7 +5,7 @@
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use fuser::consts::{FOPEN_CACHE_DIR, FOPEN_KEEP_CACHE};
 use fuser::{
@@ -17,7 +17,7 @@ use crate::cache::Cache;
 use crate::fs::{Inner, Key, Node, SHORT};
 use crate::handles::Handle;
 use crate::ns::{Fail, Namespace, Res};
-use crate::rootfs::SetAttr;
+use crate::rootfs::{RootFs, SetAttr};
 
 pub struct Fs {
     inner: Arc<Inner>,
@@ -44,6 +44,79 @@ impl Fs {
     }
 }
 
+/// Protocol 7.33 names fuser 0.15 does not have.
+const FUSE_HANDLE_KILLPRIV_V2: u32 = 1 << 28;
+const FUSE_WRITE_KILL_SUIDGID: u32 = 1 << 2;
+
+impl Fs {
+    /// Run a change: on this thread when it is local work (see
+    /// `Inner::change_now`), else on the runtime; `done` replies.
+    fn change<T, F, D>(&self, ino: u64, f: F, done: D)
+    where
+        T: Send + 'static,
+        F: FnOnce(&RootFs) -> Res<T> + Send + 'static,
+        D: FnOnce(&Inner, Res<T>) + Send + 'static,
+    {
+        match self.inner.change_now(ino, f) {
+            Ok(out) => done(&self.inner, out),
+            Err(f) => self.spawn(move |fs| async move {
+                let out = fs.change(ino, f).await;
+                done(&fs, out)
+            }),
+        }
+    }
+}
+
+fn lookup_reply(fs: &Inner, r: Res<(Duration, FileAttr)>, reply: ReplyEntry) {
+    match r {
+        Ok((ttl, attr)) => reply.entry(&ttl, &attr, 0),
+        Err(f) if f.errno == libc::ENOENT => {
+            // A negative entry: the kernel remembers the miss.
+            let mut attr = fs.ns_attr(0, false, 0);
+            attr.ino = 0;
+            reply.entry(&fs.ns.neg_ttl, &attr, 0)
+        }
+        Err(f) => {
+            fs.fail("lookup", &f);
+            reply.error(f.errno)
+        }
+    }
+}
+
+type Entries = Vec<(u64, fuser::FileType, std::ffi::OsString)>;
+
+fn dir_reply(fs: &Inner, r: Res<Entries>, offset: i64, mut reply: ReplyDirectory) {
+    match r {
+        Ok(entries) => {
+            let skip = offset.max(0) as usize;
+            for (i, (ino, kind, name)) in entries.into_iter().enumerate().skip(skip) {
+                if reply.add(ino, (i + 1) as i64, kind, &name) {
+                    break;
+                }
+            }
+            reply.ok()
+        }
+        Err(f) => {
+            fs.fail("readdir", &f);
+            reply.error(f.errno)
+        }
+    }
+}
+
+fn names_reply(r: Res<Vec<(Vec<u8>, Vec<u8>)>>, size: u32, reply: ReplyXattr) {
+    match r {
+        Ok(x) => {
+            let mut names = Vec::new();
+            for (n, _) in &x {
+                names.extend_from_slice(n);
+                names.push(0);
+            }
+            xattr_reply(reply, &names, size)
+        }
+        Err(f) => reply.error(f.errno),
+    }
+}
+
 fn xattr_reply(reply: ReplyXattr, data: &[u8], size: u32) {
     if size == 0 {
         reply.size(data.len() as u32);
@@ -62,29 +135,32 @@ impl Filesystem for Fs {
         }
         // Reads are answered asynchronously: let the kernel keep more in flight.
         let _ = config.set_max_background(64);
+        // Writes drop setuid bits and file capabilities here (handles.rs):
+        // the kernel need not ask for security.capability before each one.
+        let _ = config.add_capabilities(FUSE_HANDLE_KILLPRIV_V2);
         Ok(())
     }
 
     fn lookup(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEntry) {
+        // In a built writable tree everything is local: answer here.
+        if let Some(r) = self.inner.built_writable(parent) {
+            let res = r.lookup(parent, name.as_bytes()).map(|a| (SHORT, a));
+            return lookup_reply(&self.inner, res, reply);
+        }
         let name = name.to_owned();
         self.spawn(|fs| async move {
-            match fs.lookup(parent, &name).await {
-                Ok((ttl, attr)) => reply.entry(&ttl, &attr, 0),
-                Err(f) if f.errno == libc::ENOENT => {
-                    // A negative entry: the kernel remembers the miss.
-                    let mut attr = fs.ns_attr(0, false, 0);
-                    attr.ino = 0;
-                    reply.entry(&fs.ns.neg_ttl, &attr, 0)
-                }
-                Err(f) => {
-                    fs.fail("lookup", &f);
-                    reply.error(f.errno)
-                }
-            }
+            let res = fs.lookup(parent, &name).await;
+            lookup_reply(&fs, res, reply)
         });
     }
 
     fn getattr(&mut self, _req: &Request<'_>, ino: u64, fh: Option<u64>, reply: ReplyAttr) {
+        if let Some(r) = self.inner.built_writable(ino) {
+            return match self.inner.getattr_w(&r, ino, fh) {
+                Ok(attr) => reply.attr(&SHORT, &attr),
+                Err(f) => reply.error(f.errno),
+            };
+        }
         self.spawn(|fs| async move {
             match fs.getattr(ino, fh).await {
                 Ok((ttl, attr)) => reply.attr(&ttl, &attr),
@@ -97,6 +173,12 @@ impl Filesystem for Fs {
     }
 
     fn readlink(&mut self, _req: &Request<'_>, ino: u64, reply: ReplyData) {
+        if let Some(r) = self.inner.built_writable(ino) {
+            return match r.readlink(ino) {
+                Ok(b) => reply.data(&b),
+                Err(f) => reply.error(f.errno),
+            };
+        }
         self.spawn(|fs| async move {
             match fs.readlink(ino).await {
                 Ok(b) => reply.data(&b),
@@ -106,6 +188,21 @@ impl Filesystem for Fs {
     }
 
     fn open(&mut self, _req: &Request<'_>, ino: u64, flags: i32, reply: ReplyOpen) {
+        let write = flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0;
+        let now = match self.inner.built_writable(ino) {
+            Some(r) if !write => Some(self.inner.open_read(&r, ino)),
+            Some(_) => self.inner.open_write_now(ino, flags),
+            None => None,
+        };
+        if let Some(res) = now {
+            return match res {
+                Ok((fh, fl)) => reply.opened(fh, fl),
+                Err(f) => {
+                    self.inner.fail("open", &f);
+                    reply.error(f.errno)
+                }
+            };
+        }
         self.spawn(|fs| async move {
             match fs.open(ino, flags).await {
                 Ok((fh, fl)) => reply.opened(fh, fl),
@@ -128,6 +225,12 @@ impl Filesystem for Fs {
         _lock_owner: Option<u64>,
         reply: ReplyData,
     ) {
+        if let Some(Handle::Upper(f, _)) = self.inner.handle(fh).as_deref() {
+            return match crate::handles::read_at(f, offset.max(0) as u64, size) {
+                Ok(b) => reply.data(&b),
+                Err(f) => reply.error(f.errno),
+            };
+        }
         self.spawn(|fs| async move {
             match fs.read(ino, fh, offset.max(0) as u64, size).await {
                 Ok(b) => reply.data(&b),
@@ -177,24 +280,14 @@ impl Filesystem for Fs {
         ino: u64,
         _fh: u64,
         offset: i64,
-        mut reply: ReplyDirectory,
+        reply: ReplyDirectory,
     ) {
+        if let Some(r) = self.inner.built_writable(ino) {
+            return dir_reply(&self.inner, r.readdir(ino), offset, reply);
+        }
         self.spawn(|fs| async move {
-            match fs.readdir(ino).await {
-                Ok(entries) => {
-                    let skip = offset.max(0) as usize;
-                    for (i, (ino, kind, name)) in entries.into_iter().enumerate().skip(skip) {
-                        if reply.add(ino, (i + 1) as i64, kind, &name) {
-                            break;
-                        }
-                    }
-                    reply.ok()
-                }
-                Err(f) => {
-                    fs.fail("readdir", &f);
-                    reply.error(f.errno)
-                }
-            }
+            let res = fs.readdir(ino).await;
+            dir_reply(&fs, res, offset, reply)
         });
     }
 
@@ -215,6 +308,15 @@ impl Filesystem for Fs {
         reply: ReplyXattr,
     ) {
         let name = name.as_bytes().to_vec();
+        if let Some(r) = self.inner.built_writable(ino) {
+            return match r.xattrs(ino) {
+                Ok(x) => match x.iter().find(|(n, _)| *n == name) {
+                    Some((_, v)) => xattr_reply(reply, v, size),
+                    None => reply.error(libc::ENODATA),
+                },
+                Err(f) => reply.error(f.errno),
+            };
+        }
         self.spawn(|fs| async move {
             match fs.xattrs(ino).await {
                 Ok(x) => match x.iter().find(|(n, _)| *n == name) {
@@ -227,19 +329,10 @@ impl Filesystem for Fs {
     }
 
     fn listxattr(&mut self, _req: &Request<'_>, ino: u64, size: u32, reply: ReplyXattr) {
-        self.spawn(|fs| async move {
-            match fs.xattrs(ino).await {
-                Ok(x) => {
-                    let mut names = Vec::new();
-                    for (n, _) in &x {
-                        names.extend_from_slice(n);
-                        names.push(0);
-                    }
-                    xattr_reply(reply, &names, size)
-                }
-                Err(f) => reply.error(f.errno),
-            }
-        });
+        if let Some(r) = self.inner.built_writable(ino) {
+            return names_reply(r.xattrs(ino), size, reply);
+        }
+        self.spawn(|fs| async move { names_reply(fs.xattrs(ino).await, size, reply) });
     }
 
     fn access(&mut self, _req: &Request<'_>, ino: u64, mask: i32, reply: ReplyEmpty) {
@@ -282,14 +375,24 @@ impl Filesystem for Fs {
             atime: atime.map(timespec),
             mtime: mtime.map(timespec),
         };
+        let fetch = a.size.is_some_and(|s| s > 0)
+            && self
+                .inner
+                .built_writable(ino)
+                .is_some_and(|r| r.bytes_below(ino));
+        if !fetch {
+            let a = match self.inner.change_now(ino, |r| r.setattr(ino, &a)) {
+                Ok(res) => return attr_reply(&self.inner, res, reply),
+                Err(_) => a,
+            };
+            return self.spawn(|fs| async move {
+                let res = fs.setattr(ino, a).await;
+                attr_reply(&fs, res, reply)
+            });
+        }
         self.spawn(|fs| async move {
-            match fs.setattr(ino, a).await {
-                Ok(attr) => reply.attr(&SHORT, &attr),
-                Err(f) => {
-                    fs.fail("setattr", &f);
-                    reply.error(f.errno)
-                }
-            }
+            let res = fs.setattr(ino, a).await;
+            attr_reply(&fs, res, reply)
         });
     }
 
@@ -304,14 +407,11 @@ impl Filesystem for Fs {
         reply: ReplyEntry,
     ) {
         let (name, uid, gid) = (name.as_bytes().to_vec(), req.uid(), req.gid());
-        self.spawn(|fs| async move {
-            let r = fs
-                .change(parent, |r| {
-                    r.mknod(parent, &name, mode & !umask, rdev, uid, gid)
-                })
-                .await;
-            entry_reply(&fs, "mknod", r, reply)
-        });
+        self.change(
+            parent,
+            move |r| r.mknod(parent, &name, mode & !umask, rdev, uid, gid),
+            move |fs, r| entry_reply(fs, "mknod", r, reply),
+        );
     }
 
     fn mkdir(
@@ -324,28 +424,29 @@ impl Filesystem for Fs {
         reply: ReplyEntry,
     ) {
         let (name, uid, gid) = (name.as_bytes().to_vec(), req.uid(), req.gid());
-        self.spawn(|fs| async move {
-            let r = fs
-                .change(parent, |r| r.mkdir(parent, &name, mode & !umask, uid, gid))
-                .await;
-            entry_reply(&fs, "mkdir", r, reply)
-        });
+        self.change(
+            parent,
+            move |r| r.mkdir(parent, &name, mode & !umask, uid, gid),
+            move |fs, r| entry_reply(fs, "mkdir", r, reply),
+        );
     }
 
     fn unlink(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEmpty) {
         let name = name.as_bytes().to_vec();
-        self.spawn(|fs| async move {
-            let r = fs.change(parent, |r| r.unlink(parent, &name)).await;
-            empty_reply(&fs, "unlink", r, reply)
-        });
+        self.change(
+            parent,
+            move |r| r.unlink(parent, &name),
+            move |fs, r| empty_reply(fs, "unlink", r, reply),
+        );
     }
 
     fn rmdir(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEmpty) {
         let name = name.as_bytes().to_vec();
-        self.spawn(|fs| async move {
-            let r = fs.change(parent, |r| r.rmdir(parent, &name)).await;
-            empty_reply(&fs, "rmdir", r, reply)
-        });
+        self.change(
+            parent,
+            move |r| r.rmdir(parent, &name),
+            move |fs, r| empty_reply(fs, "rmdir", r, reply),
+        );
     }
 
     fn symlink(
@@ -358,12 +459,11 @@ impl Filesystem for Fs {
     ) {
         let (name, uid, gid) = (link_name.as_bytes().to_vec(), req.uid(), req.gid());
         let target = target.to_path_buf();
-        self.spawn(|fs| async move {
-            let r = fs
-                .change(parent, |r| r.symlink(parent, &name, &target, uid, gid))
-                .await;
-            entry_reply(&fs, "symlink", r, reply)
-        });
+        self.change(
+            parent,
+            move |r| r.symlink(parent, &name, &target, uid, gid),
+            move |fs, r| entry_reply(fs, "symlink", r, reply),
+        );
     }
 
     fn rename(
@@ -377,6 +477,22 @@ impl Filesystem for Fs {
         reply: ReplyEmpty,
     ) {
         let (name, newname) = (name.as_bytes().to_vec(), newname.as_bytes().to_vec());
+        let op = move |r: &RootFs| r.rename(parent, &name, newparent, &newname, flags);
+        let same = |a: Option<Arc<RootFs>>, b: Option<Arc<RootFs>>| match (a, b) {
+            (Some(a), Some(b)) => Arc::ptr_eq(&a, &b),
+            _ => false,
+        };
+        let op = if same(
+            self.inner.built_writable(parent),
+            self.inner.built_writable(newparent),
+        ) {
+            match self.inner.change_now(parent, op) {
+                Ok(r) => return empty_reply(&self.inner, "rename", r, reply),
+                Err(op) => op,
+            }
+        } else {
+            op
+        };
         self.spawn(|fs| async move {
             let r = match fs.must_write(newparent).await {
                 Ok(to) => {
@@ -385,10 +501,7 @@ impl Filesystem for Fs {
                         .await
                         .is_ok_and(|from| Arc::ptr_eq(&from, &to));
                     if same {
-                        fs.change(parent, |r| {
-                            r.rename(parent, &name, newparent, &newname, flags)
-                        })
-                        .await
+                        fs.change(parent, op).await
                     } else {
                         Err(Fail::new(libc::EXDEV, "rename across images"))
                     }
@@ -408,10 +521,11 @@ impl Filesystem for Fs {
         reply: ReplyEntry,
     ) {
         let newname = newname.as_bytes().to_vec();
-        self.spawn(|fs| async move {
-            let r = fs.change(ino, |r| r.link(ino, newparent, &newname)).await;
-            entry_reply(&fs, "link", r, reply)
-        });
+        self.change(
+            ino,
+            move |r| r.link(ino, newparent, &newname),
+            move |fs, r| entry_reply(fs, "link", r, reply),
+        );
     }
 
     fn write(
@@ -421,14 +535,24 @@ impl Filesystem for Fs {
         fh: u64,
         offset: i64,
         data: &[u8],
-        _write_flags: u32,
+        write_flags: u32,
         _flags: i32,
         _lock_owner: Option<u64>,
         reply: ReplyWrite,
     ) {
+        let kill = write_flags & FUSE_WRITE_KILL_SUIDGID != 0;
+        if let Some(res) = self.inner.write_now(fh, offset.max(0) as u64, data, kill) {
+            return match res {
+                Ok(n) => reply.written(n),
+                Err(f) => {
+                    self.inner.fail("write", &f);
+                    reply.error(f.errno)
+                }
+            };
+        }
         let data = data.to_vec();
         self.spawn(|fs| async move {
-            match fs.write(fh, offset.max(0) as u64, data).await {
+            match fs.write(fh, offset.max(0) as u64, data, kill).await {
                 Ok(n) => reply.written(n),
                 Err(f) => {
                     fs.fail("write", &f);
@@ -449,24 +573,23 @@ impl Filesystem for Fs {
         reply: fuser::ReplyCreate,
     ) {
         let (name, uid, gid) = (name.as_bytes().to_vec(), req.uid(), req.gid());
-        self.spawn(|fs| async move {
-            let made = fs
-                .change(parent, |r| r.create(parent, &name, mode & !umask, uid, gid))
-                .await;
-            match made {
-                Ok((attr, file)) => match fs.must_write(parent).await {
-                    Ok(r) => {
+        self.change(
+            parent,
+            move |r| r.create(parent, &name, mode & !umask, uid, gid),
+            move |fs, made| match made {
+                Ok((attr, file)) => match fs.built_writable(parent) {
+                    Some(r) => {
                         let fh = fs.add_handle(Handle::Upper(Arc::new(file), r));
                         reply.created(&SHORT, &attr, 0, fh, 0)
                     }
-                    Err(f) => reply.error(f.errno),
+                    None => reply.error(libc::EIO),
                 },
                 Err(f) => {
                     fs.fail("create", &f);
                     reply.error(f.errno)
                 }
-            }
-        });
+            },
+        );
     }
 
     fn fsync(&mut self, _req: &Request<'_>, ino: u64, fh: u64, _datasync: bool, reply: ReplyEmpty) {
@@ -521,20 +644,20 @@ impl Filesystem for Fs {
         reply: ReplyEmpty,
     ) {
         let (name, value) = (name.as_bytes().to_vec(), value.to_vec());
-        self.spawn(|fs| async move {
-            let r = fs
-                .change(ino, |r| r.setxattr(ino, &name, &value, flags))
-                .await;
-            empty_reply(&fs, "setxattr", r, reply)
-        });
+        self.change(
+            ino,
+            move |r| r.setxattr(ino, &name, &value, flags),
+            move |fs, r| empty_reply(fs, "setxattr", r, reply),
+        );
     }
 
     fn removexattr(&mut self, _req: &Request<'_>, ino: u64, name: &OsStr, reply: ReplyEmpty) {
         let name = name.as_bytes().to_vec();
-        self.spawn(|fs| async move {
-            let r = fs.change(ino, |r| r.removexattr(ino, &name)).await;
-            empty_reply(&fs, "removexattr", r, reply)
-        });
+        self.change(
+            ino,
+            move |r| r.removexattr(ino, &name),
+            move |fs, r| empty_reply(fs, "removexattr", r, reply),
+        );
     }
 }
 
@@ -558,6 +681,16 @@ fn timespec(t: fuser::TimeOrNow) -> libc::timespec {
                 }
             };
             crate::upper::timespec(sec, nsec)
+        }
+    }
+}
+
+fn attr_reply(fs: &Inner, r: Res<FileAttr>, reply: ReplyAttr) {
+    match r {
+        Ok(attr) => reply.attr(&SHORT, &attr),
+        Err(f) => {
+            fs.fail("setattr", &f);
+            reply.error(f.errno)
         }
     }
 }

@@ -49,16 +49,14 @@ impl Inner {
         if let Some(r) = self.writable(ino).await? {
             if write {
                 let _g = r.w.as_ref().expect("writable").lock.write().await;
-                let f = r.open_write(ino, flags & libc::O_TRUNC != 0).await?;
+                let truncate = flags & libc::O_TRUNC != 0;
+                if !truncate && r.bytes_below(ino) {
+                    r.bring_up(ino).await?;
+                }
+                let f = tokio::task::block_in_place(|| r.open_write(ino, truncate))?;
                 return Ok((self.add_handle(Handle::Upper(Arc::new(f), r.clone())), 0));
             }
-            return Ok(match r.data_for_read(ino)? {
-                Data::Upper(f) => (self.add_handle(Handle::Upper(Arc::new(f), r.clone())), 0),
-                Data::Lower(d) => (
-                    self.add_handle(Handle::Lower(r.clone(), d)),
-                    FOPEN_KEEP_CACHE,
-                ),
-            });
+            return self.open_read(&r, ino);
         }
         let node = self.node(ino)?;
         if let Node::Ns(Key::Ctl) = node {
@@ -77,28 +75,37 @@ impl Inner {
         })
     }
 
+    /// Open a writable tree's file for reading: its upper copy, or its
+    /// bytes below (which the kernel may keep cached: they never change).
+    pub(crate) fn open_read(&self, r: &Arc<RootFs>, ino: u64) -> Res<(u64, u32)> {
+        Ok(match r.data_for_read(ino)? {
+            Data::Upper(f) => (self.add_handle(Handle::Upper(Arc::new(f), r.clone())), 0),
+            Data::Lower(d) => (
+                self.add_handle(Handle::Lower(r.clone(), d)),
+                FOPEN_KEEP_CACHE,
+            ),
+        })
+    }
+
+    /// Open a built writable tree's file for writing on this thread, when
+    /// that needs no fetching and no waiting; `None`: use [`Inner::open`].
+    pub(crate) fn open_write_now(&self, ino: u64, flags: i32) -> Option<Res<(u64, u32)>> {
+        let r = self.built_writable(ino)?;
+        let truncate = flags & libc::O_TRUNC != 0;
+        let _g = r.w.as_ref()?.lock.try_write().ok()?;
+        if !truncate && r.bytes_below(ino) {
+            return None;
+        }
+        Some(
+            r.open_write(ino, truncate)
+                .map(|f| (self.add_handle(Handle::Upper(Arc::new(f), r.clone())), 0)),
+        )
+    }
+
     pub async fn read(&self, ino: u64, fh: u64, offset: u64, size: u32) -> Res<Bytes> {
         if let Some(h) = self.handle(fh) {
             return match &*h {
-                Handle::Upper(f, _) => {
-                    let f = f.clone();
-                    tokio::task::spawn_blocking(move || {
-                        let mut buf = vec![0u8; size as usize];
-                        let mut n = 0;
-                        while n < buf.len() {
-                            match f.read_at(&mut buf[n..], offset + n as u64) {
-                                Ok(0) => break,
-                                Ok(k) => n += k,
-                                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                                Err(e) => return Err(io_fail("read", e)),
-                            }
-                        }
-                        buf.truncate(n);
-                        Ok(Bytes::from(buf))
-                    })
-                    .await
-                    .map_err(|e| Fail::new(libc::EIO, e.to_string()))?
-                }
+                Handle::Upper(f, _) => read_at(f, offset, size),
                 Handle::Lower(r, d) => self.read_lower(r, *d, offset, size).await,
                 Handle::Ctl(reply) => {
                     let reply = reply.lock().unwrap_or_else(|p| p.into_inner());
@@ -119,6 +126,24 @@ impl Inner {
         }
     }
 
+    /// Write to an open upper copy, on this thread when no commit holds the
+    /// tree (`None` then).
+    pub(crate) fn write_now(
+        &self,
+        fh: u64,
+        offset: u64,
+        data: &[u8],
+        kill_suid: bool,
+    ) -> Option<Res<u32>> {
+        let h = self.handle(fh)?;
+        let Handle::Upper(f, r) = &*h else {
+            return None;
+        };
+        let w = r.w.as_ref()?;
+        let _g = w.lock.try_read().ok()?;
+        Some(write_at(r, f, offset, data, kill_suid))
+    }
+
     pub(crate) async fn read_lower(
         &self,
         r: &RootFs,
@@ -133,25 +158,14 @@ impl Inner {
         })
     }
 
-    pub async fn write(&self, fh: u64, offset: u64, data: Vec<u8>) -> Res<u32> {
+    pub async fn write(&self, fh: u64, offset: u64, data: Vec<u8>, kill_suid: bool) -> Res<u32> {
         let h = self
             .handle(fh)
             .ok_or_else(|| Fail::new(libc::EBADF, "write to a file not open for writing"))?;
         match &*h {
             Handle::Upper(f, r) => {
-                let w = r.w.as_ref().expect("writable");
-                let _g = w.lock.read().await;
-                w.journal
-                    .touch(&w.upper, &r.tree.node(tree::ROOT).meta)
-                    .map_err(|e| io_fail("journal", e))?;
-                let f = f.clone();
-                tokio::task::spawn_blocking(move || {
-                    f.write_all_at(&data, offset)
-                        .map(|_| data.len() as u32)
-                        .map_err(|e| io_fail("write", e))
-                })
-                .await
-                .map_err(|e| Fail::new(libc::EIO, e.to_string()))?
+                let _g = r.w.as_ref().expect("writable").lock.read().await;
+                tokio::task::block_in_place(|| write_at(r, f, offset, &data, kill_suid))
             }
             Handle::Ctl(reply) => {
                 let len = data.len() as u32;
@@ -199,4 +213,61 @@ impl Inner {
         }
         Ok(())
     }
+}
+
+/// Up to `size` bytes at `offset` of a local file.
+pub(crate) fn read_at(f: &std::fs::File, offset: u64, size: u32) -> Res<Bytes> {
+    let mut buf = vec![0u8; size as usize];
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read_at(&mut buf[n..], offset + n as u64) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(io_fail("read", e)),
+        }
+    }
+    buf.truncate(n);
+    Ok(Bytes::from(buf))
+}
+
+/// What the kernel leaves to us with FUSE_HANDLE_KILLPRIV_V2 (which spares
+/// a GETXATTR round trip per write): a write drops file capabilities, and
+/// setuid/setgid when the kernel says so (a writer without CAP_FSETID).
+/// The daemon writes as root, so the upper file system would not.
+fn kill_privs(f: &std::fs::File, kill_suid: bool) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::PermissionsExt;
+    let mode = f.metadata()?.permissions().mode();
+    let setgid = libc::S_ISGID | libc::S_IXGRP;
+    let drop = libc::S_ISUID
+        | if mode & setgid == setgid {
+            libc::S_ISGID
+        } else {
+            0
+        };
+    if kill_suid && mode & drop != 0 {
+        f.set_permissions(std::fs::Permissions::from_mode(mode & !drop & 0o7777))?;
+    }
+    let name = c"security.capability";
+    // SAFETY: a valid descriptor and NUL-terminated name.
+    if unsafe { libc::fremovexattr(f.as_raw_fd(), name.as_ptr()) } != 0 {
+        let e = std::io::Error::last_os_error();
+        if !matches!(e.raw_os_error(), Some(libc::ENODATA | libc::EOPNOTSUPP)) {
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
+/// A write to an upper copy: the image is marked changed first.
+fn write_at(r: &RootFs, f: &std::fs::File, offset: u64, data: &[u8], kill: bool) -> Res<u32> {
+    let w = r.w.as_ref().expect("writable");
+    w.journal
+        .touch(&w.upper, &r.tree.node(tree::ROOT).meta)
+        .map_err(|e| io_fail("journal", e))?;
+    kill_privs(f, kill).map_err(|e| io_fail("write", e))?;
+    f.write_all_at(data, offset)
+        .map(|_| data.len() as u32)
+        .map_err(|e| io_fail("write", e))
 }

@@ -209,9 +209,11 @@ impl Upper {
         self.has(&join(dir, OPAQUE))
     }
 
-    /// Entries of an upper directory: (name, metadata) of real entries, and
-    /// the names whited out; `None` when the directory is not in the upper.
+    /// Entries of an upper directory: real entries (name, inode, type, from
+    /// the listing alone: no stat), and the names whited out; `None` when
+    /// the directory is not in the upper.
     pub fn list(&self, dir: &[u8]) -> Option<Listing> {
+        use std::os::unix::fs::DirEntryExt;
         let rd = std::fs::read_dir(self.path(dir)).ok()?;
         let mut l = Listing::default();
         for e in rd.flatten() {
@@ -220,8 +222,8 @@ impl Upper {
                 l.opaque = true;
             } else if let Some(gone) = name.strip_prefix(WHITEOUT) {
                 l.whiteouts.push(gone.to_vec());
-            } else if let Ok(md) = e.metadata() {
-                l.entries.push((name, md));
+            } else if let Ok(t) = e.file_type() {
+                l.entries.push((name, e.ino(), t));
             }
         }
         Some(l)
@@ -267,7 +269,7 @@ impl Upper {
 /// What [`Upper::list`] finds.
 #[derive(Default)]
 pub struct Listing {
-    pub entries: Vec<(Vec<u8>, std::fs::Metadata)>,
+    pub entries: Vec<(Vec<u8>, u64, std::fs::FileType)>,
     pub whiteouts: Vec<Vec<u8>>,
     pub opaque: bool,
 }

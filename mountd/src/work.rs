@@ -165,6 +165,53 @@ impl Inner {
     pub async fn setattr(&self, ino: u64, a: SetAttr) -> Res<FileAttr> {
         let r = self.must_write(ino).await?;
         let _g = r.w.as_ref().expect("writable").lock.write().await;
-        r.setattr(ino, &a).await
+        if a.size.is_some_and(|s| s > 0) && r.bytes_below(ino) {
+            r.bring_up(ino).await?;
+        }
+        tokio::task::block_in_place(|| r.setattr(ino, &a))
+    }
+
+    /// The writable tree `ino` is in, if it is built (nothing to wait for).
+    pub(crate) fn built_writable(&self, ino: u64) -> Option<Arc<RootFs>> {
+        match self.node(ino).ok()? {
+            Node::W(r, _) => Some(r),
+            Node::Ns(Key::WRootfs(repo, tag, base)) => self.wrootfs.peek(&(repo, tag, base)),
+            _ => None,
+        }
+    }
+
+    /// Run a change on this thread when `ino`'s tree is built and no commit
+    /// holds it: local file system work, not worth a hand-off to the
+    /// runtime (each costs wake-ups). `Err(f)` gives `f` back otherwise.
+    pub(crate) fn change_now<T, F>(&self, ino: u64, f: F) -> Result<Res<T>, F>
+    where
+        F: FnOnce(&RootFs) -> Res<T>,
+    {
+        let Some(r) = self.built_writable(ino) else {
+            return Err(f);
+        };
+        let Some(w) = &r.w else { return Err(f) };
+        let out = match w.lock.try_write() {
+            Ok(_g) => Ok(f(&r)),
+            Err(_) => Err(f),
+        };
+        out
+    }
+
+    /// A built writable tree's attributes, on this thread. An open file
+    /// keeps its attributes after its last name is gone.
+    pub(crate) fn getattr_w(&self, r: &RootFs, ino: u64, fh: Option<u64>) -> Res<FileAttr> {
+        match r.getattr(ino) {
+            Err(e) => match fh.and_then(|fh| self.handle(fh)).as_deref() {
+                Some(crate::handles::Handle::Upper(f, _)) => {
+                    let md = f
+                        .metadata()
+                        .map_err(|e| crate::rootfs::io_fail("fstat", e))?;
+                    Ok(crate::rootfs::attr_of(ino, &md))
+                }
+                _ => Err(e),
+            },
+            ok => ok,
+        }
     }
 }

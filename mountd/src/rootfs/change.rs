@@ -12,7 +12,7 @@ use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use fuser::FileAttr;
 use futures::StreamExt;
 
-use super::{check_name, io_fail, At, Data, RootFs, SetAttr, Work};
+use super::{check_name, io_fail, At, Data, RootFs, Seen, SetAttr, Work};
 use crate::ns::{Fail, Res};
 use crate::tree::{self, Kind, NodeId};
 use crate::upper::{self, join, split, OPAQUE, ORIGIN, PRIVATE};
@@ -117,11 +117,11 @@ impl RootFs {
         if u.is_opaque(path) || self.lower_at(path).is_none() {
             return Ok(());
         }
-        for (name, at) in self.merged(path) {
+        for (name, seen) in self.merged(path) {
             let child = join(path, &name);
-            if self.is_dir(&at) {
+            if self.seen_dir(&seen) {
                 self.copy_up_tree(&child)?;
-            } else if let At::Lower(_) = at {
+            } else if let Seen::Lower(_) = seen {
                 self.copy_up(&child)?;
             }
         }
@@ -412,25 +412,54 @@ impl RootFs {
         }
     }
 
-    /// Apply a `setattr`: metadata changes copy up no bytes; a size change
-    /// fetches them first (unless the file is cut to nothing).
-    pub async fn setattr(&self, ino: u64, a: &SetAttr) -> Res<FileAttr> {
+    /// Whether changing `ino`'s bytes must first fetch them from below.
+    pub fn bytes_below(&self, ino: u64) -> bool {
+        let Ok(path) = self.path_of(ino) else {
+            return false;
+        };
+        match self.find(&path) {
+            Some(At::Lower(id)) => self.tree.node(id).meta.kind == Kind::File,
+            Some(At::Upper(md)) => md.is_file() && self.up().origin(&path).is_some(),
+            None => false,
+        }
+    }
+
+    /// Bring `ino`'s bytes up (fetched, verified), so it can change.
+    pub async fn bring_up(&self, ino: u64) -> Res<()> {
+        let path = self.path_of(ino)?;
+        self.touch()?;
+        self.copy_up(&path)?;
+        self.fill_data(&path).await
+    }
+
+    /// Apply a `setattr`: metadata changes copy up no bytes; a size other
+    /// than 0 needs them up first ([`RootFs::bring_up`]).
+    pub fn setattr(&self, ino: u64, a: &SetAttr) -> Res<FileAttr> {
         let path = self.path_of(ino)?;
         self.touch()?;
         self.copy_up(&path)?;
         let full = self.up().path(&path);
         let fail = |e| io_fail(format!("setattr {}", String::from_utf8_lossy(&path)), e);
         if let Some(size) = a.size {
-            if size > 0 {
-                self.fill_data(&path).await?;
+            if size > 0 && self.up().origin(&path).is_some() {
+                return Err(Fail::new(libc::EIO, "resize before the bytes are up"));
             }
             let f = std::fs::OpenOptions::new()
                 .write(true)
                 .open(&full)
                 .map_err(fail)?;
             f.set_len(size).map_err(fail)?;
-            if size == 0 && self.up().origin(&path).is_some() {
+            if self.up().origin(&path).is_some() {
                 xattr::remove(&full, ORIGIN).map_err(fail)?;
+            }
+        }
+        if a.uid.is_some() || a.gid.is_some() || a.size.is_some() {
+            // As a write does (FUSE_HANDLE_KILLPRIV_V2 leaves it to us).
+            match xattr::remove(&full, "security.capability") {
+                Err(e) if !matches!(e.raw_os_error(), Some(libc::ENODATA | libc::EOPNOTSUPP)) => {
+                    return Err(fail(e))
+                }
+                _ => {}
             }
         }
         if a.uid.is_some() || a.gid.is_some() {
@@ -447,8 +476,9 @@ impl RootFs {
         self.getattr(ino)
     }
 
-    /// Open for writing: copied up with its bytes (none if truncating).
-    pub async fn open_write(&self, ino: u64, truncate: bool) -> Res<std::fs::File> {
+    /// Open for writing: copied up (truncated, or with its bytes already up:
+    /// [`RootFs::bring_up`]).
+    pub fn open_write(&self, ino: u64, truncate: bool) -> Res<std::fs::File> {
         let path = self.path_of(ino)?;
         if self.is_dir(&self.need(&path)?) {
             return Err(Fail::new(libc::EISDIR, "is a directory"));
@@ -457,17 +487,21 @@ impl RootFs {
         self.copy_up(&path)?;
         let full = self.up().path(&path);
         let fail = |e| io_fail(format!("open {}", full.display()), e);
+        let origin = self.up().origin(&path).is_some();
         if truncate {
             std::fs::OpenOptions::new()
                 .write(true)
                 .open(&full)
                 .and_then(|f| f.set_len(0))
                 .map_err(fail)?;
-            if self.up().origin(&path).is_some() {
+            if origin {
                 xattr::remove(&full, ORIGIN).map_err(fail)?;
             }
-        } else {
-            self.fill_data(&path).await?;
+        } else if origin {
+            return Err(Fail::new(
+                libc::EIO,
+                "open for writing before the bytes are up",
+            ));
         }
         std::fs::OpenOptions::new()
             .read(true)

@@ -107,6 +107,32 @@ pub enum At {
     Lower(NodeId),
 }
 
+/// An entry of a merged listing, as far as the listing tells (no stat).
+pub enum Seen {
+    /// Upper inode number and type.
+    Upper(u64, FileType),
+    Lower(NodeId),
+}
+
+fn std_type(t: std::fs::FileType) -> FileType {
+    use std::os::unix::fs::FileTypeExt;
+    if t.is_dir() {
+        FileType::Directory
+    } else if t.is_symlink() {
+        FileType::Symlink
+    } else if t.is_char_device() {
+        FileType::CharDevice
+    } else if t.is_block_device() {
+        FileType::BlockDevice
+    } else if t.is_fifo() {
+        FileType::NamedPipe
+    } else if t.is_socket() {
+        FileType::Socket
+    } else {
+        FileType::RegularFile
+    }
+}
+
 /// What a `setattr` changes.
 #[derive(Default)]
 pub struct SetAttr {
@@ -147,23 +173,7 @@ pub fn file_type(k: &Kind) -> FileType {
 }
 
 fn md_type(md: &std::fs::Metadata) -> FileType {
-    use std::os::unix::fs::FileTypeExt;
-    let t = md.file_type();
-    if t.is_dir() {
-        FileType::Directory
-    } else if t.is_symlink() {
-        FileType::Symlink
-    } else if t.is_char_device() {
-        FileType::CharDevice
-    } else if t.is_block_device() {
-        FileType::BlockDevice
-    } else if t.is_fifo() {
-        FileType::NamedPipe
-    } else if t.is_socket() {
-        FileType::Socket
-    } else {
-        FileType::RegularFile
-    }
+    std_type(md.file_type())
 }
 
 /// The attributes of an upper entry.
@@ -274,8 +284,9 @@ impl RootFs {
     /// an upper non-directory above it hides it (the upper entry at `path`
     /// itself does not count: it shadows the node, which is still there).
     pub fn lower_at(&self, path: &[u8]) -> Option<NodeId> {
-        let u = self.up();
-        let mut in_upper = u.has(b"");
+        let w = self.w.as_ref().expect("a writable tree");
+        let u = &w.upper;
+        let mut in_upper = w.journal.materialized();
         let mut id = tree::ROOT;
         let mut dir: Vec<u8> = Vec::new();
         let comps: Vec<&[u8]> = path
@@ -283,11 +294,12 @@ impl RootFs {
             .filter(|c| !c.is_empty())
             .collect();
         for (i, c) in comps.iter().enumerate() {
+            // The tree first: most paths of new files end there, no stat.
+            id = self.tree.child(id, c)?;
             let here = join(&dir, c);
             if in_upper && (u.is_opaque(&dir) || u.has_whiteout(&here)) {
                 return None;
             }
-            id = self.tree.child(id, c)?;
             if in_upper && i + 1 < comps.len() {
                 match u.lstat(&here) {
                     Some(md) if !md.is_dir() => return None,
@@ -318,18 +330,25 @@ impl RootFs {
 
     /// Our inode for the entry at `path`, remembered under that path.
     fn ino_of(&self, path: &[u8], at: &At) -> u64 {
+        match at {
+            At::Upper(md) => self.ino_for(path, Seen::Upper(md.ino(), md_type(md))),
+            At::Lower(id) => self.ino_for(path, Seen::Lower(*id)),
+        }
+    }
+
+    fn ino_for(&self, path: &[u8], seen: Seen) -> u64 {
         if path.is_empty() {
             return self.root_ino;
         }
         let mut inos = self.up_inos();
-        let ino = match at {
-            At::Lower(id) => self.ino(*id),
-            At::Upper(md) => match inos.by_upper.get(&md.ino()) {
+        let ino = match seen {
+            Seen::Lower(id) => self.ino(id),
+            Seen::Upper(st_ino, _) => match inos.by_upper.get(&st_ino) {
                 Some(&i) => i,
                 None => {
                     let i = inos.next;
                     inos.next += 1;
-                    inos.by_upper.insert(md.ino(), i);
+                    inos.by_upper.insert(st_ino, i);
                     i
                 }
             },
@@ -351,16 +370,34 @@ impl RootFs {
             At::Upper(md) => {
                 let mut a = attr_of(ino, md);
                 if md.is_dir() {
-                    let subdirs = self
-                        .merged(path)
-                        .iter()
-                        .filter(|(_, a)| self.is_dir(a))
-                        .count();
-                    a.nlink = 2 + subdirs as u32;
+                    a.nlink = self.dir_nlink(path, md);
                 }
                 a
             }
         }
+    }
+
+    /// 2 + subdirectories of a merged directory: the upper's own count,
+    /// plus the lower subdirectories neither shadowed nor whited out (no
+    /// listing of the upper directory needed).
+    fn dir_nlink(&self, path: &[u8], md: &std::fs::Metadata) -> u32 {
+        let mut n = md.nlink() as u32;
+        let u = self.up();
+        if u.is_opaque(path) {
+            return n;
+        }
+        if let Some(id) = self.lower_at(path) {
+            for (name, &c) in &self.tree.node(id).children {
+                let child = join(path, name);
+                if self.tree.node(c).meta.kind == Kind::Dir
+                    && !u.has(&child)
+                    && !u.has_whiteout(&child)
+                {
+                    n += 1;
+                }
+            }
+        }
+        n
     }
 
     fn is_dir(&self, at: &At) -> bool {
@@ -370,25 +407,32 @@ impl RootFs {
         }
     }
 
+    fn seen_dir(&self, seen: &Seen) -> bool {
+        match seen {
+            Seen::Upper(_, t) => *t == FileType::Directory,
+            Seen::Lower(id) => self.tree.node(*id).meta.kind == Kind::Dir,
+        }
+    }
+
     /// The entries of a merged directory: upper ones, then the lower ones
     /// neither shadowed nor whited out (none under an opaque directory).
-    pub fn merged(&self, path: &[u8]) -> Vec<(Vec<u8>, At)> {
+    pub fn merged(&self, path: &[u8]) -> Vec<(Vec<u8>, Seen)> {
         let mut out = Vec::new();
         let mut hide: HashSet<Vec<u8>> = HashSet::new();
         let listing = self.up().list(path);
         let opaque = listing.as_ref().is_some_and(|l| l.opaque);
         if let Some(l) = listing {
             hide.extend(l.whiteouts);
-            for (name, md) in l.entries {
+            for (name, st_ino, t) in l.entries {
                 hide.insert(name.clone());
-                out.push((name, At::Upper(md)));
+                out.push((name, Seen::Upper(st_ino, std_type(t))));
             }
         }
         if !opaque {
             if let Some(id) = self.lower_at(path) {
                 for (name, &c) in &self.tree.node(id).children {
                     if !hide.contains(&name[..]) {
-                        out.push((name.to_vec(), At::Lower(c)));
+                        out.push((name.to_vec(), Seen::Lower(c)));
                     }
                 }
             }
@@ -422,13 +466,13 @@ impl RootFs {
             (ino, FileType::Directory, ".".into()),
             (parent, FileType::Directory, "..".into()),
         ];
-        for (name, at) in self.merged(&path) {
+        for (name, seen) in self.merged(&path) {
             let child = join(&path, &name);
-            let kind = match &at {
-                At::Upper(md) => md_type(md),
-                At::Lower(id) => file_type(&self.tree.node(*id).meta.kind),
+            let kind = match &seen {
+                Seen::Upper(_, t) => *t,
+                Seen::Lower(id) => file_type(&self.tree.node(*id).meta.kind),
             };
-            let cino = self.ino_of(&child, &at);
+            let cino = self.ino_for(&child, seen);
             out.push((cino, kind, OsStr::from_bytes(&name).to_owned()));
         }
         Ok(out)
