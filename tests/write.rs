@@ -448,6 +448,76 @@ fn writes_drop_file_capabilities_and_root_keeps_setuid() {
     );
 }
 
+/// Each platform of an index a tag points at is writable: a commit pushes
+/// that platform's new image, then an index with it replaced (the other
+/// platform untouched, byte for byte), and moves the tag; a second
+/// platform's commit builds on the index the first pushed.
+#[test]
+fn platforms_of_an_index_commit_a_new_index() {
+    let reg = Distribution::start();
+    let work = common::tempdir();
+    let layout = work.path().join("layout");
+    common::index_two_platforms(&layout, "multi");
+    common::push_oci_layout(&layout, "multi", &reg.reference("plat:multi"));
+    let old_index = manifest(&reg, "plat", &tag_digest(&reg, "plat:multi"));
+    let m = Mount::start(reg.addr(), MANUAL);
+    write_file(
+        &m.path("plat/multi/linux-amd64/rootfs/added"),
+        b"amd64 only\n",
+    );
+    assert!(!exists(&m.path("plat/multi/linux-arm64/rootfs/added")));
+
+    let first = committed(&commit(&m, "plat/multi/linux-amd64", &[]), &reg, "plat");
+    assert_eq!(
+        tag_digest(&reg, "plat:multi"),
+        first,
+        "the tag is on the new index"
+    );
+    let index = manifest(&reg, "plat", &first);
+    let (old, new) = (
+        json_array(&old_index["manifests"]),
+        json_array(&index["manifests"]),
+    );
+    assert_eq!(old.len(), new.len());
+    assert_eq!(old[1], new[1], "linux-arm64 changed");
+    assert_ne!(old[0]["digest"], new[0]["digest"]);
+    assert_eq!(old[0]["platform"], new[0]["platform"]);
+    let amd = new[0]["digest"].as_str().unwrap();
+    let amd_manifest = manifest(&reg, "plat", amd);
+    assert_eq!(
+        json_array(&amd_manifest["layers"]).len(),
+        json_array(&manifest(&reg, "plat", old[0]["digest"].as_str().unwrap())["layers"]).len() + 1
+    );
+
+    write_file(
+        &m.path("plat/multi/linux-arm64/rootfs/added"),
+        b"arm64 too\n",
+    );
+    let second = committed(&commit(&m, "plat/multi/linux-arm64", &[]), &reg, "plat");
+    let index = manifest(&reg, "plat", &second);
+    let both = json_array(&index["manifests"]);
+    assert_eq!(both[0]["digest"], amd, "the second commit undid the first");
+    assert_ne!(both[1]["digest"], old[1]["digest"]);
+
+    // skopeo reads each platform; a fresh mount shows both changes.
+    for (arch, want) in [("amd64", "amd64 only\n"), ("arm64", "arm64 too\n")] {
+        let dest = work.path().join(format!("pulled-{arch}"));
+        common::skopeo_copy_with(
+            &["--override-arch", arch],
+            &format!("docker://{}", reg.reference("plat:multi")),
+            &format!("oci:{}:x", dest.display()),
+        );
+        let un = common::umoci_unpack(&dest, "x", &work.path().join(format!("b-{arch}")));
+        assert_eq!(read_string(&un.join("added")), want);
+        assert_eq!(read_string(&un.join("arch")), format!("{arch}\n"));
+    }
+    let fresh = Mount::start(reg.addr(), MANUAL);
+    assert_eq!(
+        read_string(&fresh.path("plat/multi/linux-arm64/rootfs/added")),
+        "arm64 too\n"
+    );
+}
+
 /// By-digest images and the namespace files refuse writes with EROFS, and
 /// writes through the tag do not show through the digest.
 #[test]

@@ -51,6 +51,12 @@ pub struct Saved {
     pub status: Status,
     pub pushed: Option<Digest>,
     pub error: Option<String>,
+    /// For a platform of an index (`tag` is `TAG/PLATFORM`): the index the
+    /// tag pointed at when the changes began, and the last one pushed.
+    #[serde(default)]
+    pub index: Option<Digest>,
+    #[serde(default)]
+    pub pushed_index: Option<Digest>,
 }
 
 struct St {
@@ -106,7 +112,13 @@ pub fn recover(cache: &Path, registry: &str) -> Vec<Saved> {
 
 impl Journal {
     /// The journal at `dir`, as a previous mount left it (if it did).
-    pub fn open(dir: &Path, registry: &str, repo: &str, tag: &str, base: Digest) -> Self {
+    pub fn open(
+        dir: &Path,
+        registry: &str,
+        (repo, tag): (&str, &str),
+        base: Digest,
+        index: Option<Digest>,
+    ) -> Self {
         let mut saved = Saved {
             registry: registry.to_string(),
             repo: repo.to_string(),
@@ -115,6 +127,8 @@ impl Journal {
             status: Status::Pending,
             pushed: None,
             error: None,
+            index,
+            pushed_index: None,
         };
         let mut materialized = false;
         if let Some(old) = read_saved(dir) {
@@ -147,6 +161,11 @@ impl Journal {
 
     fn st(&self) -> std::sync::MutexGuard<'_, St> {
         self.st.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The index this journal's commits last pushed (platform commits).
+    pub fn pushed_index(&self) -> Option<Digest> {
+        self.st().saved.pushed_index.clone()
     }
 
     pub fn saved(&self) -> Saved {
@@ -193,10 +212,24 @@ impl Journal {
     }
 
     fn record(&self, status: Status, pushed: Option<Digest>, error: Option<String>, gen: u64) {
+        self.record_index(status, (pushed, None), error, gen)
+    }
+
+    /// [`Journal::record`], with the index pushed for a platform's commit.
+    fn record_index(
+        &self,
+        status: Status,
+        (pushed, index): (Option<Digest>, Option<Digest>),
+        error: Option<String>,
+        gen: u64,
+    ) {
         let mut st = self.st();
         st.saved.status = status;
         if pushed.is_some() {
             st.saved.pushed = pushed;
+        }
+        if index.is_some() {
+            st.saved.pushed_index = index;
         }
         st.saved.error = error;
         match status {
@@ -348,6 +381,9 @@ pub async fn commit(inner: &Inner, r: &Arc<RootFs>, req: &Request) -> Reply {
             );
         }
     };
+    if let Some((tag, platform)) = s.tag.split_once('/') {
+        return commit_platform(inner, j, &s, (tag, platform), &raw, req, gen).await;
+    }
     let digest = raw.digest.clone();
     let tag = req.tag.clone().unwrap_or_else(|| s.tag.clone());
     if req.tag.is_none() && !req.force {
@@ -387,6 +423,111 @@ pub async fn commit(inner: &Inner, r: &Arc<RootFs>, req: &Request) -> Reply {
         reference: Some(reference(&digest)),
         message: format!("{}:{tag} is now {digest}", s.repo),
     }
+}
+
+/// The second half of a commit to a platform of an index: the index the
+/// tag points at, with that platform's manifest replaced by `child` (already
+/// pushed), pushed by digest, then tagged. The tag moved by someone else
+/// (not to an index this mount pushed) is a conflict, as for an image.
+async fn commit_platform(
+    inner: &Inner,
+    j: &Journal,
+    s: &Saved,
+    (tag, platform): (&str, &str),
+    child: &ggfs::RawManifest,
+    req: &Request,
+    gen: u64,
+) -> Reply {
+    let registry = inner.ns.registry_name();
+    let reference = |d: &Digest| format!("{registry}/{}@{d}", s.repo);
+    let now = match inner.ns.tag_digest(&s.repo, tag).await {
+        Ok(Some(d)) => d,
+        Ok(None) => return fail(j, Status::Pending, format!("{}:{tag} is gone", s.repo), gen),
+        Err(e) => return fail(j, Status::Pending, format!("reading tag {tag}: {e}"), gen),
+    };
+    let ours = inner.pushed_indexes(&s.repo, tag);
+    let expected = s.index.iter().chain(ours.iter()).any(|d| *d == now);
+    if !expected && !req.force && req.tag.is_none() {
+        let msg = format!(
+            "conflict: {}:{tag} moved to {now} since the changes to its {platform} began; \
+             pushed the new {platform} image by digest only as {} (ggfs commit --force \
+             replaces it in the index the tag points at now, --tag T pushes elsewhere)",
+            s.repo,
+            reference(&child.digest)
+        );
+        j.record(
+            Status::Conflict,
+            Some(child.digest.clone()),
+            Some(msg.clone()),
+            gen,
+        );
+        return Reply {
+            status: "conflict".into(),
+            reference: Some(reference(&child.digest)),
+            message: msg,
+        };
+    }
+    let index = match replace_child(inner, &s.repo, &now, platform, child).await {
+        Ok(i) => i,
+        Err(e) => return fail(j, Status::Pending, format!("new index for {tag}: {e}"), gen),
+    };
+    let target = req.tag.clone().unwrap_or_else(|| tag.to_string());
+    let pushed = async {
+        inner.ns.sink(&s.repo)?.put_manifest(&index, None).await?;
+        inner.ns.put_tag(&s.repo, &target, &index).await
+    };
+    if let Err(e) = pushed.await {
+        return fail(
+            j,
+            Status::Pending,
+            format!("pushing the index of {target}: {e}"),
+            gen,
+        );
+    }
+    let pair = (Some(child.digest.clone()), Some(index.digest.clone()));
+    j.record_index(Status::Pushed, pair, None, gen);
+    tracing::info!(
+        "committed {}:{target} ({platform}) as {}",
+        s.repo,
+        index.digest
+    );
+    Reply {
+        status: "pushed".into(),
+        reference: Some(reference(&index.digest)),
+        message: format!(
+            "{}:{target} is now {} ({platform}: {})",
+            s.repo, index.digest, child.digest
+        ),
+    }
+}
+
+/// Index `index` of `repo` with its `platform` entry pointing at `child`.
+async fn replace_child(
+    inner: &Inner,
+    repo: &str,
+    index: &Digest,
+    platform: &str,
+    child: &ggfs::RawManifest,
+) -> ggfs::Result<ggfs::RawManifest> {
+    let raw = inner.ns.source(repo).manifest(index.as_str()).await?;
+    let parsed = raw.index()?;
+    let old = crate::ns::platform_dirs(&parsed, None)
+        .into_iter()
+        .find(|(name, _)| name == platform)
+        .map(|(_, d)| d)
+        .ok_or_else(|| ggfs::Error::NotFound(format!("platform {platform} in index {index}")))?;
+    let mut v: serde_json::Value = serde_json::from_slice(&raw.bytes)
+        .map_err(|e| ggfs::Error::invalid(format!("index {index}"), e.to_string()))?;
+    let entries = v["manifests"]
+        .as_array_mut()
+        .ok_or_else(|| ggfs::Error::invalid(format!("index {index}"), "no manifests"))?;
+    for m in entries.iter_mut().filter(|m| m["digest"] == old.as_str()) {
+        m["digest"] = child.digest.as_str().into();
+        m["size"] = child.bytes.len().into();
+        m["mediaType"] = child.media_type.as_str().into();
+    }
+    let bytes = serde_json::to_vec(&v).map_err(|e| ggfs::Error::invalid("index", e.to_string()))?;
+    ggfs::RawManifest::new(bytes.into(), Some(&raw.media_type))
 }
 
 fn fail(j: &Journal, status: Status, msg: String, gen: u64) -> Reply {

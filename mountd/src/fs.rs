@@ -53,7 +53,11 @@ pub enum Key {
     Blob(String, Digest, u64),
     /// The read-only rootfs of an image by digest.
     Rootfs(String, Digest),
-    /// A tag's rootfs: writable, on the base image the changes started from.
+    /// A platform directory of an index a tag points at: repository, tag,
+    /// directory name, child manifest.
+    TagChild(String, String, String, Digest),
+    /// A tag's rootfs: writable, on the base image the changes started
+    /// from. For a platform of an index the "tag" is `TAG/PLATFORM`.
     WRootfs(String, String, Digest),
     /// `.ggfs/status`: changed images and their commits.
     Status,
@@ -293,20 +297,30 @@ impl Inner {
     pub(crate) async fn art_digest(&self, key: &Key) -> Res<Option<(String, Digest)>> {
         Ok(match key {
             Key::Tag(repo, tag) => Some((repo.clone(), self.ns.resolve(repo, tag).await?)),
-            Key::Art(repo, d) => Some((repo.clone(), d.clone())),
+            Key::Art(repo, d) | Key::TagChild(repo, _, _, d) => Some((repo.clone(), d.clone())),
             _ => None,
         })
     }
 
-    /// An image's or index's entries; a tag's `rootfs` is writable.
+    /// An image's or index's entries. A tag's `rootfs` is writable, and so
+    /// is that of each platform of an index a tag points at.
     pub(crate) fn entries(&self, key: &Key, repo: &str, art: &Art) -> Vec<(String, Key)> {
         let mut out = Self::art_entries(repo, art);
-        if let Key::Tag(_, tag) = key {
-            for (_, k) in out.iter_mut() {
-                if let Key::Rootfs(r, d) = k {
-                    let base = self.work_base(r, tag).unwrap_or_else(|| d.clone());
+        let tag = match key {
+            Key::Tag(_, tag) => tag.clone(),
+            Key::TagChild(_, tag, name, _) => format!("{tag}/{name}"),
+            _ => return out,
+        };
+        for (name, k) in out.iter_mut() {
+            match k {
+                Key::Rootfs(r, d) => {
+                    let base = self.work_base(r, &tag).unwrap_or_else(|| d.clone());
                     *k = Key::WRootfs(r.clone(), tag.clone(), base);
                 }
+                Key::Art(r, child) if matches!(key, Key::Tag(..)) => {
+                    *k = Key::TagChild(r.clone(), tag.clone(), name.clone(), child.clone());
+                }
+                _ => {}
             }
         }
         out

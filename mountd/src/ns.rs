@@ -283,7 +283,7 @@ impl Namespace {
 
 /// One directory per index entry, named after its platform
 /// (`linux-arm64-v8`); entries without one are named by digest.
-fn platform_dirs(
+pub fn platform_dirs(
     index: &ggfs::manifest::ImageIndex,
     only: Option<&Platform>,
 ) -> Vec<(String, Digest)> {

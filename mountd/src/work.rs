@@ -24,7 +24,12 @@ impl Inner {
                 let ro = self.build_rootfs(repo, base).await?;
                 let registry = self.ns.registry_name();
                 let dir = journal::work_dir(self.cache.root(), &registry, repo, tag);
-                let j = Journal::open(&dir, &registry, repo, tag, base.clone());
+                // A platform of an index: which index the changes start from.
+                let index = match tag.split_once('/') {
+                    Some((t, _)) => Some(self.ns.resolve(repo, t).await?),
+                    None => None,
+                };
+                let j = Journal::open(&dir, &registry, (repo, tag), base.clone(), index);
                 let root_ino = self.ino(Key::WRootfs(repo.into(), tag.into(), base.clone()));
                 let mut inodes = self.lock();
                 let b = inodes.next_base;
@@ -139,12 +144,15 @@ impl Inner {
         };
         let path = req.path.trim_matches('/');
         let path = path.strip_suffix("/rootfs").unwrap_or(path);
-        let Some((repo, tag)) = path.rsplit_once('/') else {
-            return journal::Reply::error(format!("{path:?} is not an image directory (REPO/TAG)"));
+        let Some((repo, tag)) = self.image_dir(path).await else {
+            return journal::Reply::error(format!(
+                "{path:?} is not an image directory (REPO/TAG, or REPO/TAG/PLATFORM of an index)"
+            ));
         };
+        let (repo, tag) = (repo.as_str(), tag.as_str());
         let base = match self.work_base(repo, tag) {
             Some(b) => b,
-            None => match self.ns.resolve(repo, tag).await {
+            None => match self.current_base(repo, tag).await {
                 Ok(d) => d,
                 Err(f) => return journal::Reply::error(format!("{repo}:{tag}: {}", f.msg)),
             },
@@ -153,6 +161,45 @@ impl Inner {
             Ok(r) => journal::commit(self, &r, &req).await,
             Err(f) => journal::Reply::error(format!("{repo}:{tag}: {}", f.msg)),
         }
+    }
+
+    /// `REPO/TAG` or `REPO/TAG/PLATFORM` (of an index) → (repo, tag), where a
+    /// platform's "tag" is `TAG/PLATFORM`.
+    async fn image_dir(&self, path: &str) -> Option<(String, String)> {
+        let (head, last) = path.rsplit_once('/')?;
+        if let Some((repo, tag)) = head.rsplit_once('/') {
+            let key = format!("{tag}/{last}");
+            if self.work_base(repo, &key).is_some() || self.current_base(repo, &key).await.is_ok() {
+                return Some((repo.to_string(), key));
+            }
+        }
+        Some((head.to_string(), last.to_string()))
+    }
+
+    /// What `repo:tag` (or `TAG/PLATFORM`) shows now, in the registry.
+    async fn current_base(&self, repo: &str, tag: &str) -> Res<Digest> {
+        let Some((t, platform)) = tag.split_once('/') else {
+            return self.ns.resolve(repo, tag).await;
+        };
+        let index = self.ns.resolve(repo, t).await?;
+        match &*self.ns.artifact(repo, &index).await? {
+            crate::ns::Art::Index { children, .. } => children
+                .iter()
+                .find(|(name, _)| name == platform)
+                .map(|(_, d)| d.clone())
+                .ok_or_else(|| Fail::noent(format!("{repo}:{t} platform {platform}"))),
+            _ => Err(Fail::noent(format!("{repo}:{t} is not an index"))),
+        }
+    }
+
+    /// Indexes this mount pushed to `repo:tag` (commits of its platforms).
+    pub(crate) fn pushed_indexes(&self, repo: &str, tag: &str) -> Vec<Digest> {
+        let work = self.work.lock().unwrap_or_else(|p| p.into_inner());
+        let prefix = format!("{tag}/");
+        work.iter()
+            .filter(|((r, t), _)| r == repo && t.starts_with(&prefix))
+            .filter_map(|(_, rf)| rf.w.as_ref()?.journal.pushed_index())
+            .collect()
     }
 
     /// Run a change on the writable tree behind `ino`, holding its lock.

@@ -524,8 +524,18 @@ impl RootFs {
         }
         self.touch()?;
         self.copy_up(&path)?;
-        xattr::set(self.up().path(&path), OsStr::from_bytes(name), value)
-            .map_err(|e| io_fail("setxattr", e))
+        let full = self.up().path(&path);
+        // An access ACL that says no more than the mode is the mode, as on
+        // a kernel file system: `cp -a` sets one on every file.
+        if name == b"system.posix_acl_access" {
+            if let Some(perm) = minimal_acl(value) {
+                let md = std::fs::symlink_metadata(&full).map_err(|e| io_fail("setxattr", e))?;
+                let _ = xattr::remove(&full, OsStr::from_bytes(name));
+                return upper::chmod(&full, (md.mode() & 0o7000) | perm)
+                    .map_err(|e| io_fail("setxattr", e));
+            }
+        }
+        xattr::set(&full, OsStr::from_bytes(name), value).map_err(|e| io_fail("setxattr", e))
     }
 
     pub fn removexattr(&self, ino: u64, name: &[u8]) -> Res<()> {
@@ -551,5 +561,57 @@ impl RootFs {
             }
         }
         Ok(())
+    }
+}
+
+/// The permission bits of a POSIX access ACL (xattr form: version 2, then
+/// tag/perm/id entries) with only the owner, group and other entries; `None`
+/// for any other ACL.
+fn minimal_acl(v: &[u8]) -> Option<u32> {
+    const USER_OBJ: u16 = 0x01;
+    const GROUP_OBJ: u16 = 0x04;
+    const OTHER: u16 = 0x20;
+    if v.len() != 4 + 3 * 8 || v[..4] != 2u32.to_le_bytes() {
+        return None;
+    }
+    let mut mode = 0;
+    for e in v[4..].chunks(8) {
+        let tag = u16::from_le_bytes([e[0], e[1]]);
+        let perm = u16::from_le_bytes([e[2], e[3]]) as u32 & 7;
+        mode |= match tag {
+            USER_OBJ => perm << 6,
+            GROUP_OBJ => perm << 3,
+            OTHER => perm,
+            _ => return None,
+        };
+    }
+    Some(mode)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn minimal_acls_are_modes() {
+        let acl = |entries: &[(u16, u16)]| {
+            let mut v = 2u32.to_le_bytes().to_vec();
+            for (tag, perm) in entries {
+                v.extend_from_slice(&tag.to_le_bytes());
+                v.extend_from_slice(&perm.to_le_bytes());
+                v.extend_from_slice(&u32::MAX.to_le_bytes());
+            }
+            v
+        };
+        assert_eq!(
+            super::minimal_acl(&acl(&[(1, 6), (4, 4), (0x20, 4)])),
+            Some(0o644)
+        );
+        assert_eq!(
+            super::minimal_acl(&acl(&[(1, 7), (4, 5), (0x20, 0)])),
+            Some(0o750)
+        );
+        // A named user makes it a real ACL.
+        let named = acl(&[(1, 6), (2, 6), (4, 4), (0x10, 6), (0x20, 4)]);
+        assert_eq!(super::minimal_acl(&named), None);
+        assert_eq!(super::minimal_acl(b"junk"), None);
     }
 }
