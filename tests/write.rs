@@ -518,6 +518,84 @@ fn platforms_of_an_index_commit_a_new_index() {
     );
 }
 
+/// Against a registry with bearer tokens: a mount without credentials reads
+/// (anonymous pull) but its commit is refused: a clear error, `failed` in
+/// the status, the changes kept. The next mount of the same cache, with
+/// credentials, pushes them, asking for a push scope.
+#[test]
+fn token_registry_refuses_then_takes_a_commit() {
+    use common::{TokenOptions, TokenServer};
+    let ts = TokenServer::start_with(TokenOptions {
+        anonymous_pull: true,
+        ..TokenOptions::default()
+    });
+    let reg = Distribution::start_token(&ts);
+    let work = common::tempdir();
+    let docker = |name: &str, auths: serde_json::Value| {
+        let dir = work.path().join(name);
+        fs::create_dir(&dir).unwrap();
+        let config = serde_json::json!({ "auths": auths });
+        fs::write(dir.join("config.json"), config.to_string()).unwrap();
+        dir
+    };
+    let creds = docker(
+        "creds",
+        serde_json::json!({ reg.addr(): {"username": "alice", "password": "secret"} }),
+    );
+    let anon = docker("anon", serde_json::json!({}));
+    let src = work.path().join("src");
+    fs::create_dir(&src).unwrap();
+    fs::write(src.join("base.txt"), b"base\n").unwrap();
+    // This test's process alone reads the variable (nextest: a process per test).
+    std::env::set_var("DOCKER_CONFIG", &creds);
+    let out = ggfs(&[
+        OsStr::new("append"),
+        OsStr::new("-f"),
+        src.as_os_str(),
+        OsStr::new("-t"),
+        OsStr::new(&reg.reference("tok/app:v1")),
+    ]);
+    assert!(out.status.success(), "ggfs append: {}", describe(&out));
+
+    let cache = work.path().join("cache");
+    std::env::set_var("DOCKER_CONFIG", &anon);
+    let m = Mount::start_with_cache(reg.addr(), MANUAL, Some(&cache));
+    assert_eq!(read_string(&m.path("tok/app/v1/rootfs/base.txt")), "base\n");
+    write_file(&m.path("tok/app/v1/rootfs/new.txt"), b"new\n");
+    let out = commit(&m, "tok/app/v1", &[]);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains(reg.addr()),
+        "the error names the registry: {err}"
+    );
+    assert!(err.contains("pending"), "{err}");
+    assert_eq!(state(&status(&m), "tok/app:v1"), Some("failed".into()));
+    m.unmount().unwrap();
+
+    std::env::set_var("DOCKER_CONFIG", &creds);
+    ts.reset();
+    let m = Mount::start_with_cache(reg.addr(), MANUAL, Some(&cache));
+    assert_eq!(read_string(&m.path("tok/app/v1/rootfs/new.txt")), "new\n");
+    let new = committed(&commit(&m, "tok/app/v1", &[]), &reg, "tok/app");
+    assert!(
+        ts.scopes()
+            .iter()
+            .any(|s| s == "repository:tok/app:pull,push"),
+        "{:?}",
+        ts.scopes()
+    );
+    let fresh = Mount::start(reg.addr(), MANUAL);
+    assert_eq!(
+        read_string(&fresh.path("tok/app/v1/rootfs/new.txt")),
+        "new\n"
+    );
+    assert_eq!(
+        read_string(&fresh.path(&format!("tok/app/{new}/rootfs/base.txt"))),
+        "base\n"
+    );
+}
+
 /// By-digest images and the namespace files refuse writes with EROFS, and
 /// writes through the tag do not show through the digest.
 #[test]

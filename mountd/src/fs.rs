@@ -744,11 +744,17 @@ impl Inner {
         })
     }
 
+    /// Log a failure; its errno, for the reply.
+    pub(crate) fn failed(&self, what: &str, f: Fail) -> i32 {
+        self.fail(what, &f);
+        f.errno
+    }
+
     pub(crate) fn fail(&self, what: &str, f: &Fail) {
         match f.errno {
-            libc::ENOENT | libc::EROFS | libc::ENODATA | libc::ERANGE => {
-                tracing::debug!("{what}: {}", f.msg)
-            }
+            libc::ENOENT | libc::ENODATA | libc::ERANGE => tracing::debug!("{what}: {}", f.msg),
+            // A refused write says why, once per request.
+            libc::EROFS | libc::EPERM => tracing::info!("{what} refused: {}", f.msg),
             _ => tracing::warn!("{what}: {}", f.msg),
         }
     }

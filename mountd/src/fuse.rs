@@ -76,10 +76,7 @@ fn lookup_reply(fs: &Inner, r: Res<(Duration, FileAttr)>, reply: ReplyEntry) {
             attr.ino = 0;
             reply.entry(&fs.ns.neg_ttl, &attr, 0)
         }
-        Err(f) => {
-            fs.fail("lookup", &f);
-            reply.error(f.errno)
-        }
+        Err(f) => reply.error(fs.failed("lookup", f)),
     }
 }
 
@@ -96,10 +93,7 @@ fn dir_reply(fs: &Inner, r: Res<Entries>, offset: i64, mut reply: ReplyDirectory
             }
             reply.ok()
         }
-        Err(f) => {
-            fs.fail("readdir", &f);
-            reply.error(f.errno)
-        }
+        Err(f) => reply.error(fs.failed("readdir", f)),
     }
 }
 
@@ -164,10 +158,7 @@ impl Filesystem for Fs {
         self.spawn(|fs| async move {
             match fs.getattr(ino, fh).await {
                 Ok((ttl, attr)) => reply.attr(&ttl, &attr),
-                Err(f) => {
-                    fs.fail("getattr", &f);
-                    reply.error(f.errno)
-                }
+                Err(f) => reply.error(fs.failed("getattr", f)),
             }
         });
     }
@@ -197,19 +188,13 @@ impl Filesystem for Fs {
         if let Some(res) = now {
             return match res {
                 Ok((fh, fl)) => reply.opened(fh, fl),
-                Err(f) => {
-                    self.inner.fail("open", &f);
-                    reply.error(f.errno)
-                }
+                Err(f) => reply.error(self.inner.failed("open", f)),
             };
         }
         self.spawn(|fs| async move {
             match fs.open(ino, flags).await {
                 Ok((fh, fl)) => reply.opened(fh, fl),
-                Err(f) => {
-                    fs.fail("open", &f);
-                    reply.error(f.errno)
-                }
+                Err(f) => reply.error(fs.failed("open", f)),
             }
         });
     }
@@ -234,10 +219,7 @@ impl Filesystem for Fs {
         self.spawn(|fs| async move {
             match fs.read(ino, fh, offset.max(0) as u64, size).await {
                 Ok(b) => reply.data(&b),
-                Err(f) => {
-                    fs.fail("read", &f);
-                    reply.error(f.errno)
-                }
+                Err(f) => reply.error(fs.failed("read", f)),
             }
         });
     }
@@ -544,20 +526,14 @@ impl Filesystem for Fs {
         if let Some(res) = self.inner.write_now(fh, offset.max(0) as u64, data, kill) {
             return match res {
                 Ok(n) => reply.written(n),
-                Err(f) => {
-                    self.inner.fail("write", &f);
-                    reply.error(f.errno)
-                }
+                Err(f) => reply.error(self.inner.failed("write", f)),
             };
         }
         let data = data.to_vec();
         self.spawn(|fs| async move {
             match fs.write(fh, offset.max(0) as u64, data, kill).await {
                 Ok(n) => reply.written(n),
-                Err(f) => {
-                    fs.fail("write", &f);
-                    reply.error(f.errno)
-                }
+                Err(f) => reply.error(fs.failed("write", f)),
             }
         });
     }
@@ -584,10 +560,7 @@ impl Filesystem for Fs {
                     }
                     None => reply.error(libc::EIO),
                 },
-                Err(f) => {
-                    fs.fail("create", &f);
-                    reply.error(f.errno)
-                }
+                Err(f) => reply.error(fs.failed("create", f)),
             },
         );
     }
@@ -688,10 +661,7 @@ fn timespec(t: fuser::TimeOrNow) -> libc::timespec {
 fn attr_reply(fs: &Inner, r: Res<FileAttr>, reply: ReplyAttr) {
     match r {
         Ok(attr) => reply.attr(&SHORT, &attr),
-        Err(f) => {
-            fs.fail("setattr", &f);
-            reply.error(f.errno)
-        }
+        Err(f) => reply.error(fs.failed("setattr", f)),
     }
 }
 
