@@ -596,6 +596,71 @@ fn token_registry_refuses_then_takes_a_commit() {
     );
 }
 
+/// A tag's own files are registry operations: a manifest written into a
+/// new tag directory (mkdir) tags it, its blobs mounted from the repository
+/// they were read from; writing config.json pushes the image with that
+/// config; bad input fails at close and changes nothing.
+#[test]
+fn manifest_and_config_writes_tag_and_edit() {
+    let reg = Distribution::start();
+    let base = push_fixture(&reg);
+    let other_layout = common::multilayer_image();
+    common::push_oci_layout(
+        other_layout,
+        common::MULTILAYER_TAG,
+        &reg.reference("other/repo:v1"),
+    );
+    let m = Mount::start(reg.addr(), MANUAL);
+    let manifest_bytes = read(&m.path(&format!("{IMAGE}/manifest.json")));
+
+    // Same repository: a new tag for the same manifest.
+    fs::create_dir(m.path("fixture/all/copy")).unwrap();
+    assert!(is_dir(&m.path("fixture/all/copy")));
+    write_closed(m.path("fixture/all/copy/manifest.json"), &manifest_bytes).unwrap();
+    assert_eq!(tag_digest(&reg, "fixture/all:copy"), base);
+    // Another repository: the blobs come along by cross-repository mount.
+    fs::create_dir(m.path("other/repo/fx")).unwrap();
+    write_closed(m.path("other/repo/fx/manifest.json"), &manifest_bytes).unwrap();
+    assert_eq!(tag_digest(&reg, "other/repo:fx"), base);
+    let dest = common::tempdir();
+    common::skopeo_copy(
+        &format!("docker://{}", reg.reference("other/repo:fx")),
+        &format!("oci:{}:x", dest.path().join("l").display()),
+    );
+    // Retag an existing tag by writing its manifest.json.
+    let v1 = read(&m.path("other/repo/v1/manifest.json"));
+    write_closed(m.path(&format!("{IMAGE}/manifest.json")), b"{ not json").unwrap_err();
+    assert_eq!(tag_digest(&reg, TAG), base, "a bad manifest moved the tag");
+    write_closed(m.path("fixture/all/copy/manifest.json"), &v1).unwrap();
+    let v1_digest = common::sha256_digest(&v1);
+    assert_eq!(tag_digest(&reg, "fixture/all:copy"), v1_digest);
+
+    // config.json: an edited config, the same layers.
+    let mut cfg: serde_json::Value =
+        serde_json::from_slice(&read(&m.path(&format!("{IMAGE}/config.json")))).unwrap();
+    cfg["config"]["Env"] = serde_json::json!(["EDITED=1"]);
+    let edited = serde_json::to_vec(&cfg).unwrap();
+    write_closed(m.path(&format!("{IMAGE}/config.json")), &edited).unwrap();
+    let new = tag_digest(&reg, TAG);
+    assert_ne!(new, base);
+    let man = manifest(&reg, REPO, &new);
+    assert_eq!(man["layers"], manifest(&reg, REPO, &base)["layers"]);
+    assert_eq!(man["config"]["digest"], common::sha256_digest(&edited));
+    assert_eq!(
+        config(&reg, REPO, &new)["config"]["Env"],
+        serde_json::json!(["EDITED=1"])
+    );
+    // The layers are what they are: a config that says otherwise is refused.
+    cfg["rootfs"]["diff_ids"] = serde_json::json!([]);
+    let err = write_closed(
+        m.path(&format!("{IMAGE}/config.json")),
+        serde_json::to_vec(&cfg).unwrap(),
+    )
+    .unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(22), "EINVAL: {err}");
+    assert_eq!(tag_digest(&reg, TAG), new);
+}
+
 /// By-digest images and the namespace files refuse writes with EROFS, and
 /// writes through the tag do not show through the digest.
 #[test]
@@ -630,13 +695,20 @@ fn digest_dirs_and_namespace_stay_read_only() {
         let (a, b) = (p("small.txt"), p("renamed"));
         move || fs::rename(a, b)
     });
-    for rel in ["manifest.json", "digest", "config.json"] {
-        let f = m.path(&format!("{IMAGE}/{rel}"));
-        assert_erofs(&format!("write {rel}"), {
-            let f = f.clone();
-            move || fs::write(f, b"{}")
-        });
-        assert_erofs(&format!("unlink {rel}"), move || fs::remove_file(f));
+    // The digest's own files never change; a tag's digest file neither
+    // (its manifest.json and config.json take writes: see
+    // manifest_and_config_writes_tag_and_edit), and none is deleted.
+    for dir in [format!("{REPO}/{base}"), IMAGE.to_string()] {
+        for rel in ["manifest.json", "digest", "config.json"] {
+            let f = m.path(&format!("{dir}/{rel}"));
+            if dir != IMAGE || rel == "digest" {
+                assert_erofs(&format!("write {dir}/{rel}"), {
+                    let f = f.clone();
+                    move || fs::write(f, b"{}")
+                });
+            }
+            assert_erofs(&format!("unlink {dir}/{rel}"), move || fs::remove_file(f));
+        }
     }
     assert_erofs("create beside rootfs", {
         let f = m.path(&format!("{IMAGE}/new"));
@@ -1324,4 +1396,22 @@ fn describe(out: &Output) -> String {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     )
+}
+
+/// Write `data` to `p` and close it, with close's own error: a tag's
+/// manifest.json and config.json are pushed, or refused, at close
+/// (`fs::write` drops the file, which ignores that).
+fn write_closed(p: impl AsRef<Path>, data: impl AsRef<[u8]>) -> std::io::Result<()> {
+    use std::io::Write as _;
+    use std::os::fd::IntoRawFd;
+    let (p, data) = (p.as_ref().to_path_buf(), data.as_ref().to_vec());
+    within(120, "write and close", move || {
+        let mut f = fs::File::create(&p)?;
+        f.write_all(&data)?;
+        // SAFETY: we own the descriptor and close it once.
+        if unsafe { libc::close(f.into_raw_fd()) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    })
 }

@@ -31,6 +31,9 @@ pub trait Registry: Send + Sync {
 
     /// The digest `reference` names in `repo` now (a HEAD), `None` if nothing.
     async fn head(&self, repo: &str, reference: &str) -> Result<Option<Digest>>;
+
+    /// Mount blob `digest` of repository `from` into `repo`; false: not done.
+    async fn mount(&self, repo: &str, digest: &Digest, from: &str) -> Result<bool>;
 }
 
 /// The registry through the library's client (auth from the docker
@@ -102,6 +105,10 @@ impl Registry for LibRegistry {
             .head_manifest(reference)
             .await?
             .map(|(d, _, _)| d))
+    }
+
+    async fn mount(&self, repo: &str, digest: &Digest, from: &str) -> Result<bool> {
+        self.repo(repo)?.mount(digest, from).await
     }
 }
 

@@ -59,6 +59,13 @@ pub enum Key {
     /// A tag's rootfs: writable, on the base image the changes started
     /// from. For a platform of an index the "tag" is `TAG/PLATFORM`.
     WRootfs(String, String, Digest),
+    /// A tag's manifest.json and config.json: writing them retags or edits
+    /// the config (`edit`). Repository, tag, the manifest shown.
+    TagManifest(String, String, Digest),
+    TagConfig(String, String, Digest),
+    /// A tag made with mkdir, until a manifest is written into it.
+    NewTag(String, String),
+    NewManifest(String, String),
     /// `.ggfs/status`: changed images and their commits.
     Status,
     /// `.ggfs/ctl`: `ggfs commit` writes a request, reads the reply.
@@ -66,12 +73,24 @@ pub enum Key {
 }
 
 impl Key {
+    /// The read-only node a tag's writable file shows.
+    pub(crate) fn plain(&self) -> Option<Key> {
+        match self {
+            Key::TagManifest(r, _, d) => Some(Key::Manifest(r.clone(), d.clone())),
+            Key::TagConfig(r, _, d) => Some(Key::Config(r.clone(), d.clone())),
+            _ => None,
+        }
+    }
+
     pub(crate) fn is_dir(&self) -> bool {
         !matches!(
             self,
             Key::Stats
                 | Key::Status
                 | Key::Ctl
+                | Key::TagManifest(..)
+                | Key::TagConfig(..)
+                | Key::NewManifest(..)
                 | Key::Manifest(..)
                 | Key::Config(..)
                 | Key::DigestFile(..)
@@ -83,7 +102,14 @@ impl Key {
     pub(crate) fn mutable(&self) -> bool {
         matches!(
             self,
-            Key::Root | Key::Repo(_) | Key::Tag(..) | Key::Stats | Key::Status | Key::Ctl
+            Key::Root
+                | Key::Repo(_)
+                | Key::Tag(..)
+                | Key::Stats
+                | Key::Status
+                | Key::Ctl
+                | Key::NewTag(..)
+                | Key::NewManifest(..)
         )
     }
 }
@@ -144,6 +170,8 @@ pub struct Inner {
     /// Changed images an earlier mount left unpushed, until opened.
     pub(crate) recovered: Mutex<HashMap<(String, String), Digest>>,
     pub(crate) handles: Mutex<HashMap<u64, Arc<Handle>>>,
+    /// Tags made with mkdir, waiting for their manifest: (repository, tag).
+    pub(crate) new_tags: Mutex<std::collections::BTreeSet<(String, String)>>,
     pub(crate) next_fh: AtomicU64,
     pub(crate) blobs: Memo<Digest, Arc<std::fs::File>>,
     pub(crate) uid: u32,
@@ -173,6 +201,7 @@ impl Inner {
             work: Mutex::new(HashMap::new()),
             recovered: Mutex::new(recovered),
             handles: Mutex::new(HashMap::new()),
+            new_tags: Mutex::new(std::collections::BTreeSet::new()),
             next_fh: AtomicU64::new(1),
             blobs: Memo::default(),
             uid: unsafe { libc::getuid() },
@@ -241,6 +270,21 @@ impl Inner {
             Node::W(r, ino) => return Ok((SHORT, r.getattr(*ino)?)),
             Node::Ns(k) => k,
         };
+        // A tag's own files take writes: shown as writable, never cached long.
+        if let Some(plain) = key.plain() {
+            let (_, mut a) = Box::pin(self.attr(ino, &Node::Ns(plain))).await?;
+            a.perm = 0o644;
+            return Ok((SHORT, a));
+        }
+        match key {
+            Key::NewTag(..) => return Ok((SHORT, self.ns_attr(ino, true, 0))),
+            Key::NewManifest(..) => {
+                let mut a = self.ns_attr(ino, false, 0);
+                a.perm = 0o644;
+                return Ok((SHORT, a));
+            }
+            _ => {}
+        }
         let ttl = if key.mutable() { self.ns.tag_ttl } else { LONG };
         let size = match key {
             Key::Manifest(repo, d) => self.ns.artifact(repo, d).await?.raw().bytes.len() as u64,
@@ -313,6 +357,12 @@ impl Inner {
         };
         for (name, k) in out.iter_mut() {
             match k {
+                Key::Manifest(r, d) if matches!(key, Key::Tag(..)) => {
+                    *k = Key::TagManifest(r.clone(), tag.clone(), d.clone());
+                }
+                Key::Config(r, d) if matches!(key, Key::Tag(..)) => {
+                    *k = Key::TagConfig(r.clone(), tag.clone(), d.clone());
+                }
                 Key::Rootfs(r, d) => {
                     let base = self.work_base(r, &tag).unwrap_or_else(|| d.clone());
                     *k = Key::WRootfs(r.clone(), tag.clone(), base);
@@ -374,6 +424,10 @@ impl Inner {
                 Ok(out)
             }
             Key::Repo(path) => Ok(self.list_repo(path).await),
+            Key::NewTag(repo, tag) => Ok(vec![(
+                "manifest.json".into(),
+                Key::NewManifest(repo.clone(), tag.clone()),
+            )]),
             Key::Meta => Ok(vec![
                 ("ctl".into(), Key::Ctl),
                 ("stats".into(), Key::Stats),
@@ -428,6 +482,11 @@ impl Inner {
                 }
             }
         }
+        for t in self.new_tags(path) {
+            if !out.iter().any(|(n, _)| *n == t) {
+                out.push((t.clone(), Key::NewTag(path.to_string(), t)));
+            }
+        }
         for c in self.repo_children(path).await {
             if !out.iter().any(|(n, _)| *n == c) {
                 out.push((c.clone(), Key::Repo(join(path, &c))));
@@ -472,6 +531,9 @@ impl Inner {
         match key {
             Key::Root if name == ".ggfs" => Ok(Node::Ns(Key::Meta)),
             Key::Root => self.lookup_child_repo("", name).await,
+            Key::NewTag(repo, tag) if name == "manifest.json" => {
+                Ok(Node::Ns(Key::NewManifest(repo.clone(), tag.clone())))
+            }
             Key::Meta if name == "stats" => Ok(Node::Ns(Key::Stats)),
             Key::Meta if name == "status" => Ok(Node::Ns(Key::Status)),
             Key::Meta if name == "ctl" => Ok(Node::Ns(Key::Ctl)),
@@ -498,6 +560,9 @@ impl Inner {
             if tags.iter().any(|t| t == name) {
                 return Ok(Node::Ns(Key::Tag(path.to_string(), name.to_string())));
             }
+        }
+        if self.new_tags(path).iter().any(|t| t == name) {
+            return Ok(Node::Ns(Key::NewTag(path.to_string(), name.to_string())));
         }
         self.lookup_child_repo(path, name).await
     }
@@ -646,7 +711,11 @@ impl Inner {
     }
 
     pub(crate) async fn read_ns(&self, key: &Key, offset: u64, size: u32) -> Res<Bytes> {
+        if let Some(plain) = key.plain() {
+            return Box::pin(self.read_ns(&plain, offset, size)).await;
+        }
         match key {
+            Key::NewManifest(..) => Ok(Bytes::new()),
             Key::Manifest(repo, d) => {
                 let art = self.ns.artifact(repo, d).await?;
                 Ok(slice(&art.raw().bytes, offset, size))

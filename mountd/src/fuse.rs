@@ -132,6 +132,9 @@ impl Filesystem for Fs {
         // Writes drop setuid bits and file capabilities here (handles.rs):
         // the kernel need not ask for security.capability before each one.
         let _ = config.add_capabilities(FUSE_HANDLE_KILLPRIV_V2);
+        // O_TRUNC comes with OPEN (not as a SETATTR before it): a tag's
+        // manifest.json opened to be rewritten starts empty.
+        let _ = config.add_capabilities(fuser::consts::FUSE_ATOMIC_O_TRUNC);
         Ok(())
     }
 
@@ -236,6 +239,13 @@ impl Filesystem for Fs {
     ) {
         self.inner.release(fh);
         reply.ok();
+    }
+
+    fn flush(&mut self, _req: &Request<'_>, _ino: u64, fh: u64, _lock: u64, reply: ReplyEmpty) {
+        self.spawn(|fs| async move {
+            let r = fs.flush(fh).await;
+            empty_reply(&fs, "close", r, reply)
+        });
     }
 
     fn opendir(&mut self, _req: &Request<'_>, ino: u64, _flags: i32, reply: ReplyOpen) {
@@ -405,6 +415,20 @@ impl Filesystem for Fs {
         umask: u32,
         reply: ReplyEntry,
     ) {
+        if let Ok(Node::Ns(Key::Repo(repo))) = self.inner.node(parent) {
+            // REPO/NEWTAG: a tag to write a manifest into.
+            let name = name.to_string_lossy().into_owned();
+            return self.spawn(|fs| async move {
+                let made = match fs.mkdir_tag(&repo, &name).await {
+                    Ok(k) => {
+                        let ino = fs.ino(k.clone());
+                        fs.attr(ino, &Node::Ns(k)).await.map(|(_, a)| a)
+                    }
+                    Err(f) => Err(f),
+                };
+                entry_reply(&fs, "mkdir", made, reply)
+            });
+        }
         let (name, uid, gid) = (name.as_bytes().to_vec(), req.uid(), req.gid());
         self.change(
             parent,
@@ -423,6 +447,17 @@ impl Filesystem for Fs {
     }
 
     fn rmdir(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEmpty) {
+        if let Ok(Node::Ns(Key::Repo(repo))) = self.inner.node(parent) {
+            // Only a tag made with mkdir and never written goes this way.
+            if self.inner.rmdir_tag(&repo, &name.to_string_lossy()) {
+                return reply.ok();
+            }
+            let f = Fail::new(
+                libc::EROFS,
+                "tags and repositories are not deleted through the mount",
+            );
+            return reply.error(self.inner.failed("rmdir", f));
+        }
         let name = name.as_bytes().to_vec();
         self.change(
             parent,

@@ -21,6 +21,8 @@ pub enum Handle {
     Lower(Arc<RootFs>, DataRef),
     /// `.ggfs/ctl`: the reply to the request written.
     Ctl(Arc<Mutex<Vec<u8>>>),
+    /// A tag's manifest.json or config.json being written.
+    Edit(crate::edit::Edit),
 }
 
 impl Inner {
@@ -34,6 +36,14 @@ impl Inner {
         let mut hs = self.handles.lock().unwrap_or_else(|p| p.into_inner());
         hs.insert(fh, Arc::new(h));
         fh
+    }
+
+    /// `close`: a tag's file written is pushed now, and close says how it went.
+    pub async fn flush(&self, fh: u64) -> Res<()> {
+        match self.handle(fh).as_deref() {
+            Some(Handle::Edit(e)) => self.apply_edit(e).await,
+            _ => Ok(()),
+        }
     }
 
     pub fn release(&self, fh: u64) {
@@ -59,6 +69,11 @@ impl Inner {
             return self.open_read(&r, ino);
         }
         let node = self.node(ino)?;
+        if let (Node::Ns(key), true) = (&node, write) {
+            if let Some(e) = self.open_edit(key, flags & libc::O_TRUNC != 0).await? {
+                return Ok((self.add_handle(Handle::Edit(e)), FOPEN_DIRECT_IO));
+            }
+        }
         if let Node::Ns(Key::Ctl) = node {
             let reply = Arc::new(Mutex::new(Vec::new()));
             return Ok((self.add_handle(Handle::Ctl(reply)), FOPEN_DIRECT_IO));
@@ -111,6 +126,7 @@ impl Inner {
                     let reply = reply.lock().unwrap_or_else(|p| p.into_inner());
                     Ok(slice(&reply, offset, size))
                 }
+                Handle::Edit(e) => Ok(slice(&e.bytes(), offset, size)),
             };
         }
         match self.node(ino)? {
@@ -174,6 +190,7 @@ impl Inner {
                 *reply.lock().unwrap_or_else(|p| p.into_inner()) = bytes;
                 Ok(len)
             }
+            Handle::Edit(e) => Ok(e.write(offset, &data)),
             Handle::Lower(..) => Err(Fail::new(libc::EBADF, "file not open for writing")),
         }
     }

@@ -9,6 +9,7 @@
 mod backend;
 mod cache;
 mod commit;
+mod edit;
 mod fs;
 mod fuse;
 mod handles;

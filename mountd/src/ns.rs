@@ -191,6 +191,17 @@ impl Namespace {
         self.reg.head(repo, tag).await
     }
 
+    /// Repositories this mount has read from.
+    pub fn known_repos(&self) -> Vec<String> {
+        let s = self.sources.lock().unwrap_or_else(|p| p.into_inner());
+        s.keys().cloned().collect()
+    }
+
+    pub async fn mount_blob(&self, repo: &str, d: &Digest, from: &str) -> ggfs::Result<bool> {
+        self.stats.request();
+        self.reg.mount(repo, d, from).await
+    }
+
     /// Point `repo:tag` at `raw` (already pushed by digest, with its blobs).
     pub async fn put_tag(&self, repo: &str, tag: &str, raw: &RawManifest) -> ggfs::Result<()> {
         self.reg.sink(repo)?.put_manifest(raw, Some(tag)).await?;
