@@ -5,6 +5,7 @@
 //! immutable image views over registries, OCI layouts and docker tarballs,
 //! and the random-access layer readers the mount is built on.
 
+pub mod attach;
 pub mod auth;
 pub mod copy;
 pub mod digest;

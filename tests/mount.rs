@@ -95,7 +95,14 @@ fn every_file_type_matches_umoci_unpack() {
     assert_eq!(names("fixture/all"), ["latest"]);
     assert_eq!(
         names("fixture/all/latest"),
-        ["blobs", "config.json", "digest", "manifest.json", "rootfs"]
+        [
+            "blobs",
+            "config.json",
+            "digest",
+            "manifest.json",
+            "referrers",
+            "rootfs"
+        ]
     );
     // Probes for names that do not exist fail cleanly.
     assert!(!m.path("fixture/all/.git").exists());
@@ -166,7 +173,13 @@ fn index_shows_one_directory_per_platform() {
     names.sort();
     assert_eq!(
         names,
-        ["digest", "linux-amd64", "linux-arm64", "manifest.json"]
+        [
+            "digest",
+            "linux-amd64",
+            "linux-arm64",
+            "manifest.json",
+            "referrers"
+        ]
     );
     for arch in ["amd64", "arm64"] {
         let got = read_string(&m.path(&format!("plat/multi/linux-{arch}/rootfs/arch")));
@@ -184,7 +197,7 @@ fn index_shows_one_directory_per_platform() {
     let arm = Mount::start(reg.addr(), &["--platform", "linux/arm64"]);
     assert_eq!(
         names_in(&arm.path("plat/multi")),
-        ["digest", "linux-arm64", "manifest.json"]
+        ["digest", "linux-arm64", "manifest.json", "referrers"]
     );
 }
 
@@ -605,6 +618,7 @@ fn tags_move_after_ttl_tags_shadow_repos_and_misses_are_cached() {
             "config.json",
             "digest",
             "manifest.json",
+            "referrers",
             "rootfs"
         ]
     );

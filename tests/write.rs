@@ -661,6 +661,89 @@ fn manifest_and_config_writes_tag_and_edit() {
     assert_eq!(tag_digest(&reg, TAG), new);
 }
 
+/// `referrers/` lists what refers to an image (`ggfs attach` made one
+/// here); a file copied into it is attached as an artifact whose subject is
+/// the image, which `ggfs refs` and the listing then show.
+#[test]
+fn referrers_list_and_attach() {
+    let reg = Distribution::start();
+    let base = push_fixture(&reg);
+    let work = common::tempdir();
+    let sig = work.path().join("sig.txt");
+    fs::write(&sig, b"signed\n").unwrap();
+    let out = ggfs(&[
+        OsStr::new("attach"),
+        OsStr::new(&reg.reference(TAG)),
+        OsStr::new("--artifact-type"),
+        OsStr::new("application/vnd.example.sig"),
+        OsStr::new("-f"),
+        sig.as_os_str(),
+    ]);
+    assert!(out.status.success(), "ggfs attach: {}", describe(&out));
+    let by_attach = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .rsplit('@')
+        .next()
+        .unwrap()
+        .to_string();
+    let m = Mount::start(reg.addr(), MANUAL);
+    let refs = m.path(&format!("{IMAGE}/referrers"));
+    let names = |dir: &Path| -> Vec<String> {
+        let mut v: Vec<String> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(names(&refs), ["index.json".to_string(), by_attach.clone()]);
+    let index: serde_json::Value = serde_json::from_slice(&read(&refs.join("index.json"))).unwrap();
+    assert_eq!(
+        index["manifests"][0]["artifactType"],
+        "application/vnd.example.sig"
+    );
+    // The artifact reads like any manifest; its file is a blob.
+    let art: serde_json::Value =
+        serde_json::from_slice(&read(&refs.join(&by_attach).join("manifest.json"))).unwrap();
+    assert_eq!(art["subject"]["digest"], base.as_str());
+    let blob = art["layers"][0]["digest"].as_str().unwrap().to_string();
+    assert_eq!(
+        read(&refs.join(&by_attach).join("blobs").join(&blob)),
+        b"signed\n"
+    );
+
+    // cp attaches.
+    let sbom = work.path().join("sbom.json");
+    fs::write(&sbom, b"{\"sbom\": true}\n").unwrap();
+    tool(
+        work.path(),
+        &["cp", sbom.to_str().unwrap(), refs.to_str().unwrap()],
+    );
+    let out = ggfs(&[OsStr::new("refs"), OsStr::new(&reg.reference(TAG))]);
+    assert!(out.status.success(), "ggfs refs: {}", describe(&out));
+    let listed = String::from_utf8_lossy(&out.stdout).into_owned();
+    let added: Vec<String> = digests_in(&listed)
+        .into_iter()
+        .filter(|d| *d != by_attach)
+        .collect();
+    assert_eq!(added.len(), 1, "{listed}");
+    let art = manifest(&reg, REPO, &added[0]);
+    assert_eq!(art["subject"]["digest"], base.as_str());
+    assert_eq!(
+        art["layers"][0]["annotations"]["org.opencontainers.image.title"],
+        "sbom.json"
+    );
+    let blob = art["layers"][0]["digest"].as_str().unwrap();
+    assert_eq!(blob, common::sha256_digest(b"{\"sbom\": true}\n"));
+    // The listing shows it.
+    assert!(names(&refs).contains(&added[0]), "{:?}", names(&refs));
+    // Nothing else in the namespace takes a file.
+    assert_erofs("create beside referrers/", {
+        let f = m.path(&format!("{IMAGE}/x"));
+        move || fs::write(f, b"x")
+    });
+}
+
 /// By-digest images and the namespace files refuse writes with EROFS, and
 /// writes through the tag do not show through the digest.
 #[test]

@@ -34,6 +34,9 @@ pub trait Registry: Send + Sync {
 
     /// Mount blob `digest` of repository `from` into `repo`; false: not done.
     async fn mount(&self, repo: &str, digest: &Digest, from: &str) -> Result<bool>;
+
+    /// The referrers of `subject` in `repo` (referrers API or its tag fallback).
+    async fn referrers(&self, repo: &str, subject: &Digest) -> Result<ggfs::manifest::ImageIndex>;
 }
 
 /// The registry through the library's client (auth from the docker
@@ -109,6 +112,10 @@ impl Registry for LibRegistry {
 
     async fn mount(&self, repo: &str, digest: &Digest, from: &str) -> Result<bool> {
         self.repo(repo)?.mount(digest, from).await
+    }
+
+    async fn referrers(&self, repo: &str, subject: &Digest) -> Result<ggfs::manifest::ImageIndex> {
+        self.repo(repo)?.referrers(subject, None).await
     }
 }
 

@@ -24,9 +24,16 @@ pub struct Edit {
     /// The manifest the tag showed when the file was opened (none: new tag).
     pub base: Option<Digest>,
     pub config: bool,
+    /// A file copied into `referrers/`: its name (the tag is unused).
+    pub attach: Option<String>,
     pub buf: Mutex<Vec<u8>>,
     pub dirty: Mutex<bool>,
 }
+
+/// What a file copied into `referrers/` becomes (no type of its own is
+/// known: `ggfs attach --artifact-type` gives one).
+const ARTIFACT_TYPE: &str = "application/vnd.ggfs.file";
+const FILE_MEDIA_TYPE: &str = "application/octet-stream";
 
 fn invalid(what: impl std::fmt::Display) -> Fail {
     Fail::new(libc::EINVAL, what.to_string())
@@ -102,6 +109,7 @@ impl Inner {
             tag: tag.clone(),
             base,
             config,
+            attach: None,
             buf: Mutex::new(now),
             dirty: Mutex::new(false),
         }))
@@ -117,6 +125,9 @@ impl Inner {
             *dirty = false;
         }
         let bytes = e.bytes();
+        if let Some(name) = &e.attach {
+            return self.attach(e, name, bytes).await;
+        }
         let raw = if e.config {
             self.config_image(e, bytes).await?
         } else {
@@ -136,6 +147,46 @@ impl Inner {
         })?;
         self.rmdir_tag(&e.repo, &e.tag);
         tracing::info!("{}:{} is now {}", e.repo, e.tag, raw.digest);
+        Ok(())
+    }
+
+    /// `cp FILE MOUNT/<repo>/<tag>/referrers/`: a file in `referrers/` being
+    /// written, attached to `subject` at close.
+    pub(crate) fn open_attach(&self, repo: &str, subject: &Digest, name: &str) -> (Key, Edit) {
+        let key = Key::Attaching(repo.to_string(), subject.clone(), name.to_string());
+        let edit = Edit {
+            repo: repo.to_string(),
+            tag: String::new(),
+            base: Some(subject.clone()),
+            config: false,
+            attach: Some(name.to_string()),
+            buf: Mutex::new(Vec::new()),
+            dirty: Mutex::new(true),
+        };
+        (key, edit)
+    }
+
+    /// Push `bytes` as an artifact (titled `name`) whose subject is `e.base`.
+    async fn attach(&self, e: &Edit, name: &str, bytes: Vec<u8>) -> Res<()> {
+        let subject = e.base.as_ref().expect("an attachment has a subject");
+        let what = format!("attaching {name} to {}@{subject}", e.repo);
+        let io = |err: ggfs::Error| Fail::new(libc::EIO, format!("{what}: {err}"));
+        let art = self.ns.artifact(&e.repo, subject).await?;
+        let sink = self.ns.sink(&e.repo).map_err(io)?;
+        let empty = Bytes::from_static(ggfs::attach::EMPTY);
+        ggfs::attach::put_if_missing(sink.as_ref(), &Digest::of(&empty), empty)
+            .await
+            .map_err(io)?;
+        let (digest, size) = (Digest::of(&bytes), bytes.len() as u64);
+        ggfs::attach::put_if_missing(sink.as_ref(), &digest, bytes.into())
+            .await
+            .map_err(io)?;
+        let layer = ggfs::attach::file_layer(FILE_MEDIA_TYPE, &digest, size, Some(name));
+        let raw = ggfs::attach::manifest(art.raw(), ARTIFACT_TYPE, vec![layer], Default::default())
+            .map_err(io)?;
+        sink.put_manifest(&raw, None).await.map_err(io)?;
+        self.ns.forget_referrers(&e.repo, subject);
+        tracing::info!("{what}: {}", raw.digest);
         Ok(())
     }
 

@@ -66,6 +66,13 @@ pub enum Key {
     /// A tag made with mkdir, until a manifest is written into it.
     NewTag(String, String),
     NewManifest(String, String),
+    /// `referrers/` of a manifest: what refers to it. Copying a file in
+    /// attaches it.
+    Referrers(String, Digest),
+    /// `referrers/index.json`: the referrers index as the registry answered.
+    ReferrersIndex(String, Digest),
+    /// A file being copied into `referrers/` (repository, subject, name).
+    Attaching(String, Digest, String),
     /// `.ggfs/status`: changed images and their commits.
     Status,
     /// `.ggfs/ctl`: `ggfs commit` writes a request, reads the reply.
@@ -91,6 +98,8 @@ impl Key {
                 | Key::TagManifest(..)
                 | Key::TagConfig(..)
                 | Key::NewManifest(..)
+                | Key::ReferrersIndex(..)
+                | Key::Attaching(..)
                 | Key::Manifest(..)
                 | Key::Config(..)
                 | Key::DigestFile(..)
@@ -110,6 +119,9 @@ impl Key {
                 | Key::Ctl
                 | Key::NewTag(..)
                 | Key::NewManifest(..)
+                | Key::Referrers(..)
+                | Key::ReferrersIndex(..)
+                | Key::Attaching(..)
         )
     }
 }
@@ -278,7 +290,16 @@ impl Inner {
         }
         match key {
             Key::NewTag(..) => return Ok((SHORT, self.ns_attr(ino, true, 0))),
-            Key::NewManifest(..) => {
+            Key::Referrers(..) => {
+                let mut a = self.ns_attr(ino, true, 0);
+                a.perm = 0o755;
+                return Ok((SHORT, a));
+            }
+            Key::ReferrersIndex(repo, d) => {
+                let len = self.ns.referrers(repo, d).await?.json.len() as u64;
+                return Ok((SHORT, self.ns_attr(ino, false, len)));
+            }
+            Key::NewManifest(..) | Key::Attaching(..) => {
                 let mut a = self.ns_attr(ino, false, 0);
                 a.perm = 0o644;
                 return Ok((SHORT, a));
@@ -382,6 +403,7 @@ impl Inner {
         let mut out = vec![
             ("manifest.json".into(), Key::Manifest(r.clone(), d.clone())),
             ("digest".into(), Key::DigestFile(r.clone(), d.clone())),
+            ("referrers".into(), Key::Referrers(r.clone(), d.clone())),
         ];
         match art {
             Art::Image { .. } => {
@@ -424,6 +446,17 @@ impl Inner {
                 Ok(out)
             }
             Key::Repo(path) => Ok(self.list_repo(path).await),
+            Key::Referrers(repo, d) => {
+                let refs = self.ns.referrers(repo, d).await?;
+                let mut out = vec![(
+                    "index.json".to_string(),
+                    Key::ReferrersIndex(repo.clone(), d.clone()),
+                )];
+                for r in &refs.digests {
+                    out.push((r.to_string(), Key::Art(repo.clone(), r.clone())));
+                }
+                Ok(out)
+            }
             Key::NewTag(repo, tag) => Ok(vec![(
                 "manifest.json".into(),
                 Key::NewManifest(repo.clone(), tag.clone()),
@@ -531,6 +564,13 @@ impl Inner {
         match key {
             Key::Root if name == ".ggfs" => Ok(Node::Ns(Key::Meta)),
             Key::Root => self.lookup_child_repo("", name).await,
+            Key::Referrers(..) => self
+                .list(key)
+                .await?
+                .into_iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, k)| Node::Ns(k))
+                .ok_or_else(|| Fail::noent(name)),
             Key::NewTag(repo, tag) if name == "manifest.json" => {
                 Ok(Node::Ns(Key::NewManifest(repo.clone(), tag.clone())))
             }
@@ -715,7 +755,10 @@ impl Inner {
             return Box::pin(self.read_ns(&plain, offset, size)).await;
         }
         match key {
-            Key::NewManifest(..) => Ok(Bytes::new()),
+            Key::NewManifest(..) | Key::Attaching(..) => Ok(Bytes::new()),
+            Key::ReferrersIndex(repo, d) => {
+                Ok(slice(&self.ns.referrers(repo, d).await?.json, offset, size))
+            }
             Key::Manifest(repo, d) => {
                 let art = self.ns.artifact(repo, d).await?;
                 Ok(slice(&art.raw().bytes, offset, size))

@@ -7,7 +7,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use fuser::consts::{FOPEN_CACHE_DIR, FOPEN_KEEP_CACHE};
+use fuser::consts::{FOPEN_CACHE_DIR, FOPEN_DIRECT_IO, FOPEN_KEEP_CACHE};
 use fuser::{
     FileAttr, Filesystem, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen,
     ReplyStatfs, ReplyWrite, ReplyXattr, Request,
@@ -583,6 +583,17 @@ impl Filesystem for Fs {
         _flags: i32,
         reply: fuser::ReplyCreate,
     ) {
+        if let Ok(Node::Ns(Key::Referrers(repo, subject))) = self.inner.node(parent) {
+            // A file copied into referrers/ is attached at close.
+            let (key, edit) = self
+                .inner
+                .open_attach(&repo, &subject, &name.to_string_lossy());
+            let ino = self.inner.ino(key);
+            let mut attr = self.inner.ns_attr(ino, false, 0);
+            attr.perm = 0o644;
+            let fh = self.inner.add_handle(Handle::Edit(edit));
+            return reply.created(&SHORT, &attr, 0, fh, FOPEN_DIRECT_IO);
+        }
         let (name, uid, gid) = (name.as_bytes().to_vec(), req.uid(), req.gid());
         self.change(
             parent,

@@ -104,6 +104,12 @@ impl<K: Hash + Eq + Clone, V: Clone> Memo<K, V> {
     }
 }
 
+/// An image's referrers: the index the registry answered, and its entries.
+pub struct Referrers {
+    pub json: Vec<u8>,
+    pub digests: Vec<Digest>,
+}
+
 /// What a manifest is, as the namespace shows it.
 pub enum Art {
     Image {
@@ -139,6 +145,7 @@ pub struct Namespace {
     catalog: Memo<(), Option<Arc<Vec<String>>>>,
     tags: Memo<String, Arc<Vec<String>>>,
     resolved: Memo<(String, String), Digest>,
+    referrers: Memo<(String, Digest), Arc<Referrers>>,
     arts: Memo<Digest, Arc<Art>>,
     seeds: Mutex<HashMap<Digest, RawManifest>>,
     sources: Mutex<HashMap<String, Arc<dyn Source>>>,
@@ -161,6 +168,7 @@ impl Namespace {
             catalog: Memo::default(),
             tags: Memo::default(),
             resolved: Memo::default(),
+            referrers: Memo::default(),
             arts: Memo::default(),
             seeds: Mutex::new(HashMap::new()),
             sources: Mutex::new(HashMap::new()),
@@ -189,6 +197,30 @@ impl Namespace {
     pub async fn tag_digest(&self, repo: &str, tag: &str) -> ggfs::Result<Option<Digest>> {
         self.stats.request();
         self.reg.head(repo, tag).await
+    }
+
+    /// What refers to `subject` (re-read after `tag_ttl`).
+    pub async fn referrers(&self, repo: &str, subject: &Digest) -> Res<Arc<Referrers>> {
+        let key = (repo.to_string(), subject.clone());
+        self.referrers
+            .get(&key, self.tag_ttl, self.neg_ttl, || async {
+                self.stats.request();
+                let index = self.reg.referrers(repo, subject).await?;
+                let json = serde_json::to_vec_pretty(&index)
+                    .map_err(|e| Fail::new(libc::EIO, e.to_string()))?;
+                let digests = index
+                    .manifests()
+                    .iter()
+                    .filter_map(|d| manifest::digest_of(d).ok())
+                    .collect();
+                Ok(Arc::new(Referrers { json, digests }))
+            })
+            .await
+    }
+
+    /// Forget what was read of `subject`'s referrers (one was just added).
+    pub fn forget_referrers(&self, repo: &str, subject: &Digest) {
+        self.referrers.forget(&(repo.to_string(), subject.clone()));
     }
 
     /// Repositories this mount has read from.

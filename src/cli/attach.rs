@@ -3,11 +3,10 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context as _, Result};
 use bytes::Bytes;
+use ggfs::attach;
 use ggfs::digest::Hasher;
 use ggfs::image::Sink;
-use ggfs::manifest::media;
-use ggfs::{Digest, RawManifest};
-use serde_json::json;
+use ggfs::Digest;
 
 use super::Ctx;
 
@@ -37,32 +36,25 @@ pub async fn run(ctx: &Ctx, a: Args) -> Result<()> {
     let repo = ctx.repo(&r)?;
     let platform = ctx.global.platform.as_ref();
     let subject = ggfs::copy::manifest_for(&repo, &r.identifier(), platform).await?;
-    let empty = Bytes::from_static(b"{}");
-    let empty_digest = Digest::of(&empty);
-    put_if_missing(&repo, &empty_digest, empty.clone()).await?;
+    let empty = Bytes::from_static(attach::EMPTY);
+    attach::put_if_missing(&repo, &Digest::of(&empty), empty).await?;
     let mut layers = Vec::new();
     for file in &a.files {
         let (digest, size) = push_file(&repo, file).await?;
         let title = file.file_name().map(|n| n.to_string_lossy().into_owned());
-        layers.push(json!({
-            "mediaType": a.media_type, "digest": digest, "size": size,
-            "annotations": {"org.opencontainers.image.title": title},
-        }));
+        layers.push(attach::file_layer(
+            &a.media_type,
+            &digest,
+            size,
+            title.as_deref(),
+        ));
     }
-    let empty_desc = json!({"mediaType": media::OCI_EMPTY, "digest": empty_digest, "size": 2});
-    if layers.is_empty() {
-        layers.push(empty_desc.clone());
-    }
-    let manifest = json!({
-        "schemaVersion": 2,
-        "mediaType": media::OCI_MANIFEST,
-        "artifactType": a.artifact_type,
-        "config": empty_desc,
-        "layers": layers,
-        "subject": {"mediaType": subject.media_type, "digest": subject.digest, "size": subject.bytes.len()},
-        "annotations": annotations(&a.annotations)?,
-    });
-    let raw = RawManifest::new(Bytes::from(serde_json::to_vec(&manifest)?), None)?;
+    let raw = attach::manifest(
+        &subject,
+        &a.artifact_type,
+        layers,
+        annotations(&a.annotations)?,
+    )?;
     repo.put_manifest(&raw, None).await?;
     println!("{}@{}", r.repo, raw.digest);
     Ok(())
@@ -70,10 +62,6 @@ pub async fn run(ctx: &Ctx, a: Args) -> Result<()> {
 
 fn annotations(pairs: &[String]) -> Result<BTreeMap<String, String>> {
     let mut out = BTreeMap::new();
-    out.insert(
-        "org.opencontainers.image.created".to_string(),
-        chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-    );
     for p in pairs {
         let Some((k, v)) = p.split_once('=') else {
             bail!("annotation {p:?}: want KEY=VALUE");
@@ -81,15 +69,6 @@ fn annotations(pairs: &[String]) -> Result<BTreeMap<String, String>> {
         out.insert(k.to_string(), v.to_string());
     }
     Ok(out)
-}
-
-async fn put_if_missing(sink: &dyn Sink, digest: &Digest, bytes: Bytes) -> Result<()> {
-    if !sink.has_blob(digest).await? {
-        let size = bytes.len() as u64;
-        sink.put_blob(digest, size, ggfs::image::bytes_stream(bytes))
-            .await?;
-    }
-    Ok(())
 }
 
 /// Hash the file in one pass, then stream it up in a second: a large file
