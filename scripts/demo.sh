@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The ggfs demo: installs what it needs, builds, starts the embedded registry,
 # builds an image from a local directory, pushes it, and shows the CLI and
-# the mount at work. Leaves nothing running.
+# the mount at work, reads and a write committed as a new image. Leaves
+# nothing running.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -48,6 +49,12 @@ step "$GGFS" mount "$REG" "$MNT"
 step ls "$MNT" "$MNT/demo" "$MNT/demo/app" "$MNT/demo/app/v1"
 step find "$MNT/demo/app/v1/rootfs"
 step cat "$MNT/demo/app/v1/rootfs/etc/os-release"
+# Writes: the change becomes a new layer on the image, pushed; the tag moves.
+step sh -c "echo 'written through the mount' > $MNT/demo/app/v1/rootfs/etc/motd"
+step "$GGFS" commit "$MNT/demo/app/v1" -m "motd from the demo"
+step "$GGFS" status "$MNT"
+step sh -c "$GGFS manifest $REG/demo/app:v1 | jq '.layers | length'"
+step sh -c "$GGFS export $REG/demo/app:v1 - | tar -xOf - etc/motd"
 step cat "$MNT/.ggfs/stats"
 step "$GGFS" unmount "$MNT"
 echo

@@ -144,6 +144,12 @@ impl Journal {
                 let _ = std::fs::remove_dir_all(dir);
             }
         }
+        if materialized {
+            // What a crash left half prepared is no change anyone was told of.
+            if let Err(e) = Upper::new(dir).clear_work() {
+                tracing::warn!("{}: clearing work/: {e}", dir.display());
+            }
+        }
         Journal {
             dir: dir.to_path_buf(),
             st: Mutex::new(St {
