@@ -956,6 +956,44 @@ fn registry_down_leaves_commit_pending() {
     );
 }
 
+/// Automatic commits retry: with the registry down the commit stays
+/// pending (the status says why), and once it is back the same mount pushes
+/// it by itself, backing off in between.
+#[test]
+fn automatic_commit_retries_until_the_registry_is_back() {
+    let mut reg = Distribution::start();
+    let base = push_fixture(&reg);
+    let m = Mount::start(reg.addr(), &["--commit-delay", "0.5"]);
+    assert_eq!(
+        read(&m.path(&format!("{ROOTFS}/small.txt"))),
+        b"hello ggfs\n"
+    );
+    reg.kill();
+    write_file(&m.path(&format!("{ROOTFS}/later.txt")), b"later\n");
+    let line = poll(60, "a failed automatic commit", || {
+        let st = status(&m);
+        status_line(&st, TAG)
+            .filter(|l| l.starts_with("pending ") && l.contains("error"))
+            .map(str::to_string)
+    });
+    assert!(
+        line.contains(reg.addr()),
+        "the error names the registry: {line}"
+    );
+    reg.restart();
+    let new = poll(120, "the retried commit", || {
+        Some(tag_digest(&reg, TAG)).filter(|d| *d != base)
+    });
+    let fresh = Mount::start(reg.addr(), MANUAL);
+    assert_eq!(
+        read(&fresh.path(&format!("{ROOTFS}/later.txt"))),
+        b"later\n"
+    );
+    assert!(
+        status_line(&status(&m), TAG).is_some_and(|l| l.starts_with("pushed ") && l.contains(&new))
+    );
+}
+
 /// A commit that failed with the registry down is pushed by the next mount
 /// of the same cache dir, without another `ggfs commit`.
 #[test]
