@@ -744,6 +744,47 @@ fn referrers_list_and_attach() {
     });
 }
 
+/// `rmdir MOUNT/REPO/TAG` deletes the tag, only with --allow-delete, and
+/// not when another tag shares its manifest (distribution deletes
+/// manifests, not tags: it would go too).
+#[test]
+fn rmdir_deletes_a_tag_only_with_allow_delete() {
+    let reg = Distribution::start();
+    let base = push_fixture(&reg);
+    let out = ggfs(&[
+        OsStr::new("tag"),
+        OsStr::new(&reg.reference(TAG)),
+        OsStr::new("twin"),
+    ]);
+    assert!(out.status.success(), "ggfs tag: {}", describe(&out));
+    common::push_oci_layout(
+        common::multilayer_image(),
+        common::MULTILAYER_TAG,
+        &reg.reference("fixture/all:solo"),
+    );
+    let m = Mount::start(reg.addr(), MANUAL);
+    let err = fs::remove_dir(m.path("fixture/all/solo")).unwrap_err();
+    assert_eq!(
+        err.raw_os_error(),
+        Some(30),
+        "EROFS without --allow-delete: {err}"
+    );
+    drop(m);
+
+    let m = Mount::start(reg.addr(), &["--commit-delay", "manual", "--allow-delete"]);
+    fs::remove_dir(m.path("fixture/all/solo")).unwrap();
+    let (code, _) = common::http_get(reg.addr(), "/v2/fixture/all/manifests/solo").unwrap();
+    assert_eq!(code, 404, "solo still there");
+    let err = fs::remove_dir(m.path("fixture/all/latest")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(16), "EBUSY: twin shares it: {err}");
+    assert_eq!(tag_digest(&reg, TAG), base);
+    assert_eq!(tag_digest(&reg, "fixture/all:twin"), base);
+    // A tag made with mkdir and never written just goes.
+    fs::create_dir(m.path("fixture/all/scratch")).unwrap();
+    fs::remove_dir(m.path("fixture/all/scratch")).unwrap();
+    assert!(!exists(&m.path("fixture/all/scratch")));
+}
+
 /// By-digest images and the namespace files refuse writes with EROFS, and
 /// writes through the tag do not show through the digest.
 #[test]

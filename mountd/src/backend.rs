@@ -35,6 +35,10 @@ pub trait Registry: Send + Sync {
     /// Mount blob `digest` of repository `from` into `repo`; false: not done.
     async fn mount(&self, repo: &str, digest: &Digest, from: &str) -> Result<bool>;
 
+    /// Delete the manifest `reference` (a tag, where the registry can, or a
+    /// digest) names in `repo`.
+    async fn delete(&self, repo: &str, reference: &str) -> Result<()>;
+
     /// The referrers of `subject` in `repo` (referrers API or its tag fallback).
     async fn referrers(&self, repo: &str, subject: &Digest) -> Result<ggfs::manifest::ImageIndex>;
 }
@@ -112,6 +116,10 @@ impl Registry for LibRegistry {
 
     async fn mount(&self, repo: &str, digest: &Digest, from: &str) -> Result<bool> {
         self.repo(repo)?.mount(digest, from).await
+    }
+
+    async fn delete(&self, repo: &str, reference: &str) -> Result<()> {
+        self.repo(repo)?.delete(reference).await
     }
 
     async fn referrers(&self, repo: &str, subject: &Digest) -> Result<ggfs::manifest::ImageIndex> {

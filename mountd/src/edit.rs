@@ -84,6 +84,34 @@ impl Inner {
         Ok(Key::NewTag(repo.to_string(), tag.to_string()))
     }
 
+    /// `rmdir REPO/TAG`: the tag goes from the registry, with the mount
+    /// option --allow-delete and no uncommitted changes to its rootfs.
+    pub(crate) async fn delete_tag(&self, repo: &str, tag: &str) -> Res<()> {
+        if !self.ns.allow_delete {
+            return Err(Fail::new(
+                libc::EROFS,
+                format!("{repo}:{tag}: deleting tags needs the mount option --allow-delete"),
+            ));
+        }
+        if self
+            .ns
+            .tags(repo)
+            .await
+            .is_ok_and(|t| !t.iter().any(|x| x == tag))
+        {
+            return Err(Fail::new(libc::EROFS, format!("{repo}/{tag} is not a tag")));
+        }
+        if self.work_base(repo, tag).is_some() {
+            return Err(Fail::new(
+                libc::EBUSY,
+                format!("{repo}:{tag}: its rootfs has changes not committed"),
+            ));
+        }
+        self.ns.delete_tag(repo, tag).await?;
+        tracing::info!("deleted {repo}:{tag}");
+        Ok(())
+    }
+
     pub(crate) fn rmdir_tag(&self, repo: &str, tag: &str) -> bool {
         let mut t = self.new_tags.lock().unwrap_or_else(|p| p.into_inner());
         t.remove(&(repo.to_string(), tag.to_string()))

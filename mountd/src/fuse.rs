@@ -448,15 +448,15 @@ impl Filesystem for Fs {
 
     fn rmdir(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEmpty) {
         if let Ok(Node::Ns(Key::Repo(repo))) = self.inner.node(parent) {
-            // Only a tag made with mkdir and never written goes this way.
-            if self.inner.rmdir_tag(&repo, &name.to_string_lossy()) {
+            // A tag made with mkdir and never written just goes.
+            let tag = name.to_string_lossy().into_owned();
+            if self.inner.rmdir_tag(&repo, &tag) {
                 return reply.ok();
             }
-            let f = Fail::new(
-                libc::EROFS,
-                "tags and repositories are not deleted through the mount",
-            );
-            return reply.error(self.inner.failed("rmdir", f));
+            return self.spawn(|fs| async move {
+                let r = fs.delete_tag(&repo, &tag).await;
+                empty_reply(&fs, "rmdir", r, reply)
+            });
         }
         let name = name.as_bytes().to_vec();
         self.change(

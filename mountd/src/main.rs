@@ -85,6 +85,9 @@ struct MountArgs {
     /// (and at unmount); `manual`: only `ggfs commit` does.
     #[arg(long, default_value = "10", value_parser = parse_delay)]
     commit_delay: CommitDelay,
+    /// `rmdir MOUNT/REPO/TAG` deletes the tag from the registry.
+    #[arg(long)]
+    allow_delete: bool,
     /// Write the daemon's log here (appending).
     #[arg(long)]
     log: Option<PathBuf>,
@@ -195,6 +198,9 @@ fn child_args(a: &MountArgs, fd: i32) -> Vec<OsString> {
     }
     if a.insecure {
         v.push("--insecure".into());
+    }
+    if a.allow_delete {
+        v.push("--allow-delete".into());
     }
     for o in &a.options {
         v.push("-o".into());
@@ -366,6 +372,7 @@ fn serve(args: &MountArgs, ready: &mut Ready) -> Result<()> {
     let stats = Arc::new(stats::Stats::default());
     let mut ns = ns::Namespace::new(reg, stats, cache.clone(), Duration::from_secs(args.tag_ttl));
     ns.platform = args.platform.clone();
+    ns.allow_delete = args.allow_delete;
     let filesystem = fuse::Fs::new(ns, cache, rt.handle().clone());
     let inner = filesystem.inner();
     if let Some(delay) = args.commit_delay.0 {

@@ -142,6 +142,8 @@ pub struct Namespace {
     pub neg_ttl: Duration,
     /// When set, indexes only show this platform's directories.
     pub platform: Option<Platform>,
+    /// `rmdir REPO/TAG` deletes the tag (mount option --allow-delete).
+    pub allow_delete: bool,
     catalog: Memo<(), Option<Arc<Vec<String>>>>,
     tags: Memo<String, Arc<Vec<String>>>,
     resolved: Memo<(String, String), Digest>,
@@ -165,6 +167,7 @@ impl Namespace {
             tag_ttl,
             neg_ttl: Duration::from_secs(5),
             platform: None,
+            allow_delete: false,
             catalog: Memo::default(),
             tags: Memo::default(),
             resolved: Memo::default(),
@@ -221,6 +224,39 @@ impl Namespace {
     /// Forget what was read of `subject`'s referrers (one was just added).
     pub fn forget_referrers(&self, repo: &str, subject: &Digest) {
         self.referrers.forget(&(repo.to_string(), subject.clone()));
+    }
+
+    /// Delete `repo:tag` from the registry: by tag where the registry can
+    /// (OCI distribution 1.1), else its manifest by digest when no other tag
+    /// shares it (the registry would take those along).
+    pub async fn delete_tag(&self, repo: &str, tag: &str) -> Res<()> {
+        let io = |e: Error| Fail::new(libc::EIO, format!("deleting {repo}:{tag}: {e}"));
+        let d = self
+            .tag_digest(repo, tag)
+            .await
+            .map_err(io)?
+            .ok_or_else(|| Fail::noent(format!("{repo}:{tag}")))?;
+        if self.reg.delete(repo, tag).await.is_err() {
+            let mut shared = Vec::new();
+            for t in self.reg.tags(repo).await.map_err(io)? {
+                if t != tag && self.tag_digest(repo, &t).await.map_err(io)? == Some(d.clone()) {
+                    shared.push(t);
+                }
+            }
+            if !shared.is_empty() {
+                return Err(Fail::new(
+                    libc::EBUSY,
+                    format!(
+                        "deleting {repo}:{tag}: the registry deletes manifests, not tags, and {} also point at {d}",
+                        shared.join(", ")
+                    ),
+                ));
+            }
+            self.reg.delete(repo, d.as_str()).await.map_err(io)?;
+        }
+        self.resolved.forget(&(repo.to_string(), tag.to_string()));
+        self.tags.forget(&repo.to_string());
+        Ok(())
     }
 
     /// Repositories this mount has read from.
