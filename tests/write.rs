@@ -201,16 +201,11 @@ fn posix_tools_then_commit_match_umoci_unpack() {
 
     // skopeo pulls it, the new layer's DiffID checks out, umoci unpacks it
     // to exactly the tree the mount showed.
-    let layout = work.path().join("pulled");
-    common::skopeo_copy(
-        &format!("docker://{}@{new}", reg.reference(REPO)),
-        &format!("oci:{}:new", layout.display()),
-    );
+    let (layout, unpacked) = pull_and_unpack(&reg, REPO, &new, work.path());
     assert_eq!(
         layer_diff_id(&layout, layers.last().unwrap()),
         ids.last().unwrap().as_str().unwrap()
     );
-    let unpacked = common::umoci_unpack(&layout, "new", &work.path().join("bundle"));
     tree::assert_same_snapshot(
         &snap(&unpacked),
         "umoci unpack",
@@ -311,12 +306,7 @@ fn renames_sed_tar_and_git_then_commit_match_umoci_unpack() {
     let before = snap(&root);
 
     let new = committed(&commit(&m, IMAGE, &[]), &reg, REPO);
-    let layout = work.path().join("pulled");
-    common::skopeo_copy(
-        &format!("docker://{}@{new}", reg.reference(REPO)),
-        &format!("oci:{}:new", layout.display()),
-    );
-    let unpacked = common::umoci_unpack(&layout, "new", &work.path().join("bundle"));
+    let (_, unpacked) = pull_and_unpack(&reg, REPO, &new, work.path());
     tree::assert_same_snapshot(
         &snap(&unpacked),
         "umoci unpack",
@@ -396,12 +386,7 @@ fn runc_runs_on_the_writable_rootfs() {
     assert_eq!(read_string(&root.join("written")), "from-the-container\n");
 
     let new = committed(&commit(&m, "shell/v1", &[]), &reg, "shell");
-    let layout = work.path().join("pulled");
-    common::skopeo_copy(
-        &format!("docker://{}@{new}", reg.reference("shell")),
-        &format!("oci:{}:new", layout.display()),
-    );
-    let unpacked = common::umoci_unpack(&layout, "new", &work.path().join("unpacked"));
+    let (_, unpacked) = pull_and_unpack(&reg, "shell", &new, work.path());
     assert_eq!(
         read_string(&unpacked.join("written")),
         "from-the-container\n"
@@ -1108,11 +1093,7 @@ fn manual_changes_stay_pending_across_unmount() {
 #[test]
 fn tag_moved_underneath_is_a_conflict() {
     let reg = Distribution::start();
-    let base = push_fixture(&reg);
-    let base_layers = json_array(&manifest(&reg, REPO, &base)["layers"]).clone();
-    let m = Mount::start(reg.addr(), MANUAL);
-    write_file(&m.path(&format!("{ROOTFS}/mine.txt")), b"mine\n");
-    let outsider = push_outsider(&reg);
+    let (base, base_layers, m, outsider) = moved_underneath(&reg);
 
     let out = commit(&m, IMAGE, &[]);
     assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
@@ -1163,11 +1144,7 @@ fn tag_moved_underneath_is_a_conflict() {
 #[test]
 fn force_moves_a_tag_that_moved_underneath() {
     let reg = Distribution::start();
-    let base = push_fixture(&reg);
-    let base_layers = json_array(&manifest(&reg, REPO, &base)["layers"]).clone();
-    let m = Mount::start(reg.addr(), MANUAL);
-    write_file(&m.path(&format!("{ROOTFS}/mine.txt")), b"mine\n");
-    let outsider = push_outsider(&reg);
+    let (_, base_layers, m, outsider) = moved_underneath(&reg);
 
     let new = committed(&commit(&m, IMAGE, &["--force"]), &reg, REPO);
     assert_ne!(new, outsider);
@@ -1280,6 +1257,17 @@ fn push_fixture(reg: &Distribution) -> String {
     tag_digest(reg, TAG)
 }
 
+/// The fixture pushed, a change made through a mount, then another image
+/// pushed to the tag from outside: (base, base layers, mount, outsider).
+fn moved_underneath(reg: &Distribution) -> (String, Vec<serde_json::Value>, Mount, String) {
+    let base = push_fixture(reg);
+    let base_layers = json_array(&manifest(reg, REPO, &base)["layers"]).clone();
+    let m = Mount::start(reg.addr(), MANUAL);
+    write_file(&m.path(&format!("{ROOTFS}/mine.txt")), b"mine\n");
+    let outsider = push_outsider(reg);
+    (base, base_layers, m, outsider)
+}
+
 /// Pushes a different image (the multi-layer one) to `fixture/all:latest`
 /// from outside the mount; its digest.
 fn push_outsider(reg: &Distribution) -> String {
@@ -1317,6 +1305,18 @@ fn local_tree(dir: &Path) -> PathBuf {
         "+",
     ]));
     src
+}
+
+/// `skopeo copy` of `repo@digest` into an OCI layout under `dir`, then
+/// `umoci unpack` of it: (layout, rootfs).
+fn pull_and_unpack(reg: &Distribution, repo: &str, digest: &str, dir: &Path) -> (PathBuf, PathBuf) {
+    let layout = dir.join("pulled");
+    common::skopeo_copy(
+        &format!("docker://{}@{digest}", reg.reference(repo)),
+        &format!("oci:{}:new", layout.display()),
+    );
+    let rootfs = common::umoci_unpack(&layout, "new", &dir.join("unpacked"));
+    (layout, rootfs)
 }
 
 /// `ggfs commit <m>/<image> EXTRA...`.
