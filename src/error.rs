@@ -48,6 +48,15 @@ pub enum Error {
     #[error("registry {registry}: {message}")]
     Registry { registry: String, message: String },
 
+    /// Nothing came from `registry` for `secs` seconds (no answer, or a
+    /// download that stopped moving).
+    #[error("registry {registry} stalled: {what} got no bytes for {secs}s")]
+    Stalled {
+        registry: String,
+        what: String,
+        secs: u64,
+    },
+
     #[error("authentication to {registry} failed: {message}")]
     Auth { registry: String, message: String },
 

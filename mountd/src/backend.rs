@@ -51,7 +51,7 @@ pub struct LibRegistry {
 }
 
 impl LibRegistry {
-    pub fn new(host: &str, insecure: bool) -> Result<Arc<Self>> {
+    pub fn new(host: &str, insecure: bool, stall: std::time::Duration) -> Result<Arc<Self>> {
         let opts = ClientOptions {
             insecure: if insecure {
                 vec![host.to_string()]
@@ -60,6 +60,7 @@ impl LibRegistry {
             },
             insecure_all: false,
             jobs: 16,
+            stall_timeout: stall,
         };
         Ok(Arc::new(LibRegistry {
             client: Client::new(opts)?,

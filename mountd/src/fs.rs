@@ -596,10 +596,13 @@ impl Inner {
             self.ns.artifact(path, &d).await?;
             return Ok(Node::Ns(Key::Art(path.to_string(), d)));
         }
-        if let Ok(tags) = self.ns.tags(path).await {
-            if tags.iter().any(|t| t == name) {
+        match self.ns.tags(path).await {
+            Ok(tags) if tags.iter().any(|t| t == name) => {
                 return Ok(Node::Ns(Key::Tag(path.to_string(), name.to_string())));
             }
+            // A registry that does not answer is no sign the name is a prefix.
+            Err(f) if f.errno == libc::ETIMEDOUT => return Err(f),
+            _ => {}
         }
         if self.new_tags(path).iter().any(|t| t == name) {
             return Ok(Node::Ns(Key::NewTag(path.to_string(), name.to_string())));
@@ -617,6 +620,7 @@ impl Inner {
         let child = join(path, name);
         let listed = match self.ns.catalog().await {
             Ok(Some(cat)) => Some(children_of(&cat, path).iter().any(|c| c == name)),
+            Err(f) if f.errno == libc::ETIMEDOUT => return Err(f),
             _ => None,
         };
         if listed == Some(true) || self.ns.tags(&child).await.is_ok() || listed.is_none() {

@@ -85,6 +85,10 @@ struct MountArgs {
     /// (and at unmount); `manual`: only `ggfs commit` does.
     #[arg(long, default_value = "10", value_parser = parse_delay)]
     commit_delay: CommitDelay,
+    /// Seconds a registry request may go without a byte before it fails
+    /// (the read gets ETIMEDOUT; the next one tries again).
+    #[arg(long, default_value_t = 30)]
+    timeout: u64,
     /// `rmdir MOUNT/REPO/TAG` deletes the tag from the registry.
     #[arg(long)]
     allow_delete: bool,
@@ -189,6 +193,7 @@ fn child_args(a: &MountArgs, fd: i32) -> Vec<OsString> {
     }
     v.push(format!("--cache-size={}", a.cache_size).into());
     v.push(format!("--tag-ttl={}", a.tag_ttl).into());
+    v.push(format!("--timeout={}", a.timeout).into());
     match a.commit_delay.0 {
         Some(d) => v.push(format!("--commit-delay={}", d.as_secs_f64()).into()),
         None => v.push("--commit-delay=manual".into()),
@@ -355,7 +360,8 @@ fn serve(args: &MountArgs, ready: &mut Ready) -> Result<()> {
             args.insecure,
         ),
     };
-    let reg = backend::LibRegistry::new(host, insecure)?;
+    let stall = Duration::from_secs(args.timeout.max(1));
+    let reg = backend::LibRegistry::new(host, insecure, stall)?;
     let reg_name = backend::Registry::name(reg.as_ref());
     rt.block_on(async {
         tokio::time::timeout(

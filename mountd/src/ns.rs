@@ -46,6 +46,7 @@ impl From<Error> for Fail {
         let errno = match &e {
             Error::NotFound(_) | Error::Reference { .. } => libc::ENOENT,
             Error::Auth { .. } => libc::EACCES,
+            Error::Stalled { .. } => libc::ETIMEDOUT,
             Error::NoPlatform { .. } => libc::ENOENT,
             _ => libc::EIO,
         };

@@ -59,6 +59,10 @@ pub struct Global {
     /// Talk plain HTTP (and skip TLS verification) to registries, not only to localhost.
     #[arg(long, global = true)]
     pub insecure: bool,
+    /// Seconds a registry request may go without a byte (no answer, or a
+    /// download that stopped moving) before it fails.
+    #[arg(long, global = true, default_value_t = 30)]
+    pub timeout: u64,
     /// Log HTTP traffic and decisions to stderr (credentials are never logged).
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
@@ -183,6 +187,7 @@ impl Ctx {
         }
         let opts = ClientOptions {
             insecure_all: self.global.insecure,
+            stall_timeout: std::time::Duration::from_secs(self.global.timeout.max(1)),
             ..ClientOptions::default()
         };
         let client = Client::new(opts).context("creating the registry client")?;

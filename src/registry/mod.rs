@@ -60,6 +60,10 @@ pub struct ClientOptions {
     pub insecure_all: bool,
     /// Concurrent requests per client (0 counts as 1).
     pub jobs: usize,
+    /// How long a request may go without a byte (its answer, or the next
+    /// bytes of a body) before it fails as stalled. A slow but moving
+    /// download is not cut off.
+    pub stall_timeout: std::time::Duration,
 }
 
 impl Default for ClientOptions {
@@ -68,6 +72,7 @@ impl Default for ClientOptions {
             insecure: Vec::new(),
             insecure_all: false,
             jobs: 8,
+            stall_timeout: std::time::Duration::from_secs(30),
         }
     }
 }
@@ -113,6 +118,7 @@ impl ClientBuilder {
             self.opts.insecure_all,
             self.opts.jobs,
             self.retry,
+            self.opts.stall_timeout,
         )?;
         Ok(Client {
             t: Arc::new(t),

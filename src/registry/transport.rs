@@ -164,6 +164,7 @@ pub(crate) struct Transport {
     insecure_all: bool,
     jobs: Arc<Semaphore>,
     retry: RetryPolicy,
+    stall: Duration,
     challenges: Mutex<HashMap<String, Challenge>>,
     tokens: Mutex<HashMap<(String, String), Token>>,
     creds: Mutex<CredCache>,
@@ -179,11 +180,13 @@ impl Transport {
         insecure_all: bool,
         jobs: usize,
         retry: RetryPolicy,
+        stall: Duration,
     ) -> Result<Self> {
         let http = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("ggfs/", env!("CARGO_PKG_VERSION")))
-            .connect_timeout(Duration::from_secs(30))
+            .connect_timeout(stall)
+            .read_timeout(stall)
             .build()
             .map_err(|e| http_err("building the HTTP client", e))?;
         Ok(Transport {
@@ -193,6 +196,7 @@ impl Transport {
             insecure_all,
             jobs: Arc::new(Semaphore::new(jobs.max(1))),
             retry,
+            stall,
             challenges: Mutex::new(HashMap::new()),
             tokens: Mutex::new(HashMap::new()),
             creds: Mutex::new(HashMap::new()),
@@ -329,8 +333,16 @@ impl Transport {
                 }
                 Err(e) => {
                     tracing::debug!(method = %req.method, url = %redact_url(url), error = %e, attempt);
-                    let transient =
-                        e.is_connect() || (req.idempotent() && (e.is_timeout() || e.is_request()));
+                    if e.is_timeout() {
+                        // Waited a whole stall period already: say so, now.
+                        return Err(Error::Stalled {
+                            registry: url.host_str().unwrap_or("?").to_string()
+                                + &url.port().map(|p| format!(":{p}")).unwrap_or_default(),
+                            what: format!("{} {}", req.method, redact_url(url)),
+                            secs: self.stall.as_secs(),
+                        });
+                    }
+                    let transient = e.is_connect() || (req.idempotent() && e.is_request());
                     if last || !transient {
                         let ctx = format!("{} {}", req.method, redact_url(url));
                         return Err(http_err(&ctx, e.without_url()));
@@ -610,6 +622,7 @@ mod tests {
             false,
             1,
             RetryPolicy::default(),
+            Duration::from_secs(30),
         )
         .unwrap();
         assert_eq!(t.delay(1, None), Duration::from_millis(200));

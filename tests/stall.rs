@@ -1,0 +1,82 @@
+//! Bounded time against a registry that accepts connections and then says
+//! nothing (the process is frozen with SIGSTOP): the CLI fails with one
+//! line naming the registry and what stalled, a read in a mount fails with
+//! ETIMEDOUT, and both recover once the registry answers again.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::mount::{within, Mount};
+use common::Distribution;
+
+#[test]
+fn cli_fails_fast_and_clearly_on_a_stalled_registry() {
+    let reg = Distribution::start();
+    let layout = common::tempdir();
+    common::umoci_image(&layout.path().join("l"), "latest");
+    common::push_oci_layout(
+        &layout.path().join("l"),
+        "latest",
+        &reg.reference("st/app:v1"),
+    );
+    reg.pause();
+    let image = reg.reference("st/app:v1");
+    let out = within(120, "ggfs manifest on a frozen registry", move || {
+        Command::new(common::ggfs_bin())
+            .args(["--timeout", "2", "manifest", &image])
+            .stdin(Stdio::null())
+            .output()
+            .expect("spawn ggfs")
+    });
+    reg.resume();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    assert!(err.contains(reg.addr()) && err.contains("stalled"), "{err}");
+    let out = Command::new(common::ggfs_bin())
+        .args(["manifest", &reg.reference("st/app:v1")])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "after resume: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn mount_read_times_out_then_recovers() {
+    let reg = Distribution::start();
+    let layout = common::tempdir();
+    common::umoci_image(&layout.path().join("l"), "latest");
+    common::push_oci_layout(
+        &layout.path().join("l"),
+        "latest",
+        &reg.reference("st/app:v1"),
+    );
+    let m = Mount::start(reg.addr(), &["--timeout", "2"]);
+    reg.pause();
+    let p = m.path("st/app/v1/rootfs/small.txt");
+    let q = p.clone();
+    let err = within(120, "a read in a mount of a frozen registry", move || {
+        std::fs::read(q).unwrap_err()
+    });
+    reg.resume();
+    assert_eq!(err.raw_os_error(), Some(110), "ETIMEDOUT: {err}");
+    assert!(m.log().contains("stalled"), "{}", m.log());
+    // Failures are remembered a few seconds; then the next read goes through.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let q = p.clone();
+        match within(60, "a read after resume", move || std::fs::read(q)) {
+            Ok(b) => {
+                assert_eq!(b, b"hello ggfs\n");
+                break;
+            }
+            Err(e) => assert!(Instant::now() < deadline, "still failing: {e}"),
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
