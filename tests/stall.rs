@@ -13,14 +13,7 @@ use common::Distribution;
 
 #[test]
 fn cli_fails_fast_and_clearly_on_a_stalled_registry() {
-    let reg = Distribution::start();
-    let layout = common::tempdir();
-    common::umoci_image(&layout.path().join("l"), "latest");
-    common::push_oci_layout(
-        &layout.path().join("l"),
-        "latest",
-        &reg.reference("st/app:v1"),
-    );
+    let reg = registry_with_image();
     reg.pause();
     let image = reg.reference("st/app:v1");
     let out = within(120, "ggfs manifest on a frozen registry", move || {
@@ -48,14 +41,7 @@ fn cli_fails_fast_and_clearly_on_a_stalled_registry() {
 
 #[test]
 fn mount_read_times_out_then_recovers() {
-    let reg = Distribution::start();
-    let layout = common::tempdir();
-    common::umoci_image(&layout.path().join("l"), "latest");
-    common::push_oci_layout(
-        &layout.path().join("l"),
-        "latest",
-        &reg.reference("st/app:v1"),
-    );
+    let reg = registry_with_image();
     let m = Mount::start(reg.addr(), &["--timeout", "2"]);
     reg.pause();
     let p = m.path("st/app/v1/rootfs/small.txt");
@@ -79,4 +65,14 @@ fn mount_read_times_out_then_recovers() {
         }
         std::thread::sleep(Duration::from_millis(500));
     }
+}
+
+/// A registry with the every-file-type fixture at `st/app:v1`.
+fn registry_with_image() -> Distribution {
+    let reg = Distribution::start();
+    let layout = common::tempdir();
+    let l = layout.path().join("l");
+    common::umoci_image(&l, "latest");
+    common::push_oci_layout(&l, "latest", &reg.reference("st/app:v1"));
+    reg
 }
