@@ -372,15 +372,11 @@ impl Filesystem for Fs {
                 .inner
                 .built_writable(ino)
                 .is_some_and(|r| r.bytes_below(ino));
+        // Metadata only (or bytes already up): answered here when it can be.
         if !fetch {
-            let a = match self.inner.change_now(ino, |r| r.setattr(ino, &a)) {
-                Ok(res) => return attr_reply(&self.inner, res, reply),
-                Err(_) => a,
-            };
-            return self.spawn(|fs| async move {
-                let res = fs.setattr(ino, a).await;
-                attr_reply(&fs, res, reply)
-            });
+            if let Ok(res) = self.inner.change_now(ino, |r| r.setattr(ino, &a)) {
+                return attr_reply(&self.inner, res, reply);
+            }
         }
         self.spawn(|fs| async move {
             let res = fs.setattr(ino, a).await;

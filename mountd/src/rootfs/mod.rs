@@ -67,34 +67,55 @@ impl Work {
 
 #[derive(Default)]
 struct Inos {
+    /// Each inode's names, the newest last (a hardlinked file has several).
     paths: HashMap<u64, Vec<Vec<u8>>>,
+    /// The inode a name is now: unlinks and renames find it without a scan.
+    by_path: HashMap<Vec<u8>, u64>,
     /// Upper inode number → ours.
     by_upper: HashMap<u64, u64>,
     next: u64,
 }
 
+fn is_under(p: &[u8], dir: &[u8]) -> bool {
+    p == dir || (p.starts_with(dir) && p.get(dir.len()) == Some(&b'/'))
+}
+
 impl Inos {
     fn add_path(&mut self, ino: u64, path: &[u8]) {
-        let v = self.paths.entry(ino).or_default();
-        if let Some(i) = v.iter().position(|p| p == path) {
-            v.remove(i);
+        if let Some(old) = self.by_path.insert(path.to_vec(), ino) {
+            self.unlist(old, path);
         }
-        v.push(path.to_vec());
+        self.paths.entry(ino).or_default().push(path.to_vec());
+    }
+
+    fn unlist(&mut self, ino: u64, path: &[u8]) {
+        if let Some(v) = self.paths.get_mut(&ino) {
+            v.retain(|p| p != path);
+        }
     }
 
     fn remove_path(&mut self, path: &[u8]) {
-        for v in self.paths.values_mut() {
-            v.retain(|p| p != path);
+        if let Some(ino) = self.by_path.remove(path) {
+            self.unlist(ino, path);
         }
     }
 
     /// Everything at or below `from` is now below `to`.
     fn moved(&mut self, from: &[u8], to: &[u8]) {
         self.remove_path(to);
-        for v in self.paths.values_mut() {
-            for p in v.iter_mut() {
-                if p == from || (p.starts_with(from) && p.get(from.len()) == Some(&b'/')) {
-                    *p = [to, &p[from.len()..]].concat();
+        let under: Vec<(Vec<u8>, u64)> = self
+            .by_path
+            .iter()
+            .filter(|(p, _)| is_under(p, from))
+            .map(|(p, &i)| (p.clone(), i))
+            .collect();
+        for (old, ino) in under {
+            let new = [to, &old[from.len()..]].concat();
+            self.by_path.remove(&old);
+            self.by_path.insert(new.clone(), ino);
+            for p in self.paths.get_mut(&ino).into_iter().flatten() {
+                if *p == old {
+                    *p = new.clone();
                 }
             }
         }
