@@ -7,6 +7,7 @@ use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// One request a client sent through the proxy.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -31,15 +32,75 @@ pub struct CountingProxy {
     stop: Arc<AtomicBool>,
 }
 
+/// A simulated wide-area link: each direction delivers bytes `delay`
+/// after they were sent, and downstream bytes of all connections share
+/// `rate` bytes per second (this kernel has no `tc netem`).
+#[derive(Clone, Copy, Debug)]
+pub struct Wan {
+    pub delay: Duration,
+    pub rate: u64,
+}
+
+impl Wan {
+    /// 10 ms each way (a 20 ms round trip), 200 Mbit/s.
+    pub fn typical() -> Wan {
+        Wan {
+            delay: Duration::from_millis(10),
+            rate: 25_000_000,
+        }
+    }
+}
+
+/// Shared token bucket of the downstream direction.
+struct Bucket {
+    rate: u64,
+    state: Mutex<(f64, Instant)>,
+}
+
+impl Bucket {
+    /// Sleep until `n` bytes may go.
+    fn take(&self, n: usize) {
+        let wait = {
+            let mut st = self.state.lock().unwrap();
+            let now = Instant::now();
+            // At most 64 KiB of burst.
+            let burst = 65_536.0;
+            st.0 = (st.0 + now.duration_since(st.1).as_secs_f64() * self.rate as f64).min(burst);
+            st.1 = now;
+            st.0 -= n as f64;
+            (st.0 < 0.0).then(|| Duration::from_secs_f64(-st.0 / self.rate as f64))
+        };
+        if let Some(w) = wait {
+            std::thread::sleep(w);
+        }
+    }
+}
+
 impl CountingProxy {
     /// Listens on a free loopback port and forwards to `upstream` (`host:port`).
     pub fn start(upstream: &str) -> CountingProxy {
+        Self::start_with(upstream, None)
+    }
+
+    /// Like [`start`](Self::start), across a simulated WAN link.
+    pub fn start_wan(upstream: &str, wan: Wan) -> CountingProxy {
+        Self::start_with(upstream, Some(wan))
+    }
+
+    fn start_with(upstream: &str, wan: Option<Wan>) -> CountingProxy {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind proxy");
         let addr = listener.local_addr().expect("proxy addr").to_string();
         let stats = Arc::new(Stats::default());
         let stop = Arc::new(AtomicBool::new(false));
         let (st, sp, up) = (stats.clone(), stop.clone(), upstream.to_string());
-        std::thread::spawn(move || accept_loop(listener, &up, &st, &sp));
+        let link = wan.map(|w| {
+            let bucket = Bucket {
+                rate: w.rate.max(1),
+                state: Mutex::new((0.0, Instant::now())),
+            };
+            (w.delay, Arc::new(bucket))
+        });
+        std::thread::spawn(move || accept_loop(listener, &up, &st, &sp, link));
         CountingProxy { addr, stats, stop }
     }
 
@@ -83,7 +144,15 @@ impl Drop for CountingProxy {
     }
 }
 
-fn accept_loop(listener: TcpListener, upstream: &str, stats: &Arc<Stats>, stop: &AtomicBool) {
+type Link = Option<(Duration, Arc<Bucket>)>;
+
+fn accept_loop(
+    listener: TcpListener,
+    upstream: &str,
+    stats: &Arc<Stats>,
+    stop: &AtomicBool,
+    link: Link,
+) {
     for client in listener.incoming() {
         if stop.load(Ordering::SeqCst) {
             return;
@@ -97,26 +166,75 @@ fn accept_loop(listener: TcpListener, upstream: &str, stats: &Arc<Stats>, stop: 
             _ => continue,
         };
         let st = stats.clone();
-        std::thread::spawn(move || pump_up(client, server, &st));
+        let (up, down) = match &link {
+            Some((delay, bucket)) => (
+                delayed(server, *delay, None),
+                delayed(c2, *delay, Some(bucket.clone())),
+            ),
+            None => (Out::Direct(server), Out::Direct(c2)),
+        };
+        std::thread::spawn(move || pump_up(client, up, &st));
         let st = stats.clone();
-        std::thread::spawn(move || pump(s2, c2, &st.down));
+        std::thread::spawn(move || pump(s2, down, &st.down));
     }
 }
 
+/// Where a pump writes: the socket itself, or a thread that delivers
+/// each piece when the link would have.
+enum Out {
+    Direct(TcpStream),
+    Delayed(std::sync::mpsc::Sender<(Instant, Vec<u8>)>),
+}
+
+impl Out {
+    fn send(&mut self, data: &[u8]) -> bool {
+        match self {
+            Out::Direct(s) => s.write_all(data).is_ok(),
+            Out::Delayed(tx) => tx.send((Instant::now(), data.to_vec())).is_ok(),
+        }
+    }
+
+    fn close(self) {
+        if let Out::Direct(s) = self {
+            let _ = s.shutdown(Shutdown::Write);
+        }
+        // A delayed one closes when its queue drains.
+    }
+}
+
+fn delayed(mut to: TcpStream, delay: Duration, bucket: Option<Arc<Bucket>>) -> Out {
+    let (tx, rx) = std::sync::mpsc::channel::<(Instant, Vec<u8>)>();
+    std::thread::spawn(move || {
+        for (sent, data) in rx {
+            if let Some(w) = (sent + delay).checked_duration_since(Instant::now()) {
+                std::thread::sleep(w);
+            }
+            if let Some(b) = &bucket {
+                b.take(data.len());
+            }
+            if to.write_all(&data).is_err() {
+                break;
+            }
+        }
+        let _ = to.shutdown(Shutdown::Write);
+    });
+    Out::Delayed(tx)
+}
+
 /// Upstream to client, counting.
-fn pump(mut from: TcpStream, mut to: TcpStream, counter: &AtomicU64) {
+fn pump(mut from: TcpStream, mut to: Out, counter: &AtomicU64) {
     let mut buf = vec![0u8; 64 * 1024];
     while let Ok(n) = from.read(&mut buf) {
-        if n == 0 || to.write_all(&buf[..n]).is_err() {
+        if n == 0 || !to.send(&buf[..n]) {
             break;
         }
         counter.fetch_add(n as u64, Ordering::SeqCst);
     }
-    let _ = to.shutdown(Shutdown::Write);
+    to.close();
 }
 
 /// Client to upstream, counting bytes and parsing requests.
-fn pump_up(mut from: TcpStream, mut to: TcpStream, stats: &Stats) {
+fn pump_up(mut from: TcpStream, mut to: Out, stats: &Stats) {
     let mut parser = RequestParser::default();
     let mut buf = vec![0u8; 64 * 1024];
     while let Ok(n) = from.read(&mut buf) {
@@ -124,12 +242,12 @@ fn pump_up(mut from: TcpStream, mut to: TcpStream, stats: &Stats) {
             break;
         }
         parser.feed(&buf[..n], &stats.requests);
-        if to.write_all(&buf[..n]).is_err() {
+        if !to.send(&buf[..n]) {
             break;
         }
         stats.up.fetch_add(n as u64, Ordering::SeqCst);
     }
-    let _ = to.shutdown(Shutdown::Write);
+    to.close();
 }
 
 /// Frames HTTP/1.1 requests in a client byte stream.
