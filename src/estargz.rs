@@ -265,10 +265,20 @@ pub async fn open(
     blob_size: u64,
     toc_digest: Option<&Digest>,
 ) -> Result<Toc> {
-    let tail_len = FOOTER_SIZE.min(blob_size);
-    let tail = source
-        .blob_range(digest, blob_size - tail_len, tail_len)
-        .await?;
+    // The footer comes with as much of the blob's end as most TOCs fill
+    // (theirs is ~0.6% of a layer): one round trip for both, usually.
+    let tail_len = (blob_size / 128)
+        .clamp(16 << 10, 2 << 20)
+        .max(FOOTER_SIZE)
+        .min(blob_size);
+    let tail_start = blob_size - tail_len;
+    let tail = source.blob_range(digest, tail_start, tail_len).await?;
+    if tail.len() as u64 != tail_len {
+        return Err(Error::invalid(
+            format!("blob {digest}"),
+            format!("asked for its last {tail_len} bytes, got {}", tail.len()),
+        ));
+    }
     let (toc_offset, footer_size) = parse_footer(&tail).map_err(|e| in_blob(e, digest))?;
     if toc_offset >= blob_size - footer_size {
         return Err(Error::invalid(
@@ -284,7 +294,17 @@ pub async fn open(
             limit: MAX_TOC_SIZE,
         });
     }
-    let member = source.blob_range(digest, toc_offset, toc_len).await?;
+    let member = if toc_offset >= tail_start {
+        let at = (toc_offset - tail_start) as usize;
+        tail.slice(at..at + toc_len as usize)
+    } else {
+        let head = source
+            .blob_range(digest, toc_offset, tail_start - toc_offset)
+            .await?;
+        [head, tail.slice(..(tail_len - footer_size) as usize)]
+            .concat()
+            .into()
+    };
     let json = toc_json_from_member(&member).map_err(|e| in_blob(e, digest))?;
     Toc::from_json(
         &json,

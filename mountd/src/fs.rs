@@ -193,6 +193,7 @@ pub struct Inner {
 
 impl Inner {
     pub fn new(ns: Namespace, cache: Arc<Cache>) -> Self {
+        let layers = Layers::new(cache.clone(), ns.fetch_rest);
         let recovered = journal::recover(cache.root(), &ns.registry_name())
             .into_iter()
             .map(|s| ((s.repo, s.tag), s.base))
@@ -205,7 +206,7 @@ impl Inner {
         };
         Inner {
             ns,
-            layers: Layers::new(cache.clone()),
+            layers,
             cache,
             inodes: Mutex::new(inodes),
             rootfs: Memo::default(),
@@ -323,14 +324,14 @@ impl Inner {
                 // fetched just to be listed.
                 return Ok(match self.rootfs.peek(&(repo.clone(), d.clone())) {
                     Some(r) => (LONG, r.lower_attr(tree::ROOT)),
-                    None => (Duration::from_secs(1), self.ns_attr(ino, true, 0)),
+                    None => (LONG, crate::rootfs::root_attr(ino)),
                 });
             }
             Key::WRootfs(repo, tag, d) => {
                 let key = (repo.clone(), tag.clone(), d.clone());
                 return Ok(match self.wrootfs.peek(&key) {
                     Some(r) => (SHORT, r.getattr(r.root_ino)?),
-                    None => (Duration::from_secs(1), self.ns_attr(ino, true, 0)),
+                    None => (SHORT, crate::rootfs::root_attr(ino)),
                 });
             }
             Key::Status => {
@@ -505,6 +506,21 @@ impl Inner {
         }
     }
 
+    /// Whether `path` itself may be a repository (not only a prefix of
+    /// some): per the catalog, or always when there is none.
+    pub(crate) async fn may_be_repo_itself(&self, path: &str) -> bool {
+        if path.is_empty() {
+            return false;
+        }
+        let prefix = format!("{path}/");
+        match self.ns.catalog().await {
+            Ok(Some(cat)) if cat.iter().any(|r| r == path) => true,
+            // A known prefix; anything else may have been pushed since.
+            Ok(Some(cat)) => !cat.iter().any(|r| r.starts_with(&prefix)),
+            _ => true,
+        }
+    }
+
     /// Tags first; child repositories whose name is also a tag are shadowed.
     pub(crate) async fn list_repo(&self, path: &str) -> Vec<(String, Key)> {
         let mut out: Vec<(String, Key)> = Vec::new();
@@ -544,7 +560,14 @@ impl Inner {
             return Ok(Node::W(r, attr.ino));
         }
         if let Some((repo, d)) = self.art_digest(key).await? {
-            let art = self.ns.artifact(&repo, &d).await?;
+            let art = match name {
+                // Its lazy layers open (footer, TOC) while the config loads.
+                "rootfs" => {
+                    let warm = self.warm(self.ns.seeded_layers(&repo, &d));
+                    tokio::join!(self.ns.artifact(&repo, &d), warm).0
+                }
+                _ => self.ns.artifact(&repo, &d).await,
+            }?;
             if let Some((_, k)) = self
                 .entries(key, &repo, &art)
                 .into_iter()
@@ -596,13 +619,15 @@ impl Inner {
             self.ns.artifact(path, &d).await?;
             return Ok(Node::Ns(Key::Art(path.to_string(), d)));
         }
-        match self.ns.tags(path).await {
-            Ok(tags) if tags.iter().any(|t| t == name) => {
-                return Ok(Node::Ns(Key::Tag(path.to_string(), name.to_string())));
+        // A tag is looked up by its manifest, which is wanted next anyway:
+        // one request, and no listing of the repository's tags.
+        if ggfs::reference::is_valid_tag(name) && self.may_be_repo_itself(path).await {
+            match self.ns.resolve(path, name).await {
+                Ok(_) => return Ok(Node::Ns(Key::Tag(path.to_string(), name.to_string()))),
+                // A registry that does not answer is no sign the name is a prefix.
+                Err(f) if f.errno == libc::ETIMEDOUT => return Err(f),
+                Err(_) => {}
             }
-            // A registry that does not answer is no sign the name is a prefix.
-            Err(f) if f.errno == libc::ETIMEDOUT => return Err(f),
-            _ => {}
         }
         if self.new_tags(path).iter().any(|t| t == name) {
             return Ok(Node::Ns(Key::NewTag(path.to_string(), name.to_string())));
@@ -672,6 +697,15 @@ impl Inner {
                 Ok(r)
             })
             .await
+    }
+
+    /// Open the lazily read ones of `layers`; plain layers wait for a read.
+    async fn warm(&self, layers: Vec<ggfs::image::Layer>) {
+        let opening = layers
+            .iter()
+            .filter(|l| crate::lazy::is_lazy(l))
+            .map(|l| self.layers.open(l));
+        futures::future::join_all(opening).await;
     }
 
     /// The tree behind a node, if it is a rootfs directory or inside one.

@@ -151,7 +151,9 @@ impl LayerData for PlainLayer {
     }
 }
 
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+pub(crate) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| Error::io("worker task", io::Error::other(e)))?
@@ -266,13 +268,16 @@ type OpenCell = Arc<OnceCell<Arc<dyn LayerData>>>;
 /// Opens layers once per process (concurrent openers share the work).
 pub struct Layers {
     cache: Arc<Cache>,
+    /// When lazily read layers are fetched whole in the background.
+    when: crate::fetch::When,
     open: Mutex<HashMap<Digest, OpenCell>>,
 }
 
 impl Layers {
-    pub fn new(cache: Arc<Cache>) -> Self {
+    pub fn new(cache: Arc<Cache>, when: crate::fetch::When) -> Self {
         Layers {
             cache,
+            when,
             open: Mutex::new(HashMap::new()),
         }
     }
@@ -288,7 +293,7 @@ impl Layers {
     }
 
     async fn open_uncached(&self, layer: &Layer) -> Result<Arc<dyn LayerData>> {
-        match crate::lazy::open(layer, self.cache.clone()).await {
+        match crate::lazy::open(layer, self.cache.clone(), self.when).await {
             Ok(Some(l)) => return Ok(l),
             Ok(None) => {}
             // The whole-blob path below verifies everything it serves.

@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::hash::Hash;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -18,7 +18,8 @@ use ggfs::{zstd_chunked, Digest, Error, Result};
 use tokio::sync::OnceCell;
 
 use crate::cache::{self, Cache};
-use crate::layer::LayerData;
+use crate::fetch::{self, Rest, When};
+use crate::layer::{blocking, LayerData};
 use crate::tree::{self, Entry, Kind, Meta};
 
 /// Files the eStargz format adds to the tar; not part of the image's tree.
@@ -78,11 +79,23 @@ pub struct TocLayer {
     /// TOC index of each entry in `entries`.
     toc_index: Vec<usize>,
     flights: SingleFlight<u64, Bytes>,
+    /// The rest of the layer, fetched in the background once in use.
+    rest: Rest,
+    me: Weak<TocLayer>,
+}
+
+/// Whether `layer`'s annotations mark it eStargz or zstd:chunked.
+pub fn is_lazy(layer: &Layer) -> bool {
+    let ann = layer.descriptor.annotations().as_ref();
+    let has = |k: &str| ann.is_some_and(|a| a.contains_key(k));
+    has(estargz::TOC_DIGEST_ANNOTATION)
+        || has(zstd_chunked::MANIFEST_POSITION_ANNOTATION)
+        || has(zstd_chunked::GITHUB_MANIFEST_POSITION_ANNOTATION)
 }
 
 /// Open `layer` lazily if it is eStargz or zstd:chunked; `Ok(None)` when it
 /// is a plain layer.
-pub async fn open(layer: &Layer, cache: Arc<Cache>) -> Result<Option<Arc<TocLayer>>> {
+pub async fn open(layer: &Layer, cache: Arc<Cache>, when: When) -> Result<Option<Arc<TocLayer>>> {
     let ann = layer.descriptor.annotations().clone();
     let has = |k: &str| ann.as_ref().is_some_and(|a| a.contains_key(k));
     let source = layer.source.clone();
@@ -123,7 +136,13 @@ pub async fn open(layer: &Layer, cache: Arc<Cache>) -> Result<Option<Arc<TocLaye
             toc_index.push(i);
         }
     }
-    let l = Arc::new(TocLayer {
+    // A layer the cache cannot hold is not fetched whole.
+    let when = match layer.size() > cache.limit() / 2 {
+        true => When::Never,
+        false => when,
+    };
+    let rest = Rest::plan(&toc, when);
+    let l = Arc::new_cyclic(|me| TocLayer {
         digest: layer.digest.clone(),
         toc,
         source,
@@ -131,7 +150,12 @@ pub async fn open(layer: &Layer, cache: Arc<Cache>) -> Result<Option<Arc<TocLaye
         entries,
         toc_index,
         flights: SingleFlight::default(),
+        rest,
+        me: me.clone(),
     });
+    if when == When::After(0) && l.rest.start() {
+        l.fetch_rest();
+    }
     if let Some(range) = l.toc.prefetch_range().filter(|_| !l.toc.no_prefetch()) {
         let bg = l.clone();
         tokio::spawn(async move {
@@ -287,21 +311,22 @@ impl TocLayer {
         if c.zeros {
             return Ok(Bytes::from(vec![0u8; (to - from) as usize]));
         }
-        if let Some(path) = c
-            .digest
-            .as_ref()
-            .and_then(|d| self.cache.get(cache::Kind::Chunk, d))
-        {
-            let part = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {
-                use std::os::unix::fs::FileExt;
-                let f = std::fs::File::open(path)?;
-                let mut buf = vec![0u8; (to - from) as usize];
-                f.read_exact_at(&mut buf, from)?;
-                Ok(buf)
-            })
-            .await;
-            if let Ok(Ok(buf)) = part {
-                return Ok(Bytes::from(buf));
+        if let Some(b) = self.cached_part(c, from, to).await {
+            return Ok(b);
+        }
+        if let Some(s) = self.rest.segment_of(c.blob_offset) {
+            if self.rest.started() {
+                // The background fetch goes on from here next; if it has
+                // this chunk in flight already and is about to bring it,
+                // that answers this read (on a slow link, waiting for a
+                // whole segment would cost more than asking for the chunk).
+                self.rest.hint(s);
+                let wait = tokio::time::timeout(fetch::WAIT, self.rest.wait(s));
+                if wait.await.unwrap_or(false) {
+                    if let Some(b) = self.cached_part(c, from, to).await {
+                        return Ok(b);
+                    }
+                }
             }
         }
         let whole = self
@@ -314,6 +339,82 @@ impl TocLayer {
             .await
             .map_err(|e| Error::invalid(format!("layer {}", self.digest), e.to_string()))?;
         Ok(whole.slice(from as usize..(to as usize).min(whole.len())))
+    }
+
+    /// Bytes `from..to` of a chunk the cache holds.
+    async fn cached_part(&self, c: &Chunk, from: u64, to: u64) -> Option<Bytes> {
+        let path = self.cache.get(cache::Kind::Chunk, c.digest.as_ref()?)?;
+        let part = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {
+            use std::os::unix::fs::FileExt;
+            let f = std::fs::File::open(path)?;
+            let mut buf = vec![0u8; (to - from) as usize];
+            f.read_exact_at(&mut buf, from)?;
+            Ok(buf)
+        })
+        .await;
+        part.ok()?.ok().map(Bytes::from)
+    }
+
+    /// Fetch the chunks of the layer the cache does not hold, a segment
+    /// per request, a few at a time, demand reads steering the order.
+    fn fetch_rest(&self) {
+        let Some(me) = self.me.upgrade() else {
+            return;
+        };
+        tokio::spawn(async move {
+            let worker = || async {
+                while let Some(s) = me.rest.claim() {
+                    if let Err(e) = me.fetch_segment(s).await {
+                        tracing::warn!("background fetch of layer {}: {e}", me.digest);
+                    }
+                }
+            };
+            futures::future::join_all((0..fetch::PARALLEL).map(|_| worker())).await;
+            tracing::info!("layer {}: background fetch done", me.digest);
+        });
+    }
+
+    /// One segment: fetched in one request unless the cache has all of
+    /// it; each chunk verified and cached off the async workers.
+    async fn fetch_segment(self: &Arc<Self>, s: usize) -> Result<()> {
+        let _inflight = self.rest.begin(s);
+        let range = self.rest.segments[s].clone();
+        let me = self.clone();
+        let r = range.clone();
+        let missing = blocking(move || {
+            Ok(me.rest.chunks[r].iter().any(|c| {
+                c.digest
+                    .as_ref()
+                    .is_some_and(|d| !me.cache.path(cache::Kind::Chunk, d).exists())
+            }))
+        })
+        .await?;
+        if !missing {
+            return Ok(());
+        }
+        let chunks = &self.rest.chunks[range.clone()];
+        let start = chunks.iter().map(|c| c.blob_offset).min().unwrap_or(0);
+        let end = chunks.iter().map(|c| c.blob_end).max().unwrap_or(start);
+        let span = self
+            .source
+            .blob_range(&self.digest, start, end - start)
+            .await?;
+        let me = self.clone();
+        blocking(move || {
+            for c in &me.rest.chunks[range] {
+                let Some(d) = c.digest.as_ref() else { continue };
+                if me.cache.path(cache::Kind::Chunk, d).exists() {
+                    continue;
+                }
+                let part = &span[(c.blob_offset - start) as usize..(c.blob_end - start) as usize];
+                match me.toc.decode_chunk(c, part) {
+                    Ok(bytes) => me.store(c, &bytes),
+                    Err(e) => tracing::warn!("background fetch: {e}"),
+                }
+            }
+            Ok(())
+        })
+        .await
     }
 
     /// Keep a verified chunk in the cache (best effort).
@@ -364,6 +465,9 @@ impl LayerData for TocLayer {
             )));
         };
         let ti = self.toc.resolve(ti)?;
+        if self.rest.note_read(ti) {
+            self.fetch_rest();
+        }
         let size = self.toc.entry(ti)?.size;
         let end = offset.saturating_add(len as u64).min(size);
         if offset >= end {

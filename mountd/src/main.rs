@@ -10,6 +10,7 @@ mod backend;
 mod cache;
 mod commit;
 mod edit;
+mod fetch;
 mod fs;
 mod fuse;
 mod handles;
@@ -92,6 +93,11 @@ struct MountArgs {
     /// `rmdir MOUNT/REPO/TAG` deletes the tag from the registry.
     #[arg(long)]
     allow_delete: bool,
+    /// Fetch the rest of an eStargz or zstd:chunked layer in the
+    /// background once this many of its files were read (0: as soon as it
+    /// is opened; `never`: only what is read).
+    #[arg(long, default_value = "4")]
+    fetch_after: fetch::When,
     /// Write the daemon's log here (appending).
     #[arg(long)]
     log: Option<PathBuf>,
@@ -207,6 +213,7 @@ fn child_args(a: &MountArgs, fd: i32) -> Vec<OsString> {
     if a.allow_delete {
         v.push("--allow-delete".into());
     }
+    v.push(format!("--fetch-after={}", a.fetch_after).into());
     for o in &a.options {
         v.push("-o".into());
         v.push(o.into());
@@ -363,6 +370,24 @@ fn serve(args: &MountArgs, ready: &mut Ready) -> Result<()> {
     let stall = Duration::from_secs(args.timeout.max(1));
     let reg = backend::LibRegistry::new(host, insecure, stall)?;
     let reg_name = backend::Registry::name(reg.as_ref());
+    let cache_dir = args.cache_dir.clone().unwrap_or_else(cache::default_dir);
+    let cache = Arc::new(cache::Cache::open(&cache_dir, args.cache_size)?);
+    let stats = Arc::new(stats::Stats::default());
+    let mut ns = ns::Namespace::new(
+        reg.clone(),
+        stats,
+        cache.clone(),
+        Duration::from_secs(args.tag_ttl),
+    );
+    ns.platform = args.platform.clone();
+    ns.allow_delete = args.allow_delete;
+    ns.fetch_rest = args.fetch_after;
+    let filesystem = fuse::Fs::new(ns, cache, rt.handle().clone());
+    let inner = filesystem.inner();
+    // Lookups by name read the catalog: asked for beside the ping, so it
+    // is there (or on its way) when the first lookup comes.
+    let early = inner.clone();
+    rt.spawn(async move { early.ns.catalog().await });
     rt.block_on(async {
         tokio::time::timeout(
             Duration::from_secs(30),
@@ -373,14 +398,6 @@ fn serve(args: &MountArgs, ready: &mut Ready) -> Result<()> {
     .map_err(|_| anyhow!("registry {host} unreachable: no answer to /v2/ within 30s"))?
     .map_err(|e| anyhow!("registry {host} unreachable: {e}"))?;
 
-    let cache_dir = args.cache_dir.clone().unwrap_or_else(cache::default_dir);
-    let cache = Arc::new(cache::Cache::open(&cache_dir, args.cache_size)?);
-    let stats = Arc::new(stats::Stats::default());
-    let mut ns = ns::Namespace::new(reg, stats, cache.clone(), Duration::from_secs(args.tag_ttl));
-    ns.platform = args.platform.clone();
-    ns.allow_delete = args.allow_delete;
-    let filesystem = fuse::Fs::new(ns, cache, rt.handle().clone());
-    let inner = filesystem.inner();
     if let Some(delay) = args.commit_delay.0 {
         rt.spawn(commit::auto(inner.clone(), delay));
     }

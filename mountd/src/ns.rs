@@ -145,6 +145,8 @@ pub struct Namespace {
     pub platform: Option<Platform>,
     /// `rmdir REPO/TAG` deletes the tag (mount option --allow-delete).
     pub allow_delete: bool,
+    /// When a lazily read layer is fetched whole in the background.
+    pub fetch_rest: crate::fetch::When,
     catalog: Memo<(), Option<Arc<Vec<String>>>>,
     tags: Memo<String, Arc<Vec<String>>>,
     resolved: Memo<(String, String), Digest>,
@@ -169,6 +171,7 @@ impl Namespace {
             neg_ttl: Duration::from_secs(5),
             platform: None,
             allow_delete: false,
+            fetch_rest: crate::fetch::When::After(crate::fetch::DEFAULT_AFTER),
             catalog: Memo::default(),
             tags: Memo::default(),
             resolved: Memo::default(),
@@ -309,6 +312,28 @@ impl Namespace {
                 Ok(d)
             })
             .await
+    }
+
+    /// The layers of an image whose manifest a tag lookup already holds
+    /// (not yet loaded): known before its config is, so they can be opened
+    /// while it is fetched. Their diff IDs are not known yet.
+    pub fn seeded_layers(&self, repo: &str, digest: &Digest) -> Vec<Layer> {
+        let seeds = self.seeds.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(Ok(manifest::Parsed::Image(m))) = seeds.get(digest).map(|r| r.parse()) else {
+            return Vec::new();
+        };
+        let source = self.source(repo);
+        m.layers()
+            .iter()
+            .filter_map(|desc| {
+                Some(Layer {
+                    digest: manifest::digest_of(desc).ok()?,
+                    descriptor: desc.clone(),
+                    diff_id: None,
+                    source: source.clone(),
+                })
+            })
+            .collect()
     }
 
     /// The artifact with this manifest digest (fetched once, verified).

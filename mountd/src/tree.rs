@@ -204,10 +204,9 @@ impl Tree {
     }
 
     fn insert(&mut self, e: &Entry, data: DataRef) {
+        // The root keeps its implicit metadata: rootfs/ is answered before
+        // any layer is read, and must not change once one is.
         if e.path.is_empty() {
-            if e.meta.kind == Kind::Dir {
-                self.nodes[ROOT as usize].meta = e.meta.clone();
-            }
             return;
         }
         let (parent, base) = split(&e.path);

@@ -260,25 +260,10 @@ impl RootFs {
 
     pub fn lower_attr(&self, id: NodeId) -> FileAttr {
         let n = self.tree.node(id);
-        let m = &n.meta;
-        let t = time(m.mtime, m.mtime_nsec as i64);
-        FileAttr {
-            ino: self.ino(id),
-            size: m.size,
-            blocks: m.size.div_ceil(512),
-            atime: t,
-            mtime: t,
-            ctime: t,
-            crtime: t,
-            kind: file_type(&m.kind),
-            perm: (m.mode & 0o7777) as u16,
-            nlink: n.nlink.max(1),
-            uid: m.uid,
-            gid: m.gid,
-            rdev: m.rdev,
-            blksize: 4096,
-            flags: 0,
-        }
+        // The root's count is not known before the tree is: 1 ("not
+        // counted") always, so it does not change once it is.
+        let nlink = if id == tree::ROOT { 1 } else { n.nlink.max(1) };
+        meta_attr(self.ino(id), &n.meta, nlink)
     }
 
     fn work(&self) -> Res<&Work> {
@@ -391,7 +376,10 @@ impl RootFs {
             At::Upper(md) => {
                 let mut a = attr_of(ino, md);
                 if md.is_dir() {
-                    a.nlink = self.dir_nlink(path, md);
+                    a.nlink = match path.is_empty() {
+                        true => 1,
+                        false => self.dir_nlink(path, md),
+                    };
                 }
                 a
             }
@@ -559,5 +547,32 @@ impl RootFs {
             )
         })?;
         self.lower_data(id)
+    }
+}
+
+/// `rootfs/` before its tree is built: what the built root answers too (a
+/// merged root keeps implicit metadata), so a reader never sees it change.
+pub fn root_attr(ino: u64) -> FileAttr {
+    meta_attr(ino, &tree::Meta::implicit_dir(), 1)
+}
+
+fn meta_attr(ino: u64, m: &tree::Meta, nlink: u32) -> FileAttr {
+    let t = time(m.mtime, m.mtime_nsec as i64);
+    FileAttr {
+        ino,
+        size: m.size,
+        blocks: m.size.div_ceil(512),
+        atime: t,
+        mtime: t,
+        ctime: t,
+        crtime: t,
+        kind: file_type(&m.kind),
+        perm: (m.mode & 0o7777) as u16,
+        nlink,
+        uid: m.uid,
+        gid: m.gid,
+        rdev: m.rdev,
+        blksize: 4096,
+        flags: 0,
     }
 }
