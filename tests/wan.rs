@@ -224,3 +224,26 @@ fn dir_size(dir: &Path) -> u64 {
         })
         .unwrap_or(0)
 }
+
+#[test]
+fn a_file_shared_by_estargz_and_zstdchunked_images_is_fetched_once() {
+    let fx = fixture();
+    common::zstdchunked_image(&fx.reg, "src:latest", "zchunked:latest");
+    let proxy = CountingProxy::start_wan(fx.reg.addr(), Wan::typical());
+    let m = Mount::start(proxy.addr(), &["--fetch-after", "never"]);
+    let files = ["d07/f0007", "big/b1"];
+    for f in files {
+        let got = std::fs::read(m.path(&format!("esgz/latest/rootfs/{f}"))).unwrap();
+        assert_eq!(got, std::fs::read(fx.expected.join(f)).unwrap(), "{f}");
+    }
+    // The other image's TOC, then the same files: chunks are cached by
+    // their digest, so no byte of them is fetched again.
+    std::fs::metadata(m.path("zchunked/latest/rootfs/small.txt")).unwrap();
+    proxy.reset();
+    for f in files {
+        let got = std::fs::read(m.path(&format!("zchunked/latest/rootfs/{f}"))).unwrap();
+        assert_eq!(got, std::fs::read(fx.expected.join(f)).unwrap(), "{f}");
+    }
+    let seen = paths(&proxy);
+    assert!(seen.is_empty(), "fetched again: {seen:#?}");
+}
