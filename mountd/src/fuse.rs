@@ -14,7 +14,7 @@ use fuser::{
 };
 
 use crate::cache::Cache;
-use crate::fs::{Inner, Key, Node, SHORT};
+use crate::fs::{Inner, Key, Node, LONG, SHORT};
 use crate::handles::Handle;
 use crate::ns::{Fail, Namespace, Res};
 use crate::rootfs::{RootFs, SetAttr};
@@ -82,6 +82,18 @@ fn lookup_reply(fs: &Inner, r: Res<(Duration, FileAttr)>, reply: ReplyEntry) {
 
 type Entries = Vec<(u64, fuser::FileType, std::ffi::OsString)>;
 
+/// The kernel need not send FLUSH at close (FOPEN_NOFLUSH, Linux 5.16+;
+/// older kernels ignore it): one round trip less per file opened.
+const FOPEN_NOFLUSH: u32 = 1 << 5;
+
+/// Flags for an open: no FLUSH unless an edit is applied at close.
+fn open_flags(fs: &Inner, fh: u64, flags: u32) -> u32 {
+    match fs.handle(fh).as_deref() {
+        Some(Handle::Edit(_) | Handle::Ctl(_)) => flags,
+        _ => flags | FOPEN_NOFLUSH,
+    }
+}
+
 fn dir_reply(fs: &Inner, r: Res<Entries>, offset: i64, mut reply: ReplyDirectory) {
     match r {
         Ok(entries) => {
@@ -135,6 +147,9 @@ impl Filesystem for Fs {
         // O_TRUNC comes with OPEN (not as a SETATTR before it): a tag's
         // manifest.json opened to be rewritten starts empty.
         let _ = config.add_capabilities(fuser::consts::FUSE_ATOMIC_O_TRUNC);
+        // A symlink's target never changes in place (a new one is a new
+        // inode): the kernel may keep what READLINK said.
+        let _ = config.add_capabilities(fuser::consts::FUSE_CACHE_SYMLINKS);
         Ok(())
     }
 
@@ -142,6 +157,14 @@ impl Filesystem for Fs {
         // In a built writable tree everything is local: answer here.
         if let Some(r) = self.inner.built_writable(parent) {
             let res = r.lookup(parent, name.as_bytes()).map(|a| (SHORT, a));
+            return lookup_reply(&self.inner, res, reply);
+        }
+        // So is an image's read-only tree once built.
+        if let Ok(Node::Tree(r, id)) = self.inner.node(parent) {
+            let res = match r.tree.child(id, name.as_bytes()) {
+                Some(c) => Ok((LONG, r.lower_attr(c))),
+                None => Err(Fail::noent(name.to_string_lossy())),
+            };
             return lookup_reply(&self.inner, res, reply);
         }
         let name = name.to_owned();
@@ -157,6 +180,9 @@ impl Filesystem for Fs {
                 Ok(attr) => reply.attr(&SHORT, &attr),
                 Err(f) => reply.error(f.errno),
             };
+        }
+        if let Ok(Node::Tree(r, id)) = self.inner.node(ino) {
+            return reply.attr(&LONG, &r.lower_attr(id));
         }
         self.spawn(|fs| async move {
             match fs.getattr(ino, fh).await {
@@ -190,13 +216,17 @@ impl Filesystem for Fs {
         };
         if let Some(res) = now {
             return match res {
-                Ok((fh, fl)) => reply.opened(fh, fl),
+                Ok((fh, fl)) => reply.opened(fh, open_flags(&self.inner, fh, fl)),
                 Err(f) => reply.error(self.inner.failed("open", f)),
             };
         }
+        // An image's read-only tree: nothing to prepare.
+        if let (Ok(Node::Tree(..)), false) = (self.inner.node(ino), write) {
+            return reply.opened(0, FOPEN_KEEP_CACHE | FOPEN_NOFLUSH);
+        }
         self.spawn(|fs| async move {
             match fs.open(ino, flags).await {
-                Ok((fh, fl)) => reply.opened(fh, fl),
+                Ok((fh, fl)) => reply.opened(fh, open_flags(&fs, fh, fl)),
                 Err(f) => reply.error(fs.failed("open", f)),
             }
         });
@@ -242,6 +272,10 @@ impl Filesystem for Fs {
     }
 
     fn flush(&mut self, _req: &Request<'_>, _ino: u64, fh: u64, _lock: u64, reply: ReplyEmpty) {
+        // Only an edited tag file has work to do at close.
+        if !matches!(self.inner.handle(fh).as_deref(), Some(Handle::Edit(_))) {
+            return reply.ok();
+        }
         self.spawn(|fs| async move {
             let r = fs.flush(fh).await;
             empty_reply(&fs, "close", r, reply)
@@ -598,7 +632,7 @@ impl Filesystem for Fs {
                 Ok((attr, file)) => match fs.built_writable(parent) {
                     Some(r) => {
                         let fh = fs.add_handle(Handle::Upper(Arc::new(file), r));
-                        reply.created(&SHORT, &attr, 0, fh, 0)
+                        reply.created(&SHORT, &attr, 0, fh, FOPEN_NOFLUSH)
                     }
                     None => reply.error(libc::EIO),
                 },
