@@ -13,6 +13,7 @@ pub mod error;
 pub mod estargz;
 pub mod export;
 pub mod image;
+pub mod layerindex;
 pub mod layout;
 pub mod manifest;
 pub mod mutate;

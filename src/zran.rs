@@ -613,6 +613,10 @@ impl<'a> Dec<'a> {
         let n = self.len(1)?;
         self.take(n)
     }
+    /// The next `n` bytes, with no length prefix.
+    pub(crate) fn raw(&mut self, n: usize) -> Result<&'a [u8]> {
+        self.take(n)
+    }
     /// A count of items at least `min_item` bytes each, checked against
     /// what is left so a corrupt count cannot make us allocate wildly.
     pub(crate) fn len(&mut self, min_item: usize) -> Result<usize> {
