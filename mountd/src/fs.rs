@@ -660,7 +660,7 @@ impl Inner {
         self.rootfs
             .get(&key, FOREVER, self.ns.neg_ttl, || async {
                 let art = self.ns.artifact(repo, d).await?;
-                let Art::Image { layers, .. } = &*art else {
+                let Art::Image { image, layers } = &*art else {
                     return Err(Fail::new(libc::ENOENT, format!("{d} is an index")));
                 };
                 let wanted = layers.iter().filter(|l| {
@@ -674,8 +674,15 @@ impl Inner {
                     }
                     ok
                 });
-                let opened =
-                    futures::future::try_join_all(wanted.map(|l| self.layers.open(l))).await?;
+                let origin = crate::layer::Origin {
+                    ns: &self.ns,
+                    repo,
+                    image: &image.raw,
+                };
+                let opened = futures::future::try_join_all(
+                    wanted.map(|l| self.layers.open(l, Some(&origin))),
+                )
+                .await?;
                 let layers = opened.clone();
                 let tree = tokio::task::spawn_blocking(move || {
                     Tree::build(layers.iter().map(|l| l.entries()))
@@ -704,7 +711,7 @@ impl Inner {
         let opening = layers
             .iter()
             .filter(|l| crate::lazy::is_lazy(l))
-            .map(|l| self.layers.open(l));
+            .map(|l| self.layers.open(l, None));
         futures::future::join_all(opening).await;
     }
 

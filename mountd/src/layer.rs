@@ -2,38 +2,48 @@
 //! regular file's bytes.
 //!
 //! eStargz and zstd:chunked layers are read lazily (see `lazy`). A plain
-//! layer (tar, tar+gzip, tar+zstd) is fetched once, streaming: one pass
-//! hashes the blob, records the sha256 of every 1 MiB block of it, builds
-//! the tar index with gzip checkpoints / zstd frame starts
-//! (`ggfs::tarindex`) and writes the uncompressed tar. Nothing is served
-//! and nothing enters the cache until the blob's digest checked out: then
-//! the tar and the index (with the block digests) are published. Reads come
-//! from the local tar; once the tar has been evicted, they fetch only the
-//! compressed blocks they need by Range, check each against its recorded
-//! digest, and inflate from the nearest checkpoint.
+//! layer (tar, tar+gzip, tar+zstd) needs its index (`ggfs::layerindex`: the
+//! tar index with gzip checkpoints / zstd frame starts, and the sha256 of
+//! every 1 MiB block of the blob). It comes from the cache, else from an
+//! index artifact among the image's referrers, else from a first pass
+//! that streams the blob once, hashing it, indexing it and writing the
+//! uncompressed tar: nothing from that pass is served or cached until the
+//! blob's digest checked out. Reads come from the local tar; without one
+//! (evicted, too big, or the index came from an artifact) they fetch only
+//! the compressed blocks they need by Range, check each against its
+//! recorded digest, and inflate from the nearest checkpoint.
+//!
+//! An index from an artifact is taken on trust for where files sit; once
+//! every block of the blob has been read, the blob is hashed whole and the
+//! index audited against one built from it (`Audit`); a layer that fails
+//! answers EIO from then on.
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::os::unix::fs::FileExt;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use futures::TryStreamExt;
-use ggfs::digest::Hasher;
 use ggfs::image::{Layer, Source};
-use ggfs::manifest::Compression;
-use ggfs::tarindex::{self, LayerIndex, TarEntry, TarKind};
-use ggfs::{Digest, Error, Result};
+use ggfs::layerindex::{self, LayerIndexFile, MAX_READ};
+use ggfs::manifest::{self, Compression, Descriptor, ImageIndex};
+use ggfs::tarindex::{TarEntry, TarKind};
+use ggfs::{Digest, Error, RawManifest, Result};
 use tokio::sync::OnceCell;
 
 use crate::cache::{self, Cache};
 use crate::lazy::SingleFlight;
+use crate::ns::{Memo, Namespace};
 use crate::tree::{self, Entry, Kind, Meta};
 
-/// Granularity of verified Range reads of plain layers.
-const BLOCK: u64 = 1 << 20;
-const INDEX_MAGIC: &[u8; 8] = b"GGFSMNT1";
+/// Cached index files: this magic, then 1 if this machine built the index
+/// from the verified blob (0: from an artifact, not yet audited), then the
+/// `LayerIndexFile` bytes. (GGFSMNT1, before index artifacts, is read as
+/// missing: the layer streams once more.)
+const CACHE_MAGIC: &[u8; 8] = b"GGFSMNT2";
 
 /// A layer opened for reading.
 #[async_trait]
@@ -45,75 +55,56 @@ pub trait LayerData: Send + Sync {
     async fn read(&self, entry: usize, offset: u64, len: u32) -> Result<Bytes>;
 }
 
-/// What the first pass over a plain layer leaves in the cache (besides the
-/// tar): the tar index and the digests of the blob's 1 MiB blocks.
-struct Indexed {
-    index: LayerIndex,
-    blocks: Vec<Digest>,
+/// The image a layer is opened for: where its index artifact may be found
+/// among the referrers, and what a pushed one refers to.
+pub struct Origin<'a> {
+    pub ns: &'a Namespace,
+    pub repo: &'a str,
+    pub image: &'a RawManifest,
 }
 
-impl Indexed {
-    fn to_bytes(&self) -> Result<Vec<u8>> {
-        let mut out = INDEX_MAGIC.to_vec();
-        out.extend_from_slice(&(self.blocks.len() as u64).to_le_bytes());
-        for b in &self.blocks {
-            let raw =
-                hex::decode(b.hex()).map_err(|e| Error::invalid("block digest", e.to_string()))?;
-            out.extend_from_slice(&raw);
-        }
-        out.extend_from_slice(&self.index.to_bytes()?);
-        Ok(out)
-    }
+fn cache_bytes(f: &LayerIndexFile, verified: bool) -> Result<Vec<u8>> {
+    let mut out = CACHE_MAGIC.to_vec();
+    out.push(u8::from(verified));
+    out.extend_from_slice(&f.to_bytes()?);
+    Ok(out)
+}
 
-    fn from_bytes(b: &[u8]) -> Result<Self> {
-        let bad = || Error::invalid("cached layer index", "truncated or not ours");
-        let rest = b.strip_prefix(&INDEX_MAGIC[..]).ok_or_else(bad)?;
-        let n = u64::from_le_bytes(
-            rest.get(..8)
-                .ok_or_else(bad)?
-                .try_into()
-                .map_err(|_| bad())?,
-        );
-        let n = usize::try_from(n).map_err(|_| bad())?;
-        let digests = rest
-            .get(8..8 + n.checked_mul(32).ok_or_else(bad)?)
-            .ok_or_else(bad)?;
-        let blocks = digests
-            .chunks(32)
-            .map(|c| Digest::parse(&format!("sha256:{}", hex::encode(c))))
-            .collect::<Result<Vec<_>>>()?;
-        let index = LayerIndex::from_bytes(&rest[8 + n * 32..])?;
-        Ok(Indexed { index, blocks })
-    }
+/// A cached index of `layer`, and whether it was verified here.
+fn from_cache(b: &[u8], layer: &Layer, c: Compression) -> Result<(LayerIndexFile, bool)> {
+    let bad = || Error::invalid("cached layer index", "not ours (an older format?)");
+    let rest = b.strip_prefix(&CACHE_MAGIC[..]).ok_or_else(bad)?;
+    let (&verified, rest) = rest.split_first().ok_or_else(bad)?;
+    let f = LayerIndexFile::from_bytes(rest, &layer.digest, layer.size(), c)?;
+    Ok((f, verified == 1))
+}
 
-    fn entries(&self) -> (Vec<Entry>, Vec<usize>) {
-        let mut entries = Vec::new();
-        let mut which = Vec::new();
-        for (i, t) in self.index.entries.iter().enumerate() {
-            if let Some(e) = convert(t) {
-                entries.push(e);
-                which.push(i);
-            }
+/// Entries the tree shows, and the index entry each one is.
+fn entries_of(f: &LayerIndexFile) -> (Vec<Entry>, Vec<usize>) {
+    let mut entries = Vec::new();
+    let mut which = Vec::new();
+    for (i, t) in f.index.entries.iter().enumerate() {
+        if let Some(e) = convert(t) {
+            entries.push(e);
+            which.push(i);
         }
-        (entries, which)
     }
+    (entries, which)
 }
 
 /// A plain layer: reads from the cached tar when it is there, else by
 /// verified Range reads of the blob.
 pub struct PlainLayer {
     digest: Digest,
-    indexed: Arc<Indexed>,
+    file: Arc<LayerIndexFile>,
     entries: Vec<Entry>,
-    /// Index into `indexed.index.entries` of each of `entries`.
+    /// Index into `file.index.entries` of each of `entries`.
     which: Vec<usize>,
     tar: Mutex<Option<Arc<std::fs::File>>>,
-    source: Arc<dyn Source>,
-    cache: Arc<Cache>,
+    blocks: Arc<Blocks>,
     kind: cache::Kind,
-    /// Size of the blob (the last block may be short).
-    size: u64,
-    flights: SingleFlight<u64, Bytes>,
+    /// Set for an index taken from an artifact, until it is audited.
+    audit: Option<Arc<Audit>>,
 }
 
 #[async_trait]
@@ -127,10 +118,16 @@ impl LayerData for PlainLayer {
     }
 
     async fn read(&self, entry: usize, offset: u64, len: u32) -> Result<Bytes> {
+        if let Some(why) = self.audit.as_ref().and_then(|a| a.bad.get()) {
+            return Err(Error::invalid(
+                format!("layer {}", self.digest),
+                why.clone(),
+            ));
+        }
         let t = self
             .which
             .get(entry)
-            .and_then(|&i| self.indexed.index.entries.get(i))
+            .and_then(|&i| self.file.index.entries.get(i))
             .ok_or_else(|| Error::NotFound(format!("entry {entry} of layer {}", self.digest)))?;
         if offset >= t.size {
             return Ok(Bytes::new());
@@ -172,77 +169,221 @@ impl PlainLayer {
             *tar = None;
         }
         if tar.is_none() {
-            let path = self.cache.get(self.kind, &self.digest)?;
+            let path = self.blocks.cache.get(self.kind, &self.digest)?;
             *tar = std::fs::File::open(path).ok().map(Arc::new);
         }
         tar.clone()
     }
 
-    /// `n` uncompressed bytes at `at`, from verified blocks of the blob.
+    /// `n` uncompressed bytes at `at`, from verified blocks of the blob, in
+    /// pieces no longer than an audit covers.
     async fn read_remote(&self, at: u64, n: usize) -> Result<Bytes> {
-        let Some((coff, clen)) = self.indexed.index.fetch_range(at, n)? else {
+        let mut out = BytesMut::with_capacity(n);
+        while out.len() < n {
+            let len = (n - out.len()).min(MAX_READ as usize);
+            let piece = self.read_piece(at + out.len() as u64, len).await?;
+            if piece.is_empty() {
+                break;
+            }
+            out.extend_from_slice(&piece);
+        }
+        Ok(out.freeze())
+    }
+
+    async fn read_piece(&self, at: u64, n: usize) -> Result<Bytes> {
+        let Some((coff, clen)) = self.file.index.fetch_range(at, n)? else {
             return Ok(Bytes::new());
         };
-        let first = coff / BLOCK;
-        let last = (coff + clen).div_ceil(BLOCK);
+        let bs = self.file.block_size;
+        let first = coff / bs;
+        let last = (coff + clen).div_ceil(bs);
         let blocks = futures::future::try_join_all((first..last).map(|b| self.block(b))).await?;
         let mut span = BytesMut::new();
         blocks.iter().for_each(|b| span.extend_from_slice(b));
         let span = span.freeze();
-        let base = first * BLOCK;
-        let indexed = self.indexed.clone();
-        let digest = self.digest.clone();
+        let base = first * bs;
+        let file = self.file.clone();
         blocking(move || {
-            indexed.index.read_at(at, n, |o, l| {
-                let (s, e) = (
-                    o.wrapping_sub(base) as usize,
-                    (o + l).wrapping_sub(base) as usize,
-                );
-                if o < base || e > span.len() {
-                    return Err(Error::invalid(
-                        format!("layer {digest}"),
-                        format!("index asked for bytes {o}+{l} outside the fetched span"),
-                    ));
-                }
-                Ok(span.slice(s..e))
-            })
+            file.index
+                .read_at(at, n, |o, l| slice_span(&span, base, o, l, &file.layer))
         })
         .await
     }
 
-    /// Block `b` of the blob, verified against the digest the first pass
-    /// recorded: from the chunk cache or fetched once by Range.
+    /// Block `b`, verified; counted towards the audit, which starts once
+    /// every block has been read.
     async fn block(&self, b: u64) -> Result<Bytes> {
-        let want = self
-            .indexed
-            .blocks
-            .get(b as usize)
-            .ok_or_else(|| Error::invalid(format!("layer {}", self.digest), "block past the end"))?
-            .clone();
-        if let Some(path) = self.cache.get(cache::Kind::Chunk, &want) {
+        let bytes = self.blocks.get(b).await?;
+        if let Some(a) = &self.audit {
+            if a.saw(b) {
+                let (blocks, a) = (self.blocks.clone(), a.clone());
+                tokio::spawn(async move { a.run(blocks).await });
+            }
+        }
+        Ok(bytes)
+    }
+}
+
+/// Bytes `o..o+l` of the blob out of a fetched span starting at `base`.
+fn slice_span(span: &Bytes, base: u64, o: u64, l: u64, layer: &Digest) -> Result<Bytes> {
+    let (s, e) = (
+        o.wrapping_sub(base) as usize,
+        (o + l).wrapping_sub(base) as usize,
+    );
+    if o < base || e > span.len() || s > e {
+        return Err(Error::invalid(
+            format!("layer {layer}"),
+            format!("index asked for bytes {o}+{l} outside the fetched span"),
+        ));
+    }
+    Ok(span.slice(s..e))
+}
+
+/// The blob's blocks, each verified against the index file's digest: from
+/// the chunk cache or fetched once by Range.
+struct Blocks {
+    file: Arc<LayerIndexFile>,
+    source: Arc<dyn Source>,
+    cache: Arc<Cache>,
+    flights: SingleFlight<u64, Bytes>,
+}
+
+impl Blocks {
+    async fn get(&self, b: u64) -> Result<Bytes> {
+        let layer = &self.file.layer;
+        let (at, len) = self
+            .file
+            .block_range(b)
+            .ok_or_else(|| Error::invalid(format!("layer {layer}"), "block past the end"))?;
+        let want = &self.file.blocks[b as usize];
+        if let Some(path) = self.cache.get(cache::Kind::Chunk, want) {
             if let Ok(bytes) = tokio::fs::read(&path).await {
                 return Ok(Bytes::from(bytes));
             }
         }
-        let len = BLOCK.min(self.size.saturating_sub(b * BLOCK));
         self.flights
             .run(b, || async {
-                let bytes = self.source.blob_range(&self.digest, b * BLOCK, len).await?;
-                let actual = Digest::of(&bytes);
-                if actual != want {
-                    let e = Error::ContentMismatch {
-                        what: format!("bytes {}+{len} of blob {}", b * BLOCK, self.digest),
-                        expected: want.clone(),
-                        actual,
-                    };
+                let bytes = self.source.blob_range(layer, at, len).await?;
+                self.file.verify_block(b, &bytes).inspect_err(|e| {
                     tracing::error!("{e}");
-                    return Err(e);
-                }
-                store(&self.cache, cache::Kind::Chunk, &want, &bytes);
+                })?;
+                store(&self.cache, cache::Kind::Chunk, want, &bytes);
                 Ok(bytes)
             })
             .await
-            .map_err(|e| Error::invalid(format!("layer {}", self.digest), e.to_string()))
+            .map_err(|e| Error::invalid(format!("layer {layer}"), e.to_string()))
+    }
+
+    /// `len` bytes at `at` of the blob, from verified blocks, for a
+    /// blocking thread.
+    fn read(&self, rt: &tokio::runtime::Handle, at: u64, len: u64) -> Result<Bytes> {
+        let bs = self.file.block_size;
+        let (first, last) = (at / bs, (at + len).div_ceil(bs));
+        let mut span = BytesMut::new();
+        for b in first..last {
+            span.extend_from_slice(&rt.block_on(self.get(b))?);
+        }
+        slice_span(&span.freeze(), first * bs, at, len, &self.file.layer)
+    }
+}
+
+/// The blocks, in order, as one stream.
+struct BlockReader<'a> {
+    blocks: &'a Blocks,
+    rt: tokio::runtime::Handle,
+    next: u64,
+    cur: Bytes,
+}
+
+impl Read for BlockReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.cur.is_empty() {
+            if self.next as usize >= self.blocks.file.blocks.len() {
+                return Ok(0);
+            }
+            self.cur = self.rt.block_on(self.blocks.get(self.next))?;
+            self.next += 1;
+        }
+        let n = buf.len().min(self.cur.len());
+        buf[..n].copy_from_slice(&self.cur.split_to(n));
+        Ok(n)
+    }
+}
+
+/// The check of an index taken from an artifact: which blocks have been
+/// read (and verified against the digests it names), and the verdict once
+/// all have been: the whole blob's digest, and the index against one
+/// built from the blob.
+struct Audit {
+    seen: Mutex<(Vec<bool>, usize)>,
+    started: AtomicBool,
+    bad: OnceLock<String>,
+    compression: Compression,
+}
+
+impl Audit {
+    fn new(blocks: usize, compression: Compression) -> Self {
+        Audit {
+            seen: Mutex::new((vec![false; blocks], 0)),
+            started: AtomicBool::new(false),
+            bad: OnceLock::new(),
+            compression,
+        }
+    }
+
+    /// Note block `b` read; true (once) when that completes the blob.
+    fn saw(&self, b: u64) -> bool {
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        let (marks, count) = &mut *seen;
+        if let Some(m) = marks.get_mut(b as usize).filter(|m| !**m) {
+            *m = true;
+            *count += 1;
+        }
+        *count == marks.len() && !self.started.swap(true, Ordering::SeqCst)
+    }
+
+    async fn run(self: Arc<Self>, blocks: Arc<Blocks>) {
+        let layer = blocks.file.layer.clone();
+        let me = self.clone();
+        let rt = tokio::runtime::Handle::current();
+        match blocking(move || me.check(&blocks, &rt)).await {
+            Ok(()) => {
+                tracing::info!("layer {layer}: whole blob verified, its index artifact audited")
+            }
+            Err(e) => {
+                tracing::error!("layer {layer}: index artifact failed its audit: {e}");
+                let _ = self.bad.set(format!("failed its audit: {e}"));
+            }
+        }
+    }
+
+    /// Hash and index the blob from its blocks, compare, and cache the
+    /// index built here (right whatever the artifact said) as verified.
+    fn check(&self, blocks: &Blocks, rt: &tokio::runtime::Handle) -> Result<()> {
+        let claimed = &blocks.file;
+        let reader = BlockReader {
+            blocks,
+            rt: rt.clone(),
+            next: 0,
+            cur: Bytes::new(),
+        };
+        let (layer, size) = (&claimed.layer, claimed.size);
+        let built = LayerIndexFile::build(reader, self.compression, layer, size, io::sink());
+        let path = blocks.cache.path(cache::Kind::Index, layer);
+        let built = match built {
+            Ok(b) => b,
+            Err(e) => {
+                let _ = std::fs::remove_file(&path);
+                return Err(e);
+            }
+        };
+        let verdict = layerindex::audit(claimed, &built, |o, l| blocks.read(rt, o, l));
+        write_atomic(&path, &cache_bytes(&built, true)?)?;
+        let left = verdict?;
+        if left > 0 {
+            tracing::warn!("layer {layer}: {left} bytes far from any checkpoint were not audited");
+        }
+        Ok(())
     }
 }
 
@@ -264,6 +405,8 @@ pub fn store(cache: &Cache, kind: cache::Kind, d: &Digest, bytes: &[u8]) {
 }
 
 type OpenCell = Arc<OnceCell<Arc<dyn LayerData>>>;
+/// Index blobs the image's index artifacts list: (layer digest, blob).
+type Listed = Arc<Vec<(Digest, Descriptor)>>;
 
 /// Opens layers once per process (concurrent openers share the work).
 pub struct Layers {
@@ -271,6 +414,10 @@ pub struct Layers {
     /// When lazily read layers are fetched whole in the background.
     when: crate::fetch::When,
     open: Mutex<HashMap<Digest, OpenCell>>,
+    /// Push the index of a layer a first pass verified as an artifact of
+    /// the image (mount option --push-index).
+    pub push_index: AtomicBool,
+    artifacts: Memo<(String, Digest), Listed>,
 }
 
 impl Layers {
@@ -279,20 +426,32 @@ impl Layers {
             cache,
             when,
             open: Mutex::new(HashMap::new()),
+            push_index: AtomicBool::new(false),
+            artifacts: Memo::default(),
         }
     }
 
-    pub async fn open(&self, layer: &Layer) -> Result<Arc<dyn LayerData>> {
+    /// Open `layer` (of the image `origin`, when known: its referrers may
+    /// hold the layer's index).
+    pub async fn open(
+        &self,
+        layer: &Layer,
+        origin: Option<&Origin<'_>>,
+    ) -> Result<Arc<dyn LayerData>> {
         let cell = {
             let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
             open.entry(layer.digest.clone()).or_default().clone()
         };
-        cell.get_or_try_init(|| self.open_uncached(layer))
+        cell.get_or_try_init(|| self.open_uncached(layer, origin))
             .await
             .cloned()
     }
 
-    async fn open_uncached(&self, layer: &Layer) -> Result<Arc<dyn LayerData>> {
+    async fn open_uncached(
+        &self,
+        layer: &Layer,
+        origin: Option<&Origin<'_>>,
+    ) -> Result<Arc<dyn LayerData>> {
         match crate::lazy::open(layer, self.cache.clone(), self.when).await {
             Ok(Some(l)) => return Ok(l),
             Ok(None) => {}
@@ -309,34 +468,45 @@ impl Layers {
             _ => cache::Kind::Tar,
         };
         let digest = layer.digest.clone();
-        let indexed = match self.cached_index(&digest) {
+        let (file, verified) = match self.cached_index(layer, compression) {
             Some(i) => i,
-            None => self
-                .first_pass(layer, compression, kind)
-                .await
-                .inspect_err(|e| {
-                    tracing::error!("layer {digest}: {e}");
-                })?,
+            None => match self.artifact_index(layer, compression, origin).await {
+                Some(f) => (f, false),
+                None => {
+                    let f = self
+                        .first_pass(layer, compression, kind)
+                        .await
+                        .inspect_err(|e| tracing::error!("layer {digest}: {e}"))?;
+                    self.maybe_push(origin, &f);
+                    (f, true)
+                }
+            },
         };
-        let (entries, which) = indexed.entries();
+        let (entries, which) = entries_of(&file);
+        let audit = (!verified).then(|| Arc::new(Audit::new(file.blocks.len(), compression)));
+        let file = Arc::new(file);
         Ok(Arc::new(PlainLayer {
             digest,
-            indexed: Arc::new(indexed),
+            blocks: Arc::new(Blocks {
+                file: file.clone(),
+                source: layer.source.clone(),
+                cache: self.cache.clone(),
+                flights: SingleFlight::default(),
+            }),
+            file,
             entries,
             which,
             tar: Mutex::new(None),
-            source: layer.source.clone(),
-            cache: self.cache.clone(),
             kind,
-            size: layer.size(),
-            flights: SingleFlight::default(),
+            audit,
         }))
     }
 
-    fn cached_index(&self, digest: &Digest) -> Option<Indexed> {
+    fn cached_index(&self, layer: &Layer, c: Compression) -> Option<(LayerIndexFile, bool)> {
+        let digest = &layer.digest;
         let path = self.cache.get(cache::Kind::Index, digest)?;
         let read = std::fs::read(&path).map_err(|e| Error::io(path.display().to_string(), e));
-        match read.and_then(|b| Indexed::from_bytes(&b)) {
+        match read.and_then(|b| from_cache(&b, layer, c)) {
             Ok(i) => Some(i),
             Err(e) => {
                 tracing::warn!("ignoring cached index of layer {digest}: {e}");
@@ -345,12 +515,105 @@ impl Layers {
         }
     }
 
+    /// The layer's index from an index artifact of the image, if one lists
+    /// it and its blob parses; cached (as not verified here). A bad one is
+    /// logged and skipped: the first pass does without.
+    async fn artifact_index(
+        &self,
+        layer: &Layer,
+        c: Compression,
+        origin: Option<&Origin<'_>>,
+    ) -> Option<LayerIndexFile> {
+        let o = origin?;
+        let listed = match self.listed(o).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(
+                    "image {}: looking for index artifacts: {}",
+                    o.image.digest,
+                    e.msg
+                );
+                return None;
+            }
+        };
+        let source = o.ns.source(o.repo);
+        for (_, blob) in listed.iter().filter(|(l, _)| *l == layer.digest) {
+            let d = layer.digest.clone();
+            match layerindex::fetch(source.as_ref(), blob, &d, layer.size(), c).await {
+                Ok(f) => {
+                    tracing::info!("layer {d}: using index artifact blob {}", blob.digest());
+                    let path = self.cache.path(cache::Kind::Index, &d);
+                    match cache_bytes(&f, false).and_then(|b| write_atomic(&path, &b).map(|_| b)) {
+                        Ok(b) => self.cache.added(b.len() as u64),
+                        Err(e) => tracing::warn!("caching the index of layer {d}: {e}"),
+                    }
+                    return Some(f);
+                }
+                Err(e) => tracing::warn!("layer {d}: ignoring index blob {}: {e}", blob.digest()),
+            }
+        }
+        None
+    }
+
+    /// Every index blob the image's index artifacts list, newest artifact
+    /// first (memoized per image as its referrers are).
+    async fn listed(&self, o: &Origin<'_>) -> Result<Listed, crate::ns::Fail> {
+        let key = (o.repo.to_string(), o.image.digest.clone());
+        self.artifacts
+            .get(&key, o.ns.tag_ttl, o.ns.neg_ttl, || async {
+                let refs = o.ns.referrers(o.repo, &o.image.digest).await?;
+                let index: ImageIndex = serde_json::from_slice(&refs.json)
+                    .map_err(|e| Error::invalid("referrers index", e.to_string()))?;
+                let source = o.ns.source(o.repo);
+                let mut out = Vec::new();
+                let is_ours = |d: &&Descriptor| {
+                    d.artifact_type().as_ref().map(|t| t.to_string()).as_deref()
+                        == Some(layerindex::ARTIFACT_TYPE)
+                };
+                for d in index.manifests().iter().rev().filter(is_ours) {
+                    let Ok(digest) = manifest::digest_of(d) else {
+                        continue;
+                    };
+                    match source.manifest(digest.as_str()).await {
+                        Ok(raw) => out.extend(layerindex::listed(&raw)),
+                        Err(e) => tracing::warn!("index artifact {digest}: {e}"),
+                    }
+                }
+                Ok(Arc::new(out))
+            })
+            .await
+    }
+
+    /// With --push-index, publish a freshly verified index as an artifact
+    /// of the image, in the background; a failure is only a warning.
+    fn maybe_push(&self, origin: Option<&Origin<'_>>, f: &LayerIndexFile) {
+        let Some(o) = origin.filter(|_| self.push_index.load(Ordering::Relaxed)) else {
+            return;
+        };
+        let sink = match o.ns.sink(o.repo) {
+            Ok(s) => s,
+            Err(e) => return tracing::warn!("pushing the index of layer {}: {e}", f.layer),
+        };
+        let (subject, f, repo) = (o.image.clone(), f.clone(), o.repo.to_string());
+        tokio::spawn(async move {
+            match layerindex::push(sink.as_ref(), &subject, std::slice::from_ref(&f)).await {
+                Ok(raw) => tracing::info!(
+                    "layer {}: pushed its index as {repo}@{} (referring to {})",
+                    f.layer,
+                    raw.digest,
+                    subject.digest
+                ),
+                Err(e) => tracing::warn!("pushing the index of layer {}: {e}", f.layer),
+            }
+        });
+    }
+
     async fn first_pass(
         &self,
         layer: &Layer,
         compression: Compression,
         kind: cache::Kind,
-    ) -> Result<Indexed> {
+    ) -> Result<LayerIndexFile> {
         let stream = layer.source.blob(&layer.digest).await?;
         let reader = tokio_util::io::SyncIoBridge::new(tokio_util::io::StreamReader::new(
             stream.map_err(|e: io::Error| e),
@@ -371,7 +634,7 @@ fn first_pass(
     compression: Compression,
     digest: Digest,
     size: u64,
-) -> Result<Indexed> {
+) -> Result<LayerIndexFile> {
     let dest = cache.path(kind, &digest);
     let dir = dest.parent().unwrap_or(cache.root());
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir.display().to_string(), e))?;
@@ -379,10 +642,6 @@ fn first_pass(
         .prefix(".tmp-")
         .tempfile_in(dir)
         .map_err(|e| Error::io(dir.display().to_string(), e))?;
-    let mut hashed = Tee {
-        inner: body,
-        out: BlockHasher::default(),
-    };
     let what = format!("layer {digest}");
     // A tar bigger than half the cache is not kept: reads go by Range.
     let mut tar_out = Capped {
@@ -390,30 +649,26 @@ fn first_pass(
         left: cache.limit() / 2,
         over: false,
     };
-    let index = tarindex::index_layer_tee(&mut hashed, compression, &mut tar_out, |_| {})?;
+    let file = LayerIndexFile::build(body, compression, &digest, size, &mut tar_out)?;
     tar_out
         .inner
         .flush()
         .map_err(|e| Error::io(dest.display().to_string(), e))?;
     let keep_tar = !tar_out.over;
     drop(tar_out);
-    // Whatever follows the compressed stream is part of the blob too.
-    io::copy(&mut hashed, &mut io::sink()).map_err(|e| ggfs::error::from_io(&what, e))?;
-    let blocks = hashed.out.finish(&digest, size)?;
-    let indexed = Indexed { index, blocks };
-    let bytes = indexed.to_bytes()?;
+    let bytes = cache_bytes(&file, true)?;
     if keep_tar {
-        let file = tmp
+        let f = tmp
             .persist(&dest)
             .map_err(|e| Error::io(dest.display().to_string(), e.error))?;
-        cache.added(file.metadata().map(|m| m.len()).unwrap_or(0));
+        cache.added(f.metadata().map(|m| m.len()).unwrap_or(0));
     } else {
         tracing::info!("{what}: its tar is over half the cache, reads will use ranges");
     }
     let ipath = cache.path(cache::Kind::Index, &digest);
     write_atomic(&ipath, &bytes)?;
     cache.added(bytes.len() as u64);
-    Ok(indexed)
+    Ok(file)
 }
 
 pub fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
@@ -485,20 +740,6 @@ fn convert(t: &TarEntry) -> Option<Entry> {
     })
 }
 
-/// Copies everything read from `inner` into `out`.
-struct Tee<R, W> {
-    inner: R,
-    out: W,
-}
-
-impl<R: Read, W: Write> Read for Tee<R, W> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.out.write_all(&buf[..n])?;
-        Ok(n)
-    }
-}
-
 /// Writes until `left` bytes are used up, then discards (and says so).
 struct Capped<W> {
     inner: W,
@@ -522,56 +763,11 @@ impl<W: Write> Write for Capped<W> {
     }
 }
 
-/// Hashes a stream whole and per [`BLOCK`].
-#[derive(Default)]
-struct BlockHasher {
-    whole: Hasher,
-    block: Hasher,
-    blocks: Vec<Digest>,
-}
-
-impl Write for BlockHasher {
-    fn write(&mut self, mut buf: &[u8]) -> io::Result<usize> {
-        let n = buf.len();
-        while !buf.is_empty() {
-            let room = (BLOCK - self.block.len()) as usize;
-            let take = room.min(buf.len());
-            self.whole.update(&buf[..take]);
-            self.block.update(&buf[..take]);
-            buf = &buf[take..];
-            if self.block.len() == BLOCK {
-                let full = std::mem::take(&mut self.block);
-                self.blocks.push(full.finish());
-            }
-        }
-        Ok(n)
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-impl BlockHasher {
-    /// Check the whole blob; the block digests are only returned if it matches.
-    fn finish(mut self, digest: &Digest, size: u64) -> Result<Vec<Digest>> {
-        if !self.block.is_empty() {
-            let last = std::mem::take(&mut self.block);
-            self.blocks.push(last.finish());
-        }
-        self.whole.verify(digest, Some(size))?;
-        Ok(self.blocks)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn first_pass_indexes_verifies_and_caches() {
-        let dir = tempfile::tempdir().unwrap();
-        let cache = Cache::open(dir.path(), 1 << 30).unwrap();
+    fn gzip_layer() -> Vec<u8> {
         let mut b = tar::Builder::new(Vec::new());
         let mut h = tar::Header::new_gnu();
         h.set_size(5);
@@ -580,7 +776,14 @@ mod tests {
         let tar = b.into_inner().unwrap();
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
         gz.write_all(&tar).unwrap();
-        let blob = gz.finish().unwrap();
+        gz.finish().unwrap()
+    }
+
+    #[test]
+    fn first_pass_indexes_verifies_and_caches() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path(), 1 << 30).unwrap();
+        let blob = gzip_layer();
         let d = Digest::of(&blob);
         let run = |digest: Digest| {
             first_pass(
@@ -598,38 +801,31 @@ mod tests {
             .path(cache::Kind::Tar, &Digest::of(b"other"))
             .metadata()
             .is_err());
-        let indexed = run(d.clone()).unwrap();
-        let (entries, _) = indexed.entries();
+        let file = run(d.clone()).unwrap();
+        let (entries, _) = entries_of(&file);
         assert_eq!(entries.len(), 1);
         assert_eq!(entries[0].path, b"dir/file");
         assert_eq!(entries[0].meta.mode, 0o640);
-        assert_eq!(
-            std::fs::read(cache.path(cache::Kind::Tar, &d)).unwrap(),
-            tar
-        );
         let saved = std::fs::read(cache.path(cache::Kind::Index, &d)).unwrap();
-        let back = Indexed::from_bytes(&saved).unwrap();
-        assert_eq!(back.blocks, indexed.blocks);
-        assert_eq!(back.index, indexed.index);
-        assert!(Indexed::from_bytes(&saved[..20]).is_err());
-    }
-
-    #[test]
-    fn block_digests() {
-        let data: Vec<u8> = (0..(BLOCK as usize * 2 + 10)).map(|i| i as u8).collect();
-        let mut h = BlockHasher::default();
-        for piece in data.chunks(333_333) {
-            h.write_all(piece).unwrap();
-        }
-        let blocks = h.finish(&Digest::of(&data), data.len() as u64).unwrap();
-        assert_eq!(blocks.len(), 3);
-        assert_eq!(
-            blocks[1],
-            Digest::of(&data[BLOCK as usize..2 * BLOCK as usize])
+        let desc = serde_json::json!({
+            "mediaType": ggfs::manifest::media::OCI_LAYER_GZIP,
+            "digest": d, "size": blob.len(),
+        });
+        let layer = Layer {
+            digest: d.clone(),
+            descriptor: serde_json::from_value(desc).unwrap(),
+            diff_id: None,
+            source: Arc::new(ggfs::layout::Layout::create(dir.path().join("l")).unwrap()),
+        };
+        let (back, verified) = from_cache(&saved, &layer, Compression::Gzip).unwrap();
+        assert!(verified);
+        assert_eq!(back, file);
+        assert!(from_cache(&saved[..20], &layer, Compression::Gzip).is_err());
+        let unverified = cache_bytes(&file, false).unwrap();
+        assert!(
+            !from_cache(&unverified, &layer, Compression::Gzip)
+                .unwrap()
+                .1
         );
-        assert_eq!(blocks[2], Digest::of(&data[2 * BLOCK as usize..]));
-        let mut h = BlockHasher::default();
-        h.write_all(&data).unwrap();
-        assert!(h.finish(&Digest::of(b"other"), data.len() as u64).is_err());
     }
 }

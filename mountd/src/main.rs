@@ -98,6 +98,12 @@ struct MountArgs {
     /// is opened; `never`: only what is read).
     #[arg(long, default_value = "4")]
     fetch_after: fetch::When,
+    /// After a first pass has verified a plain layer, push its index as an
+    /// OCI referrer of the image (as `ggfs index push`), so other machines'
+    /// mounts read it by Range from the start. Needs push access; a failed
+    /// push is a warning.
+    #[arg(long)]
+    push_index: bool,
     /// Write the daemon's log here (appending).
     #[arg(long)]
     log: Option<PathBuf>,
@@ -214,6 +220,9 @@ fn child_args(a: &MountArgs, fd: i32) -> Vec<OsString> {
         v.push("--allow-delete".into());
     }
     v.push(format!("--fetch-after={}", a.fetch_after).into());
+    if a.push_index {
+        v.push("--push-index".into());
+    }
     for o in &a.options {
         v.push("-o".into());
         v.push(o.into());
@@ -398,6 +407,10 @@ fn serve(args: &MountArgs, ready: &mut Ready) -> Result<()> {
     .map_err(|_| anyhow!("registry {host} unreachable: no answer to /v2/ within 30s"))?
     .map_err(|e| anyhow!("registry {host} unreachable: {e}"))?;
 
+    inner
+        .layers
+        .push_index
+        .store(args.push_index, std::sync::atomic::Ordering::Relaxed);
     if let Some(delay) = args.commit_delay.0 {
         rt.spawn(commit::auto(inner.clone(), delay));
     }
