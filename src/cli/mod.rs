@@ -21,6 +21,7 @@ mod copy;
 mod delete;
 mod digest;
 mod export;
+mod index;
 mod location;
 mod ls;
 mod manifest;
@@ -101,6 +102,10 @@ pub enum Command {
     Attach(attach::Args),
     /// List the artifacts that refer to an image.
     Refs(refs::Args),
+    /// Index verbs: `index push` publishes the index of an image's plain
+    /// layers as a referrer, so mounts read them by Range from the start.
+    #[command(subcommand)]
+    Index(index::Command),
     /// Write the flattened filesystem of an image as a tar.
     Export(export::Args),
     /// Check that every blob of an image matches its digest (and layers their DiffIDs).
@@ -141,6 +146,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Mutate(a) => mutate::run(&ctx, a).await,
         Command::Attach(a) => attach::run(&ctx, a).await,
         Command::Refs(a) => refs::run(&ctx, a).await,
+        Command::Index(c) => index::run(&ctx, c).await,
         Command::Export(a) => export::run(&ctx, a).await,
         Command::Validate(a) => validate::run(&ctx, a).await,
         Command::Auth(c) => auth::run(&ctx, c).await,
