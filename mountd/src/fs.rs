@@ -891,6 +891,17 @@ impl Inner {
     }
 
     pub async fn xattrs(&self, ino: u64) -> Res<Vec<(Vec<u8>, Vec<u8>)>> {
+        // rootfs/ itself keeps implicit metadata, without xattrs: `ls -l`
+        // of a tag asks for them, and that fetches no layer.
+        match self.node(ino)? {
+            Node::Ns(Key::Rootfs(..)) => return Ok(Vec::new()),
+            Node::Ns(Key::WRootfs(repo, tag, d)) => {
+                if self.wrootfs.peek(&(repo, tag, d)).is_none() {
+                    return Ok(Vec::new());
+                }
+            }
+            _ => {}
+        }
         if let Some(r) = self.writable(ino).await? {
             return r.xattrs(ino);
         }
