@@ -302,6 +302,38 @@ fn unmount_leaves_no_process_and_no_mount() {
 }
 
 #[test]
+fn mount_on_the_mount_point_of_a_killed_daemon_clears_it_and_serves() {
+    let reg = Distribution::start();
+    common::push_oci_layout(
+        &fixture_layout().path().join("layout"),
+        "latest",
+        &reg.reference("stale/app:v1"),
+    );
+    let dir = common::tempdir();
+    let mp = dir.path().join("mnt");
+    std::fs::create_dir(&mp).unwrap();
+    let dead = Mount::start_at(reg.addr(), &[], &mp, None);
+    assert!(mp.join("stale/app/v1/digest").exists());
+    kill(dead.pid(), "KILL");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while dead.pid_alive() {
+        assert!(Instant::now() < deadline, "daemon alive after SIGKILL");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Left as a crash leaves it; its Drop must not touch the next mount.
+    std::mem::forget(dead);
+    let e = std::fs::read_dir(&mp).unwrap_err();
+    assert!(
+        matches!(e.raw_os_error(), Some(libc::ENOTCONN | libc::ECONNABORTED)),
+        "{e}"
+    );
+    let m = Mount::start_at(reg.addr(), &[], &mp, None);
+    assert!(m.path("stale/app/v1/digest").exists());
+    m.unmount().unwrap();
+    assert!(!is_mounted(&mp));
+}
+
+#[test]
 fn clear_errors_for_bad_mount_points_and_registries() {
     let reg = Distribution::start();
     let dir = common::tempdir();

@@ -244,11 +244,17 @@ fn preflight(a: &MountArgs) -> Result<()> {
         bail!("fusermount3 not found in PATH: install fuse3");
     }
     let mp = &a.mountpoint;
-    let md = std::fs::metadata(mp).with_context(|| format!("mount point {}", mp.display()))?;
+    let md = match std::fs::metadata(mp) {
+        // A ggfs mount whose daemon died (crash, kill -9): clear it and go on.
+        Err(e) if gone(&e) && clear_stale(mp)? => std::fs::metadata(mp),
+        other => other,
+    }
+    .with_context(|| format!("mount point {}", mp.display()))?;
     if !md.is_dir() {
         bail!("mount point {} is not a directory", mp.display());
     }
-    if is_mount_point(mp)? {
+    let dead = || std::fs::read_dir(mp).is_err_and(|e| gone(&e));
+    if is_mount_point(mp)? && !(dead() && clear_stale(mp)?) {
         bail!(
             "mount point {} is busy: something is already mounted there",
             mp.display()
@@ -265,9 +271,72 @@ fn which(bin: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
+/// What a FUSE mount whose daemon died answers.
+fn gone(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOTCONN | libc::ECONNABORTED))
+}
+
+/// Detach the ggfs mount at `mp`, one whose daemon is gone; false when
+/// it is not a ggfs mount.
+fn clear_stale(mp: &Path) -> Result<bool> {
+    let abs = absolute(mp)?;
+    let info = std::fs::read_to_string("/proc/self/mountinfo").context("reading mountinfo")?;
+    let ours = info.lines().any(|l| {
+        let (fields, fs) = l.split_once(" - ").unwrap_or((l, ""));
+        fields
+            .split(' ')
+            .nth(4)
+            .is_some_and(|p| Path::new(&unescape_mount(p)) == abs)
+            && matches!(
+                fs.split(' ').take(2).collect::<Vec<_>>()[..],
+                ["fuse" | "fuse.ggfs", "ggfs"]
+            )
+    });
+    if !ours {
+        return Ok(false);
+    }
+    let detached = match unsafe { libc::geteuid() } {
+        0 => {
+            let c = std::ffi::CString::new(abs.as_os_str().as_encoded_bytes())?;
+            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) == 0 }
+        }
+        _ => std::process::Command::new("fusermount3")
+            .arg("-uz")
+            .arg(&abs)
+            .status()
+            .is_ok_and(|s| s.success()),
+    };
+    if !detached {
+        bail!(
+            "mount point {}: a ggfs mount whose daemon is gone, and it could not be detached \
+             (try `ggfs unmount {}`)",
+            mp.display(),
+            mp.display()
+        );
+    }
+    eprintln!(
+        "ggfs: {}: cleared a ggfs mount whose daemon had died",
+        mp.display()
+    );
+    Ok(true)
+}
+
+/// `mp` made absolute with its parent's symlinks resolved, not its own:
+/// a dead mount point cannot be stat-ed.
+fn absolute(mp: &Path) -> Result<PathBuf> {
+    let parent = match mp.parent().filter(|p| !p.as_os_str().is_empty()) {
+        Some(p) => std::fs::canonicalize(p).with_context(|| format!("{}", p.display()))?,
+        None => std::env::current_dir()?,
+    };
+    Ok(match mp.file_name() {
+        Some(name) => parent.join(name),
+        None => std::fs::canonicalize(mp)?,
+    })
+}
+
 /// Is `path` itself a mount point (per /proc/self/mountinfo)?
 fn is_mount_point(path: &Path) -> Result<bool> {
-    let canon = std::fs::canonicalize(path).with_context(|| format!("{}", path.display()))?;
+    let canon = absolute(path)?;
     let info = std::fs::read_to_string("/proc/self/mountinfo").context("reading mountinfo")?;
     Ok(info.lines().any(|l| {
         l.split(' ')
