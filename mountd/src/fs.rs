@@ -893,14 +893,13 @@ impl Inner {
     pub async fn xattrs(&self, ino: u64) -> Res<Vec<(Vec<u8>, Vec<u8>)>> {
         // rootfs/ itself keeps implicit metadata, without xattrs: `ls -l`
         // of a tag asks for them, and that fetches no layer.
-        match self.node(ino)? {
-            Node::Ns(Key::Rootfs(..)) => return Ok(Vec::new()),
-            Node::Ns(Key::WRootfs(repo, tag, d)) => {
-                if self.wrootfs.peek(&(repo, tag, d)).is_none() {
-                    return Ok(Vec::new());
-                }
-            }
-            _ => {}
+        let unbuilt = match self.node(ino)? {
+            Node::Ns(Key::Rootfs(..)) => true,
+            Node::Ns(Key::WRootfs(repo, tag, d)) => self.wrootfs.peek(&(repo, tag, d)).is_none(),
+            _ => false,
+        };
+        if unbuilt {
+            return Ok(Vec::new());
         }
         if let Some(r) = self.writable(ino).await? {
             return r.xattrs(ino);
