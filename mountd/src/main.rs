@@ -127,6 +127,13 @@ fn parse_delay(s: &str) -> std::result::Result<CommitDelay, String> {
 }
 
 fn main() -> ExitCode {
+    // glibc gives each thread that allocates an arena of its own: with the
+    // runtime's and the blocking pool's threads that was a third of the
+    // daemon's RSS (60 MiB against 41 MiB after a whole-tree read).
+    #[cfg(target_env = "gnu")]
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
     let cli = Cli::parse();
     let res = match cli.cmd {
         Cmd::Mount(args) if args.foreground => foreground(args),
