@@ -416,8 +416,10 @@ fn foreground(args: MountArgs) -> Result<()> {
 }
 
 fn init_log(args: &MountArgs) -> Result<()> {
+    // fuser's own unmount at exit finds the mount already gone after a
+    // clean unmount and says "Unmount failed: Invalid argument": noise.
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,fuser::mnt=off"));
     let builder = tracing_subscriber::fmt().with_env_filter(filter);
     match &args.log {
         Some(path) => {
@@ -428,7 +430,11 @@ fn init_log(args: &MountArgs) -> Result<()> {
                 .with_context(|| format!("opening log {}", path.display()))?;
             builder.with_ansi(false).with_writer(Arc::new(f)).init();
         }
-        None => builder.with_writer(std::io::stderr).init(),
+        None => {
+            use std::io::IsTerminal;
+            let ansi = std::io::stderr().is_terminal();
+            builder.with_ansi(ansi).with_writer(std::io::stderr).init()
+        }
     }
     Ok(())
 }
