@@ -67,6 +67,39 @@ fn mount_read_times_out_then_recovers() {
     }
 }
 
+#[test]
+fn sigterm_ends_the_daemon_with_a_read_stuck_and_a_shell_inside() {
+    let reg = registry_with_image();
+    // No stall deadline to speak of: only the shutdown can end the read.
+    let m = Mount::start(reg.addr(), &["--timeout", "600"]);
+    // A process whose working directory is inside: the mount is busy.
+    let mut inside = Command::new("sleep")
+        .arg("300")
+        .current_dir(m.path("st/app/v1"))
+        .spawn()
+        .unwrap();
+    reg.pause();
+    let p = m.path("st/app/v1/rootfs/small.txt");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || tx.send(std::fs::read(p)));
+    // The read is stuck on the frozen registry.
+    assert!(rx.recv_timeout(Duration::from_secs(2)).is_err());
+    common::mount::kill(m.pid(), "TERM");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while m.pid_alive() {
+        assert!(Instant::now() < deadline, "daemon alive 30 s after SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let read = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the stuck read returned");
+    assert!(read.is_err(), "a read of a frozen registry succeeded");
+    assert!(!common::mount::is_mounted(m.mp()));
+    let _ = inside.kill();
+    let _ = inside.wait();
+    reg.resume();
+}
+
 /// A registry with the every-file-type fixture at `st/app:v1`.
 fn registry_with_image() -> Distribution {
     let reg = Distribution::start();

@@ -278,6 +278,33 @@ fn which(bin: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
+/// How long a signalled daemon waits for a busy session to end.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+
+/// An error if `mp` is still a mount point (an unmount left it busy).
+fn still_mounted(mp: &Path) -> std::io::Result<()> {
+    match is_mount_point(mp) {
+        Ok(false) => Ok(()),
+        _ => Err(std::io::Error::from_raw_os_error(libc::EBUSY)),
+    }
+}
+
+/// Lazily unmount `mp`: gone from the namespace now, freed when unused.
+fn detach(mp: &Path) {
+    let ok = match unsafe { libc::geteuid() } {
+        0 => std::ffi::CString::new(mp.as_os_str().as_encoded_bytes())
+            .is_ok_and(|c| unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } == 0),
+        _ => Command::new("fusermount3")
+            .arg("-uz")
+            .arg(mp)
+            .status()
+            .is_ok_and(|s| s.success()),
+    };
+    if !ok {
+        tracing::error!("could not detach {}", mp.display());
+    }
+}
+
 /// What a FUSE mount whose daemon died answers.
 fn gone(e: &std::io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::ENOTCONN | libc::ECONNABORTED))
@@ -302,18 +329,8 @@ fn clear_stale(mp: &Path) -> Result<bool> {
     if !ours {
         return Ok(false);
     }
-    let detached = match unsafe { libc::geteuid() } {
-        0 => {
-            let c = std::ffi::CString::new(abs.as_os_str().as_encoded_bytes())?;
-            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) == 0 }
-        }
-        _ => std::process::Command::new("fusermount3")
-            .arg("-uz")
-            .arg(&abs)
-            .status()
-            .is_ok_and(|s| s.success()),
-    };
-    if !detached {
+    detach(&abs);
+    if is_mount_point(&abs)? {
         bail!(
             "mount point {}: a ggfs mount whose daemon is gone, and it could not be detached \
              (try `ggfs unmount {}`)",
@@ -516,13 +533,31 @@ fn serve(args: &MountArgs, ready: &mut Ready) -> Result<()> {
     ready.send("ready\n");
     let why = rx.recv().unwrap_or("channel closed");
     tracing::info!("{why}: unmounting {}", args.mountpoint.display());
-    if why != "session ended" {
-        let _ = unmounter.unmount();
+    if why != "session ended"
+        && unmounter
+            .unmount()
+            .and(still_mounted(&args.mountpoint))
+            .is_err()
+    {
+        // Busy (a reader stuck in a request, a shell inside): detach it,
+        // so nothing new comes in, and stop waiting for it below.
+        tracing::warn!("{} is busy: detaching it", args.mountpoint.display());
+        detach(&args.mountpoint);
     }
-    match worker.join() {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::warn!("session: {e}"),
-        Err(_) => tracing::error!("session thread panicked"),
+    // A session the kernel still holds open (files open in a detached
+    // mount) is left behind: exiting closes /dev/fuse, and its stuck
+    // requests fail instead of hanging.
+    let ended = why == "session ended" || rx.recv_timeout(SHUTDOWN_GRACE).is_ok();
+    match ended {
+        true => match worker.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!("session: {e}"),
+            Err(_) => tracing::error!("session thread panicked"),
+        },
+        false => tracing::warn!(
+            "session still busy {} s after unmount: exiting, open files there fail",
+            SHUTDOWN_GRACE.as_secs()
+        ),
     }
     if args.commit_delay.0.is_some() {
         // Whatever is left goes now; what cannot stays journalled.
