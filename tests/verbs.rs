@@ -108,3 +108,60 @@ fn push_of_docker_archive_gzips_its_layers() {
     let want = umoci_unpack(&layout, "t", &w.join("want-bundle"));
     assert_same_tree(&unpacked, &want, true);
 }
+
+/// manifest.json of a docker-save tarball.
+fn save_listing(tar: &Path) -> Value {
+    let mut archive = tar::Archive::new(std::fs::File::open(tar).unwrap());
+    for e in archive.entries().unwrap() {
+        let mut e = e.unwrap();
+        if e.path().unwrap().to_str() == Some("manifest.json") {
+            return serde_json::from_reader(&mut e).unwrap();
+        }
+    }
+    panic!("no manifest.json in {}", tar.display())
+}
+
+/// `pull --format tarball` of several images writes one docker-save
+/// tarball: one manifest.json entry per image with every tag it was pulled
+/// by; skopeo reads each image back out of it by tag.
+#[test]
+fn pull_of_several_images_into_one_tarball() {
+    let reg = Distribution::start();
+    let work = common::tempdir();
+    let w = work.path();
+    let layout = w.join("layout");
+    common::umoci_image(&layout, "t");
+    let (a, a2) = (reg.reference("a/img:t"), reg.reference("a/img:again"));
+    let b = reg.reference("b/multi:t");
+    common::push_oci_layout(&layout, "t", &a);
+    common::push_oci_layout(&layout, "t", &a2);
+    let multi = common::multilayer_image();
+    common::push_oci_layout(multi, common::MULTILAYER_TAG, &b);
+
+    let out = w.join("all.tar");
+    ggfs(&["pull", &a, &b, &a2, out.to_str().unwrap()]);
+    let listing = save_listing(&out);
+    let entries = listing.as_array().unwrap();
+    assert_eq!(entries.len(), 2, "{listing}");
+    assert_eq!(entries[0]["RepoTags"], serde_json::json!([a, a2]));
+    assert_eq!(entries[1]["RepoTags"], serde_json::json!([b]));
+    assert_eq!(entries[1]["Layers"].as_array().unwrap().len(), 3);
+
+    let want_a = umoci_unpack(&layout, "t", &w.join("want-a"));
+    let want_b = umoci_unpack(multi, common::MULTILAYER_TAG, &w.join("want-b"));
+    for (i, (tag, want)) in [(&a, &want_a), (&a2, &want_a), (&b, &want_b)]
+        .into_iter()
+        .enumerate()
+    {
+        let back = w.join(format!("back{i}"));
+        common::skopeo_copy(
+            &format!("docker-archive:{}:{tag}", out.display()),
+            &format!("oci:{}:t", back.display()),
+        );
+        let got = umoci_unpack(&back, "t", &w.join(format!("back{i}-bundle")));
+        assert_same_tree(&got, want, true);
+    }
+    // A tarball pushed back selects its image by tag.
+    let err = ggfs_fails(&["push", out.to_str().unwrap(), &reg.reference("c/img:t")]);
+    assert!(err.contains("holds 2 images"), "{err}");
+}
