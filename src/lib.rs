@@ -13,6 +13,7 @@ pub mod digest;
 pub mod error;
 pub mod estargz;
 pub mod export;
+pub mod flatten;
 pub mod image;
 pub mod layerindex;
 pub mod layout;

@@ -16,7 +16,6 @@ fn ggfs(args: &[&str]) -> String {
 }
 
 /// Runs ggfs expecting failure; returns its stderr (one line, no panic).
-#[allow(dead_code)]
 fn ggfs_fails(args: &[&str]) -> String {
     let out: Output = Command::new(common::ggfs_bin())
         .args(args)
@@ -164,4 +163,94 @@ fn pull_of_several_images_into_one_tarball() {
     // A tarball pushed back selects its image by tag.
     let err = ggfs_fails(&["push", out.to_str().unwrap(), &reg.reference("c/img:t")]);
     assert!(err.contains("holds 2 images"), "{err}");
+}
+
+/// crane flatten of the multi-layer whiteout fixture: one layer whose
+/// unpacked tree is the unpacked input's, history kept as empty-layer
+/// entries plus one for the new layer; without -t it replaces the tag.
+#[test]
+fn flatten_squashes_the_whiteout_fixture_into_one_layer() {
+    let reg = Distribution::start();
+    let work = common::tempdir();
+    let w = work.path();
+    let multi = common::multilayer_image();
+    let src = reg.reference("multi/img:t");
+    common::push_oci_layout(multi, common::MULTILAYER_TAG, &src);
+    let want = umoci_unpack(multi, common::MULTILAYER_TAG, &w.join("want"));
+    let before = json(&ggfs(&["config", &src]));
+
+    let flat = reg.reference("multi/img:flat");
+    let out = ggfs(&["flatten", &src, "-t", &flat]);
+    let digest = ggfs(&["digest", &flat]);
+    assert_eq!(
+        out.trim(),
+        format!("{}@{}", reg.reference("multi/img"), digest.trim())
+    );
+    let manifest = json(&ggfs(&["manifest", &flat]));
+    assert_eq!(
+        layer_media_types(&manifest),
+        ["application/vnd.oci.image.layer.v1.tar+gzip"]
+    );
+    let config = json(&ggfs(&["config", &flat]));
+    assert_eq!(config["rootfs"]["diff_ids"].as_array().unwrap().len(), 1);
+    let old_history = before["history"].as_array().unwrap();
+    let history = config["history"].as_array().unwrap();
+    assert_eq!(history.len(), old_history.len() + 1);
+    for (new, old) in history.iter().zip(old_history) {
+        assert_eq!(new["empty_layer"], true);
+        assert_eq!(new["created_by"], old["created_by"]);
+    }
+    assert_eq!(history.last().unwrap()["created_by"], "ggfs flatten");
+    assert_eq!(config["config"], before["config"]);
+    ggfs(&["validate", &flat]);
+    let got = skopeo_unpack(&flat, w, "flat");
+    assert_same_tree(&got, &want, true);
+
+    // No -t: back to the same tag.
+    let old = ggfs(&["digest", &src]);
+    ggfs(&["flatten", &src]);
+    let new = ggfs(&["digest", &src]);
+    assert_ne!(old, new);
+    let again = json(&ggfs(&["manifest", &src]));
+    assert_eq!(
+        again["layers"], manifest["layers"],
+        "the flattened layer is reproducible"
+    );
+    let err = ggfs_fails(&["flatten", &reg.reference("multi/none:t")]);
+    assert!(err.contains("multi/none"), "{err}");
+}
+
+/// An index is flattened platform by platform.
+#[test]
+fn flatten_of_an_index_flattens_each_platform() {
+    let reg = Distribution::start();
+    let work = common::tempdir();
+    let w = work.path();
+    let layout = w.join("layout");
+    common::index_two_platforms(&layout, "t");
+    let src = reg.reference("idx/img:t");
+    common::push_oci_layout(&layout, "t", &src);
+    let flat = reg.reference("idx/img:flat");
+    ggfs(&["flatten", &src, "-t", &flat]);
+    let index = json(&ggfs(&["manifest", &flat]));
+    let manifests = index["manifests"].as_array().unwrap();
+    assert_eq!(manifests.len(), 2);
+    let old = json(&ggfs(&["manifest", &src]));
+    for (i, arch) in ["amd64", "arm64"].into_iter().enumerate() {
+        assert_eq!(manifests[i]["platform"]["architecture"], arch);
+        assert_ne!(manifests[i]["digest"], old["manifests"][i]["digest"]);
+        let child = format!(
+            "{}@{}",
+            reg.reference("idx/img"),
+            manifests[i]["digest"].as_str().unwrap()
+        );
+        ggfs(&["validate", &child]);
+        let cfg = json(&ggfs(&["config", &child]));
+        assert_eq!(cfg["architecture"], arch);
+        let got = skopeo_unpack(&child, w, arch);
+        assert_eq!(
+            std::fs::read(got.join("arch")).unwrap(),
+            format!("{arch}\n").as_bytes()
+        );
+    }
 }
