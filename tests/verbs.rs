@@ -254,3 +254,153 @@ fn flatten_of_an_index_flattens_each_platform() {
         );
     }
 }
+
+/// Write `files` (path → content) under a fresh directory `parent/name`.
+fn tree(parent: &Path, name: &str, files: &[(&str, &str)]) -> PathBuf {
+    let root = parent.join(name);
+    for (path, data) in files {
+        let p = root.join(path);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(&p, data).unwrap();
+    }
+    root
+}
+
+fn diff_ids(image: &str) -> Vec<Value> {
+    json(&ggfs(&["config", image]))["rootfs"]["diff_ids"]
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+/// crane rebase: app built on base:1 moved onto base:2 unpacks as app's
+/// layer applied on base:2; base:2's layers are mounted, not uploaded; the
+/// new base is recorded, so a later rebase needs no flags; a wrong old base
+/// is refused naming the first mismatch.
+#[test]
+fn rebase_moves_an_image_onto_a_new_base() {
+    let reg = Distribution::start();
+    let proxy = common::CountingProxy::start(reg.addr());
+    let at = |s: &str| format!("{}/{s}", proxy.addr());
+    let work = common::tempdir();
+    let w = work.path();
+    let base1 = tree(
+        w,
+        "base1",
+        &[
+            ("etc/base", "1\n"),
+            ("shared/a", "a\n"),
+            ("shared/k", "k\n"),
+        ],
+    );
+    let base2a = tree(w, "base2a", &[("etc/base", "2\n"), ("shared/a", "a2\n")]);
+    let base2b = tree(w, "base2b", &[("extra", "e\n")]);
+    let app = tree(w, "app", &[("app/bin", "x\n"), ("shared/.wh.a", "")]);
+    let p = |d: &PathBuf| d.to_str().unwrap().to_string();
+    ggfs(&["append", "-f", &p(&base1), "-t", &at("base:1")]);
+    ggfs(&[
+        "append",
+        "-f",
+        &p(&base2a),
+        "-f",
+        &p(&base2b),
+        "-t",
+        &at("base:2"),
+    ]);
+    ggfs(&[
+        "append",
+        "-b",
+        &at("base:1"),
+        "-f",
+        &p(&app),
+        "-t",
+        &at("app:v1"),
+    ]);
+    ggfs(&[
+        "append",
+        "-b",
+        &at("base:2"),
+        "-f",
+        &p(&app),
+        "-t",
+        &at("want:v1"),
+    ]);
+
+    let requests_before = proxy.requests().len();
+    let up_before = proxy.bytes_up();
+    let out = ggfs(&[
+        "rebase",
+        &at("app:v1"),
+        "--old-base",
+        &at("base:1"),
+        "--new-base",
+        &at("base:2"),
+        "-t",
+        &at("app:rebased"),
+    ]);
+    let rebased = at("app:rebased");
+    assert_eq!(
+        out.trim(),
+        format!("{}@{}", at("app"), ggfs(&["digest", &rebased]).trim())
+    );
+    let reqs = proxy.requests()[requests_before..].to_vec();
+    let mounts = reqs
+        .iter()
+        .filter(|r| r.method == "POST" && r.path.contains("mount=") && r.path.contains("from=base"))
+        .count();
+    assert_eq!(mounts, 2, "base:2's layers mounted: {reqs:?}");
+    assert!(
+        proxy.bytes_up() - up_before < 64 * 1024,
+        "blob bytes uploaded"
+    );
+
+    let app_ids = diff_ids(&at("app:v1"));
+    let mut want_ids = diff_ids(&at("base:2"));
+    want_ids.push(app_ids[1].clone());
+    assert_eq!(diff_ids(&rebased), want_ids);
+    assert_eq!(diff_ids(&at("want:v1")), want_ids);
+    let cfg = json(&ggfs(&["config", &rebased]));
+    assert_eq!(cfg["history"].as_array().unwrap().len(), 3);
+    let manifest = json(&ggfs(&["manifest", &rebased]));
+    let a = &manifest["annotations"];
+    assert_eq!(a["org.opencontainers.image.base.name"], at("base:2"));
+    assert_eq!(
+        a["org.opencontainers.image.base.digest"],
+        ggfs(&["digest", &at("base:2")]).trim()
+    );
+    ggfs(&["validate", &rebased]);
+    let got = skopeo_unpack(&reg.reference("app:rebased"), w, "rebased");
+    let want = skopeo_unpack(&reg.reference("want:v1"), w, "want");
+    assert_same_tree(&got, &want, true);
+    assert_eq!(std::fs::read(got.join("etc/base")).unwrap(), b"2\n");
+    assert!(!got.join("shared/a").exists());
+
+    // base:2 moves on; the recorded base is enough to follow it.
+    let base2c = tree(w, "base2c", &[("later", "l\n")]);
+    ggfs(&[
+        "append",
+        "-b",
+        &at("base:2"),
+        "-f",
+        &p(&base2c),
+        "-t",
+        &at("base:2"),
+    ]);
+    ggfs(&["rebase", &rebased]);
+    let mut want_ids = diff_ids(&at("base:2"));
+    want_ids.push(app_ids[1].clone());
+    assert_eq!(diff_ids(&rebased), want_ids);
+
+    ggfs(&["append", "-f", &p(&base2b), "-t", &at("other:1")]);
+    let err = ggfs_fails(&[
+        "rebase",
+        &at("app:v1"),
+        "--old-base",
+        &at("other:1"),
+        "--new-base",
+        &at("base:1"),
+    ]);
+    assert!(err.contains("other:1") && err.contains("layer 0"), "{err}");
+    let err = ggfs_fails(&["rebase", &at("app:v1")]);
+    assert!(err.contains("--old-base"), "{err}");
+}

@@ -14,8 +14,8 @@ const CREATED_BY: &str = "ggfs flatten";
 pub struct Args {
     /// The image to flatten.
     image: String,
-    /// New tag to apply to flattened image. If not provided, push by digest
-    /// to the original image repository.
+    /// New tag to apply to flattened image (default: IMAGE's tag, or by
+    /// digest to its repository when IMAGE names a digest).
     #[arg(short = 't', long = "tag")]
     tag: Option<String>,
 }

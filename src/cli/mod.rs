@@ -31,6 +31,7 @@ mod mutate;
 mod progress;
 mod pull;
 mod push;
+mod rebase;
 mod refs;
 mod registry;
 mod tag;
@@ -111,6 +112,8 @@ pub enum Command {
     Export(export::Args),
     /// Flatten an image's layers into a single layer.
     Flatten(flatten::Args),
+    /// Rebase an image onto a new base image.
+    Rebase(rebase::Args),
     /// Check that every blob of an image matches its digest (and layers their DiffIDs).
     Validate(validate::Args),
     /// Log in to, log out of, or show credentials for a registry.
@@ -152,6 +155,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Index(c) => index::run(&ctx, c).await,
         Command::Export(a) => export::run(&ctx, a).await,
         Command::Flatten(a) => flatten::run(&ctx, a).await,
+        Command::Rebase(a) => rebase::run(&ctx, a).await,
         Command::Validate(a) => validate::run(&ctx, a).await,
         Command::Auth(c) => auth::run(&ctx, c).await,
         Command::Registry(c) => registry::run(c).await,
