@@ -53,6 +53,25 @@ pub fn rebase(image: &Image, old: &Image, new: &Image, new_name: Option<&str>) -
     let (mut config, mut manifest) = compose::editable(image)?;
     let (old_config, _) = compose::editable(old)?;
     let (new_config, _) = compose::editable(new)?;
+    let platform = |c: &Value| {
+        let s = |k: &str| c[k].as_str().unwrap_or_default().to_string();
+        let mut p = format!("{}/{}", s("os"), s("architecture"));
+        if !s("variant").is_empty() {
+            p = format!("{p}/{}", s("variant"));
+        }
+        p
+    };
+    if platform(&new_config) != platform(&config) {
+        return Err(Error::invalid(
+            format!("new base {}", new.digest()),
+            format!(
+                "is for {}, image {} for {}",
+                platform(&new_config),
+                image.digest(),
+                platform(&config)
+            ),
+        ));
+    }
 
     let diff_ids = |c: &Value| -> Vec<Value> {
         c["rootfs"]["diff_ids"]

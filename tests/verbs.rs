@@ -403,4 +403,9 @@ fn rebase_moves_an_image_onto_a_new_base() {
     assert!(err.contains("other:1") && err.contains("layer 0"), "{err}");
     let err = ggfs_fails(&["rebase", &at("app:v1")]);
     assert!(err.contains("--old-base"), "{err}");
+    let layout = w.join("index");
+    common::index_two_platforms(&layout, "t");
+    common::push_oci_layout(&layout, "t", &reg.reference("idx:t"));
+    let err = ggfs_fails(&["rebase", &at("idx:t"), "--old-base", &at("base:1")]);
+    assert!(err.contains("idx:t is an index"), "{err}");
 }

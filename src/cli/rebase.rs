@@ -31,6 +31,12 @@ pub struct Args {
 /// same way. Blobs are mounted from the repositories they are in when the
 /// target is in the same registry, else copied.
 pub async fn run(ctx: &Ctx, a: Args) -> Result<()> {
+    if ctx.global.platform.is_none() && ctx.manifest(&a.image).await?.is_index() {
+        bail!(
+            "{} is an index: rebase one of its images, chosen with --platform",
+            a.image
+        );
+    }
     let image = ctx.image(&a.image).await?;
     let annotations = image.manifest.annotations().clone().unwrap_or_default();
     let annotated = annotations.get(BASE_NAME);
@@ -50,14 +56,27 @@ pub async fn run(ctx: &Ctx, a: Args) -> Result<()> {
     };
     let old_name = pick(&a.old_base, pinned.as_ref(), "old-base")?;
     let new_name = pick(&a.new_base, annotated, "new-base")?;
-    let old = ctx
-        .image(&old_name)
-        .await
-        .with_context(|| format!("old base {old_name}"))?;
-    let new = ctx
-        .image(&new_name)
-        .await
-        .with_context(|| format!("new base {new_name}"))?;
+    // Bases that are indexes give the image's platform.
+    let cfg = image.config_file()?;
+    let platform = match &ctx.global.platform {
+        Some(p) => p.clone(),
+        None => ggfs::Platform {
+            os: cfg.os().to_string(),
+            architecture: cfg.architecture().to_string(),
+            variant: cfg.variant().clone(),
+        },
+    };
+    let base = |name: String, what: &'static str| {
+        let platform = &platform;
+        async move {
+            let (src, reference) = ctx.source(&name).await?;
+            ggfs::image::fetch_image(src, &reference, Some(platform))
+                .await
+                .with_context(|| format!("{what} {name}"))
+        }
+    };
+    let old = base(old_name.clone(), "old base").await?;
+    let new = base(new_name.clone(), "new base").await?;
     let recorded = match Location::parse(&new_name)? {
         Location::Registry(r) => Some(r.to_string()),
         _ => None,
