@@ -106,6 +106,14 @@ fn push_of_docker_archive_gzips_its_layers() {
     let unpacked = skopeo_unpack(&dst, w, "pushed");
     let want = umoci_unpack(&layout, "t", &w.join("want-bundle"));
     assert_same_tree(&unpacked, &want, true);
+
+    // A tarball of compressed layers (as ggfs and crane pull) is pushed as
+    // it is: the same layers and config come back.
+    let pulled = w.join("pulled.tar");
+    ggfs(&["pull", &dst, pulled.to_str().unwrap()]);
+    let again = reg.reference("again/img:t");
+    ggfs(&["push", pulled.to_str().unwrap(), &again]);
+    assert_eq!(json(&ggfs(&["manifest", &again])), manifest);
 }
 
 /// manifest.json of a docker-save tarball.
