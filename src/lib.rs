@@ -7,16 +7,19 @@
 
 pub mod attach;
 pub mod auth;
+pub mod compose;
 pub mod copy;
 pub mod digest;
 pub mod error;
 pub mod estargz;
 pub mod export;
+pub mod flatten;
 pub mod image;
 pub mod layerindex;
 pub mod layout;
 pub mod manifest;
 pub mod mutate;
+pub mod rebase;
 pub mod reference;
 pub mod registry;
 pub mod server;

@@ -21,6 +21,7 @@ mod copy;
 mod delete;
 mod digest;
 mod export;
+mod flatten;
 mod index;
 mod location;
 mod ls;
@@ -30,6 +31,7 @@ mod mutate;
 mod progress;
 mod pull;
 mod push;
+mod rebase;
 mod refs;
 mod registry;
 mod tag;
@@ -108,6 +110,10 @@ pub enum Command {
     Index(index::Command),
     /// Write the flattened filesystem of an image as a tar.
     Export(export::Args),
+    /// Flatten an image's layers into a single layer.
+    Flatten(flatten::Args),
+    /// Rebase an image onto a new base image.
+    Rebase(rebase::Args),
     /// Check that every blob of an image matches its digest (and layers their DiffIDs).
     Validate(validate::Args),
     /// Log in to, log out of, or show credentials for a registry.
@@ -148,6 +154,8 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Refs(a) => refs::run(&ctx, a).await,
         Command::Index(c) => index::run(&ctx, c).await,
         Command::Export(a) => export::run(&ctx, a).await,
+        Command::Flatten(a) => flatten::run(&ctx, a).await,
+        Command::Rebase(a) => rebase::run(&ctx, a).await,
         Command::Validate(a) => validate::run(&ctx, a).await,
         Command::Auth(c) => auth::run(&ctx, c).await,
         Command::Registry(c) => registry::run(c).await,

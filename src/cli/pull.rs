@@ -1,7 +1,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use anyhow::{bail, Context as _, Result};
+use anyhow::{Context as _, Result};
 
 use super::Ctx;
 
@@ -53,21 +53,37 @@ async fn pull_oci(ctx: &Ctx, a: &Args) -> Result<()> {
     Ok(())
 }
 
+/// Every image into one docker-save tarball (manifest.json lists each image
+/// once with the tags it was pulled by; blobs they share are stored once).
 async fn pull_tarball(ctx: &Ctx, a: &Args) -> Result<()> {
-    let [image] = a.images.as_slice() else {
-        bail!("--format tarball takes one image");
-    };
-    let r = super::parse_ref(image)?;
-    let src = Arc::new(ctx.repo(&r)?);
     let platform = ctx.global.platform.clone();
-    let img = ggfs::image::fetch_image(src, &r.identifier(), platform.as_ref()).await?;
-    let tags: Vec<String> = r.tag.iter().map(|_| r.to_string()).collect();
+    let mut images: Vec<(ggfs::image::Image, Vec<String>)> = Vec::new();
+    for image in &a.images {
+        let r = super::parse_ref(image)?;
+        let src = Arc::new(ctx.repo(&r)?);
+        let img = ggfs::image::fetch_image(src, &r.identifier(), platform.as_ref())
+            .await
+            .with_context(|| format!("pulling {image}"))?;
+        let tags: Vec<String> = r.tag.iter().map(|_| r.to_string()).collect();
+        // One entry per image, with all the tags it was pulled by, as
+        // docker save writes it.
+        match images.iter_mut().find(|(i, _)| i.digest() == img.digest()) {
+            Some((_, known)) => {
+                for t in tags {
+                    if !known.contains(&t) {
+                        known.push(t);
+                    }
+                }
+            }
+            None => images.push((img, tags)),
+        }
+    }
     let dest = if a.path.as_os_str() == "-" {
         ggfs::tarball::Dest::Stdout
     } else {
         ggfs::tarball::Dest::Path(a.path.clone())
     };
-    ggfs::tarball::write_to(&img, dest, &tags)
+    ggfs::tarball::write_all_to(&images, dest)
         .await
         .with_context(|| format!("writing {}", a.path.display()))?;
     Ok(())
