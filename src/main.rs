@@ -6,14 +6,20 @@ mod cli;
 use clap::Parser as _;
 
 fn main() -> std::process::ExitCode {
-    let args = match cli::Cli::try_parse() {
+    let mut argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    // `ggfs help mount` is the daemon's own help, as `ggfs mount --help` is.
+    if argv.len() == 3 && argv[1] == "help" && argv[2] == "mount" {
+        argv = vec![argv[0].clone(), "mount".into(), "--help".into()];
+    }
+    let args = match cli::Cli::try_parse_from(argv) {
         Ok(args) => args,
         Err(e) if !e.use_stderr() => e.exit(), // --help, --version
+        // Bare `ggfs` (or a command group alone): the help, commands listed.
+        Err(e) if e.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            e.exit()
+        }
         Err(e) => {
-            // clap adds usage and a hint on more lines; keep the one that says what is wrong.
-            let text = e.to_string();
-            let first = text.lines().next().unwrap_or_default();
-            eprintln!("ggfs: {}", first.trim_start_matches("error: "));
+            eprintln!("ggfs: {}", ggfs::usage::one_line(&e.to_string()));
             return std::process::ExitCode::from(2);
         }
     };

@@ -24,6 +24,13 @@ impl Repository {
     pub fn parse(s: &str) -> Result<Self> {
         match parse_parts(s)? {
             (repo, None, None) => Ok(repo),
+            // `host:port` alone reads as the repository `host` tagged `port`.
+            _ if !s.contains('/') && s.rsplit_once(':').is_some_and(|(_, p)| p.parse::<u16>().is_ok()) => {
+                Err(bad(
+                    s,
+                    "that is a registry, not a repository: name one (HOST/REPO), or list them with `ggfs catalog HOST`",
+                ))
+            }
             _ => Err(bad(s, "a repository takes no tag or digest")),
         }
     }

@@ -464,3 +464,39 @@ fn mutate_changes_config_and_keeps_the_old_image() {
     ggfs(&["validate", &image]);
     assert!(ggfs_fails(&["mutate", &image, "-l", "novalue"]).contains("KEY=VALUE"));
 }
+
+/// What a newcomer meets first: usage errors name what is missing, typos
+/// get a suggestion, bare `ggfs` lists the commands, and `mount` speaks as
+/// `ggfs mount`, not as the daemon binary behind it.
+#[test]
+fn usage_errors_name_what_is_wrong_and_where_help_is() {
+    let e = ggfs_fails(&["copy"]);
+    assert!(
+        e.contains("<SRC> <DST>") && e.contains("ggfs copy --help"),
+        "{e}"
+    );
+    let e = ggfs_fails(&["mout"]);
+    assert!(e.contains("'mount'"), "{e}");
+    let e = ggfs_fails(&["mount"]);
+    assert!(
+        e.contains("<REGISTRY> <MOUNTPOINT>") && e.contains("ggfs mount --help"),
+        "{e}"
+    );
+    assert!(!e.contains("mountd"), "{e}");
+    let e = ggfs_fails(&["ls", "127.0.0.1:5000"]);
+    assert!(e.contains("ggfs catalog"), "{e}");
+    let out = Command::new(common::ggfs_bin()).output().unwrap();
+    let help = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    for verb in ["copy", "mount", "commit", "flatten"] {
+        assert!(
+            help.contains(verb),
+            "bare ggfs does not list {verb}: {help}"
+        );
+    }
+    let help = ggfs(&["help", "mount"]);
+    assert!(
+        help.contains("--fetch-after") && help.contains("Usage: ggfs mount"),
+        "{help}"
+    );
+}

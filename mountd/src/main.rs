@@ -38,6 +38,8 @@ use clap::{Parser, Subcommand};
 #[derive(Parser)]
 #[command(
     name = "ggfs-mountd",
+    // Run as `ggfs mount` / `ggfs unmount`: its help and errors say so.
+    bin_name = "ggfs",
     version,
     about = "Mount a container registry as a filesystem"
 )]
@@ -52,7 +54,10 @@ enum Cmd {
     /// Mount REGISTRY (host[:port]) at MOUNTPOINT.
     Mount(MountArgs),
     /// Unmount a ggfs mount.
-    Unmount { mountpoint: PathBuf },
+    Unmount {
+        /// Where the registry is mounted.
+        mountpoint: PathBuf,
+    },
 }
 
 #[derive(clap::Args, Clone)]
@@ -134,7 +139,14 @@ fn main() -> ExitCode {
     unsafe {
         libc::mallopt(libc::M_ARENA_MAX, 2);
     }
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => e.exit(), // --help, --version
+        Err(e) => {
+            eprintln!("ggfs: {}", ggfs::usage::one_line(&e.to_string()));
+            return ExitCode::from(2);
+        }
+    };
     let res = match cli.cmd {
         Cmd::Mount(args) if args.foreground => foreground(args),
         Cmd::Mount(args) => daemonize(args),

@@ -59,7 +59,7 @@ pub struct Global {
     /// and for copy: every platform.
     #[arg(long, global = true)]
     pub platform: Option<Platform>,
-    /// Talk plain HTTP (and skip TLS verification) to registries, not only to localhost.
+    /// Talk plain HTTP to registries, not only to localhost.
     #[arg(long, global = true)]
     pub insecure: bool,
     /// Seconds a registry request may go without a byte (no answer, or a

@@ -17,6 +17,7 @@ pub struct MountArgs {
 
 #[derive(clap::Args)]
 pub struct UnmountArgs {
+    /// Where the registry is mounted.
     mountpoint: PathBuf,
 }
 
