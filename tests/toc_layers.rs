@@ -223,3 +223,81 @@ fn prefetch_files_come_first() {
     let rootfs = unpack(&dst, &again, false);
     assert_same(&rootfs, &tree, Mtimes::Ignore);
 }
+
+/// `ggfs commit --layer-format estargz`, then `zstd:chunked`, from a
+/// writable mount: each new layer carries its TOC annotations, a fresh mount
+/// reads it lazily and skopeo + umoci see the files.
+#[test]
+fn commit_writes_estargz_and_zstd_chunked_layers() {
+    let reg = Distribution::start();
+    let work = common::tempdir();
+    let base = work.path().join("base");
+    std::fs::create_dir_all(base.join("etc")).unwrap();
+    std::fs::write(base.join("etc/hello"), b"hello\n").unwrap();
+    let tag = reg.reference("w:latest");
+    ggfs(&["append", "-f", base.to_str().unwrap(), "-t", &tag]);
+    let big = common::pseudo_random(5 << 20, 11);
+    for (i, (format, media_type)) in [
+        ("estargz", "application/vnd.oci.image.layer.v1.tar+gzip"),
+        (
+            "zstd:chunked",
+            "application/vnd.oci.image.layer.v1.tar+zstd",
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        {
+            let m = Mount::start(reg.addr(), &["--commit-delay", "manual"]);
+            let dir = m.path(&format!("w/latest/rootfs/c{i}"));
+            let (small, bigf, data) = (dir.join("small"), dir.join("big"), big.clone());
+            within(60, "write", move || {
+                std::fs::create_dir(&dir).unwrap();
+                std::fs::write(&small, format!("commit {i}\n")).unwrap();
+                std::fs::write(&bigf, data).unwrap();
+            });
+            let out = Command::new(common::ggfs_bin())
+                .arg("commit")
+                .arg(m.path("w/latest"))
+                .args(["--layer-format", format])
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "ggfs commit --layer-format {format}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let manifest = skopeo_inspect_raw(&format!("docker://{tag}"));
+        let layers = manifest["layers"].as_array().unwrap();
+        assert_eq!(layers.len(), i + 2, "{manifest:#}");
+        let layer = &layers[i + 1];
+        assert_eq!(layer["mediaType"], media_type, "{manifest:#}");
+        assert!(layer["annotations"][TOC_DIGEST].is_string(), "{manifest:#}");
+        let layer_size = layer["size"].as_u64().unwrap();
+
+        let proxy = CountingProxy::start(reg.addr());
+        let m = Mount::start(proxy.addr(), &[]);
+        proxy.reset();
+        assert_eq!(
+            read_string(&m.path(&format!("w/latest/rootfs/c{i}/small"))),
+            format!("commit {i}\n")
+        );
+        let down = proxy.bytes_down();
+        assert!(
+            down * 50 < layer_size,
+            "{format}: one small file fetched {down} of {layer_size} bytes: {:#?}",
+            proxy.requests()
+        );
+        let p = m.path(&format!("w/latest/rootfs/c{i}/big"));
+        assert!(within(60, "read", move || std::fs::read(&p).unwrap()) == big);
+    }
+    let u = common::tempdir();
+    let rootfs = unpack(&tag, u.path(), true);
+    assert_eq!(std::fs::read(rootfs.join("c0/big")).unwrap(), big);
+    assert_eq!(
+        std::fs::read(rootfs.join("c1/small")).unwrap(),
+        b"commit 1\n"
+    );
+    assert_eq!(std::fs::read(rootfs.join("etc/hello")).unwrap(), b"hello\n");
+}
