@@ -195,10 +195,11 @@ fn rfc3339(secs: u64) -> String {
 fn index_tar(path: &Path) -> Result<Vec<InEntry>> {
     let ctx = |e: io::Error| Error::io(format!("reading tar {}", path.display()), e);
     let file = File::open(path).map_err(ctx)?;
-    let mut archive = tar::Archive::new(io::BufReader::with_capacity(1 << 20, file));
+    let mut archive = tar::Archive::new(io::BufReader::with_capacity(16 << 10, file));
     let mut out = Vec::new();
     let mut start = 0u64;
-    for entry in archive.entries().map_err(ctx)? {
+    // Seeking over payloads: only headers are read.
+    for entry in archive.entries_with_seek().map_err(ctx)? {
         let mut entry = entry.map_err(ctx)?;
         let h = entry.header().clone();
         let data = entry.raw_file_position();
@@ -230,6 +231,8 @@ fn index_tar(path: &Path) -> Result<Vec<InEntry>> {
             T::Char => "char",
             T::Block => "block",
             T::Fifo => "fifo",
+            // Kept in the tar, not in the TOC.
+            T::XGlobalHeader => "",
             other => {
                 return Err(Error::invalid(
                     format!("tar entry {name:?}"),
@@ -407,7 +410,9 @@ pub fn write(tar_path: &Path, opts: &TocOptions) -> Result<Written> {
         let e = &entries[i];
         if e.toc.kind != "reg" || e.toc.size == 0 {
             cur.push(Piece::Src(e.start, e.end - e.start));
-            toc.push(e.toc.clone());
+            if !e.toc.kind.is_empty() {
+                toc.push(e.toc.clone());
+            }
             continue;
         }
         cur.push(Piece::Src(e.start, e.data - e.start));

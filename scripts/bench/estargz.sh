@@ -51,15 +51,16 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.b
 TOML
 containerd --config "$CTRD/config.toml" >"$CTRD/log" 2>&1 &
 PIDS+=($!)
-ctr() { ctr-remote --address "$CTRD/c.sock" --namespace bench "$@"; }
+CTR=(ctr-remote --address "$CTRD/c.sock" --namespace bench)
+ctr() { "${CTR[@]}" "$@"; }
 for _ in $(seq 300); do ctr version >/dev/null 2>&1 && break; sleep 0.1; done
 ctr content fetch --plain-http "$REG/bench/src:latest" >/dev/null
 
 for i in $(seq "$RUNS"); do
     measure ggfs-estargz "$GGFS" append -f "$LAYER" --layer-format estargz -t "oci:$WORK/g-esgz-$i:t"
-    measure ctr-remote-estargz ctr image convert --estargz --oci "$REG/bench/src:latest" "$REG/bench/esgz-$i:t"
+    measure ctr-remote-estargz "${CTR[@]}" image convert --estargz --oci "$REG/bench/src:latest" "$REG/bench/esgz-$i:t"
     measure ggfs-zstdchunked "$GGFS" append -f "$LAYER" --layer-format zstd:chunked -t "oci:$WORK/g-zc-$i:t"
-    measure ctr-remote-zstdchunked ctr image convert --zstdchunked --oci "$REG/bench/src:latest" "$REG/bench/zc-$i:t"
+    measure ctr-remote-zstdchunked "${CTR[@]}" image convert --zstdchunked --oci "$REG/bench/src:latest" "$REG/bench/zc-$i:t"
 done
 
 # Layer sizes: ggfs's from its layout, ctr-remote's from its content store.

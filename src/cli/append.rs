@@ -106,7 +106,10 @@ pub async fn push(ctx: &Ctx, image: &Image, target: &str) -> Result<()> {
     ggfs::copy::copy(image.source.clone(), &digest, sink, tag.as_deref(), &opts)
         .await
         .with_context(|| format!("pushing to {target}"))?;
-    let r = super::parse_ref(target)?;
-    println!("{}@{}", r.repo, image.digest());
+    // A registry's image by digest; for a layout or tarball, the digest.
+    match super::parse_ref(target) {
+        Ok(r) => println!("{}@{}", r.repo, image.digest()),
+        Err(_) => println!("{}", image.digest()),
+    }
     Ok(())
 }
