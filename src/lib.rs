@@ -25,6 +25,7 @@ pub mod registry;
 pub mod server;
 pub mod tarball;
 pub mod tarindex;
+pub mod toc_writer;
 pub mod usage;
 pub mod zran;
 pub mod zstd_chunked;

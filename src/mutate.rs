@@ -22,6 +22,7 @@ use crate::digest::{Digest, HashingWriter};
 use crate::error::{Error, Result};
 use crate::image::{bytes_stream, file_stream, read_file_range, ByteStream, Image, Source};
 use crate::manifest::{media, Compression, Platform, RawManifest};
+use crate::toc_writer::{TocFormat, TocOptions};
 
 /// A layer built locally: its compressed blob in a temporary file (removed
 /// when the last handle goes), with digest and DiffID computed while writing.
@@ -31,6 +32,8 @@ pub struct LocalLayer {
     pub diff_id: Digest,
     pub size: u64,
     pub compression: Compression,
+    /// Layer descriptor annotations (eStargz / zstd:chunked TOC digests).
+    pub annotations: BTreeMap<String, String>,
     file: Arc<tempfile::TempPath>,
 }
 
@@ -128,8 +131,127 @@ impl LayerWriter {
             diff_id,
             size,
             compression,
+            annotations: BTreeMap::new(),
             file: Arc::new(tmp),
         })
+    }
+}
+
+/// The formats a layer can be written in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LayerFormat {
+    None,
+    Gzip,
+    Zstd,
+    /// gzip members per chunk, with a TOC (lazily readable).
+    Estargz,
+    /// zstd frames per chunk, with a TOC (lazily readable).
+    ZstdChunked,
+}
+
+impl LayerFormat {
+    /// The plain compression, or the TOC format.
+    fn split(self) -> std::result::Result<Compression, TocFormat> {
+        match self {
+            LayerFormat::None => Ok(Compression::None),
+            LayerFormat::Gzip => Ok(Compression::Gzip),
+            LayerFormat::Zstd => Ok(Compression::Zstd),
+            LayerFormat::Estargz => Err(TocFormat::Estargz),
+            LayerFormat::ZstdChunked => Err(TocFormat::ZstdChunked),
+        }
+    }
+}
+
+impl From<Compression> for LayerFormat {
+    fn from(c: Compression) -> Self {
+        match c {
+            Compression::None => LayerFormat::None,
+            Compression::Gzip => LayerFormat::Gzip,
+            Compression::Zstd => LayerFormat::Zstd,
+        }
+    }
+}
+
+impl std::str::FromStr for LayerFormat {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s {
+            "none" | "uncompressed" => LayerFormat::None,
+            "gzip" => LayerFormat::Gzip,
+            "zstd" => LayerFormat::Zstd,
+            "estargz" => LayerFormat::Estargz,
+            "zstd:chunked" | "zstdchunked" => LayerFormat::ZstdChunked,
+            other => {
+                return Err(Error::invalid(
+                    format!("layer format {other:?}"),
+                    "want gzip, zstd, estargz, zstd:chunked or none",
+                ))
+            }
+        })
+    }
+}
+
+/// How to write a layer: its format and, for eStargz and zstd:chunked, the
+/// chunk size and the files to prefetch.
+#[derive(Clone, Debug)]
+pub struct LayerOptions {
+    pub format: LayerFormat,
+    /// Largest uncompressed chunk (0: 4 MiB).
+    pub chunk_size: u64,
+    /// Layer paths put first, before a `.prefetch.landmark`.
+    pub prefetch: Vec<String>,
+}
+
+impl LayerOptions {
+    pub fn new(format: LayerFormat) -> Self {
+        LayerOptions {
+            format,
+            chunk_size: 0,
+            prefetch: Vec::new(),
+        }
+    }
+}
+
+/// Re-encode an uncompressed tar layer as eStargz or zstd:chunked.
+fn toc_layer(tar: &LocalLayer, format: TocFormat, opts: &LayerOptions) -> Result<LocalLayer> {
+    let mut o = TocOptions::new(format);
+    o.chunk_size = opts.chunk_size;
+    o.prefetch = opts.prefetch.clone();
+    let w = crate::toc_writer::write(tar.path(), &o)?;
+    Ok(LocalLayer {
+        digest: w.digest,
+        diff_id: w.diff_id,
+        size: w.size,
+        compression: match format {
+            TocFormat::Estargz => Compression::Gzip,
+            TocFormat::ZstdChunked => Compression::Zstd,
+        },
+        annotations: w.annotations,
+        file: Arc::new(w.tmp),
+    })
+}
+
+/// [`layer_from_dir_with`] in any [`LayerFormat`].
+pub fn layer_from_dir_as(
+    dir: impl AsRef<Path>,
+    opts: &LayerOptions,
+    hooks: &dyn DirHooks,
+) -> Result<LocalLayer> {
+    match opts.format.split() {
+        Ok(c) => layer_from_dir_with(dir, c, hooks),
+        Err(t) => toc_layer(
+            &layer_from_dir_with(dir, Compression::None, hooks)?,
+            t,
+            opts,
+        ),
+    }
+}
+
+/// [`layer_from_tar`] in any [`LayerFormat`].
+pub fn layer_from_tar_as(path: impl AsRef<Path>, opts: &LayerOptions) -> Result<LocalLayer> {
+    match opts.format.split() {
+        Ok(c) => layer_from_tar(path, c),
+        Err(t) => toc_layer(&layer_from_tar(path, Compression::None)?, t, opts),
     }
 }
 
@@ -595,11 +717,14 @@ pub fn append_with_history(
     let created = now_rfc3339();
     let mut blobs = HashMap::new();
     for layer in layers {
-        let desc = json!({
+        let mut desc = json!({
             "mediaType": layer.media_type(&image.raw.media_type),
             "digest": layer.digest,
             "size": layer.size,
         });
+        if !layer.annotations.is_empty() {
+            desc["annotations"] = json!(layer.annotations);
+        }
         as_array(&mut manifest["layers"]).push(desc);
         let rootfs = as_object(&mut config["rootfs"]);
         as_array(rootfs.entry("diff_ids").or_insert(Value::Null)).push(json!(layer.diff_id));

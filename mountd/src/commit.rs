@@ -17,8 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ggfs::copy::CopyOptions;
-use ggfs::manifest::Compression;
-use ggfs::mutate::{self, DirHooks, LocalLayer};
+use ggfs::mutate::{self, DirHooks, LayerFormat, LayerOptions, LocalLayer};
 use ggfs::Digest;
 use serde::{Deserialize, Serialize};
 
@@ -329,15 +328,10 @@ impl Reply {
     }
 }
 
-pub fn compression(name: Option<&str>) -> Result<Compression, String> {
-    match name.unwrap_or("gzip") {
-        "gzip" => Ok(Compression::Gzip),
-        "zstd" => Ok(Compression::Zstd),
-        "none" | "uncompressed" => Ok(Compression::None),
-        other => Err(format!(
-            "layer format {other:?}: this build writes gzip, zstd or none"
-        )),
-    }
+pub fn compression(name: Option<&str>) -> Result<LayerFormat, String> {
+    name.unwrap_or("gzip")
+        .parse::<LayerFormat>()
+        .map_err(|e| e.to_string())
 }
 
 /// Commit the changes of one writable rootfs.
@@ -581,12 +575,12 @@ async fn push_image(
 /// metacopy files with their lower bytes, our own xattrs left out.
 fn build_layer(
     r: &RootFs,
-    format: Compression,
+    format: LayerFormat,
     rt: tokio::runtime::Handle,
 ) -> ggfs::Result<LocalLayer> {
     let upper = &r.w.as_ref().expect("writable").upper;
     let hooks = Hooks { r, upper, rt };
-    mutate::layer_from_dir_with(upper.root(), format, &hooks)
+    mutate::layer_from_dir_as(upper.root(), &LayerOptions::new(format), &hooks)
 }
 
 struct Hooks<'a> {

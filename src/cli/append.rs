@@ -3,8 +3,7 @@ use std::path::PathBuf;
 use anyhow::{Context as _, Result};
 use ggfs::copy::CopyOptions;
 use ggfs::image::Image;
-use ggfs::manifest::Compression;
-use ggfs::mutate;
+use ggfs::mutate::{self, LayerFormat, LayerOptions};
 
 use super::Ctx;
 
@@ -12,6 +11,11 @@ use super::Ctx;
 pub enum LayerCompression {
     Gzip,
     Zstd,
+    /// gzip, lazily readable (TOC, chunks of --chunk-size).
+    Estargz,
+    /// zstd, lazily readable (TOC, chunks of --chunk-size).
+    #[value(name = "zstd:chunked", alias = "zstdchunked")]
+    ZstdChunked,
     None,
 }
 
@@ -26,8 +30,21 @@ pub struct Args {
     /// Where to push the new image.
     #[arg(short = 't', long = "new-tag")]
     tag: String,
-    #[arg(long, value_enum, default_value = "gzip")]
-    compression: LayerCompression,
+    /// Format of the new layers.
+    #[arg(
+        long = "layer-format",
+        alias = "compression",
+        value_enum,
+        default_value = "gzip"
+    )]
+    layer_format: LayerCompression,
+    /// eStargz / zstd:chunked: files (paths in the layer) to put first,
+    /// before a `.prefetch.landmark` (repeatable).
+    #[arg(long, num_args = 1..)]
+    prefetch: Vec<String>,
+    /// eStargz / zstd:chunked: largest uncompressed chunk of a file, in bytes.
+    #[arg(long, default_value_t = ggfs::toc_writer::DEFAULT_CHUNK_SIZE)]
+    chunk_size: u64,
 }
 
 /// Builds each layer into a temporary file (digest and DiffID computed as it
@@ -42,10 +59,21 @@ pub async fn run(ctx: &Ctx, a: Args) -> Result<()> {
                 .unwrap_or_else(ggfs::Platform::host),
         )?,
     };
-    let compression = match a.compression {
-        LayerCompression::Gzip => Compression::Gzip,
-        LayerCompression::Zstd => Compression::Zstd,
-        LayerCompression::None => Compression::None,
+    let format = match a.layer_format {
+        LayerCompression::Gzip => LayerFormat::Gzip,
+        LayerCompression::Zstd => LayerFormat::Zstd,
+        LayerCompression::Estargz => LayerFormat::Estargz,
+        LayerCompression::ZstdChunked => LayerFormat::ZstdChunked,
+        LayerCompression::None => LayerFormat::None,
+    };
+    if !a.prefetch.is_empty() && !matches!(format, LayerFormat::Estargz | LayerFormat::ZstdChunked)
+    {
+        anyhow::bail!("--prefetch needs --layer-format estargz or zstd:chunked");
+    }
+    let opts = LayerOptions {
+        format,
+        chunk_size: a.chunk_size,
+        prefetch: a.prefetch.clone(),
     };
     let paths = a.layers.clone();
     let layers = tokio::task::spawn_blocking(move || {
@@ -53,9 +81,9 @@ pub async fn run(ctx: &Ctx, a: Args) -> Result<()> {
             .iter()
             .map(|p| {
                 let layer = if p.is_dir() {
-                    mutate::layer_from_dir(p, compression)
+                    mutate::layer_from_dir_as(p, &opts, &mutate::PlainDir)
                 } else {
-                    mutate::layer_from_tar(p, compression)
+                    mutate::layer_from_tar_as(p, &opts)
                 };
                 layer.with_context(|| format!("building a layer from {}", p.display()))
             })
@@ -78,7 +106,10 @@ pub async fn push(ctx: &Ctx, image: &Image, target: &str) -> Result<()> {
     ggfs::copy::copy(image.source.clone(), &digest, sink, tag.as_deref(), &opts)
         .await
         .with_context(|| format!("pushing to {target}"))?;
-    let r = super::parse_ref(target)?;
-    println!("{}@{}", r.repo, image.digest());
+    // A registry's image by digest; for a layout or tarball, the digest.
+    match super::parse_ref(target) {
+        Ok(r) => println!("{}@{}", r.repo, image.digest()),
+        Err(_) => println!("{}", image.digest()),
+    }
     Ok(())
 }

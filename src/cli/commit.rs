@@ -15,7 +15,7 @@ pub struct CommitArgs {
     #[arg(short = 't', long)]
     tag: Option<String>,
     /// Compression of the new layer.
-    #[arg(long, value_parser = ["gzip", "zstd", "none"], default_value = "gzip")]
+    #[arg(long, value_parser = ["gzip", "zstd", "estargz", "zstd:chunked", "none"], default_value = "gzip")]
     layer_format: String,
     /// A comment for the new layer's history entry.
     #[arg(short = 'm', long)]
