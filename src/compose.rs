@@ -160,14 +160,7 @@ impl Composed {
             .await?;
         let mut report = CopyReport::default();
         for (outcome, size) in outcomes {
-            match outcome {
-                BlobOutcome::Present => report.blobs_present += 1,
-                BlobOutcome::Mounted => report.blobs_mounted += 1,
-                BlobOutcome::Uploaded => {
-                    report.blobs_uploaded += 1;
-                    report.bytes_uploaded += size;
-                }
-            }
+            report.count(outcome, size);
         }
         dst.put_manifest(&self.image.raw, tag).await?;
         dst.finish().await?;
@@ -253,18 +246,6 @@ pub fn editable(image: &Image) -> Result<(Value, Value)> {
     let config = parse(&image.config, format!("config of image {}", image.digest()))?;
     let manifest = parse(&image.raw.bytes, format!("manifest {}", image.digest()))?;
     Ok((config, manifest))
-}
-
-/// `SOURCE_DATE_EPOCH` when set (reproducible builds), else now, as RFC 3339.
-pub fn now_rfc3339() -> String {
-    let epoch = std::env::var("SOURCE_DATE_EPOCH")
-        .ok()
-        .and_then(|s| s.parse::<i64>().ok());
-    let t = match epoch.and_then(|s| chrono::DateTime::from_timestamp(s, 0)) {
-        Some(t) => t,
-        None => chrono::Utc::now(),
-    };
-    t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
 }
 
 /// `image` with each uncompressed layer compressed with `compression`

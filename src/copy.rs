@@ -62,6 +62,20 @@ pub struct CopyReport {
     pub bytes_uploaded: u64,
 }
 
+impl CopyReport {
+    /// Count one blob's outcome.
+    pub fn count(&mut self, outcome: BlobOutcome, size: u64) {
+        match outcome {
+            BlobOutcome::Present => self.blobs_present += 1,
+            BlobOutcome::Mounted => self.blobs_mounted += 1,
+            BlobOutcome::Uploaded => {
+                self.blobs_uploaded += 1;
+                self.bytes_uploaded += size;
+            }
+        }
+    }
+}
+
 /// Copy `reference` (tag or digest) from `src` to `dst`, tagging it `tag`
 /// there (or storing it by digest only when `tag` is `None`).
 pub async fn copy(
@@ -151,14 +165,7 @@ async fn copy_blobs(
         .try_collect()
         .await?;
     for (outcome, size) in outcomes {
-        match outcome {
-            BlobOutcome::Present => report.blobs_present += 1,
-            BlobOutcome::Mounted => report.blobs_mounted += 1,
-            BlobOutcome::Uploaded => {
-                report.blobs_uploaded += 1;
-                report.bytes_uploaded += size;
-            }
-        }
+        report.count(outcome, size);
     }
     Ok(())
 }

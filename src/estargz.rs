@@ -1020,28 +1020,7 @@ mod tests {
         assert!(matches!(err, Error::ContentMismatch { .. }), "{err}");
     }
 
-    /// A blob held in memory.
-    struct Mem(Bytes);
-
-    #[async_trait::async_trait]
-    impl Source for Mem {
-        fn name(&self) -> String {
-            "mem".into()
-        }
-        async fn manifest(&self, r: &str) -> Result<crate::manifest::RawManifest> {
-            Err(Error::NotFound(r.into()))
-        }
-        async fn blob(&self, _: &Digest) -> Result<crate::image::ByteStream> {
-            Err(Error::NotFound("stream".into()))
-        }
-        async fn blob_range(&self, _: &Digest, off: u64, len: u64) -> Result<Bytes> {
-            let end = (off + len).min(self.0.len() as u64);
-            Ok(self.0.slice(off.min(end) as usize..end as usize))
-        }
-        async fn blob_size(&self, _: &Digest) -> Result<u64> {
-            Ok(self.0.len() as u64)
-        }
-    }
+    use crate::image::testing::Mem;
 
     /// data member | TOC member (tar of stargz.index.json) | footer.
     fn small_blob(legacy: bool) -> (Vec<u8>, Digest) {

@@ -46,7 +46,7 @@ pub async fn flatten(
         })
         .collect();
     history.push(json!({
-        "created": compose::now_rfc3339(),
+        "created": crate::mutate::now_rfc3339(),
         "created_by": created_by,
         "comment": format!("flattened {count} layers of {}", image.digest()),
     }));

@@ -406,3 +406,32 @@ pub fn decompress(
 pub fn is_layer_media_type(mt: &str) -> bool {
     mt != media::DOCKER_FOREIGN_LAYER && Compression::of_media_type(mt).is_ok()
 }
+
+/// Sources for the library's unit tests.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::*;
+
+    /// One blob held in memory, read by range.
+    pub struct Mem(pub Bytes);
+
+    #[async_trait::async_trait]
+    impl Source for Mem {
+        fn name(&self) -> String {
+            "mem".into()
+        }
+        async fn manifest(&self, r: &str) -> Result<crate::manifest::RawManifest> {
+            Err(Error::NotFound(r.into()))
+        }
+        async fn blob(&self, _: &Digest) -> Result<crate::image::ByteStream> {
+            Err(Error::NotFound("stream".into()))
+        }
+        async fn blob_range(&self, _: &Digest, off: u64, len: u64) -> Result<Bytes> {
+            let end = (off + len).min(self.0.len() as u64);
+            Ok(self.0.slice(off.min(end) as usize..end as usize))
+        }
+        async fn blob_size(&self, _: &Digest) -> Result<u64> {
+            Ok(self.0.len() as u64)
+        }
+    }
+}

@@ -752,7 +752,7 @@ fn as_array(slot: &mut Value) -> &mut Vec<Value> {
 }
 
 /// `SOURCE_DATE_EPOCH` when set (reproducible builds), else now.
-fn now_rfc3339() -> String {
+pub fn now_rfc3339() -> String {
     let epoch = std::env::var("SOURCE_DATE_EPOCH")
         .ok()
         .and_then(|s| s.parse::<i64>().ok());

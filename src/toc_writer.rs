@@ -719,33 +719,12 @@ fn compress_unit(
 mod tests {
     use super::*;
     use crate::estargz::{self, EntryType, Toc};
-    use crate::image::Source;
     use crate::manifest::Compression;
     use bytes::Bytes;
     use std::collections::HashMap;
     use std::io::Read;
 
-    struct Mem(Bytes);
-
-    #[async_trait::async_trait]
-    impl Source for Mem {
-        fn name(&self) -> String {
-            "mem".into()
-        }
-        async fn manifest(&self, r: &str) -> Result<crate::manifest::RawManifest> {
-            Err(Error::NotFound(r.into()))
-        }
-        async fn blob(&self, _: &Digest) -> Result<crate::image::ByteStream> {
-            Err(Error::NotFound("stream".into()))
-        }
-        async fn blob_range(&self, _: &Digest, off: u64, len: u64) -> Result<Bytes> {
-            let end = (off + len).min(self.0.len() as u64);
-            Ok(self.0.slice(off.min(end) as usize..end as usize))
-        }
-        async fn blob_size(&self, _: &Digest) -> Result<u64> {
-            Ok(self.0.len() as u64)
-        }
-    }
+    use crate::image::testing::Mem;
 
     fn noise(len: usize, mut seed: u64) -> Vec<u8> {
         let mut v = Vec::with_capacity(len + 8);

@@ -3,27 +3,10 @@
 
 mod common;
 
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 
 use common::tree::assert_same_tree;
-use common::{run, umoci_unpack, untar, Distribution};
-
-fn ggfs(args: &[&str]) -> String {
-    run(Command::new(common::ggfs_bin()).args(args))
-}
-
-/// Runs ggfs expecting failure; returns its stderr.
-fn ggfs_fails(args: &[&str]) -> String {
-    let out: Output = Command::new(common::ggfs_bin())
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(!out.status.success(), "ggfs {args:?} succeeded");
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert_eq!(err.trim_end().lines().count(), 1, "not one line: {err}");
-    assert!(!err.contains("panicked"), "{err}");
-    err
-}
+use common::{ggfs, ggfs_fails, run, umoci_unpack, untar, Distribution};
 
 fn skopeo_digest(image: &str) -> String {
     common::sha256_digest(common::skopeo_raw(image).as_bytes())

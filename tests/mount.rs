@@ -686,27 +686,12 @@ fn small_cache_stays_bounded_and_serves_correct_bytes() {
     let m = Mount::start_with_cache(reg.addr(), &["--cache-size", "3M"], Some(cache.path()));
     // The layer's tar (~7 MiB) is not kept: reads go by verified ranges.
     assert_same_tree(&m.path("small/cache/latest/rootfs"), &expected);
-    let used: u64 = walk_sizes(cache.path());
+    let used: u64 = common::dir_size(cache.path());
     assert!(
         used <= limit + (1 << 20),
         "cache holds {used} bytes, limit {limit}"
     );
 }
-
-fn walk_sizes(dir: &Path) -> u64 {
-    std::fs::read_dir(dir)
-        .map(|rd| {
-            rd.flatten()
-                .map(|e| match e.metadata() {
-                    Ok(md) if md.is_dir() => walk_sizes(&e.path()),
-                    Ok(md) => md.len(),
-                    Err(_) => 0,
-                })
-                .sum()
-        })
-        .unwrap_or(0)
-}
-
 // ---------------------------------------------------------------------------
 // A file over 4 GiB served by a real FUSE mount of a real registry: its
 // size and the bytes at offsets on both sides of 2^32 (where a 32-bit
@@ -877,20 +862,6 @@ fn file_over_4gib_reads_right_on_both_sides_of_2_pow_32() {
         "whole-blob fetches: {blob_gets:#?}"
     );
     drop(m);
-    let used = dir_size(&cache);
+    let used = common::dir_size(&cache);
     assert!(used < 80 << 20, "cache holds {used} bytes");
-}
-
-fn dir_size(dir: &Path) -> u64 {
-    std::fs::read_dir(dir)
-        .map(|rd| {
-            rd.flatten()
-                .map(|e| match e.metadata() {
-                    Ok(md) if md.is_dir() => dir_size(&e.path()),
-                    Ok(md) => md.len(),
-                    Err(_) => 0,
-                })
-                .sum()
-        })
-        .unwrap_or(0)
 }

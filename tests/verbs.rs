@@ -5,28 +5,11 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
 use common::tree::assert_same_tree;
-use common::{run, umoci_unpack, Distribution};
+use common::{ggfs, ggfs_fails, run, umoci_unpack, Distribution};
 use serde_json::Value;
-
-fn ggfs(args: &[&str]) -> String {
-    run(Command::new(common::ggfs_bin()).args(args))
-}
-
-/// Runs ggfs expecting failure; returns its stderr (one line, no panic).
-fn ggfs_fails(args: &[&str]) -> String {
-    let out: Output = Command::new(common::ggfs_bin())
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(!out.status.success(), "ggfs {args:?} succeeded");
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert_eq!(err.trim_end().lines().count(), 1, "not one line: {err}");
-    assert!(!err.contains("panicked"), "{err}");
-    err
-}
 
 fn json(s: &str) -> Value {
     serde_json::from_str(s).unwrap_or_else(|e| panic!("{e}: {s}"))

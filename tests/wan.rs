@@ -185,7 +185,7 @@ fn reads_are_served_while_the_rest_is_fetched_and_an_interrupted_fetch_resumes()
         fx.layer_size
     );
     // Interrupt the fetch part-way: what is cached stays, the rest resumes.
-    let cached = |dir: &Path| dir_size(dir);
+    let cached = |dir: &Path| common::dir_size(dir);
     within(60, "some of the layer cached", {
         let dir = cache.path().to_path_buf();
         move || {
@@ -208,21 +208,6 @@ fn reads_are_served_while_the_rest_is_fetched_and_an_interrupted_fetch_resumes()
         fx.layer_size
     );
 }
-
-fn dir_size(dir: &Path) -> u64 {
-    std::fs::read_dir(dir)
-        .map(|rd| {
-            rd.flatten()
-                .map(|e| match e.metadata() {
-                    Ok(md) if md.is_dir() => dir_size(&e.path()),
-                    Ok(md) => md.len(),
-                    Err(_) => 0,
-                })
-                .sum()
-        })
-        .unwrap_or(0)
-}
-
 #[test]
 fn a_file_shared_by_estargz_and_zstdchunked_images_is_fetched_once() {
     let fx = fixture();

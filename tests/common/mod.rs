@@ -161,3 +161,34 @@ pub fn sha256_digest(data: &[u8]) -> String {
     use sha2::Digest as _;
     format!("sha256:{}", hex::encode(sha2::Sha256::digest(data)))
 }
+
+/// Bytes of the files below `dir`, recursively (0 where unreadable).
+pub fn dir_size(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| match e.metadata() {
+                    Ok(md) if md.is_dir() => dir_size(&e.path()),
+                    Ok(md) => md.len(),
+                    Err(_) => 0,
+                })
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// Runs `ggfs args…` expecting success; returns its stdout.
+pub fn ggfs(args: &[&str]) -> String {
+    run(Command::new(ggfs_bin()).args(args))
+}
+
+/// Runs `ggfs args…` expecting failure; returns its stderr, which must be
+/// one line and no panic.
+pub fn ggfs_fails(args: &[&str]) -> String {
+    let out = Command::new(ggfs_bin()).args(args).output().unwrap();
+    assert!(!out.status.success(), "ggfs {args:?} succeeded");
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(err.trim_end().lines().count(), 1, "not one line: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+    err
+}
