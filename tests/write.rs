@@ -10,7 +10,7 @@
 //!   unmount.
 //! - `MNT/<repo>/<tag>/rootfs/` is writable; `MNT/<repo>/sha256:<hex>/` and
 //!   the namespace files (manifest.json, digest, ...) are read-only (EROFS).
-//! - `ggfs commit IMAGE_DIR [--tag T] [--layer-format gzip|zstd] [-m MSG]
+//! - `ggfs commit IMAGE_DIR [--tag T] [--layer-format gzip|zstd|estargz|zstd:chunked] [-m MSG]
 //!   [--force]`: one new layer on the base, pushed by digest, then the tag
 //!   moved; stdout's last line `<registry>/<repo>@sha256:<hex>`. No changes:
 //!   exit 0, `no changes` on stderr. Tag moved meanwhile: exit 1, `conflict`
