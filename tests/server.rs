@@ -286,6 +286,20 @@ async fn base_endpoint_and_errors() {
     assert_eq!(error_code(r).await, "NAME_UNKNOWN");
     let r = reg.send(Method::GET, "/v2/x/blobs/sha256:zz").await;
     assert_eq!(error_code(r).await, "DIGEST_INVALID");
+
+    // A nonexistent manifest whose reference is malformed is unknown, not
+    // invalid (distribution-spec conformance), by GET and by HEAD.
+    reg.push_blob("x", b"a blob").await;
+    for method in [Method::GET, Method::HEAD] {
+        let r = reg
+            .send(method.clone(), "/v2/x/manifests/.INVALID_MANIFEST_NAME")
+            .await;
+        assert_eq!(r.status(), StatusCode::NOT_FOUND, "{method}");
+    }
+    let r = reg
+        .send(Method::GET, "/v2/x/manifests/.INVALID_MANIFEST_NAME")
+        .await;
+    assert_eq!(error_code(r).await, "MANIFEST_UNKNOWN");
 }
 
 #[tokio::test]

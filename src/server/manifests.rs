@@ -249,8 +249,12 @@ pub async fn put(
 }
 
 pub async fn get(store: &Store, name: &str, reference: &str, head: bool) -> ApiResult<Response> {
-    Ref::parse(reference)?;
-    let Some((digest, media_type)) = store.resolve(name, reference) else {
+    // A malformed reference names no manifest: 404, as the distribution
+    // spec's conformance suite wants (`.INVALID_MANIFEST_NAME`), not 400.
+    let known = Ref::parse(reference)
+        .ok()
+        .and(store.resolve(name, reference));
+    let Some((digest, media_type)) = known else {
         if !store.repo_exists(name) {
             return Err(ApiError::name_unknown(name));
         }
