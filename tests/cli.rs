@@ -468,6 +468,14 @@ fn usage_errors_name_what_is_wrong_and_where_help_is() {
     assert!(!e.contains("mountd"), "{e}");
     let e = ggfs_fails(&["ls", "127.0.0.1:5000"]);
     assert!(e.contains("ggfs catalog"), "{e}");
+    // A refused connection is retried, and the error says so.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let e = ggfs_fails(&["manifest", &format!("127.0.0.1:{port}/x:y")]);
+    assert!(e.contains("tried 5 times"), "{e}");
     let out = Command::new(common::ggfs_bin()).output().unwrap();
     let help = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());

@@ -344,7 +344,12 @@ impl Transport {
                     }
                     let transient = e.is_connect() || (req.idempotent() && e.is_request());
                     if last || !transient {
-                        let ctx = format!("{} {}", req.method, redact_url(url));
+                        // Retries take seconds: say they happened.
+                        let tries = match attempt {
+                            1 => String::new(),
+                            n => format!(" (tried {n} times)"),
+                        };
+                        let ctx = format!("{} {}{tries}", req.method, redact_url(url));
                         return Err(http_err(&ctx, e.without_url()));
                     }
                     drop(permit);
