@@ -12,16 +12,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::mount::{is_mounted, kill, mountd, run_mountd, within, Mount};
+use common::mount::{assert_same_tree, is_mounted, kill, mountd, run_mountd, within, Mount};
 use common::{CountingProxy, Distribution};
-
-/// Assert that the mounted tree equals the unpacked one, every mtime included.
-fn assert_same_tree(mounted: &Path, expected: &Path) {
-    let (m, e) = (mounted.to_path_buf(), expected.to_path_buf());
-    within(300, "comparing the mount", move || {
-        common::tree::assert_same(&m, &e, common::tree::Mtimes::All)
-    });
-}
 
 /// `umoci unpack` of `layout:tag` into a temp dir; returns (dir, rootfs).
 fn unpack(layout: &Path, tag: &str) -> (tempfile::TempDir, PathBuf) {

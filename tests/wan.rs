@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use common::mount::{within, Mount};
+use common::mount::{assert_same_tree, within, Mount};
 use common::{CountingProxy, Distribution, Wan};
 
 /// Files in the many-files fixture: far more than the requests allowed.
@@ -63,13 +63,6 @@ fn fixture() -> Fixture {
         layer_size,
         _dirs: vec![dir, unpacked],
     }
-}
-
-fn same_tree(mounted: &Path, expected: &Path) {
-    let (m, e) = (mounted.to_path_buf(), expected.to_path_buf());
-    within(300, "comparing the mount", move || {
-        common::tree::assert_same(&m, &e, common::tree::Mtimes::All)
-    });
 }
 
 fn paths(proxy: &CountingProxy) -> Vec<String> {
@@ -131,7 +124,7 @@ fn first_file_in_a_handful_of_requests_whole_tree_in_segments() {
     // The whole tree: the layer in ~2 MiB segments, plus the few files
     // read before the background fetch started and those read while it
     // caught up; never a request per file.
-    same_tree(&root, &fx.expected);
+    assert_same_tree(&root, &fx.expected);
     let seen = paths(&proxy);
     let segments = (fx.layer_size >> 21) as usize + 1;
     assert!(
@@ -200,7 +193,7 @@ fn reads_are_served_while_the_rest_is_fetched_and_an_interrupted_fetch_resumes()
     drop(m);
     let fast = CountingProxy::start_wan(fx.reg.addr(), Wan::typical());
     let m = Mount::start_with_cache(fast.addr(), &[], Some(cache.path()));
-    same_tree(&m.path("esgz/latest/rootfs"), &fx.expected);
+    assert_same_tree(&m.path("esgz/latest/rootfs"), &fx.expected);
     let refetched = fast.bytes_down();
     assert!(
         refetched + (1 << 20) < fx.layer_size,

@@ -293,3 +293,12 @@ pub fn run_mountd(args: &[&OsStr], extra: &[&str]) -> Output {
         child.wait_with_output().expect("wait ggfs-mountd")
     })
 }
+
+/// Assert that a mounted tree equals an unpacked one, every mtime included
+/// (bounded: a broken mount fails the test instead of hanging it).
+pub fn assert_same_tree(mounted: &Path, expected: &Path) {
+    let (m, e) = (mounted.to_path_buf(), expected.to_path_buf());
+    within(300, "comparing the mount", move || {
+        super::tree::assert_same(&m, &e, super::tree::Mtimes::All)
+    });
+}
