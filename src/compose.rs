@@ -59,12 +59,16 @@ impl Part {
 
     /// A locally built layer in a manifest of `manifest_media_type`.
     pub fn local(layer: LocalLayer, manifest_media_type: &str) -> Part {
+        let mut descriptor = json!({
+            "mediaType": layer.media_type(manifest_media_type),
+            "digest": layer.digest,
+            "size": layer.size,
+        });
+        if !layer.annotations.is_empty() {
+            descriptor["annotations"] = json!(layer.annotations);
+        }
         Part {
-            descriptor: json!({
-                "mediaType": layer.media_type(manifest_media_type),
-                "digest": layer.digest,
-                "size": layer.size,
-            }),
+            descriptor,
             origin: Origin::Local(layer),
         }
     }

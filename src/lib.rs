@@ -19,6 +19,7 @@ pub mod layerindex;
 pub mod layout;
 pub mod manifest;
 pub mod mutate;
+pub mod optimize;
 pub mod rebase;
 pub mod reference;
 pub mod registry;

@@ -217,18 +217,25 @@ fn toc_layer(tar: &LocalLayer, format: TocFormat, opts: &LayerOptions) -> Result
     let mut o = TocOptions::new(format);
     o.chunk_size = opts.chunk_size;
     o.prefetch = opts.prefetch.clone();
-    let w = crate::toc_writer::write(tar.path(), &o)?;
-    Ok(LocalLayer {
+    Ok(toc_layer_with(tar, &o)?.0)
+}
+
+/// Re-encode an uncompressed tar layer as `o` says, with the prefetch files
+/// it put first.
+pub fn toc_layer_with(tar: &LocalLayer, o: &TocOptions) -> Result<(LocalLayer, Vec<String>)> {
+    let w = crate::toc_writer::write(tar.path(), o)?;
+    let layer = LocalLayer {
         digest: w.digest,
         diff_id: w.diff_id,
         size: w.size,
-        compression: match format {
+        compression: match o.format {
             TocFormat::Estargz => Compression::Gzip,
             TocFormat::ZstdChunked => Compression::Zstd,
         },
         annotations: w.annotations,
         file: Arc::new(w.tmp),
-    })
+    };
+    Ok((layer, w.prefetched))
 }
 
 /// [`layer_from_dir_with`] in any [`LayerFormat`].

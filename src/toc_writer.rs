@@ -61,6 +61,9 @@ pub struct TocOptions {
     pub chunk_size: u64,
     /// Files (layer paths) to put first, before `.prefetch.landmark`.
     pub prefetch: Vec<String>,
+    /// Prefetch files the layer does not hold are skipped, not an error
+    /// (an image's prefetch list spread over its layers).
+    pub prefetch_if_present: bool,
     /// Compression level (gzip 0-9, zstd 1-22); `None`: gzip 6, zstd 3.
     pub level: Option<i32>,
     /// Compressing threads (0: all cores).
@@ -73,6 +76,7 @@ impl TocOptions {
             format,
             chunk_size: 0,
             prefetch: Vec::new(),
+            prefetch_if_present: false,
             level: None,
             threads: 0,
         }
@@ -86,6 +90,9 @@ pub struct Written {
     pub diff_id: Digest,
     pub size: u64,
     pub annotations: BTreeMap<String, String>,
+    /// The prefetch files put first (all of them unless
+    /// `prefetch_if_present`).
+    pub prefetched: Vec<String>,
 }
 
 /// One TOC entry as written (the keys ctr-remote writes; zero values left out).
@@ -363,17 +370,24 @@ pub fn write(tar_path: &Path, opts: &TocOptions) -> Result<Written> {
         n => n,
     };
     let entries = index_tar(tar_path)?;
-    let order = order(&entries, &opts.prefetch)?;
-    let landmark = if opts.prefetch.is_empty() {
+    let prefetch: Vec<String> = if opts.prefetch_if_present {
+        let names: HashSet<&str> = entries.iter().map(|e| e.toc.name.as_str()).collect();
+        let held = |p: &&String| names.contains(normalize_name(p));
+        opts.prefetch.iter().filter(held).cloned().collect()
+    } else {
+        opts.prefetch.clone()
+    };
+    let order = order(&entries, &prefetch)?;
+    let landmark = if prefetch.is_empty() {
         NO_PREFETCH_LANDMARK
     } else {
         PREFETCH_LANDMARK
     };
-    let landmark_at = if opts.prefetch.is_empty() {
+    let landmark_at = if prefetch.is_empty() {
         0
     } else {
         // After the prefetch files and the entries they pulled in.
-        let set: HashSet<&str> = opts.prefetch.iter().map(|p| normalize_name(p)).collect();
+        let set: HashSet<&str> = prefetch.iter().map(|p| normalize_name(p)).collect();
         order
             .iter()
             .rposition(|&i| set.contains(entries[i].toc.name.as_str()))
@@ -551,6 +565,7 @@ pub fn write(tar_path: &Path, opts: &TocOptions) -> Result<Written> {
         diff_id: diff.finish(),
         size,
         annotations,
+        prefetched: prefetch,
     })
 }
 

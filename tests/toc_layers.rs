@@ -8,6 +8,7 @@
 //!   landmark);
 //! - a ggfs mount reads one small file fetching under 1% of the layer, and
 //!   shows the whole tree;
+//! - podman pulls it and its storage holds the input tree;
 //! - `--prefetch` puts the named files first, before `.prefetch.landmark`.
 
 mod common;
@@ -154,6 +155,14 @@ fn check(format: &str, media_type: &str, convert_to: &str) {
     common::Containerd::start().convert(&dst, &conv, &[convert_to]);
     let u2 = common::tempdir();
     assert_same(&unpack(&conv, u2.path(), !zstd), &tree, Mtimes::NonDirs);
+
+    // (d) podman pulls it (containers/storage applies the layer).
+    let p = common::tempdir();
+    let rootfs = common::podman_rootfs(&dst, p.path());
+    for f in FORMAT_FILES {
+        let _ = std::fs::remove_file(rootfs.join(f));
+    }
+    assert_same(&rootfs, &tree, Mtimes::NonDirs);
 }
 
 #[test]

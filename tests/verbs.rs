@@ -1,6 +1,6 @@
 //! Image verbs against a real registry (CNCF distribution) and real readers
 //! (skopeo, umoci): `push` of a docker-save tarball, `pull --format tarball`
-//! of several images, `flatten` and `rebase`.
+//! of several images, `flatten`, `rebase` and `optimize`.
 
 mod common;
 
@@ -89,6 +89,8 @@ fn push_of_docker_archive_gzips_its_layers() {
     let unpacked = skopeo_unpack(&dst, w, "pushed");
     let want = umoci_unpack(&layout, "t", &w.join("want-bundle"));
     assert_same_tree(&unpacked, &want, true);
+    let by_podman = common::podman_rootfs(&dst, &w.join("podman"));
+    assert_same_tree(&by_podman, &want, true);
 
     // A tarball of compressed layers (as ggfs and crane pull) is pushed as
     // it is: the same layers and config come back.
@@ -399,4 +401,132 @@ fn rebase_moves_an_image_onto_a_new_base() {
     common::push_oci_layout(&layout, "t", &reg.reference("idx:t"));
     let err = ggfs_fails(&["rebase", &at("idx:t"), "--old-base", &at("base:1")]);
     assert!(err.contains("idx:t is an index"), "{err}");
+}
+
+/// The files eStargz and zstd:chunked add to a layer's tar (the TOC, the
+/// landmarks): in an unpacked tree, not part of the image's.
+fn without_format_files(rootfs: PathBuf) -> PathBuf {
+    for f in [
+        "stargz.index.json",
+        ".prefetch.landmark",
+        ".no.prefetch.landmark",
+    ] {
+        let _ = std::fs::remove_file(rootfs.join(f));
+    }
+    rootfs
+}
+
+/// The names in a layer blob's tar, in order.
+fn layer_names(image: &str, digest: &str) -> Vec<String> {
+    let repo = image.rsplit_once(':').unwrap().0;
+    let out = run(Command::new("sh").arg("-c").arg(format!(
+        "{} blob {repo}@{digest} | zcat | tar -t",
+        common::ggfs_bin().display()
+    )));
+    out.lines().map(String::from).collect()
+}
+
+/// optimize converts every layer of the whiteout fixture (three gzip
+/// layers) to eStargz, then zstd:chunked: an OCI manifest whose layers
+/// carry their TOC annotations, new DiffIDs and the same history, and
+/// umoci, podman and a ggfs mount all see the input's merged tree. A
+/// prefetch file goes first in the layer that holds it; an image already in
+/// the format comes back unchanged.
+#[test]
+fn optimize_converts_every_layer() {
+    let reg = Distribution::start();
+    let work = common::tempdir();
+    let w = work.path();
+    let multi = common::multilayer_image();
+    let src = reg.reference("multi/img:t");
+    common::push_oci_layout(multi, common::MULTILAYER_TAG, &src);
+    let want = umoci_unpack(multi, common::MULTILAYER_TAG, &w.join("want"));
+    let before = json(&ggfs(&["config", &src]));
+
+    let esgz = reg.reference("multi/img:esgz");
+    ggfs(&[
+        "optimize",
+        &src,
+        "-t",
+        &esgz,
+        "--prefetch",
+        "/base/added.txt",
+    ]);
+    let manifest = json(&ggfs(&["manifest", &esgz]));
+    assert_eq!(
+        manifest["mediaType"],
+        "application/vnd.oci.image.manifest.v1+json"
+    );
+    let layers = manifest["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), 3, "{manifest:#}");
+    for l in layers {
+        assert_eq!(
+            l["mediaType"],
+            "application/vnd.oci.image.layer.v1.tar+gzip"
+        );
+        let ann = &l["annotations"];
+        assert!(
+            ann["containerd.io/snapshot/stargz/toc.digest"].is_string(),
+            "{manifest:#}"
+        );
+    }
+    let config = json(&ggfs(&["config", &esgz]));
+    assert_eq!(config["history"], before["history"]);
+    assert_eq!(config["config"], before["config"]);
+    let (old_ids, new_ids) = (&before["rootfs"]["diff_ids"], &config["rootfs"]["diff_ids"]);
+    assert_eq!(new_ids.as_array().unwrap().len(), 3);
+    for i in 0..3 {
+        assert_ne!(old_ids[i], new_ids[i], "layer {i} kept its tar");
+    }
+    ggfs(&["validate", &esgz]);
+    // The prefetch file leads the top layer (the one holding it), before
+    // its landmark; the others say there is nothing to prefetch.
+    let top = layer_names(&esgz, layers[2]["digest"].as_str().unwrap());
+    let file = top
+        .iter()
+        .position(|n| n.trim_start_matches("./") == "base/added.txt");
+    let mark = top
+        .iter()
+        .position(|n| n.trim_start_matches("./") == ".prefetch.landmark");
+    assert!(file.unwrap() < mark.unwrap(), "{top:?}");
+    let bottom = layer_names(&esgz, layers[0]["digest"].as_str().unwrap());
+    assert_eq!(
+        bottom[0].trim_start_matches("./"),
+        ".no.prefetch.landmark",
+        "{bottom:?}"
+    );
+
+    let got = without_format_files(skopeo_unpack(&esgz, w, "esgz"));
+    assert_same_tree(&got, &want, true);
+    {
+        let m = common::mount::Mount::start(reg.addr(), &[]);
+        // The mount hides the format's files itself.
+        common::mount::assert_same_tree(&m.path("multi/img/esgz/rootfs"), &want);
+    }
+
+    // Already eStargz, nothing to prefetch: the same image comes back.
+    let again = reg.reference("multi/img:esgz2");
+    ggfs(&["optimize", &esgz, "-t", &again]);
+    assert_eq!(ggfs(&["digest", &again]), ggfs(&["digest", &esgz]));
+
+    let zc = reg.reference("multi/img:zc");
+    ggfs(&["optimize", &src, "-t", &zc, "--format", "zstd:chunked"]);
+    let manifest = json(&ggfs(&["manifest", &zc]));
+    for l in manifest["layers"].as_array().unwrap() {
+        assert_eq!(
+            l["mediaType"],
+            "application/vnd.oci.image.layer.v1.tar+zstd"
+        );
+        let ann = &l["annotations"];
+        assert!(
+            ann["io.containers.zstd-chunked.manifest-checksum"].is_string(),
+            "{manifest:#}"
+        );
+    }
+    ggfs(&["validate", &zc]);
+    let by_podman = without_format_files(common::podman_rootfs(&zc, &w.join("podman")));
+    assert_same_tree(&by_podman, &want, true);
+
+    let err = ggfs_fails(&["optimize", &src, "-t", &zc, "--prefetch", "/no/such"]);
+    assert!(err.contains("\"/no/such\""), "{err}");
 }

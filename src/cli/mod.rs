@@ -28,12 +28,14 @@ mod ls;
 mod manifest;
 mod mount;
 mod mutate;
+mod optimize;
 mod progress;
 mod pull;
 mod push;
 mod rebase;
 mod refs;
 mod registry;
+mod rewrite;
 mod tag;
 mod validate;
 mod version;
@@ -114,6 +116,8 @@ pub enum Command {
     Flatten(flatten::Args),
     /// Rebase an image onto a new base image.
     Rebase(rebase::Args),
+    /// Convert every layer of an image to eStargz or zstd:chunked (lazily readable).
+    Optimize(optimize::Args),
     /// Check that every blob of an image matches its digest (and layers their DiffIDs).
     Validate(validate::Args),
     /// Log in to, log out of, or show credentials for a registry.
@@ -156,6 +160,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Export(a) => export::run(&ctx, a).await,
         Command::Flatten(a) => flatten::run(&ctx, a).await,
         Command::Rebase(a) => rebase::run(&ctx, a).await,
+        Command::Optimize(a) => optimize::run(&ctx, a).await,
         Command::Validate(a) => validate::run(&ctx, a).await,
         Command::Auth(c) => auth::run(&ctx, c).await,
         Command::Registry(c) => registry::run(c).await,

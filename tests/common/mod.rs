@@ -109,6 +109,32 @@ pub fn umoci_unpack(layout: &Path, tag: &str, bundle: &Path) -> PathBuf {
     bundle.join("rootfs")
 }
 
+/// podman with its own storage under `root` (vfs: a layer is a plain
+/// directory), so tests neither share nor need the host's.
+fn podman(root: &Path) -> Command {
+    let mut c = Command::new("podman");
+    c.arg("--root")
+        .arg(root.join("storage"))
+        .arg("--runroot")
+        .arg(root.join("run"))
+        .args(["--storage-driver", "vfs"]);
+    c
+}
+
+/// podman pulls `reference` (plain HTTP) into storage under `root`: its
+/// merged tree, as `podman image mount` shows it, copied to `root/rootfs`.
+pub fn podman_rootfs(reference: &str, root: &Path) -> PathBuf {
+    run(podman(root).args(["pull", "-q", "--tls-verify=false", reference]));
+    let mounted = run(podman(root).args(["image", "mount", reference]));
+    let rootfs = root.join("rootfs");
+    run(Command::new("cp")
+        .arg("-a")
+        .arg(mounted.trim())
+        .arg(&rootfs));
+    run(podman(root).args(["image", "umount", "-a"]));
+    rootfs
+}
+
 /// Extracts `tar` into `dest` as root would, keeping numeric owners, modes
 /// and xattrs; returns `dest`.
 pub fn untar(tar: &Path, dest: &Path) -> PathBuf {
