@@ -12,6 +12,7 @@ declare -A TOOLS=(
   [ctr-remote]=stargz-snapshotter
   [containerd]=containerd
   [runc]=runc
+  [podman]=podman
   [git]=git
   [htpasswd]=apache2-utils
   [setfattr]=attr

@@ -6,6 +6,10 @@
 #  - ctr-remote: the image fetched into a private containerd first (not
 #    timed), then `ctr-remote image convert --estargz|--zstdchunked --oci`
 #    (decompressed from the content store, re-encoded into it).
+# End to end (pull, convert, push), registry to registry:
+#  - ggfs: `ggfs optimize REG/src -t REG/dst --format F`;
+#  - ctr-remote: `ctr content fetch` + `image convert` + `images push` into a
+#    containerd namespace of its own per run, so every run pulls.
 # Runs alternate the two. Prints wall seconds and peak RSS per run, medians,
 # and the blob sizes.
 # Usage: scripts/bench/estargz.sh [RUNS]     (needs: cargo build --release)
@@ -63,6 +67,22 @@ for i in $(seq "$RUNS"); do
     measure ctr-remote-zstdchunked "${CTR[@]}" image convert --zstdchunked --oci "$REG/bench/src:latest" "$REG/bench/zc-$i:t"
 done
 
+ctr_optimize() {
+    local ns=$1 flag=$2 dst=$3
+    local c=(ctr-remote --address "$CTRD/c.sock" --namespace "$ns")
+    "${c[@]}" content fetch --plain-http "$REG/bench/src:latest" >/dev/null &&
+        "${c[@]}" image convert "$flag" --oci "$REG/bench/src:latest" "$dst" >/dev/null &&
+        "${c[@]}" images push --plain-http "$dst" >/dev/null
+}
+export -f ctr_optimize
+export CTRD REG
+for i in $(seq "$RUNS"); do
+    measure ggfs-optimize-estargz "$GGFS" optimize "$REG/bench/src:latest" -t "$REG/bench/gopt-esgz-$i:t"
+    measure ctr-remote-optimize-estargz bash -c "ctr_optimize e2e-esgz-$i --estargz $REG/bench/copt-esgz-$i:t"
+    measure ggfs-optimize-zstdchunked "$GGFS" optimize "$REG/bench/src:latest" --format zstd:chunked -t "$REG/bench/gopt-zc-$i:t"
+    measure ctr-remote-optimize-zstdchunked bash -c "ctr_optimize e2e-zc-$i --zstdchunked $REG/bench/copt-zc-$i:t"
+done
+
 # Layer sizes: ggfs's from its layout, ctr-remote's from its content store.
 ggfs_size() { python3 -c 'import json,sys; d=sys.argv[1]; i=json.load(open(d+"/index.json")); m=json.load(open(d+"/blobs/"+i["manifests"][0]["digest"].replace(":","/"))); print(m["layers"][-1]["size"])' "$1"; }
 ctr_size() {
@@ -76,3 +96,7 @@ printf '%-24s %8s %10s %12s\n' ggfs-estargz "$(median ggfs-estargz)" "$(max_rss 
 printf '%-24s %8s %10s %12s\n' ctr-remote-estargz "$(median ctr-remote-estargz)" "$(max_rss ctr-remote-estargz)" "$(ctr_size "$REG/bench/esgz-1:t")"
 printf '%-24s %8s %10s %12s\n' ggfs-zstdchunked "$(median ggfs-zstdchunked)" "$(max_rss ggfs-zstdchunked)" "$(ggfs_size "$WORK/g-zc-1")"
 printf '%-24s %8s %10s %12s\n' ctr-remote-zstdchunked "$(median ctr-remote-zstdchunked)" "$(max_rss ctr-remote-zstdchunked)" "$(ctr_size "$REG/bench/zc-1:t")"
+for t in optimize-estargz optimize-zstdchunked; do
+    printf '%-32s %8s %10s\n' "ggfs-$t" "$(median "ggfs-$t")" "$(max_rss "ggfs-$t")"
+    printf '%-32s %8s %10s\n' "ctr-remote-$t" "$(median "ctr-remote-$t")" "$(max_rss "ctr-remote-$t")"
+done
