@@ -623,8 +623,9 @@ const TOKEN_ATTEMPTS: u32 = 3;
 /// Ask the token realm for a token covering `scopes`. With an identity token
 /// this is an OAuth2 refresh POST; with a password a GET with Basic auth
 /// (falling back to an OAuth2 password POST when GET is not allowed);
-/// anonymous otherwise. A plain-http realm is refused unless `allow_http`
-/// (the registry itself is spoken to over http) or it is on loopback.
+/// anonymous otherwise. A plain-http realm is refused unless it is on
+/// loopback, or `allow_http` (the registry itself is spoken to over http)
+/// and the realm is the registry's own host or no credential goes there.
 pub async fn fetch_token(
     http: &reqwest::Client,
     registry: &str,
@@ -633,7 +634,7 @@ pub async fn fetch_token(
     cred: Option<&Credential>,
     allow_http: bool,
 ) -> Result<Token> {
-    let realm = token_realm(registry, challenge, allow_http)?;
+    let realm = token_realm(registry, challenge, allow_http, cred.is_some())?;
     let endpoint = TokenEndpoint {
         http,
         realm: &realm,
@@ -663,18 +664,33 @@ pub async fn fetch_token(
     parse_token_response(registry, &realm, resp).await
 }
 
-/// The challenge's realm, if credentials may be sent there: https, or http
-/// when the registry itself is spoken to over http or the realm is loopback.
-fn token_realm(registry: &str, challenge: &Challenge, allow_http: bool) -> Result<url::Url> {
+/// The challenge's realm, if it may be asked: https; http on loopback; http
+/// when the registry itself is spoken to over http, but with credentials
+/// only on the registry's own host (`--insecure` trusts that registry's
+/// link, not wherever its challenge points).
+fn token_realm(
+    registry: &str,
+    challenge: &Challenge,
+    allow_http: bool,
+    with_credentials: bool,
+) -> Result<url::Url> {
     let realm = challenge
         .realm()
         .ok_or_else(|| Error::auth(registry, "Bearer challenge names no realm"))?;
     let url = url::Url::parse(realm)
         .map_err(|e| Error::auth(registry, format!("token realm {realm:?}: {e}")))?;
     let loopback = url.host_str().is_some_and(crate::registry::is_loopback);
+    let registry_host = registry.rsplit_once(':').map_or(registry, |(h, _)| h);
+    let same_host = url.host_str() == Some(registry_host.trim_matches(['[', ']']));
     match url.scheme() {
         "https" => Ok(url),
-        "http" if allow_http || loopback => Ok(url),
+        "http" if loopback || (allow_http && (same_host || !with_credentials)) => Ok(url),
+        "http" if allow_http => Err(Error::auth(
+            registry,
+            format!(
+                "token realm {realm:?} is plain http on another host: credentials for {registry} are not sent there in clear text"
+            ),
+        )),
         _ => Err(Error::auth(
             registry,
             format!("token realm {realm:?} is not https (credentials would travel in clear text)"),
@@ -995,6 +1011,60 @@ mod tests {
         let c = parse_challenges(h).unwrap_or_else(|e| panic!("{h}: {e}"));
         assert_eq!(c.len(), 1, "{h}: {c:?}");
         c.into_iter().next().unwrap()
+    }
+
+    #[test]
+    fn plain_http_realms_get_credentials_only_on_the_registrys_own_host() {
+        let realm = |r: &str| parse_challenges(&format!("Bearer realm=\"{r}\",service=s")).unwrap();
+        let ok = |reg: &str, r: &str, insecure: bool, cred: bool| {
+            token_realm(reg, &realm(r)[0], insecure, cred).is_ok()
+        };
+        // https anywhere; http on loopback.
+        assert!(ok(
+            "reg.example:5000",
+            "https://auth.example/token",
+            false,
+            true
+        ));
+        assert!(ok(
+            "reg.example:5000",
+            "http://127.0.0.1:9/token",
+            false,
+            true
+        ));
+        // --insecure: http to the registry's own host, with or without a
+        // password; to another host only anonymously.
+        assert!(ok(
+            "reg.example:5000",
+            "http://reg.example:5001/token",
+            true,
+            true
+        ));
+        assert!(ok(
+            "reg.example:5000",
+            "http://auth.example/token",
+            true,
+            false
+        ));
+        let err = token_realm(
+            "reg.example:5000",
+            &realm("http://auth.example/token")[0],
+            true,
+            true,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("another host") && err.contains("auth.example"),
+            "{err}"
+        );
+        // Without --insecure no http realm off loopback.
+        assert!(!ok(
+            "reg.example:5000",
+            "http://reg.example/token",
+            false,
+            false
+        ));
     }
 
     #[test]

@@ -33,7 +33,10 @@ pub async fn run(ctx: &Ctx, cmd: Command) -> Result<()> {
             password_stdin,
         } => {
             let password = match (password, password_stdin) {
-                (Some(p), _) => p,
+                (Some(p), _) => {
+                    eprintln!("ggfs: warning: a password given with -p is visible to other users in the process list; prefer --password-stdin");
+                    p
+                }
                 (None, true) => {
                     let mut p = String::new();
                     std::io::stdin().read_to_string(&mut p)?;
