@@ -1,17 +1,19 @@
-//! Content digests (`sha256:<hex>`) and readers/writers that refuse bytes which
-//! do not match the digest they claim.
+//! Content digests (`sha256:<hex>`, `sha512:<hex>`) and readers/writers that
+//! refuse bytes which do not match the digest they claim. What ggfs makes is
+//! named by sha256; what it checks is checked in the algorithm of the
+//! digest it was given.
 
 use std::fmt;
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
-use sha2::{Digest as _, Sha256};
+use sha2::{Digest as _, Sha256, Sha512};
 
 use crate::error::{Error, Result};
 
-/// A validated `algorithm:hex` content digest. Only sha256 can be computed;
-/// sha512 digests parse so they can be named in errors.
+/// A validated `algorithm:hex` content digest, sha256 or sha512 (the two the
+/// OCI image spec registers).
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Digest(String);
 
@@ -26,7 +28,7 @@ impl Digest {
             "sha256" => 64,
             "sha512" => 128,
             "" => return Err(bad("empty algorithm")),
-            _ => return Err(bad("unsupported algorithm (want sha256)")),
+            _ => return Err(bad("unsupported algorithm (want sha256 or sha512)")),
         };
         if hex.len() != want {
             return Err(bad(&format!(
@@ -45,6 +47,18 @@ impl Digest {
         let mut h = Hasher::new();
         h.update(bytes);
         h.finish()
+    }
+
+    /// The digest of `bytes` in this digest's algorithm.
+    pub fn of_like(&self, bytes: &[u8]) -> Self {
+        let mut h = Hasher::like(self);
+        h.update(bytes);
+        h.finish()
+    }
+
+    /// Whether `bytes` hash to this digest.
+    pub fn matches(&self, bytes: &[u8]) -> bool {
+        &self.of_like(bytes) == self
     }
 
     pub fn algorithm(&self) -> &str {
@@ -66,7 +80,7 @@ impl Digest {
 
     /// Check `bytes` against this digest.
     pub fn verify(&self, bytes: &[u8]) -> Result<()> {
-        let actual = Digest::of(bytes);
+        let actual = self.of_like(bytes);
         if &actual != self {
             return Err(Error::DigestMismatch {
                 expected: self.clone(),
@@ -109,20 +123,48 @@ impl<'de> serde::Deserialize<'de> for Digest {
     }
 }
 
-/// Incremental sha256 that also counts bytes.
-#[derive(Clone, Default)]
+/// Incremental sha256 (or sha512) that also counts bytes.
+#[derive(Clone)]
 pub struct Hasher {
-    sha: Sha256,
+    sha: Sha,
     len: u64,
 }
 
+#[derive(Clone)]
+enum Sha {
+    S256(Sha256),
+    S512(Box<Sha512>),
+}
+
+impl Default for Hasher {
+    fn default() -> Self {
+        Hasher {
+            sha: Sha::S256(Sha256::new()),
+            len: 0,
+        }
+    }
+}
+
 impl Hasher {
+    /// sha256, the algorithm of everything ggfs names.
     pub fn new() -> Self {
         Self::default()
     }
 
+    /// A hasher in `digest`'s algorithm, to check bytes against it.
+    pub fn like(digest: &Digest) -> Self {
+        let sha = match digest.algorithm() {
+            "sha512" => Sha::S512(Box::default()),
+            _ => Sha::S256(Sha256::new()),
+        };
+        Hasher { sha, len: 0 }
+    }
+
     pub fn update(&mut self, bytes: &[u8]) {
-        self.sha.update(bytes);
+        match &mut self.sha {
+            Sha::S256(h) => h.update(bytes),
+            Sha::S512(h) => h.update(bytes),
+        }
         self.len += bytes.len() as u64;
     }
 
@@ -149,7 +191,10 @@ impl Hasher {
     }
 
     pub fn finish(self) -> Digest {
-        Digest(format!("sha256:{}", hex::encode(self.sha.finalize())))
+        Digest(match self.sha {
+            Sha::S256(h) => format!("sha256:{}", hex::encode(h.finalize())),
+            Sha::S512(h) => format!("sha512:{}", hex::encode(h.finalize())),
+        })
     }
 
     /// Finish and compare against the expected digest and (if known) size.
@@ -169,6 +214,18 @@ impl Hasher {
                 actual,
             });
         }
+        Ok(())
+    }
+}
+
+/// A hasher is a writer that keeps nothing but the hash.
+impl Write for Hasher {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.update(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
         Ok(())
     }
 }
@@ -216,7 +273,7 @@ impl<R: Read> VerifyingReader<R> {
     pub fn new(inner: R, expected: Digest, size: Option<u64>) -> Self {
         Self {
             inner,
-            hasher: Some(Hasher::new()),
+            hasher: Some(Hasher::like(&expected)),
             expected,
             size,
         }
@@ -270,7 +327,7 @@ impl BlobWriter {
         Ok(Self {
             tmp,
             dest,
-            hasher: Hasher::new(),
+            hasher: Hasher::like(&expected),
             expected,
             size,
         })
@@ -321,6 +378,23 @@ mod tests {
         ] {
             assert!(Digest::parse(bad).is_err(), "{bad} accepted");
         }
+    }
+
+    #[test]
+    fn sha512_digests_are_checked_in_their_algorithm() {
+        // sha512("abc"), FIPS 180-2's example.
+        let abc = Digest::parse("sha512:ddaf35a193617abacc417349ae20413112e6fa4e89a97ea20a9eeee64b55d39a2192992a274fc1a836ba3c23a3feebbd454d4423643ce80e2a9ac94fa54ca49f").unwrap();
+        assert!(abc.matches(b"abc"));
+        assert!(!abc.matches(b"abd"));
+        assert_eq!(abc.of_like(b"abc"), abc);
+        let mut out = Vec::new();
+        VerifyingReader::new(&b"abc"[..], abc.clone(), Some(3))
+            .read_to_end(&mut out)
+            .unwrap();
+        assert!(VerifyingReader::new(&b"abd"[..], abc.clone(), None)
+            .read_to_end(&mut out)
+            .is_err());
+        assert!(abc.verify(b"abc").is_ok() && abc.verify(b"ab").is_err());
     }
 
     #[test]

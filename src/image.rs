@@ -82,7 +82,7 @@ pub trait Sink: Send + Sync {
 /// Wrap a stream so that it fails at its end (instead of ending cleanly)
 /// when the bytes do not hash to `digest` or are not `size` long.
 pub fn verify_stream(stream: ByteStream, digest: Digest, size: Option<u64>) -> ByteStream {
-    let state = Some((stream, Hasher::new()));
+    let state = Some((stream, Hasher::like(&digest)));
     Box::pin(futures::stream::unfold(state, move |state| {
         let digest = digest.clone();
         async move {
@@ -333,12 +333,7 @@ impl Index {
 pub async fn fetch_child(source: &dyn Source, desc: &Descriptor) -> Result<RawManifest> {
     let digest = manifest::digest_of(desc)?;
     let raw = source.manifest(digest.as_str()).await?;
-    if raw.digest != digest {
-        return Err(Error::DigestMismatch {
-            expected: digest,
-            actual: raw.digest,
-        });
-    }
+    digest.verify(&raw.bytes)?;
     Ok(raw)
 }
 

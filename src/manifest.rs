@@ -126,15 +126,11 @@ impl RawManifest {
         })
     }
 
-    /// Like [`RawManifest::new`], but the bytes must hash to `expected`.
+    /// Like [`RawManifest::new`], but the bytes must hash to `expected`
+    /// (in its algorithm; the manifest's digest stays sha256).
     pub fn verified(bytes: Bytes, content_type: Option<&str>, expected: &Digest) -> Result<Self> {
         let m = Self::new(bytes, content_type)?;
-        if &m.digest != expected {
-            return Err(Error::DigestMismatch {
-                expected: expected.clone(),
-                actual: m.digest,
-            });
-        }
+        expected.verify(&m.bytes)?;
         Ok(m)
     }
 

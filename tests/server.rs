@@ -1,6 +1,8 @@
 //! The embedded registry, started in-process on 127.0.0.1:0 and driven by a
 //! real client (skopeo) and by plain HTTP for the API's corners.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use ggfs::server::{Server, Storage};
@@ -877,4 +879,118 @@ async fn skopeo_copies_an_index() {
     let back = tmp.path().join("back");
     all(remote, format!("oci:{}:multi", back.display())).await;
     assert_eq!(layout_manifest(&back), index.as_str());
+}
+
+fn sha512_of(bytes: &[u8]) -> Digest {
+    Digest::parse(&format!("sha512:{}", "0".repeat(128)))
+        .unwrap()
+        .of_like(bytes)
+}
+
+/// ggfs's CLI on a blocking thread (these tests run on the runtime).
+async fn ggfs_cli(args: Vec<String>) -> String {
+    tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        common::ggfs(&args)
+    })
+    .await
+    .unwrap()
+}
+
+/// sha512 digests (the image spec allows them) end to end: the embedded
+/// registry takes blobs by sha512 (monolithic and chunked) and a manifest
+/// PUT by its sha512, refuses a wrong one, serves them back by it; the ggfs
+/// client reads, validates and copies such an image to the CNCF
+/// distribution registry, which serves it by the same digests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sha512_digests_end_to_end() {
+    let dir = tempfile::tempdir().unwrap();
+    for storage in [Storage::Memory, Storage::Disk(dir.path().to_path_buf())] {
+        let reg = Reg::start(storage).await;
+        let repo = "five/twelve";
+        let layer = b"a layer named by sha512".to_vec();
+        let config = json!({"architecture": "amd64", "os": "linux",
+            "rootfs": {"type": "layers", "diff_ids": [Digest::of(&layer)]}});
+        let config = &serde_json::to_vec(&config).unwrap()[..];
+        let (c512, l512) = (sha512_of(config), sha512_of(&layer));
+
+        let r = reg
+            .req(
+                Method::POST,
+                &format!("/v2/{repo}/blobs/uploads/?digest={c512}"),
+            )
+            .body(config.to_vec())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::CREATED);
+        let r = reg
+            .req(
+                Method::POST,
+                &format!("/v2/{repo}/blobs/uploads/?digest={l512}"),
+            )
+            .body(b"other bytes".to_vec())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(error_code(r).await, "DIGEST_INVALID");
+        let loc = start_session(&reg, repo).await;
+        let r = patch(&reg, &loc, &format!("0-{}", layer.len() - 1), &layer).await;
+        assert_eq!(r.status(), StatusCode::ACCEPTED);
+        let sep = if loc.contains('?') { '&' } else { '?' };
+        let r = reg
+            .send(Method::PUT, &format!("{loc}{sep}digest={l512}"))
+            .await;
+        assert_eq!(r.status(), StatusCode::CREATED);
+        let r = reg
+            .send(Method::GET, &format!("/v2/{repo}/blobs/{l512}"))
+            .await;
+        assert_eq!(header(&r, "Docker-Content-Digest"), l512.as_str());
+        assert_eq!(r.bytes().await.unwrap().as_ref(), &layer[..]);
+
+        let manifest = serde_json::to_vec(&json!({
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": c512, "size": config.len()},
+            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": l512, "size": layer.len()}],
+        }))
+        .unwrap();
+        let m512 = sha512_of(&manifest);
+        let r = reg
+            .put_manifest(repo, m512.as_str(), OCI_MANIFEST, &manifest)
+            .await;
+        assert_eq!(
+            r.status(),
+            StatusCode::CREATED,
+            "{}",
+            r.text().await.unwrap()
+        );
+        let r = reg
+            .put_manifest(repo, &c512.to_string(), OCI_MANIFEST, &manifest)
+            .await;
+        assert_eq!(error_code(r).await, "DIGEST_INVALID");
+        let r = reg
+            .send(Method::GET, &format!("/v2/{repo}/manifests/{m512}"))
+            .await;
+        assert_eq!(header(&r, "Docker-Content-Digest"), m512.as_str());
+        assert_eq!(r.bytes().await.unwrap().as_ref(), &manifest[..]);
+
+        // The client: read and verify by sha512, then copy to distribution.
+        let host = reg.server.url().trim_start_matches("http://").to_string();
+        let by_digest = format!("{host}/{repo}@{m512}");
+        let got = ggfs_cli(vec!["manifest".into(), by_digest.clone()]).await;
+        assert_eq!(got.as_bytes(), &manifest[..]);
+        let blob = ggfs_cli(vec!["blob".into(), format!("{host}/{repo}@{l512}")]).await;
+        assert_eq!(blob.as_bytes(), &layer[..]);
+        ggfs_cli(vec!["validate".into(), by_digest.clone()]).await;
+        let dist = tokio::task::spawn_blocking(common::Distribution::start)
+            .await
+            .unwrap();
+        let dst = dist.reference("copied/five:t");
+        ggfs_cli(vec!["copy".into(), by_digest, dst.clone()]).await;
+        ggfs_cli(vec!["validate".into(), dst.clone()]).await;
+        let (code, body) =
+            common::http_get(dist.addr(), &format!("/v2/copied/five/blobs/{l512}")).unwrap();
+        assert_eq!((code, body), (200, layer.clone()));
+    }
 }

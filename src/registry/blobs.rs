@@ -367,8 +367,12 @@ impl RegistryRepo {
         if resp.status() != StatusCode::CREATED {
             return Err(self.status_error(&what, resp).await);
         }
+        // A registry may name a sha512 blob by its own canonical sha256
+        // (distribution does): only a digest in our algorithm compares.
+        let same_algorithm =
+            |d: &str| d.split_once(':').map(|(a, _)| a) == Some(digest.algorithm());
         match resp.header("docker-content-digest") {
-            Some(d) if d != digest.as_str() => {
+            Some(d) if same_algorithm(d) && d != digest.as_str() => {
                 Err(self.registry_error(format!("{what}: registry stored it as {d}")))
             }
             _ => Ok(()),

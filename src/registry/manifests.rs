@@ -48,12 +48,10 @@ impl RegistryRepo {
         let bytes = resp.bytes_capped(&what, MAX_MANIFEST_SIZE).await?;
         let m = RawManifest::new(bytes, content_type.as_deref()).map_err(|e| rename(e, &what))?;
         if reference.contains(':') {
-            check_digest(&Digest::parse(reference)?, &m.digest)?;
+            Digest::parse(reference)?.verify(&m.bytes)?;
         }
         if let Some(claimed) = claimed.as_deref().and_then(|d| Digest::parse(d).ok()) {
-            if claimed.algorithm() == "sha256" {
-                check_digest(&claimed, &m.digest)?;
-            }
+            claimed.verify(&m.bytes)?;
         }
         Ok(m)
     }
@@ -112,7 +110,7 @@ impl RegistryRepo {
             .put_manifest_bytes(&m.bytes, &m.media_type, &reference)
             .await?;
         if let Some(stored) = resp.as_deref().and_then(|d| Digest::parse(d).ok()) {
-            check_digest(&m.digest, &stored)?;
+            stored.verify(&m.bytes)?;
         }
         Ok(m.digest.clone())
     }
@@ -261,16 +259,6 @@ fn referrer_descriptor(bytes: &[u8], media_type: &str, digest: &Digest) -> Value
         d["annotations"] = a.clone();
     }
     d
-}
-
-fn check_digest(expected: &Digest, actual: &Digest) -> Result<()> {
-    if expected != actual {
-        return Err(Error::DigestMismatch {
-            expected: expected.clone(),
-            actual: actual.clone(),
-        });
-    }
-    Ok(())
 }
 
 /// Name the manifest in parse errors that only said "manifest".

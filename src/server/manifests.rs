@@ -221,7 +221,12 @@ pub async fn put(
 ) -> ApiResult<Response> {
     let r = Ref::parse(reference)?;
     let bytes = read_limited(headers, body, MAX_MANIFEST_SIZE).await?;
-    let digest = Digest::of(&bytes);
+    // Stored under the URL's digest when it names one (sha512 included),
+    // else under the sha256 the registry computes.
+    let digest = match &r {
+        Ref::Digest(want) => want.of_like(&bytes),
+        Ref::Tag(_) => Digest::of(&bytes),
+    };
     if let Ref::Digest(want) = &r {
         if want != &digest {
             return Err(ApiError::digest_invalid(format!(

@@ -145,6 +145,30 @@ impl Upload {
     pub fn digest(&self) -> Digest {
         self.hasher.clone().finish()
     }
+
+    /// The digest of everything received in `expected`'s algorithm: the
+    /// running sha256, or the bytes hashed again for sha512.
+    async fn digest_like(&mut self, expected: &Digest) -> Result<Digest> {
+        if expected.algorithm() == "sha256" {
+            return Ok(self.digest());
+        }
+        match &mut self.sink {
+            Sink::Memory(buf) => Ok(expected.of_like(buf)),
+            Sink::Disk { path, file } => {
+                file.flush().await.map_err(io_err(path))?;
+                let (path, expected) = (path.clone(), expected.clone());
+                tokio::task::spawn_blocking(move || {
+                    let f = std::fs::File::open(&path).map_err(io_err(&path))?;
+                    let mut h = Hasher::like(&expected);
+                    let mut r = std::io::BufReader::with_capacity(256 * 1024, f);
+                    std::io::copy(&mut r, &mut h).map_err(io_err(&path))?;
+                    Ok(h.finish())
+                })
+                .await
+                .map_err(|e| Error::invalid("rehashing an upload", e.to_string()))?
+            }
+        }
+    }
 }
 
 /// An upload session; `None` once it has been committed or cancelled, for
@@ -335,7 +359,7 @@ impl Store {
         let digest = m.digest.clone();
         let result = {
             let _gate = self.gate.read().await;
-            self.put_small(bytes)
+            self.put_small(bytes, &digest)
                 .map_err(ApiError::from)
                 .and_then(|_| self.put_manifest(repo, m, tag))
         };
@@ -518,9 +542,9 @@ impl Store {
         }
     }
 
-    /// Store small content (a manifest) under its digest.
-    fn put_small(&self, bytes: &Bytes) -> Result<Digest> {
-        let d = Digest::of(bytes);
+    /// Store small content (a manifest): `bytes` (already checked to hash to `d`) as content.
+    fn put_small(&self, bytes: &Bytes, d: &Digest) -> Result<()> {
+        let d = d.clone();
         match &self.root {
             None => {
                 self.memory_blobs_mut()
@@ -536,7 +560,7 @@ impl Store {
                 }
             }
         }
-        Ok(d)
+        Ok(())
     }
 
     // ---- uploads ----
@@ -601,10 +625,10 @@ impl Store {
     pub async fn commit_upload(
         &self,
         id: &str,
-        upload: Upload,
+        mut upload: Upload,
         expected: &Digest,
     ) -> ApiResult<()> {
-        let actual = upload.digest();
+        let actual = upload.digest_like(expected).await?;
         if &actual != expected {
             self.cancel_upload(id, upload).await;
             return Err(ApiError::digest_invalid(format!(
