@@ -94,7 +94,54 @@ impl<W: Write> Write for Encoder<W> {
     }
 }
 
-type TarSink = HashingWriter<Encoder<HashingWriter<BufWriter<File>>>>;
+type TarSink = HashingWriter<Encoder<HashingWriter<BufWriter<SparseFile>>>>;
+
+/// A file written front to back whose all-zero pieces (within 4 KiB
+/// blocks) are skipped, not written: an uncompressed tar of a sparse file (the step before an
+/// eStargz or zstd:chunked layer) stays sparse on disk instead of taking
+/// gigabytes of zeros.
+struct SparseFile {
+    file: File,
+    pos: u64,
+}
+
+const SPARSE_BLOCK: usize = 4096;
+
+impl Write for SparseFile {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        use std::os::unix::fs::FileExt;
+        // Runs of data between holes go out in one write each.
+        let (mut run, mut i) = (0, 0);
+        while i < buf.len() {
+            let to_edge = SPARSE_BLOCK - ((self.pos + i as u64) % SPARSE_BLOCK as u64) as usize;
+            let end = (i + to_edge).min(buf.len());
+            let piece = &buf[i..end];
+            // Zeros need no writing (even part of a block: what is not
+            // written reads as zeros).
+            if piece.iter().all(|&b| b == 0) {
+                if run < i {
+                    self.file
+                        .write_all_at(&buf[run..i], self.pos + run as u64)?;
+                }
+                run = end;
+            }
+            i = end;
+        }
+        if run < buf.len() {
+            self.file.write_all_at(&buf[run..], self.pos + run as u64)?;
+        }
+        self.pos += buf.len() as u64;
+        Ok(buf.len())
+    }
+
+    /// Holes at the end need the length set.
+    fn flush(&mut self) -> io::Result<()> {
+        if self.file.metadata()?.len() < self.pos {
+            self.file.set_len(self.pos)?;
+        }
+        Ok(())
+    }
+}
 
 /// A temporary file being filled with a compressed tar, hashing both sides.
 struct LayerWriter {
@@ -107,7 +154,8 @@ impl LayerWriter {
     fn new(compression: Compression) -> Result<Self> {
         let ctx = |e| Error::io("creating a temporary layer file", e);
         let (file, tmp) = tempfile::NamedTempFile::new().map_err(ctx)?.into_parts();
-        let outer = HashingWriter::new(BufWriter::new(file));
+        let file = SparseFile { file, pos: 0 };
+        let outer = HashingWriter::new(BufWriter::with_capacity(256 * 1024, file));
         let sink = HashingWriter::new(Encoder::new(compression, outer).map_err(ctx)?);
         Ok(Self {
             tmp,
@@ -869,6 +917,30 @@ mod tests {
                 (p, t, link.map(String::into_bytes).unwrap_or(data))
             })
             .collect()
+    }
+
+    #[test]
+    fn uncompressed_tar_of_a_sparse_file_stays_sparse() {
+        use std::os::unix::fs::{FileExt, MetadataExt};
+        let d = tempfile::tempdir().unwrap();
+        let f = File::create(d.path().join("big")).unwrap();
+        f.set_len(256 << 20).unwrap();
+        f.write_all_at(b"middle", 100 << 20).unwrap();
+        f.write_all_at(b"end", (256 << 20) - 3).unwrap();
+        let layer = layer_from_dir(d.path(), Compression::None).unwrap();
+        let on_disk = std::fs::metadata(layer.path()).unwrap().blocks() * 512;
+        assert!(on_disk < 1 << 20, "{on_disk} bytes on disk");
+        let bytes = std::fs::read(layer.path()).unwrap();
+        assert_eq!(bytes.len() as u64, layer.size);
+        assert_eq!(Digest::of(&bytes), layer.digest);
+        let big = entries(&layer)
+            .into_iter()
+            .find(|e| e.0 == "big")
+            .unwrap()
+            .2;
+        assert_eq!(big.len(), 256 << 20);
+        assert_eq!(&big[100 << 20..(100 << 20) + 6], b"middle");
+        assert_eq!(&big[big.len() - 3..], b"end");
     }
 
     #[test]
