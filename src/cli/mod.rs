@@ -58,8 +58,11 @@ pub struct Cli {
 #[derive(Args, Clone)]
 pub struct Global {
     /// Pick this platform out of an index (os/arch[/variant]); default: the host's,
-    /// and for copy: every platform.
-    #[arg(long, global = true)]
+    /// and for copy: every platform. `index filter` takes several.
+    #[arg(long = "platform", global = true, value_name = "PLATFORM")]
+    pub platforms: Vec<String>,
+    /// The one --platform, parsed (see [`Global::resolve`]).
+    #[arg(skip)]
     pub platform: Option<Platform>,
     /// Talk plain HTTP to registries, not only to localhost.
     #[arg(long, global = true)]
@@ -106,8 +109,9 @@ pub enum Command {
     Attach(attach::Args),
     /// List the artifacts that refer to an image.
     Refs(refs::Args),
-    /// Index verbs: `index push` publishes the index of an image's plain
-    /// layers as a referrer, so mounts read them by Range from the start.
+    /// Image indexes (`index list|filter|append`, as crane's), and
+    /// `index push`: publish where each file of an image's plain layers
+    /// sits, as a referrer, so mounts read them by Range from the start.
     #[command(subcommand)]
     Index(index::Command),
     /// Write the flattened filesystem of an image as a tar.
@@ -139,7 +143,8 @@ pub enum Command {
 }
 
 pub async fn run(cli: Cli) -> Result<()> {
-    let ctx = Ctx::new(cli.global);
+    let several = matches!(cli.command, Command::Index(index::Command::Filter(_)));
+    let ctx = Ctx::new(cli.global.resolve(several)?);
     match cli.command {
         Command::Catalog(a) => catalog::run(&ctx, a).await,
         Command::Ls(a) => ls::run(&ctx, a).await,
@@ -187,6 +192,23 @@ pub fn init_logging(verbose: u8) {
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .init();
+}
+
+impl Global {
+    /// Parse the --platform given once into `platform`; several are an error
+    /// unless the verb takes several (`several`: it reads `platforms`).
+    fn resolve(mut self, several: bool) -> Result<Self> {
+        match self.platforms.as_slice() {
+            [] => {}
+            [one] if !several => self.platform = Some(one.parse()?),
+            [..] if several => {}
+            _ => anyhow::bail!(
+                "--platform given {} times: this verb takes one",
+                self.platforms.len()
+            ),
+        }
+        Ok(self)
+    }
 }
 
 /// What every verb needs: global flags and one registry client.

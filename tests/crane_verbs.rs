@@ -1,0 +1,290 @@
+//! crane and gcrane verbs against a real registry (CNCF distribution),
+//! their results read back by skopeo and umoci: `index list|filter|append`.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::{ggfs, ggfs_fails, sha256_digest, skopeo_raw, umoci_unpack, Distribution};
+use serde_json::Value;
+
+fn json(s: &str) -> Value {
+    serde_json::from_str(s).unwrap_or_else(|e| panic!("{e}: {s}"))
+}
+
+/// The index or manifest at `image` as skopeo reads it: parsed, and the
+/// digest of its bytes.
+fn skopeo_manifest(image: &str) -> (Value, String) {
+    let raw = skopeo_raw(&format!("docker://{image}"));
+    (json(&raw), sha256_digest(raw.as_bytes()))
+}
+
+/// `docker://image` copied by skopeo into a fresh layout under `work` and
+/// unpacked by umoci; returns the rootfs.
+fn skopeo_unpack(image: &str, work: &Path, name: &str) -> PathBuf {
+    let layout = work.join(format!("{name}-layout"));
+    common::skopeo_copy(
+        &format!("docker://{image}"),
+        &format!("oci:{}:t", layout.display()),
+    );
+    umoci_unpack(&layout, "t", &work.join(format!("{name}-bundle")))
+}
+
+/// `repo@digest` printed by a verb: the digest, checked to be in `repo`.
+fn printed_digest(out: &str, repo: &str) -> String {
+    let line = out.trim();
+    let digest = line
+        .strip_prefix(&format!("{repo}@"))
+        .unwrap_or_else(|| panic!("{line:?} is not {repo}@DIGEST"));
+    assert!(
+        digest.starts_with("sha256:") && digest.len() == 71,
+        "{line}"
+    );
+    digest.to_string()
+}
+
+fn digests(index: &Value) -> Vec<String> {
+    index["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["digest"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// An index of linux/amd64 and linux/arm64 pushed by skopeo to `repo:t`.
+fn two_platform_index(reg: &Distribution, work: &Path, repo: &str) -> String {
+    let layout = work.join(format!("{}-layout", repo.replace('/', "-")));
+    common::index_two_platforms(&layout, "t");
+    let at = reg.reference(&format!("{repo}:t"));
+    common::push_oci_layout(&layout, "t", &at);
+    at
+}
+
+/// Each child of `index` (pushed in `repo`) unpacks by umoci to a tree
+/// whose `arch` file names its platform's architecture.
+fn assert_children_unpack(reg: &Distribution, repo: &str, index: &Value, work: &Path) {
+    for (i, d) in index["manifests"].as_array().unwrap().iter().enumerate() {
+        let child = format!("{}@{}", reg.reference(repo), d["digest"].as_str().unwrap());
+        let arch = d["platform"]["architecture"].as_str().unwrap();
+        let rootfs = skopeo_unpack(&child, work, &format!("{}-{i}", repo.replace('/', "-")));
+        assert_eq!(
+            std::fs::read_to_string(rootfs.join("arch")).unwrap(),
+            format!("{arch}\n")
+        );
+    }
+}
+
+/// crane index list: one `DIGEST PLATFORM` line per child, as skopeo sees
+/// the index; an image is refused naming it.
+#[test]
+fn index_list_prints_each_child_and_its_platform() {
+    let reg = Distribution::start();
+    let work = common::tempdir();
+    let src = two_platform_index(&reg, work.path(), "idx/multi");
+    let (index, _) = skopeo_manifest(&src);
+    let want: Vec<String> = digests(&index)
+        .into_iter()
+        .zip(["linux/amd64", "linux/arm64"])
+        .map(|(d, p)| format!("{d} {p}"))
+        .collect();
+    let out = ggfs(&["index", "list", &src]);
+    assert_eq!(out.lines().collect::<Vec<_>>(), want);
+
+    let child = format!("{}@{}", reg.reference("idx/multi"), digests(&index)[0]);
+    let err = ggfs_fails(&["index", "list", &child]);
+    assert!(
+        err.contains(&child) && err.contains("not an index"),
+        "{err}"
+    );
+}
+
+/// crane index filter: keeps the children of the platforms given (os alone
+/// keeps every arch), pushes elsewhere with -t or in place without; the
+/// kept images are copied to a new repository whole.
+#[test]
+fn index_filter_keeps_the_platforms_given() {
+    let reg = Distribution::start();
+    let work = common::tempdir();
+    let w = work.path();
+    let src = two_platform_index(&reg, w, "idx/multi");
+    let (index, _) = skopeo_manifest(&src);
+    let arm_digest = digests(&index)[1].clone();
+
+    let dst = reg.reference("filtered/multi:arm");
+    let out = ggfs(&[
+        "index",
+        "filter",
+        &src,
+        "--platform",
+        "linux/arm64",
+        "-t",
+        &dst,
+    ]);
+    let digest = printed_digest(&out, &reg.reference("filtered/multi"));
+    let (filtered, skopeo_digest) = skopeo_manifest(&dst);
+    assert_eq!(skopeo_digest, digest);
+    assert_eq!(digests(&filtered), [arm_digest]);
+    assert_eq!(filtered["manifests"][0], index["manifests"][1]);
+    assert_eq!(filtered["mediaType"], index["mediaType"]);
+    assert_children_unpack(&reg, "filtered/multi", &filtered, w);
+
+    // Several platforms, comma-separated or repeated; `linux` keeps both.
+    let both = reg.reference("filtered/multi:both");
+    ggfs(&[
+        "index",
+        "filter",
+        &src,
+        "--platform",
+        "linux/arm64,linux/amd64",
+        "-t",
+        &both,
+    ]);
+    assert_eq!(skopeo_manifest(&both).1, skopeo_manifest(&src).1);
+    let os_only = reg.reference("filtered/multi:linux");
+    ggfs(&[
+        "index",
+        "filter",
+        &src,
+        "--platform",
+        "linux",
+        "-t",
+        &os_only,
+    ]);
+    assert_eq!(digests(&skopeo_manifest(&os_only).0).len(), 2);
+
+    // In place: the tag moves to the filtered index.
+    let out = ggfs(&["index", "filter", &src, "--platform", "linux/amd64"]);
+    let digest = printed_digest(&out, &reg.reference("idx/multi"));
+    let (now, d) = skopeo_manifest(&src);
+    assert_eq!(d, digest);
+    assert_eq!(digests(&now), [digests(&index)[0].clone()]);
+
+    let err = ggfs_fails(&["index", "filter", &src]);
+    assert!(err.contains("--platform"), "{err}");
+    let err = ggfs_fails(&["index", "filter", &src, "--platform", "linux//x"]);
+    assert!(err.contains("linux//x"), "{err}");
+    let err = ggfs_fails(&[
+        "--platform",
+        "linux/amd64",
+        "--platform",
+        "linux/arm64",
+        "digest",
+        &src,
+    ]);
+    assert!(err.contains("--platform given 2 times"), "{err}");
+}
+
+/// crane index append: an index from scratch out of images (platforms read
+/// from their configs) pulled from other repositories; an index appended
+/// is flattened into its children unless --flatten=false; a base index
+/// keeps its children first; --docker-empty-base makes a manifest list.
+#[test]
+fn index_append_builds_indexes_from_images_and_indexes() {
+    let reg = Distribution::start();
+    let work = common::tempdir();
+    let w = work.path();
+    let src = two_platform_index(&reg, w, "idx/multi");
+    let (index, _) = skopeo_manifest(&src);
+    let (amd, arm) = (digests(&index)[0].clone(), digests(&index)[1].clone());
+    let amd_ref = format!("{}@{amd}", reg.reference("idx/multi"));
+    let arm_ref = format!("{}@{arm}", reg.reference("idx/multi"));
+
+    // From scratch, images from another repository.
+    let built = reg.reference("built/idx:t");
+    let out = ggfs(&[
+        "index", "append", "-m", &arm_ref, "-m", &amd_ref, "-t", &built,
+    ]);
+    let digest = printed_digest(&out, &reg.reference("built/idx"));
+    let (new, d) = skopeo_manifest(&built);
+    assert_eq!(d, digest);
+    assert_eq!(new["mediaType"], "application/vnd.oci.image.index.v1+json");
+    assert_eq!(digests(&new), [arm.clone(), amd.clone()]);
+    for (desc, arch) in new["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(["arm64", "amd64"])
+    {
+        assert_eq!(desc["platform"]["architecture"], arch);
+        assert_eq!(desc["platform"]["os"], "linux");
+        assert_eq!(
+            desc["mediaType"],
+            "application/vnd.oci.image.manifest.v1+json"
+        );
+    }
+    assert_children_unpack(&reg, "built/idx", &new, w);
+    let listed = ggfs(&["index", "list", &built]);
+    assert_eq!(
+        listed.lines().collect::<Vec<_>>(),
+        [format!("{arm} linux/arm64"), format!("{amd} linux/amd64")]
+    );
+
+    // A base plus an index: flattened by default, itself with --flatten=false.
+    let out = ggfs(&[
+        "index",
+        "append",
+        &built,
+        "-m",
+        &src,
+        "-t",
+        &reg.reference("built/idx:flat"),
+    ]);
+    printed_digest(&out, &reg.reference("built/idx"));
+    let (flat, _) = skopeo_manifest(&reg.reference("built/idx:flat"));
+    assert_eq!(
+        digests(&flat),
+        [arm.clone(), amd.clone(), amd.clone(), arm.clone()]
+    );
+    let nested = reg.reference("built/idx:nested");
+    ggfs(&[
+        "index",
+        "append",
+        &built,
+        "-m",
+        &src,
+        "--flatten=false",
+        "-t",
+        &nested,
+    ]);
+    let (n, _) = skopeo_manifest(&nested);
+    assert_eq!(
+        digests(&n),
+        [arm.clone(), amd.clone(), skopeo_manifest(&src).1]
+    );
+    assert_eq!(n["manifests"][2]["mediaType"], index["mediaType"]);
+    assert!(n["manifests"][2].get("platform").is_none());
+    // In place on the base's tag.
+    let out = ggfs(&["index", "append", &built, "-m", &amd_ref]);
+    let digest = printed_digest(&out, &reg.reference("built/idx"));
+    assert_eq!(skopeo_manifest(&built).1, digest);
+    assert_eq!(digests(&skopeo_manifest(&built).0).len(), 3);
+
+    let docker = reg.reference("built/docker:t");
+    ggfs(&[
+        "index",
+        "append",
+        "--docker-empty-base",
+        "-m",
+        &amd_ref,
+        "-t",
+        &docker,
+    ]);
+    let (list, _) = skopeo_manifest(&docker);
+    assert_eq!(
+        list["mediaType"],
+        "application/vnd.docker.distribution.manifest.list.v2+json"
+    );
+    assert_eq!(digests(&list), [amd]);
+
+    let err = ggfs_fails(&["index", "append", "-m", &amd_ref]);
+    assert!(err.contains("-t"), "{err}");
+    let err = ggfs_fails(&["index", "append", &amd_ref, "-m", &arm_ref]);
+    assert!(
+        err.contains(&amd_ref) && err.contains("not an index"),
+        "{err}"
+    );
+    let missing = reg.reference("nothing/here:t");
+    let err = ggfs_fails(&["index", "append", "-m", &missing, "-t", &built]);
+    assert!(err.contains("nothing/here"), "{err}");
+}
