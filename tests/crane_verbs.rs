@@ -1,9 +1,13 @@
 //! crane and gcrane verbs against a real registry (CNCF distribution),
-//! their results read back by skopeo and umoci: `index list|filter|append`.
+//! their results read back by skopeo and umoci (or, for tokens, used
+//! against the registry with curl): `index list|filter|append`, `auth token`.
 
 mod common;
 
 use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use base64::Engine;
 
 use common::{ggfs, ggfs_fails, sha256_digest, skopeo_raw, umoci_unpack, Distribution};
 use serde_json::Value;
@@ -287,4 +291,121 @@ fn index_append_builds_indexes_from_images_and_indexes() {
     let missing = reg.reference("nothing/here:t");
     let err = ggfs_fails(&["index", "append", "-m", &missing, "-t", &built]);
     assert!(err.contains("nothing/here"), "{err}");
+}
+
+/// `ggfs args…` with `DOCKER_CONFIG=docker`: stdout, or (failing) stderr.
+fn ggfs_with_config(docker: &Path, args: &[&str]) -> Result<String, String> {
+    let out = Command::new(common::ggfs_bin())
+        .env("DOCKER_CONFIG", docker)
+        .args(args)
+        .output()
+        .unwrap();
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    match out.status.success() {
+        true => Ok(text(&out.stdout)),
+        false => Err(text(&out.stderr)),
+    }
+}
+
+/// The `access` claim of a JWT, read without checking its signature (the
+/// registry checks it when the token is used).
+fn token_access(jwt: &str) -> Value {
+    let payload = jwt.split('.').nth(1).expect("a JWT");
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .unwrap();
+    json(std::str::from_utf8(&bytes).unwrap())["access"].clone()
+}
+
+/// curl's HTTP status for `method url` with `header`.
+fn curl_status(method: &str, url: &str, header: &str) -> String {
+    common::run(Command::new("curl").args([
+        "-s",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "-X",
+        method,
+        "-H",
+        header,
+        url,
+    ]))
+}
+
+/// crane auth token: the token server's token for the repository's pull
+/// (or pull and push) scope, issued to the keychain's user, which the
+/// registry accepts for exactly that; `-H` prints it as a header.
+#[test]
+fn auth_token_prints_a_token_the_registry_accepts() {
+    let ts = common::TokenServer::start("alice", "secret");
+    let reg = Distribution::start_token(&ts);
+    let docker = common::tempdir();
+    let auth = base64::engine::general_purpose::STANDARD.encode("alice:secret");
+    std::fs::write(
+        docker.path().join("config.json"),
+        serde_json::json!({ "auths": { reg.addr(): { "auth": auth } } }).to_string(),
+    )
+    .unwrap();
+    let d = docker.path();
+    let work = common::tempdir();
+    std::fs::write(work.path().join("f"), "x\n").unwrap();
+    let app = reg.reference("team/app");
+    let dir = work.path().to_str().unwrap();
+    ggfs_with_config(d, &["append", "-f", dir, "-t", &format!("{app}:v1")]).unwrap();
+
+    ts.reset();
+    let out = json(&ggfs_with_config(d, &["auth", "token", &app]).unwrap());
+    assert_eq!(out["expires_in"], 300);
+    assert_eq!(out["refresh_token"], "");
+    let token = out["token"].as_str().unwrap();
+    assert_eq!(
+        token_access(token),
+        serde_json::json!([{"type": "repository", "name": "team/app", "actions": ["pull"]}])
+    );
+    let reqs = ts.requests();
+    assert_eq!(reqs.len(), 1, "{reqs:?}");
+    assert_eq!(reqs[0].user.as_deref(), Some("alice"));
+    let bearer = format!("Authorization: Bearer {token}");
+    let tags = format!("{}/v2/team/app/tags/list", reg.url());
+    assert_eq!(curl_status("GET", &tags, &bearer), "200");
+    let uploads = format!("{}/v2/team/app/blobs/uploads/", reg.url());
+    assert_eq!(curl_status("POST", &uploads, &bearer), "401");
+
+    // --push and --mount; -H prints the header, no newline.
+    let header = ggfs_with_config(
+        d,
+        &[
+            "auth",
+            "token",
+            "-H",
+            "--push",
+            "-m",
+            &reg.reference("team/base"),
+            &app,
+        ],
+    )
+    .unwrap();
+    let token = header.strip_prefix("Authorization: Bearer ").unwrap();
+    assert!(!token.contains(char::is_whitespace), "{header:?}");
+    assert_eq!(
+        token_access(token),
+        serde_json::json!([
+            {"type": "repository", "name": "team/app", "actions": ["pull", "push"]},
+            {"type": "repository", "name": "team/base", "actions": ["pull"]},
+        ])
+    );
+    assert_eq!(curl_status("POST", &uploads, &header), "202");
+
+    // No credentials: the token server's refusal; a registry without
+    // token auth; a mount from another registry.
+    let none = common::tempdir();
+    let err = ggfs_with_config(none.path(), &["auth", "token", &app]).unwrap_err();
+    assert!(err.contains("401") && err.contains("token"), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    let open = Distribution::start();
+    let err = ggfs_fails(&["auth", "token", &open.reference("team/app")]);
+    assert!(err.contains("issues no tokens"), "{err}");
+    let err = ggfs_fails(&["auth", "token", "-m", "other.example/x", &app]);
+    assert!(err.contains("other.example/x"), "{err}");
 }
