@@ -780,6 +780,8 @@ pub struct ConfigEdits {
     pub labels: BTreeMap<String, String>,
     pub workdir: Option<String>,
     pub user: Option<String>,
+    /// `PORT/PROTO` keys added to `ExposedPorts` (those already there stay).
+    pub exposed_ports: Vec<String>,
 }
 
 /// Apply [`ConfigEdits`] to the image config's `config` section.
@@ -806,6 +808,12 @@ pub fn config(image: &Image, edits: &ConfigEdits) -> Result<Image> {
     }
     if let Some(u) = &edits.user {
         c.insert("User".into(), json!(u));
+    }
+    if !edits.exposed_ports.is_empty() {
+        let ports = as_object(c.entry("ExposedPorts").or_insert(Value::Null));
+        for p in &edits.exposed_ports {
+            ports.insert(p.clone(), json!({}));
+        }
     }
     with_base(image, &cfg, manifest, HashMap::new())
 }

@@ -409,3 +409,183 @@ fn auth_token_prints_a_token_the_registry_accepts() {
     let err = ggfs_fails(&["auth", "token", "-m", "other.example/x", &app]);
     assert!(err.contains("other.example/x"), "{err}");
 }
+
+/// Write `files` (path → content) under a fresh directory `parent/name`.
+fn tree(parent: &Path, name: &str, files: &[(&str, &str)]) -> PathBuf {
+    let root = parent.join(name);
+    for (path, data) in files {
+        let p = root.join(path);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(&p, data).unwrap();
+    }
+    root
+}
+
+/// The config of `image` (a skopeo transport reference) as skopeo reads it.
+fn skopeo_config(image: &str) -> Value {
+    json(&common::run(Command::new("skopeo").args([
+        "inspect",
+        "--config",
+        "--raw",
+        "--tls-verify=false",
+        image,
+    ])))
+}
+
+/// crane mutate's other flags: --append (a directory and a tar, as layers
+/// umoci unpacks on top of the base), --exposed-ports, --set-platform;
+/// -o writes a tarball skopeo reads or an OCI layout umoci unpacks instead
+/// of pushing; --repo pushes by digest to another repository.
+#[test]
+fn mutate_appends_layers_sets_ports_and_platform_and_writes_elsewhere() {
+    let reg = Distribution::start();
+    let work = common::tempdir();
+    let w = work.path();
+    let layout = w.join("base-layout");
+    common::umoci_image(&layout, "t");
+    let base = reg.reference("m/img:v1");
+    common::push_oci_layout(&layout, "t", &base);
+    let (base_manifest, base_digest) = skopeo_manifest(&base);
+
+    let dir = tree(w, "dir", &[("added/from-dir", "dir\n")]);
+    let tar_tree = tree(w, "tartree", &[("added/from-tar", "tar\n")]);
+    let tar = w.join("layer.tar");
+    common::run(
+        Command::new("tar")
+            .arg("-cf")
+            .arg(&tar)
+            .arg("-C")
+            .arg(&tar_tree)
+            .arg("added"),
+    );
+    let v2 = reg.reference("m/img:v2");
+    let out = ggfs(&[
+        "mutate",
+        &base,
+        "--append",
+        dir.to_str().unwrap(),
+        "--append",
+        tar.to_str().unwrap(),
+        "--exposed-ports",
+        "8080,53/udp",
+        "--set-platform",
+        "linux/arm64/v8",
+        "-l",
+        "k=v",
+        "-t",
+        &v2,
+    ]);
+    let digest = printed_digest(&out, &reg.reference("m/img"));
+    let (manifest, d) = skopeo_manifest(&v2);
+    assert_eq!(d, digest);
+    let layers = manifest["layers"].as_array().unwrap();
+    let base_layers = base_manifest["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), base_layers.len() + 2);
+    assert_eq!(layers[..base_layers.len()], base_layers[..]);
+    for l in &layers[base_layers.len()..] {
+        assert_eq!(
+            l["mediaType"],
+            "application/vnd.oci.image.layer.v1.tar+gzip"
+        );
+    }
+    let cfg = skopeo_config(&format!("docker://{v2}"));
+    assert_eq!(
+        cfg["config"]["ExposedPorts"],
+        serde_json::json!({"8080/tcp": {}, "53/udp": {}})
+    );
+    assert_eq!(
+        (&cfg["os"], &cfg["architecture"], &cfg["variant"]),
+        (
+            &Value::from("linux"),
+            &Value::from("arm64"),
+            &Value::from("v8")
+        )
+    );
+    assert_eq!(cfg["config"]["Labels"]["k"], "v");
+    assert_eq!(
+        cfg["rootfs"]["diff_ids"].as_array().unwrap().len(),
+        layers.len()
+    );
+    let rootfs = skopeo_unpack(&v2, w, "v2");
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("added/from-dir")).unwrap(),
+        "dir\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("added/from-tar")).unwrap(),
+        "tar\n"
+    );
+    let want = umoci_unpack(&layout, "t", &w.join("base-bundle"));
+    assert_eq!(
+        std::fs::read(rootfs.join("etc/os-release")).unwrap(),
+        std::fs::read(want.join("etc/os-release")).unwrap()
+    );
+    ggfs(&["validate", &v2]);
+    // The base is untouched.
+    assert_eq!(skopeo_manifest(&base).1, base_digest);
+
+    // -o: an OCI layout umoci unpacks, a tarball skopeo reads; nothing pushed.
+    let tags_before = ggfs(&["ls", &reg.reference("m/img")]);
+    let out_layout = w.join("out-layout");
+    let out = ggfs(&[
+        "mutate",
+        &base,
+        "--append",
+        dir.to_str().unwrap(),
+        "-o",
+        &format!("oci:{}:mutated", out_layout.display()),
+    ]);
+    assert!(out.trim().starts_with("sha256:"), "{out}");
+    let unpacked = umoci_unpack(&out_layout, "mutated", &w.join("out-bundle"));
+    assert_eq!(
+        std::fs::read_to_string(unpacked.join("added/from-dir")).unwrap(),
+        "dir\n"
+    );
+    let tarball = w.join("out.tar");
+    let out = ggfs(&[
+        "mutate",
+        &base,
+        "-e",
+        "A=1",
+        "-t",
+        &reg.reference("m/img:saved"),
+        "-o",
+        tarball.to_str().unwrap(),
+    ]);
+    assert!(out.trim().starts_with("sha256:"), "{out}");
+    let archive = format!("docker-archive:{}", tarball.display());
+    let saved = skopeo_config(&archive);
+    assert!(saved["config"]["Env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|e| e == "A=1"));
+    assert_eq!(ggfs(&["ls", &reg.reference("m/img")]), tags_before);
+
+    // --repo: by digest into another repository, no tag.
+    let out = ggfs(&[
+        "mutate",
+        &base,
+        "-l",
+        "r=1",
+        "--repo",
+        &reg.reference("other/img"),
+    ]);
+    let digest = printed_digest(&out, &reg.reference("other/img"));
+    let by_digest = format!("{}@{digest}", reg.reference("other/img"));
+    assert_eq!(skopeo_manifest(&by_digest).1, digest);
+    assert_eq!(
+        skopeo_config(&format!("docker://{by_digest}"))["config"]["Labels"]["r"],
+        "1"
+    );
+
+    let err = ggfs_fails(&["mutate", &base, "--repo", "x/y", "-t", &v2]);
+    assert!(err.contains("--repo") && err.contains("--tag"), "{err}");
+    let err = ggfs_fails(&["mutate", &base, "--exposed-ports", "http"]);
+    assert!(err.contains("\"http\""), "{err}");
+    let err = ggfs_fails(&["mutate", &base, "--set-platform", "linux"]);
+    assert!(err.contains("linux"), "{err}");
+    let missing = w.join("no-such-dir");
+    let err = ggfs_fails(&["mutate", &base, "--append", missing.to_str().unwrap()]);
+    assert!(err.contains("no-such-dir"), "{err}");
+}

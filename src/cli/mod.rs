@@ -104,7 +104,7 @@ pub enum Command {
     /// Build a new image: a base (or nothing) plus layers from directories or tars.
     Append(append::Args),
     /// Change an image's config (labels, env, entrypoint, ...) and push the result.
-    Mutate(mutate::Args),
+    Mutate(Box<mutate::Args>),
     /// Attach an artifact (signature, SBOM, ...) to an image as a referrer.
     Attach(attach::Args),
     /// List the artifacts that refer to an image.
@@ -158,7 +158,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Tag(a) => tag::run(&ctx, a).await,
         Command::Delete(a) => delete::run(&ctx, a).await,
         Command::Append(a) => append::run(&ctx, a).await,
-        Command::Mutate(a) => mutate::run(&ctx, a).await,
+        Command::Mutate(a) => mutate::run(&ctx, *a).await,
         Command::Attach(a) => attach::run(&ctx, a).await,
         Command::Refs(a) => refs::run(&ctx, a).await,
         Command::Index(c) => index::run(&ctx, c).await,
