@@ -619,10 +619,21 @@ fn rebuild(
     base: Option<Arc<dyn Source>>,
     manifest_media_type: &str,
     config: &Value,
+    manifest: Value,
+    blobs: HashMap<Digest, Blob>,
+) -> Result<Image> {
+    let config = Bytes::from(serde_json::to_vec(config).expect("json"));
+    rebuild_raw(base, manifest_media_type, config, manifest, blobs)
+}
+
+/// [`rebuild`] with the config's bytes as they are.
+fn rebuild_raw(
+    base: Option<Arc<dyn Source>>,
+    manifest_media_type: &str,
+    config: Bytes,
     mut manifest: Value,
     mut blobs: HashMap<Digest, Blob>,
 ) -> Result<Image> {
-    let config = Bytes::from(serde_json::to_vec(config).expect("json"));
     let config_digest = Digest::of(&config);
     manifest["config"]["digest"] = json!(config_digest);
     manifest["config"]["size"] = json!(config.len());
@@ -839,6 +850,26 @@ pub fn annotations(image: &Image, add: &BTreeMap<String, String>) -> Result<Imag
         a.insert(k.clone(), json!(v));
     }
     with_base(image, &cfg, manifest, HashMap::new())
+}
+
+/// The image with `config` (a JSON object, kept byte for byte) as its
+/// config blob; its `rootfs` must be the old one, which the layers match.
+pub fn replace_config(image: &Image, config: Bytes) -> Result<Image> {
+    let new = json_of(&config, "the new config")?;
+    let (old, manifest) = editable(image)?;
+    if new["rootfs"] != old["rootfs"] {
+        return Err(Error::invalid(
+            "the new config",
+            "its rootfs (the layers' diff_ids) differs from the image's",
+        ));
+    }
+    rebuild_raw(
+        Some(image.source.clone()),
+        &image.raw.media_type,
+        config,
+        manifest,
+        HashMap::new(),
+    )
 }
 
 /// Set the config's os, architecture and variant.

@@ -1,11 +1,13 @@
 //! crane and gcrane verbs against a real registry (CNCF distribution),
 //! their results read back by skopeo and umoci (or, for tokens, used
-//! against the registry with curl): `index list|filter|append`, `auth token`.
+//! against the registry with curl): `index list|filter|append`, `auth token`,
+//! `mutate`'s layer, port, platform and output flags, `edit`.
 
 mod common;
 
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 
 use base64::Engine;
 
@@ -588,4 +590,147 @@ fn mutate_appends_layers_sets_ports_and_platform_and_writes_elsewhere() {
     let missing = w.join("no-such-dir");
     let err = ggfs_fails(&["mutate", &base, "--append", missing.to_str().unwrap()]);
     assert!(err.contains("no-such-dir"), "{err}");
+}
+
+/// `ggfs args…` with `input` on stdin: stdout, or (failing) stderr.
+fn ggfs_stdin(args: &[&str], input: &[u8]) -> Result<String, String> {
+    let mut child = Command::new(common::ggfs_bin())
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(input).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    match out.status.success() {
+        true => Ok(text(&out.stdout)),
+        false => Err(text(&out.stderr)),
+    }
+}
+
+/// `ggfs args…` on a terminal (util-linux `script` gives it one), with
+/// `EDITOR=editor`: the last word it wrote (stderr's progress comes first).
+fn ggfs_on_a_terminal(args: &[&str], editor: &Path) -> String {
+    let mut line = common::ggfs_bin().display().to_string();
+    for a in args {
+        line.push_str(&format!(" '{a}'"));
+    }
+    let out = common::run(
+        Command::new("script")
+            .args(["-qec", &line, "/dev/null"])
+            .env("EDITOR", editor)
+            .env_remove("VISUAL")
+            .stdin(Stdio::null()),
+    );
+    out.split_whitespace()
+        .last()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// `ggfs edit config|manifest`: the new document from stdin is pushed byte
+/// for byte (skopeo reads back those bytes) once it checks out; on a
+/// terminal $EDITOR edits it; what does not check out (not JSON, a changed
+/// rootfs, a blob the repository lacks) is refused and nothing is pushed.
+#[test]
+fn edit_config_and_manifest_from_stdin_or_an_editor() {
+    let reg = Distribution::start();
+    let work = common::tempdir();
+    let w = work.path();
+    let layout = w.join("layout");
+    common::umoci_image(&layout, "t");
+    let v1 = reg.reference("e/img:v1");
+    common::push_oci_layout(&layout, "t", &v1);
+    let repo = reg.reference("e/img");
+
+    // Config from stdin, to another tag.
+    let mut cfg = json(&ggfs(&["config", &v1]));
+    cfg["config"]["Labels"] = serde_json::json!({"edited": "yes"});
+    let new_cfg = serde_json::to_vec_pretty(&cfg).unwrap();
+    let v2 = reg.reference("e/img:v2");
+    let out = ggfs_stdin(&["edit", "config", &v1, "-t", &v2], &new_cfg).unwrap();
+    let digest = printed_digest(&out, &repo);
+    assert_eq!(skopeo_manifest(&v2).1, digest);
+    let raw_cfg = common::run(Command::new("skopeo").args([
+        "inspect",
+        "--config",
+        "--raw",
+        "--tls-verify=false",
+        &format!("docker://{v2}"),
+    ]));
+    assert_eq!(raw_cfg.as_bytes(), &new_cfg[..]);
+    assert_eq!(
+        skopeo_manifest(&v2).0["layers"],
+        skopeo_manifest(&v1).0["layers"]
+    );
+    let rootfs = skopeo_unpack(&v2, w, "v2");
+    let want = umoci_unpack(&layout, "t", &w.join("want"));
+    assert_eq!(
+        std::fs::read(rootfs.join("etc/os-release")).unwrap(),
+        std::fs::read(want.join("etc/os-release")).unwrap()
+    );
+
+    // Config in $EDITOR on a terminal: edited in place, the tag moves.
+    let editor = w.join("editor.sh");
+    std::fs::write(
+        &editor,
+        "#!/bin/sh\nsed -i 's/\"edited\": \"yes\"/\"edited\": \"in-editor\"/' \"$1\"\n",
+    )
+    .unwrap();
+    common::run(Command::new("chmod").arg("755").arg(&editor));
+    let out = ggfs_on_a_terminal(&["edit", "config", &v2], &editor);
+    let digest = printed_digest(&out, &repo);
+    assert_eq!(skopeo_manifest(&v2).1, digest);
+    assert_eq!(
+        skopeo_config(&format!("docker://{v2}"))["config"]["Labels"]["edited"],
+        "in-editor"
+    );
+    // An editor that changes nothing pushes the same image.
+    let before = skopeo_manifest(&v2).1;
+    let out = ggfs_on_a_terminal(&["edit", "config", &v2], Path::new("/bin/true"));
+    assert_eq!(printed_digest(&out, &repo), before);
+
+    // Manifest from stdin: pushed as sent.
+    let mut m = skopeo_manifest(&v1).0;
+    m["annotations"] = serde_json::json!({"org.example.edited": "1"});
+    let new_manifest = serde_json::to_vec(&m).unwrap();
+    let v3 = reg.reference("e/img:v3");
+    let out = ggfs_stdin(&["edit", "manifest", &v1, "-t", &v3], &new_manifest).unwrap();
+    let digest = printed_digest(&out, &repo);
+    assert_eq!(digest, sha256_digest(&new_manifest));
+    assert_eq!(
+        skopeo_raw(&format!("docker://{v3}")).as_bytes(),
+        &new_manifest[..]
+    );
+
+    // Refused, nothing pushed.
+    let tags = ggfs(&["ls", &repo]);
+    let one_line = |e: String| {
+        assert_eq!(e.trim_end().lines().count(), 1, "{e}");
+        e
+    };
+    let mut missing = m.clone();
+    let absent = sha256_digest(b"no such layer");
+    missing["layers"][0]["digest"] = Value::from(absent.clone());
+    let v4 = reg.reference("e/img:v4");
+    let body = serde_json::to_vec(&missing).unwrap();
+    let err = one_line(ggfs_stdin(&["edit", "manifest", &v1, "-t", &v4], &body).unwrap_err());
+    assert!(err.contains(&absent) && err.contains("e/img"), "{err}");
+    let elsewhere = reg.reference("empty/img:t");
+    let err = one_line(
+        ggfs_stdin(&["edit", "manifest", &v1, "-t", &elsewhere], &new_manifest).unwrap_err(),
+    );
+    assert!(err.contains("config") && err.contains("empty/img"), "{err}");
+    let err = one_line(ggfs_stdin(&["edit", "manifest", &v1, "-t", &v4], b"{\"x\": ").unwrap_err());
+    assert!(err.contains("not JSON"), "{err}");
+    let err = one_line(ggfs_stdin(&["edit", "manifest", &v1, "-t", &v4], b"{}").unwrap_err());
+    assert!(err.contains("new manifest"), "{err}");
+    let mut bad_cfg = cfg.clone();
+    bad_cfg["rootfs"]["diff_ids"] = serde_json::json!([]);
+    let body = serde_json::to_vec(&bad_cfg).unwrap();
+    let err = one_line(ggfs_stdin(&["edit", "config", &v1, "-t", &v4], &body).unwrap_err());
+    assert!(err.contains("rootfs"), "{err}");
+    assert_eq!(ggfs(&["ls", &repo]), tags);
 }

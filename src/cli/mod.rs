@@ -20,6 +20,7 @@ mod config;
 mod copy;
 mod delete;
 mod digest;
+mod edit;
 mod export;
 mod flatten;
 mod index;
@@ -105,6 +106,9 @@ pub enum Command {
     Append(append::Args),
     /// Change an image's config (labels, env, entrypoint, ...) and push the result.
     Mutate(Box<mutate::Args>),
+    /// Edit an image's config or manifest (in $EDITOR, or from stdin) and push it.
+    #[command(subcommand)]
+    Edit(edit::Command),
     /// Attach an artifact (signature, SBOM, ...) to an image as a referrer.
     Attach(attach::Args),
     /// List the artifacts that refer to an image.
@@ -159,6 +163,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Delete(a) => delete::run(&ctx, a).await,
         Command::Append(a) => append::run(&ctx, a).await,
         Command::Mutate(a) => mutate::run(&ctx, *a).await,
+        Command::Edit(c) => edit::run(&ctx, c).await,
         Command::Attach(a) => attach::run(&ctx, a).await,
         Command::Refs(a) => refs::run(&ctx, a).await,
         Command::Index(c) => index::run(&ctx, c).await,
