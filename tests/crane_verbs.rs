@@ -1,7 +1,8 @@
 //! crane and gcrane verbs against a real registry (CNCF distribution),
 //! their results read back by skopeo and umoci (or, for tokens, used
 //! against the registry with curl): `index list|filter|append`, `auth token`,
-//! `mutate`'s layer, port, platform and output flags, `edit`.
+//! `mutate`'s layer, port, platform and output flags, `edit`, gcrane's
+//! `ls -r [--json]`.
 
 mod common;
 
@@ -733,4 +734,77 @@ fn edit_config_and_manifest_from_stdin_or_an_editor() {
     let err = one_line(ggfs_stdin(&["edit", "config", &v1, "-t", &v4], &body).unwrap_err());
     assert!(err.contains("rootfs"), "{err}");
     assert_eq!(ggfs(&["ls", &repo]), tags);
+}
+
+/// gcrane ls -r: every repository at or below a prefix (from the catalog),
+/// each manifest as repo@digest (the digest skopeo computes) followed by
+/// its tags; --json gives one line per repository, with `child` under -r.
+#[test]
+fn ls_recursive_lists_repositories_below_a_prefix_with_digests() {
+    let reg = Distribution::start();
+    let work = common::tempdir();
+    let w = work.path();
+    let layout = w.join("layout");
+    common::umoci_image(&layout, "t");
+    let a = reg.reference("ns/a");
+    common::push_oci_layout(&layout, "t", &format!("{a}:v1"));
+    ggfs(&["tag", &format!("{a}:v1"), "latest"]);
+    let sub = reg.reference("ns/a/sub");
+    two_platform_index(&reg, w, "ns/a/sub");
+    common::push_oci_layout(&layout, "t", &reg.reference("other/x:t"));
+    let d_a = skopeo_manifest(&format!("{a}:v1")).1;
+    let d_sub = skopeo_manifest(&format!("{sub}:t")).1;
+
+    let out = ggfs(&["ls", "-r", &reg.reference("ns")]);
+    assert_eq!(
+        out.lines().collect::<Vec<_>>(),
+        [
+            format!("{a}@{d_a}"),
+            format!("{a}:latest"),
+            format!("{a}:v1"),
+            format!("{sub}@{d_sub}"),
+            format!("{sub}:t"),
+        ]
+    );
+
+    let lines: Vec<Value> = ggfs(&["ls", "-r", "--json", &reg.reference("ns")])
+        .lines()
+        .map(json)
+        .collect();
+    assert_eq!(
+        lines,
+        [
+            serde_json::json!({
+                "name": "ns/a",
+                "tags": ["latest", "v1"],
+                "manifest": { &d_a: {
+                    "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                    "tag": ["latest", "v1"],
+                }},
+                "child": ["sub"],
+            }),
+            serde_json::json!({
+                "name": "ns/a/sub",
+                "tags": ["t"],
+                "manifest": { &d_sub: {
+                    "mediaType": "application/vnd.oci.image.index.v1+json",
+                    "tag": ["t"],
+                }},
+                "child": [],
+            }),
+        ]
+    );
+    // A registry alone: every repository; no -r: one repository, no child.
+    let everything = ggfs(&["ls", "-r", reg.addr()]);
+    assert!(
+        everything.contains(&reg.reference("other/x:t")),
+        "{everything}"
+    );
+    assert_eq!(everything.lines().filter(|l| l.contains('@')).count(), 3);
+    let one = json(&ggfs(&["ls", "--json", &a]));
+    assert_eq!(one["tags"], serde_json::json!(["latest", "v1"]));
+    assert!(one.get("child").is_none(), "{one}");
+
+    let err = ggfs_fails(&["ls", "-r", &reg.reference("nothing")]);
+    assert!(err.contains("nothing"), "{err}");
 }
