@@ -2,7 +2,7 @@
 //! their results read back by skopeo and umoci (or, for tokens, used
 //! against the registry with curl): `index list|filter|append`, `auth token`,
 //! `mutate`'s layer, port, platform and output flags, `edit`, gcrane's
-//! `ls -r [--json]`.
+//! `ls -r [--json]`, `gc [-r]`.
 
 mod common;
 
@@ -807,4 +807,114 @@ fn ls_recursive_lists_repositories_below_a_prefix_with_digests() {
 
     let err = ggfs_fails(&["ls", "-r", &reg.reference("nothing")]);
     assert!(err.contains("nothing"), "{err}");
+}
+
+/// `ggfs registry serve` on a free loopback port, killed on drop.
+struct Server {
+    child: std::process::Child,
+    addr: String,
+}
+
+impl Server {
+    fn start() -> Self {
+        let addr = format!("127.0.0.1:{}", common::free_port());
+        let child = Command::new(common::ggfs_bin())
+            .args(["registry", "serve", "--address", &addr])
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let server = Server { child, addr };
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(&server.addr).is_ok() {
+                return server;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        panic!("{} never listened", server.addr);
+    }
+
+    fn reference(&self, repo_and_tag: &str) -> String {
+        format!("{}/{repo_and_tag}", self.addr)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// gcrane gc: the manifests no tag reaches (a tag moved off one, an image
+/// pushed by digest), not a tagged index's children; -r covers the
+/// repositories below; what it prints skopeo finds, until it is deleted.
+/// distribution, which lists only tags, is refused in one line.
+#[test]
+fn gc_lists_the_manifests_no_tag_reaches() {
+    let srv = Server::start();
+    let work = common::tempdir();
+    let w = work.path();
+    let layout = w.join("layout");
+    common::umoci_image(&layout, "t");
+    let img = srv.reference("g/img");
+    common::push_oci_layout(&layout, "t", &format!("{img}:v1"));
+    let old = skopeo_manifest(&format!("{img}:v1")).1;
+    // The tag moves: the old image is left untagged.
+    ggfs(&["mutate", &format!("{img}:v1"), "-l", "new=1"]);
+    assert_ne!(skopeo_manifest(&format!("{img}:v1")).1, old);
+    // A tagged index: its children have no tag, but are reachable.
+    let idx_layout = w.join("idx-layout");
+    common::index_two_platforms(&idx_layout, "multi");
+    common::push_oci_layout(&idx_layout, "multi", &format!("{img}:multi"));
+    // An image pushed by digest into a repository below.
+    let out = ggfs(&[
+        "mutate",
+        &format!("{img}:v1"),
+        "-l",
+        "sub=1",
+        "--repo",
+        &srv.reference("g/img/sub"),
+    ]);
+    let sub = printed_digest(&out, &srv.reference("g/img/sub"));
+    ggfs(&[
+        "tag",
+        &format!("{}@{sub}", srv.reference("g/img/sub")),
+        "other",
+    ]);
+    let untagged_sub = printed_digest(
+        &ggfs(&[
+            "mutate",
+            &format!("{img}:v1"),
+            "-l",
+            "sub=2",
+            "--repo",
+            &srv.reference("g/img/sub"),
+        ]),
+        &srv.reference("g/img/sub"),
+    );
+
+    let out = ggfs(&["gc", &img]);
+    assert_eq!(out.lines().collect::<Vec<_>>(), [format!("{img}@{old}")]);
+    let out = ggfs(&["gc", "-r", &srv.reference("g")]);
+    assert_eq!(
+        out.lines().collect::<Vec<_>>(),
+        [
+            format!("{img}@{old}"),
+            format!("{}@{untagged_sub}", srv.reference("g/img/sub"))
+        ]
+    );
+    skopeo_manifest(&format!("{img}@{old}"));
+    ggfs(&["delete", &format!("{img}@{old}")]);
+    assert_eq!(ggfs(&["gc", &img]), "");
+    let gone = Command::new("skopeo")
+        .args(["inspect", "--raw", "--tls-verify=false"])
+        .arg(format!("docker://{img}@{old}"))
+        .output()
+        .unwrap();
+    assert!(!gone.status.success(), "skopeo still finds {old}");
+
+    let reg = Distribution::start();
+    common::push_oci_layout(&layout, "t", &reg.reference("g/img:v1"));
+    let err = ggfs_fails(&["gc", &reg.reference("g/img")]);
+    assert!(err.contains("lists only the tags"), "{err}");
 }

@@ -113,29 +113,38 @@ async fn listing(r: &RegistryRepo, a: &Args) -> Result<Listing> {
     })
 }
 
-/// gcrane ls -r: the catalog's repositories at or below the prefix.
-async fn recursive(ctx: &Ctx, a: &Args) -> Result<()> {
-    let (registry, prefix) = match Repository::parse(&a.repository) {
+/// The catalog's repositories at or below `prefix` (`HOST/REPO`, or a
+/// registry alone: all of them), and the whole catalog.
+pub(super) async fn repos_below(ctx: &Ctx, prefix: &str) -> Result<(Vec<Repository>, Vec<String>)> {
+    let (registry, prefix) = match Repository::parse(prefix) {
         Ok(r) => (r.registry, r.name),
-        Err(_) if !a.repository.contains('/') => (
-            ggfs::reference::normalize_registry(&a.repository),
-            String::new(),
-        ),
+        Err(_) if !prefix.contains('/') => {
+            (ggfs::reference::normalize_registry(prefix), String::new())
+        }
         Err(e) => return Err(e.into()),
     };
-    let client = ctx.client()?;
-    let catalog = client.catalog(&registry).await?;
+    let catalog = ctx.client()?.catalog(&registry).await?;
     let below =
         |name: &str| prefix.is_empty() || name == prefix || name.starts_with(&format!("{prefix}/"));
-    let repos: Vec<&String> = catalog.iter().filter(|n| below(n)).collect();
+    let repos = catalog
+        .iter()
+        .filter(|n| below(n))
+        .map(|n| Repository::new(&registry, n))
+        .collect::<ggfs::Result<Vec<_>>>()?;
     if repos.is_empty() {
         bail!("{registry}'s catalog lists no repository at or below {prefix:?}");
     }
-    for name in repos {
-        let repo = Repository::new(&registry, name)?;
+    Ok((repos, catalog))
+}
+
+/// gcrane ls -r: the catalog's repositories at or below the prefix.
+async fn recursive(ctx: &Ctx, a: &Args) -> Result<()> {
+    let (repos, catalog) = repos_below(ctx, &a.repository).await?;
+    let client = ctx.client()?;
+    for repo in repos {
         let listing = listing(&client.repo(&repo), a).await?;
         if a.json {
-            println!("{}", listing.json(Some(children(&catalog, name))));
+            println!("{}", listing.json(Some(children(&catalog, &repo.name))));
             continue;
         }
         for (digest, _, tags) in &listing.manifests {

@@ -23,6 +23,7 @@ mod digest;
 mod edit;
 mod export;
 mod flatten;
+mod gc;
 mod index;
 mod location;
 mod ls;
@@ -98,6 +99,8 @@ pub enum Command {
     /// Copy images between registries, layouts and tarballs.
     #[command(visible_alias = "cp")]
     Copy(copy::Args),
+    /// List the manifests of a repository that no tag reaches (gcrane gc).
+    Gc(gc::Args),
     /// Give an image another tag in the same repository.
     Tag(tag::Args),
     /// Delete a manifest from a registry.
@@ -160,6 +163,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Push(a) => push::run(&ctx, a).await,
         Command::Copy(a) => copy::run(&ctx, a).await,
         Command::Tag(a) => tag::run(&ctx, a).await,
+        Command::Gc(a) => gc::run(&ctx, a).await,
         Command::Delete(a) => delete::run(&ctx, a).await,
         Command::Append(a) => append::run(&ctx, a).await,
         Command::Mutate(a) => mutate::run(&ctx, *a).await,
