@@ -74,7 +74,9 @@ fn assert_children_unpack(reg: &Distribution, repo: &str, index: &Value, work: &
     for (i, d) in index["manifests"].as_array().unwrap().iter().enumerate() {
         let child = format!("{}@{}", reg.reference(repo), d["digest"].as_str().unwrap());
         let arch = d["platform"]["architecture"].as_str().unwrap();
-        let rootfs = skopeo_unpack(&child, work, &format!("{}-{i}", repo.replace('/', "-")));
+        let port = reg.addr().rsplit(':').next().unwrap();
+        let name = format!("{port}-{}-{i}", repo.replace('/', "-"));
+        let rootfs = skopeo_unpack(&child, work, &name);
         assert_eq!(
             std::fs::read_to_string(rootfs.join("arch")).unwrap(),
             format!("{arch}\n")
@@ -266,6 +268,14 @@ fn index_append_builds_indexes_from_images_and_indexes() {
     let digest = printed_digest(&out, &reg.reference("built/idx"));
     assert_eq!(skopeo_manifest(&built).1, digest);
     assert_eq!(digests(&skopeo_manifest(&built).0).len(), 3);
+
+    // From another registry: the children and their blobs are copied over.
+    let far = Distribution::start();
+    let far_idx = far.reference("far/idx:t");
+    ggfs(&["index", "append", "-m", &arm_ref, "-t", &far_idx]);
+    let (far_index, _) = skopeo_manifest(&far_idx);
+    assert_eq!(digests(&far_index), std::slice::from_ref(&arm));
+    assert_children_unpack(&far, "far/idx", &far_index, w);
 
     let docker = reg.reference("built/docker:t");
     ggfs(&[
