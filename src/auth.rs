@@ -586,6 +586,8 @@ pub struct Token {
     pub expires: Instant,
     /// A new refresh token, when the server handed one out.
     pub refresh_token: Option<String>,
+    /// The lifetime in seconds the server gave, if it gave one.
+    pub expires_in: Option<u64>,
 }
 
 impl fmt::Debug for Token {
@@ -814,6 +816,7 @@ async fn parse_token_response(
         token,
         expires,
         refresh_token: t.refresh_token,
+        expires_in: t.expires_in,
     })
 }
 

@@ -667,10 +667,21 @@ fn rebuild(
     base: Option<Arc<dyn Source>>,
     manifest_media_type: &str,
     config: &Value,
+    manifest: Value,
+    blobs: HashMap<Digest, Blob>,
+) -> Result<Image> {
+    let config = Bytes::from(serde_json::to_vec(config).expect("json"));
+    rebuild_raw(base, manifest_media_type, config, manifest, blobs)
+}
+
+/// [`rebuild`] with the config's bytes as they are.
+fn rebuild_raw(
+    base: Option<Arc<dyn Source>>,
+    manifest_media_type: &str,
+    config: Bytes,
     mut manifest: Value,
     mut blobs: HashMap<Digest, Blob>,
 ) -> Result<Image> {
-    let config = Bytes::from(serde_json::to_vec(config).expect("json"));
     let config_digest = Digest::of(&config);
     manifest["config"]["digest"] = json!(config_digest);
     manifest["config"]["size"] = json!(config.len());
@@ -828,6 +839,8 @@ pub struct ConfigEdits {
     pub labels: BTreeMap<String, String>,
     pub workdir: Option<String>,
     pub user: Option<String>,
+    /// `PORT/PROTO` keys added to `ExposedPorts` (those already there stay).
+    pub exposed_ports: Vec<String>,
 }
 
 /// Apply [`ConfigEdits`] to the image config's `config` section.
@@ -855,6 +868,12 @@ pub fn config(image: &Image, edits: &ConfigEdits) -> Result<Image> {
     if let Some(u) = &edits.user {
         c.insert("User".into(), json!(u));
     }
+    if !edits.exposed_ports.is_empty() {
+        let ports = as_object(c.entry("ExposedPorts").or_insert(Value::Null));
+        for p in &edits.exposed_ports {
+            ports.insert(p.clone(), json!({}));
+        }
+    }
     with_base(image, &cfg, manifest, HashMap::new())
 }
 
@@ -879,6 +898,26 @@ pub fn annotations(image: &Image, add: &BTreeMap<String, String>) -> Result<Imag
         a.insert(k.clone(), json!(v));
     }
     with_base(image, &cfg, manifest, HashMap::new())
+}
+
+/// The image with `config` (a JSON object, kept byte for byte) as its
+/// config blob; its `rootfs` must be the old one, which the layers match.
+pub fn replace_config(image: &Image, config: Bytes) -> Result<Image> {
+    let new = json_of(&config, "the new config")?;
+    let (old, manifest) = editable(image)?;
+    if new["rootfs"] != old["rootfs"] {
+        return Err(Error::invalid(
+            "the new config",
+            "its rootfs (the layers' diff_ids) differs from the image's",
+        ));
+    }
+    rebuild_raw(
+        Some(image.source.clone()),
+        &image.raw.media_type,
+        config,
+        manifest,
+        HashMap::new(),
+    )
 }
 
 /// Set the config's os, architecture and variant.

@@ -10,7 +10,7 @@ pub fn one_line(text: &str) -> String {
         if let Some(usage) = line.strip_prefix("Usage: ") {
             command = usage
                 .split(' ')
-                .take_while(|w| !w.starts_with(['[', '<']))
+                .take_while(|w| !w.starts_with(['[', '<', '-']))
                 .collect::<Vec<_>>()
                 .join(" ");
             break;
@@ -32,6 +32,11 @@ mod tests {
         assert_eq!(
             super::one_line(clap),
             "the following required arguments were not provided: <SRC> <DST> (see `ggfs copy --help`)"
+        );
+        let conflict = "error: the argument '--repo <REPO>' cannot be used with '--tag <TAG>'\n\nUsage: ggfs mutate --repo <REPO> <IMAGE>\n";
+        assert_eq!(
+            super::one_line(conflict),
+            "the argument '--repo <REPO>' cannot be used with '--tag <TAG>' (see `ggfs mutate --help`)"
         );
         let typo = "error: unrecognized subcommand 'mout'\n\n  tip: a similar subcommand exists: 'mount'\n\nUsage: ggfs [OPTIONS] <COMMAND>\n";
         assert_eq!(

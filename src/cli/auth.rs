@@ -22,6 +22,22 @@ pub enum Command {
     Logout { registry: String },
     /// Print the credentials for a registry as a credential helper would (JSON).
     Get { registry: String },
+    /// Print a bearer token for REPO from its registry's token server, as
+    /// crane does: `{"token":…,"refresh_token":…,"expires_in":…}`, or with
+    /// -H an `Authorization: Bearer …` header (for `curl -H "$(…)"`).
+    Token {
+        /// The repository the token is for (HOST/REPO).
+        repo: String,
+        /// Ask for pull and push, not only pull.
+        #[arg(long)]
+        push: bool,
+        /// Also pull access to this repository, to mount blobs from it (repeatable).
+        #[arg(short = 'm', long = "mount", value_delimiter = ',')]
+        mounts: Vec<String>,
+        /// Print an `Authorization: Bearer TOKEN` header instead of JSON.
+        #[arg(short = 'H', long)]
+        header: bool,
+    },
 }
 
 pub async fn run(ctx: &Ctx, cmd: Command) -> Result<()> {
@@ -57,10 +73,55 @@ pub async fn run(ctx: &Ctx, cmd: Command) -> Result<()> {
                 eprintln!("not logged in to {registry}");
             }
         }
+        Command::Token {
+            repo,
+            push,
+            mounts,
+            header,
+        } => token(ctx, &repo, push, &mounts, header).await?,
         Command::Get { registry } => {
             let registry = ggfs::reference::normalize_registry(&registry);
             println!("{}", serde_json::to_string(&ggfs::auth::get(&registry)?)?);
         }
     }
+    Ok(())
+}
+
+/// crane auth token: the token server's answer for REPO's scopes.
+async fn token(ctx: &Ctx, repo: &str, push: bool, mounts: &[String], header: bool) -> Result<()> {
+    let repo = ggfs::reference::Repository::parse(repo)?;
+    let actions = if push { "pull,push" } else { "pull" };
+    let mut scopes = vec![format!("repository:{}:{actions}", repo.name)];
+    for m in mounts {
+        let m = ggfs::reference::Repository::parse(m)?;
+        if m.registry != repo.registry {
+            bail!(
+                "--mount {m}: not on {}, the registry of the token",
+                repo.registry
+            );
+        }
+        scopes.push(format!("repository:{}:pull", m.name));
+    }
+    let t = ctx
+        .client()?
+        .token(&repo.registry, &repo.name, &scopes)
+        .await?;
+    if header {
+        print!("Authorization: Bearer {}", t.token);
+        return Ok(());
+    }
+    // crane's fields, in crane's order.
+    #[derive(serde::Serialize)]
+    struct Answer {
+        token: String,
+        refresh_token: String,
+        expires_in: u64,
+    }
+    let answer = Answer {
+        token: t.token,
+        refresh_token: t.refresh_token.unwrap_or_default(),
+        expires_in: t.expires_in.unwrap_or(0),
+    };
+    println!("{}", serde_json::to_string(&answer)?);
     Ok(())
 }

@@ -20,8 +20,10 @@ mod config;
 mod copy;
 mod delete;
 mod digest;
+mod edit;
 mod export;
 mod flatten;
+mod gc;
 mod index;
 mod location;
 mod ls;
@@ -58,8 +60,11 @@ pub struct Cli {
 #[derive(Args, Clone)]
 pub struct Global {
     /// Pick this platform out of an index (os/arch[/variant]); default: the host's,
-    /// and for copy: every platform.
-    #[arg(long, global = true)]
+    /// and for copy: every platform. `index filter` takes several.
+    #[arg(long = "platform", global = true, value_name = "PLATFORM")]
+    pub platforms: Vec<String>,
+    /// The one --platform, parsed (see [`Global::resolve`]).
+    #[arg(skip)]
     pub platform: Option<Platform>,
     /// Talk plain HTTP to registries, not only to localhost.
     #[arg(long, global = true)]
@@ -94,6 +99,8 @@ pub enum Command {
     /// Copy images between registries, layouts and tarballs.
     #[command(visible_alias = "cp")]
     Copy(copy::Args),
+    /// List the manifests of a repository that no tag reaches (gcrane gc).
+    Gc(gc::Args),
     /// Give an image another tag in the same repository.
     Tag(tag::Args),
     /// Delete a manifest from a registry.
@@ -101,13 +108,17 @@ pub enum Command {
     /// Build a new image: a base (or nothing) plus layers from directories or tars.
     Append(append::Args),
     /// Change an image's config (labels, env, entrypoint, ...) and push the result.
-    Mutate(mutate::Args),
+    Mutate(Box<mutate::Args>),
+    /// Edit an image's config or manifest (in $EDITOR, or from stdin) and push it.
+    #[command(subcommand)]
+    Edit(edit::Command),
     /// Attach an artifact (signature, SBOM, ...) to an image as a referrer.
     Attach(attach::Args),
     /// List the artifacts that refer to an image.
     Refs(refs::Args),
-    /// Index verbs: `index push` publishes the index of an image's plain
-    /// layers as a referrer, so mounts read them by Range from the start.
+    /// Image indexes (`index list|filter|append`, as crane's), and
+    /// `index push`: publish where each file of an image's plain layers
+    /// sits, as a referrer, so mounts read them by Range from the start.
     #[command(subcommand)]
     Index(index::Command),
     /// Write the flattened filesystem of an image as a tar.
@@ -139,7 +150,8 @@ pub enum Command {
 }
 
 pub async fn run(cli: Cli) -> Result<()> {
-    let ctx = Ctx::new(cli.global);
+    let several = matches!(cli.command, Command::Index(index::Command::Filter(_)));
+    let ctx = Ctx::new(cli.global.resolve(several)?);
     match cli.command {
         Command::Catalog(a) => catalog::run(&ctx, a).await,
         Command::Ls(a) => ls::run(&ctx, a).await,
@@ -151,9 +163,11 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Push(a) => push::run(&ctx, a).await,
         Command::Copy(a) => copy::run(&ctx, a).await,
         Command::Tag(a) => tag::run(&ctx, a).await,
+        Command::Gc(a) => gc::run(&ctx, a).await,
         Command::Delete(a) => delete::run(&ctx, a).await,
         Command::Append(a) => append::run(&ctx, a).await,
-        Command::Mutate(a) => mutate::run(&ctx, a).await,
+        Command::Mutate(a) => mutate::run(&ctx, *a).await,
+        Command::Edit(c) => edit::run(&ctx, c).await,
         Command::Attach(a) => attach::run(&ctx, a).await,
         Command::Refs(a) => refs::run(&ctx, a).await,
         Command::Index(c) => index::run(&ctx, c).await,
@@ -187,6 +201,23 @@ pub fn init_logging(verbose: u8) {
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .init();
+}
+
+impl Global {
+    /// Parse the --platform given once into `platform`; several are an error
+    /// unless the verb takes several (`several`: it reads `platforms`).
+    fn resolve(mut self, several: bool) -> Result<Self> {
+        match self.platforms.as_slice() {
+            [] => {}
+            [one] if !several => self.platform = Some(one.parse()?),
+            [..] if several => {}
+            _ => anyhow::bail!(
+                "--platform given {} times: this verb takes one",
+                self.platforms.len()
+            ),
+        }
+        Ok(self)
+    }
 }
 
 /// What every verb needs: global flags and one registry client.

@@ -1,7 +1,9 @@
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 
-use anyhow::{bail, Result};
-use ggfs::mutate::{self, ConfigEdits};
+use anyhow::{bail, Context as _, Result};
+use ggfs::mutate::{self, ConfigEdits, LayerFormat, LayerOptions};
+use ggfs::Platform;
 
 use super::Ctx;
 
@@ -12,6 +14,18 @@ pub struct Args {
     /// Where to push the result (default: back to IMAGE's tag).
     #[arg(short = 't', long = "tag")]
     tag: Option<String>,
+    /// Push the result by digest to this repository instead (HOST/REPO).
+    #[arg(short = 'r', long = "repo", conflicts_with_all = ["tag", "output"])]
+    repo: Option<String>,
+    /// Write the result instead of pushing it: a docker-save tarball at
+    /// PATH (`-`: stdout; tagged as -t or IMAGE), or an OCI layout with
+    /// `oci:DIR[:TAG]`.
+    #[arg(short = 'o', long = "output", value_name = "PATH")]
+    output: Option<String>,
+    /// Add a layer built from a directory or a tar (plain, gzip or zstd),
+    /// gzip-compressed, as `ggfs append` builds one (repeatable, in order).
+    #[arg(long = "append", value_name = "FILE|DIR")]
+    append: Vec<PathBuf>,
     /// Set a label, KEY=VALUE (repeatable).
     #[arg(short = 'l', long = "label")]
     labels: Vec<String>,
@@ -31,11 +45,18 @@ pub struct Args {
     workdir: Option<String>,
     #[arg(short = 'u', long)]
     user: Option<String>,
+    /// Ports to expose, PORT[/tcp|udp|sctp] (repeatable or comma-separated;
+    /// default protocol tcp); those already exposed stay.
+    #[arg(long = "exposed-ports", value_delimiter = ',', value_name = "PORT")]
+    exposed_ports: Vec<String>,
+    /// Set the config's platform, os/arch[/variant].
+    #[arg(long = "set-platform", value_name = "PLATFORM")]
+    set_platform: Option<String>,
 }
 
-/// crane mutate: edit the config (and annotations) and push the new image.
+/// crane mutate: edit the config (and annotations), optionally add layers,
+/// and push (or write) the new image.
 pub async fn run(ctx: &Ctx, a: Args) -> Result<()> {
-    let mut image = ctx.image(&a.image).await?;
     let edits = ConfigEdits {
         env: pairs(&a.env)?.into_iter().collect(),
         entrypoint: a.entrypoint.as_deref().map(split_list),
@@ -43,14 +64,97 @@ pub async fn run(ctx: &Ctx, a: Args) -> Result<()> {
         labels: pairs(&a.labels)?,
         workdir: a.workdir.clone(),
         user: a.user.clone(),
+        exposed_ports: a
+            .exposed_ports
+            .iter()
+            .map(|p| port(p))
+            .collect::<Result<_>>()?,
     };
-    image = mutate::config(&image, &edits)?;
+    let platform = match &a.set_platform {
+        Some(p) if p.contains(':') => bail!("--set-platform {p:?}: want os/arch[/variant]"),
+        Some(p) => Some(p.parse::<Platform>()?),
+        None => None,
+    };
     let annotations = pairs(&a.annotations)?;
+    let mut image = ctx.image(&a.image).await?;
+    if !a.append.is_empty() {
+        let layers = build_layers(a.append.clone()).await?;
+        image = mutate::append_with_history(&image, layers, "ggfs mutate --append", None)?;
+    }
+    image = mutate::config(&image, &edits)?;
     if !annotations.is_empty() {
         image = mutate::annotations(&image, &annotations)?;
     }
+    if let Some(p) = &platform {
+        image = mutate::set_platform(&image, p)?;
+    }
     let target = a.tag.as_deref().unwrap_or(&a.image);
-    super::append::push(ctx, &image, target).await
+    match (&a.output, &a.repo) {
+        (Some(out), _) if out.starts_with("oci:") => super::append::push(ctx, &image, out).await,
+        (Some(out), _) => write_tarball(&image, out, target).await,
+        (None, Some(repo)) => {
+            let repo = ggfs::reference::Repository::parse(repo)?;
+            let by_digest = format!("{repo}@{}", image.digest());
+            super::append::push(ctx, &image, &by_digest).await
+        }
+        (None, None) => super::append::push(ctx, &image, target).await,
+    }
+}
+
+/// Each path as a gzip layer: a directory's tree, or a tar's entries.
+async fn build_layers(paths: Vec<PathBuf>) -> Result<Vec<mutate::LocalLayer>> {
+    tokio::task::spawn_blocking(move || {
+        let opts = LayerOptions::new(LayerFormat::Gzip);
+        paths
+            .iter()
+            .map(|p| {
+                let layer = if p.is_dir() {
+                    mutate::layer_from_dir_as(p, &opts, &mutate::PlainDir)
+                } else {
+                    mutate::layer_from_tar_as(p, &opts)
+                };
+                layer.with_context(|| format!("--append {}", p.display()))
+            })
+            .collect()
+    })
+    .await?
+}
+
+/// The image as a docker-save tarball, tagged `tag` when that is a tagged
+/// registry reference; prints the image's digest.
+async fn write_tarball(image: &ggfs::image::Image, out: &str, tag: &str) -> Result<()> {
+    let path = out
+        .strip_prefix("docker-archive:")
+        .or_else(|| out.strip_prefix("tarball:"))
+        .unwrap_or(out);
+    let tags: Vec<String> = match super::parse_ref(tag) {
+        Ok(r) if r.tag.is_some() && r.digest.is_none() => vec![r.to_string()],
+        _ => Vec::new(),
+    };
+    let dest = match path {
+        "-" => ggfs::tarball::Dest::Stdout,
+        p => ggfs::tarball::Dest::Path(p.into()),
+    };
+    ggfs::tarball::write_to(image, dest, &tags)
+        .await
+        .with_context(|| format!("writing {path}"))?;
+    if path != "-" {
+        println!("{}", image.digest());
+    }
+    Ok(())
+}
+
+/// `PORT[/PROTO]` as a config's `ExposedPorts` key (`8080` → `8080/tcp`).
+fn port(p: &str) -> Result<String> {
+    let (num, proto) = p.split_once('/').unwrap_or((p, "tcp"));
+    let bad = || anyhow::anyhow!("--exposed-ports {p:?}: want PORT[/tcp|udp|sctp], PORT 1-65535");
+    if !num.parse::<u16>().is_ok_and(|n| n > 0) {
+        return Err(bad());
+    }
+    if !matches!(proto, "tcp" | "udp" | "sctp") {
+        return Err(bad());
+    }
+    Ok(format!("{num}/{proto}"))
 }
 
 fn pairs(items: &[String]) -> Result<BTreeMap<String, String>> {

@@ -1,10 +1,13 @@
 //! Tag and catalog listing with `?n=&last=` pagination and `Link` headers.
 
+use std::collections::BTreeMap;
+
 use reqwest::{Method, StatusCode};
 use url::Url;
 
 use super::transport::{status_error, Req, Transport};
 use super::{Client, RegistryRepo};
+use crate::digest::Digest;
 use crate::error::{Error, Result};
 
 /// One page of a listing. `next` is the `last` to pass for the next page;
@@ -148,6 +151,51 @@ impl RegistryRepo {
     pub async fn tags(&self) -> Result<Vec<String>> {
         let what = format!("tags of {}", self.repository());
         all(self.t(), self.tags_req()?, Kind::Tags, &what).await
+    }
+
+    /// Every manifest of the repository with its media type and tags, from
+    /// the `manifest` map that GCR, Artifact Registry and `ggfs registry
+    /// serve` add to tags/list (all pages merged); `None` when the registry
+    /// lists only tags, as distribution does.
+    pub async fn manifest_map(&self) -> Result<Option<BTreeMap<Digest, (String, Vec<String>)>>> {
+        let what = format!("tags of {}", self.repository());
+        let mut req = self.tags_req()?;
+        let mut out: Option<BTreeMap<Digest, (String, Vec<String>)>> = None;
+        for _ in 0..MAX_PAGES {
+            let resp = self.t().send(&req).await?;
+            if resp.status() != StatusCode::OK {
+                return Err(status_error(&req.registry, &what, resp).await);
+            }
+            let next = resp
+                .header("link")
+                .and_then(next_link)
+                .and_then(|l| resp.url().join(&l).ok());
+            let body = resp.bytes_capped(&what, MAX_LIST_BODY).await?;
+            let v: serde_json::Value = serde_json::from_slice(&body)
+                .map_err(|e| Error::invalid(&what, format!("not JSON: {e}")))?;
+            if let Some(map) = v.get("manifest").and_then(|m| m.as_object()) {
+                let out = out.get_or_insert_with(BTreeMap::new);
+                for (digest, info) in map {
+                    let digest = Digest::parse(digest)?;
+                    let mt = info["mediaType"].as_str().unwrap_or_default().to_string();
+                    let tags = info["tag"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|t| t.as_str().map(str::to_string))
+                        .collect();
+                    out.insert(digest, (mt, tags));
+                }
+            }
+            match next {
+                Some(u) if u != req.url => req.url = u,
+                _ => return Ok(out),
+            }
+        }
+        Err(Error::invalid(
+            &what,
+            format!("more than {MAX_PAGES} pages"),
+        ))
     }
 
     /// At most `n` tags after `last`.

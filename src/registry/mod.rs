@@ -165,6 +165,49 @@ impl Client {
         Err(transport::status_error(registry, &format!("registry {registry}"), resp).await)
     }
 
+    /// A bearer token for `scopes` (`repository:NAME:pull`, ...) from
+    /// `registry`'s token server, issued to the keychain's credential for
+    /// `repo` (or anonymously), as `crane auth token` asks for one. An error
+    /// when the registry does not answer `/v2/` with a Bearer challenge.
+    pub async fn token(
+        &self,
+        registry: &str,
+        repo: &str,
+        scopes: &[String],
+    ) -> Result<auth::Token> {
+        let req = Req::new(Method::GET, self.t.url(registry, "")?, registry);
+        let first = self.t.send_plain(&req, None).await?;
+        if first.status() != StatusCode::UNAUTHORIZED {
+            return Err(Error::auth(
+                registry,
+                format!(
+                    "GET /v2/ answered {} without asking for credentials: the registry issues no tokens",
+                    first.status()
+                ),
+            ));
+        }
+        let header = first.header("www-authenticate").unwrap_or("");
+        let challenge = transport::challenge_in(registry, header)?;
+        drop(first);
+        if !challenge.is_bearer() {
+            return Err(Error::auth(
+                registry,
+                "the registry asks for Basic credentials, not for bearer tokens",
+            ));
+        }
+        let cred = self.t.credential(registry, Some(repo))?;
+        let allow_http = self.t.scheme(registry) == "http";
+        auth::fetch_token(
+            &self.t.http,
+            registry,
+            &challenge,
+            scopes,
+            cred.as_ref(),
+            allow_http,
+        )
+        .await
+    }
+
     /// Verify `cred` against `registry` without using the keychain: Basic
     /// against `/v2/`, or a token request to the realm it names.
     pub async fn check_credential(&self, registry: &str, cred: &Credential) -> Result<()> {

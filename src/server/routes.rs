@@ -176,7 +176,16 @@ fn tags(store: &Store, name: &str, query: &[(String, String)]) -> ApiResult<Resp
         .tags(name)
         .ok_or_else(|| ApiError::name_unknown(name))?;
     let (page, next) = paginate(all, query)?;
-    let mut resp = axum::Json(json!({ "name": name, "tags": page })).into_response();
+    // As GCR and Artifact Registry do: every manifest of the repository,
+    // tagged or not, so `ggfs gc` (and gcrane) can tell the untagged ones.
+    let manifest: serde_json::Map<String, serde_json::Value> = store
+        .manifest_tags(name)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(d, (mt, tags))| (d.to_string(), json!({ "mediaType": mt, "tag": tags })))
+        .collect();
+    let body = json!({ "name": name, "tags": page, "manifest": manifest });
+    let mut resp = axum::Json(body).into_response();
     link(&mut resp, &format!("/v2/{name}/tags/list"), next)?;
     Ok(resp)
 }

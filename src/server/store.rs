@@ -448,6 +448,25 @@ impl Store {
             .map(|r| r.tags.keys().cloned().collect())
     }
 
+    /// Every manifest of a repository, by digest: its media type and the
+    /// tags naming it (what GCR's tags/list adds as `manifest`); None when
+    /// the repository is unknown.
+    pub fn manifest_tags(&self, repo: &str) -> Option<BTreeMap<Digest, (String, Vec<String>)>> {
+        let meta = lock(&self.meta);
+        let r = meta.get(repo)?;
+        let mut out: BTreeMap<Digest, (String, Vec<String>)> = r
+            .manifests
+            .iter()
+            .map(|(d, mt)| (d.clone(), (mt.clone(), Vec::new())))
+            .collect();
+        for (tag, d) in &r.tags {
+            if let Some(entry) = out.get_mut(d) {
+                entry.1.push(tag.clone());
+            }
+        }
+        Some(out)
+    }
+
     pub fn repositories(&self) -> Vec<String> {
         lock(&self.meta).keys().cloned().collect()
     }
