@@ -28,6 +28,10 @@ const PRESENT: u8 = 1;
 /// Everything below this path in lower layers is hidden (a whiteout, an
 /// opaque directory, or a non-directory replacing a directory).
 const HIDES_BELOW: u8 = 2;
+/// An upper layer put something below this path: it is a directory, and a
+/// lower layer's non-directory here (a symlink above the upper's files) is
+/// skipped.
+const IS_PARENT: u8 = 4;
 
 /// Write the flattened filesystem of `image` as a tar to `out`, returning
 /// `out` when done. Layer blobs are verified against their digests as they
@@ -112,6 +116,8 @@ fn flatten_layer<W: Write>(
     };
     // Non-directories emitted from this layer: valid hardlink targets.
     let mut emitted_here: HashSet<PathBuf> = HashSet::new();
+    // Ancestors of what this layer emitted, marked IS_PARENT already.
+    let mut parents_here: HashSet<PathBuf> = HashSet::new();
     // Orphan link name → the hidden file it shares an inode with.
     let mut orphan_root: HashMap<PathBuf, PathBuf> = HashMap::new();
     for entry in archive.entries()? {
@@ -134,6 +140,19 @@ fn flatten_layer<W: Write>(
             continue;
         }
         let kind = entry.header().entry_type();
+        // Never a member beneath a symlink (or file) of this layer: a
+        // consumer's tar would follow the link off the image.
+        if let Some(p) = path.ancestors().skip(1).find(|a| emitted_here.contains(*a)) {
+            tracing::warn!(
+                "dropping {}: it lies beneath {}, a non-directory of the same layer",
+                path.display(),
+                p.display()
+            );
+            continue;
+        }
+        if !kind.is_dir() && marks.get(&path).is_some_and(|m| m & IS_PARENT != 0) {
+            continue; // an upper layer's files are below: a directory
+        }
         if kind.is_hard_link() {
             let Some(target) = entry.link_name()?.as_deref().and_then(normalize) else {
                 continue;
@@ -150,6 +169,12 @@ fn flatten_layer<W: Write>(
             }
         }
         copy_entry(out, &mut entry, &path)?;
+        for a in path.ancestors().skip(1) {
+            if a.as_os_str().is_empty() || !parents_here.insert(a.to_path_buf()) {
+                break;
+            }
+            scan.pending.push((a.to_path_buf(), IS_PARENT));
+        }
         if kind.is_dir() {
             scan.pending.push((path, PRESENT));
         } else {
@@ -414,6 +439,19 @@ mod tests {
         want.push(("hl2".to_string(), "-> hl".to_string()));
         want.sort();
         assert_eq!(got, want);
+    }
+
+    #[test]
+    fn no_member_beneath_a_symlink() {
+        // Same layer: the entry beneath the link is dropped.
+        let l1 = layer(&[("link", 's', "/etc"), ("link/passwd", 'f', "x")]);
+        let got = flatten_bottom_up(vec![l1.clone()]);
+        assert_eq!(got, pairs(&[("link", "-> /etc")]));
+        // An upper layer's files below a lower symlink: the path is a
+        // directory, the symlink goes.
+        let l2 = layer(&[("link/passwd", 'f', "y")]);
+        let got = flatten_bottom_up(vec![l1, l2]);
+        assert_eq!(got, pairs(&[("link/passwd", "y")]));
     }
 
     #[test]

@@ -193,24 +193,32 @@ impl Tree {
                 }
             }
         }
+        let first_new = self.nodes.len() as NodeId;
         for (i, e) in entries.iter().enumerate() {
             let (_, base) = split(&e.path);
             if base.starts_with(WHITEOUT) {
                 continue;
             }
             let data = DataRef { layer, entry: i };
-            self.insert(e, data);
+            self.insert(e, data, first_new);
         }
     }
 
-    fn insert(&mut self, e: &Entry, data: DataRef) {
+    /// Add one entry; nodes from `first_new` on were made by this layer.
+    fn insert(&mut self, e: &Entry, data: DataRef, first_new: NodeId) {
         // The root keeps its implicit metadata: rootfs/ is answered before
         // any layer is read, and must not change once one is.
         if e.path.is_empty() {
             return;
         }
         let (parent, base) = split(&e.path);
-        let dir = self.make_dirs(parent);
+        let Some(dir) = self.make_dirs(parent, first_new) else {
+            tracing::warn!(
+                "layer entry {} lies beneath a non-directory of the same layer (a symlink?): dropped",
+                String::from_utf8_lossy(&e.path)
+            );
+            return;
+        };
         if let Some(target) = &e.hardlink {
             match self.resolve(target) {
                 Some(t) if self.nodes[t as usize].meta.kind != Kind::Dir => {
@@ -268,12 +276,16 @@ impl Tree {
         id
     }
 
-    /// The directory at `path`, creating missing (or non-directory) components.
-    fn make_dirs(&mut self, path: &[u8]) -> NodeId {
+    /// The directory at `path`, creating missing components and replacing
+    /// lower layers' non-directories; `None` when a component is a
+    /// non-directory of this layer (nodes from `first_new` on): an entry
+    /// beneath a symlink the same layer made is never followed or merged.
+    fn make_dirs(&mut self, path: &[u8], first_new: NodeId) -> Option<NodeId> {
         let mut id = ROOT;
         for c in path.split(|&b| b == b'/').filter(|c| !c.is_empty()) {
             id = match self.child(id, c) {
                 Some(n) if self.nodes[n as usize].meta.kind == Kind::Dir => n,
+                Some(n) if n >= first_new => return None,
                 _ => {
                     let n = self.add_node(id, Meta::implicit_dir(), None);
                     self.replace(id, c, Some(n));
@@ -281,7 +293,7 @@ impl Tree {
                 }
             };
         }
-        id
+        Some(id)
     }
 
     /// Directory link counts: 2 plus one per subdirectory.
@@ -322,6 +334,20 @@ mod tests {
             .keys()
             .map(|k| String::from_utf8_lossy(k).into_owned())
             .collect()
+    }
+
+    #[test]
+    fn entries_beneath_a_symlink_of_their_own_layer_are_dropped() {
+        let l0 = [e("link", Kind::Symlink), e("link/passwd", Kind::File)];
+        let t = Tree::build([&l0[..]]);
+        assert_eq!(names(&t, ""), ["link"]);
+        assert_eq!(t.node(t.resolve(b"link").unwrap()).meta.kind, Kind::Symlink);
+        // A later layer's entry beneath it makes it a directory, as a later
+        // layer replaces any lower file.
+        let l1 = [e("link/passwd", Kind::File)];
+        let t = Tree::build([&l0[..], &l1[..]]);
+        assert_eq!(t.node(t.resolve(b"link").unwrap()).meta.kind, Kind::Dir);
+        assert_eq!(names(&t, "link"), ["passwd"]);
     }
 
     #[test]
