@@ -99,7 +99,9 @@ fn crafted_layer_stays_inside_the_image() {
     assert_eq!(read(&rootfs.join("dup")).unwrap(), b"second\n");
     let bad = rootfs.join(std::ffi::OsStr::from_bytes(b"bad-\xff-utf8"));
     assert_eq!(read(&bad).unwrap(), b"bytes\n");
-    let deep = rootfs.join(vec!["d".repeat(200); 20].join("/")).join("deep");
+    let deep = rootfs
+        .join(vec!["d".repeat(200); 20].join("/"))
+        .join("deep");
     assert_eq!(read(&deep).unwrap(), b"deep\n");
     // `link` is the image's symlink, nothing was put beneath it.
     let target = std::fs::read_link(rootfs.join("link")).unwrap();

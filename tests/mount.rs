@@ -857,3 +857,72 @@ fn file_over_4gib_reads_right_on_both_sides_of_2_pow_32() {
     let used = common::dir_size(&cache);
     assert!(used < 80 << 20, "cache holds {used} bytes");
 }
+
+/// The `listings N` counter of `.ggfs/stats`.
+fn listings(m: &Mount) -> u64 {
+    let stats = read_string(&m.path(".ggfs/stats"));
+    let line = stats.lines().find_map(|l| l.strip_prefix("listings "));
+    line.unwrap_or_else(|| panic!("no listings in {stats}"))
+        .parse()
+        .unwrap()
+}
+
+/// The names `ls -f` prints for `dir`, sorted, less `.` and `..`.
+fn ls_f(dir: &Path) -> Vec<String> {
+    let d = dir.to_path_buf();
+    let out = within(120, "ls -f", move || {
+        common::run(Command::new("ls").arg("-f").arg(&d))
+    });
+    let mut names: Vec<String> = out
+        .lines()
+        .filter(|n| *n != "." && *n != "..")
+        .map(String::from)
+        .collect();
+    names.sort();
+    names
+}
+
+/// A directory of 10,000 entries takes hundreds of READDIR pages; its
+/// listing is built once per `ls` (not once per page) and every name comes
+/// back exactly once, read-only and once the tree is writable.
+#[test]
+fn a_big_directory_is_listed_once_per_open() {
+    let reg = Distribution::start();
+    let work = common::tempdir();
+    let tree = work.path().join("tree");
+    let big = tree.join("big");
+    std::fs::create_dir_all(&big).unwrap();
+    let mut want: Vec<String> = (0..10_000)
+        .map(|i| format!("{i:05}-{}", "x".repeat(90)))
+        .collect();
+    for n in &want {
+        std::fs::write(big.join(n), b"").unwrap();
+    }
+    want.sort();
+    let image = reg.reference("big/dir:t");
+    common::run(
+        Command::new(common::ggfs_bin())
+            .args(["append", "-f"])
+            .arg(&tree)
+            .args(["-t", &image]),
+    );
+    let m = Mount::start(reg.addr(), &[]);
+    let dir = m.path("big/dir/t/rootfs/big");
+    let before = listings(&m);
+    assert_eq!(ls_f(&dir), want);
+    assert_eq!(listings(&m) - before, 1, "listing rebuilt per READDIR page");
+    // Again: the kernel kept the listing.
+    assert_eq!(ls_f(&dir), want);
+    assert_eq!(listings(&m) - before, 1);
+
+    // Writable: a new name shows up, and the listing is still built once.
+    let added = dir.join("zz-new");
+    within(60, "create", {
+        let a = added.clone();
+        move || std::fs::write(&a, b"new").unwrap()
+    });
+    want.push("zz-new".into());
+    let before = listings(&m);
+    assert_eq!(ls_f(&dir), want);
+    assert_eq!(listings(&m) - before, 1, "listing rebuilt per READDIR page");
+}

@@ -182,6 +182,9 @@ pub struct Inner {
     /// Changed images an earlier mount left unpushed, until opened.
     pub(crate) recovered: Mutex<HashMap<(String, String), Digest>>,
     pub(crate) handles: Mutex<HashMap<u64, Arc<Handle>>>,
+    /// Open directories' listings, taken at the first READDIR and paged
+    /// from there: a listing is built once per opendir, not per page.
+    pub(crate) listings: Mutex<HashMap<u64, Arc<crate::fuse::Entries>>>,
     /// Tags made with mkdir, waiting for their manifest: (repository, tag).
     pub(crate) new_tags: Mutex<std::collections::BTreeSet<(String, String)>>,
     pub(crate) next_fh: AtomicU64,
@@ -214,6 +217,7 @@ impl Inner {
             work: Mutex::new(HashMap::new()),
             recovered: Mutex::new(recovered),
             handles: Mutex::new(HashMap::new()),
+            listings: Mutex::new(HashMap::new()),
             new_tags: Mutex::new(std::collections::BTreeSet::new()),
             next_fh: AtomicU64::new(1),
             blobs: Memo::default(),

@@ -4,6 +4,7 @@
 
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -80,7 +81,7 @@ fn lookup_reply(fs: &Inner, r: Res<(Duration, FileAttr)>, reply: ReplyEntry) {
     }
 }
 
-type Entries = Vec<(u64, fuser::FileType, std::ffi::OsString)>;
+pub(crate) type Entries = Vec<(u64, fuser::FileType, std::ffi::OsString)>;
 
 /// The kernel need not send FLUSH at close (FOPEN_NOFLUSH, Linux 5.16+;
 /// older kernels ignore it): one round trip less per file opened.
@@ -94,12 +95,12 @@ fn open_flags(fs: &Inner, fh: u64, flags: u32) -> u32 {
     }
 }
 
-fn dir_reply(fs: &Inner, r: Res<Entries>, offset: i64, mut reply: ReplyDirectory) {
+fn dir_reply(fs: &Inner, r: Res<Arc<Entries>>, offset: i64, mut reply: ReplyDirectory) {
     match r {
         Ok(entries) => {
             let skip = offset.max(0) as usize;
-            for (i, (ino, kind, name)) in entries.into_iter().enumerate().skip(skip) {
-                if reply.add(ino, (i + 1) as i64, kind, &name) {
+            for (i, (ino, kind, name)) in entries.iter().enumerate().skip(skip) {
+                if reply.add(*ino, (i + 1) as i64, *kind, name) {
                     break;
                 }
             }
@@ -107,6 +108,30 @@ fn dir_reply(fs: &Inner, r: Res<Entries>, offset: i64, mut reply: ReplyDirectory
         }
         Err(f) => reply.error(fs.failed("readdir", f)),
     }
+}
+
+/// The listing of open directory `fh`: the one its first READDIR (offset
+/// 0) took, so later pages neither rebuild it nor see it shift.
+fn listing(
+    fs: &Inner,
+    fh: u64,
+    offset: i64,
+    build: impl FnOnce() -> Res<Entries>,
+) -> Res<Arc<Entries>> {
+    let mut l = fs.listings.lock().unwrap_or_else(|p| p.into_inner());
+    if offset > 0 {
+        if let Some(e) = l.get(&fh) {
+            return Ok(e.clone());
+        }
+    }
+    drop(l);
+    fs.ns.stats.listing();
+    let e = Arc::new(build()?);
+    l = fs.listings.lock().unwrap_or_else(|p| p.into_inner());
+    if fh != 0 {
+        l.insert(fh, e.clone());
+    }
+    Ok(e)
 }
 
 fn names_reply(r: Res<Vec<(Vec<u8>, Vec<u8>)>>, size: u32, reply: ReplyXattr) {
@@ -297,22 +322,56 @@ impl Filesystem for Fs {
         } else {
             0
         };
-        reply.opened(0, flags);
+        let fh = self.inner.next_fh.fetch_add(1, Ordering::Relaxed);
+        reply.opened(fh, flags);
+    }
+
+    fn releasedir(
+        &mut self,
+        _req: &Request<'_>,
+        _ino: u64,
+        fh: u64,
+        _flags: i32,
+        reply: ReplyEmpty,
+    ) {
+        let mut l = self
+            .inner
+            .listings
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        l.remove(&fh);
+        reply.ok();
     }
 
     fn readdir(
         &mut self,
         _req: &Request<'_>,
         ino: u64,
-        _fh: u64,
+        fh: u64,
         offset: i64,
         reply: ReplyDirectory,
     ) {
         if let Some(r) = self.inner.built_writable(ino) {
-            return dir_reply(&self.inner, r.readdir(ino), offset, reply);
+            let res = listing(&self.inner, fh, offset, || r.readdir(ino));
+            return dir_reply(&self.inner, res, offset, reply);
         }
-        self.spawn(|fs| async move {
-            let res = fs.readdir(ino).await;
+        if offset > 0 {
+            let cached = self
+                .inner
+                .listings
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&fh)
+                .cloned();
+            if let Some(e) = cached {
+                return dir_reply(&self.inner, Ok(e), offset, reply);
+            }
+        }
+        self.spawn(move |fs| async move {
+            let res = match fs.readdir(ino).await {
+                Ok(e) => listing(&fs, fh, 0, || Ok(e)),
+                Err(f) => Err(f),
+            };
             dir_reply(&fs, res, offset, reply)
         });
     }

@@ -24,12 +24,18 @@ struct BlobStat {
 #[derive(Default)]
 pub struct Stats {
     requests: AtomicU64,
+    /// Directory listings built (one per opendir that is read, not per page).
+    listings: AtomicU64,
     blobs: Mutex<BTreeMap<Digest, BlobStat>>,
 }
 
 impl Stats {
     pub fn request(&self) {
         self.requests.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn listing(&self) {
+        self.listings.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Remember a blob's size (from its descriptor) for the percentage.
@@ -62,6 +68,7 @@ impl Stats {
         let _ = writeln!(out, "cache_misses {}", cache.misses.load(Ordering::Relaxed));
         let _ = writeln!(out, "cache_bytes {}", cache.used());
         let _ = writeln!(out, "cache_limit {}", cache.limit());
+        let _ = writeln!(out, "listings {}", self.listings.load(Ordering::Relaxed));
         for (d, b) in blobs.iter().filter(|(_, b)| b.requests > 0) {
             let size = b.size.map_or("-".to_string(), |s| s.to_string());
             let pct = match b.size {
