@@ -57,6 +57,9 @@ cleanup() {
 trap cleanup EXIT
 
 cargo build --workspace --all-targets
+# The library alone (what a crate depending on ggfs compiles) must build
+# without the CLI and server features.
+cargo check --lib --no-default-features
 
 status=0
 # Doctests first: nextest cannot run them, and its summary should be the

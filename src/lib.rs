@@ -23,6 +23,7 @@ pub mod optimize;
 pub mod rebase;
 pub mod reference;
 pub mod registry;
+#[cfg(feature = "server")]
 pub mod server;
 pub mod tarball;
 pub mod tarindex;
