@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 
 use common::tree::assert_same_tree;
 use common::{ggfs, ggfs_fails, run, umoci_unpack, untar, Distribution};
@@ -149,7 +149,7 @@ fn copy_index_whole_or_one_platform() {
 /// tags list, delete removes.
 #[test]
 fn embedded_registry_serves_ggfs_and_skopeo() {
-    let server = Server::start();
+    let server = common::GgfsRegistry::start();
     let addr = server.addr.clone();
     let work = common::tempdir();
     let dir = work.path().join("d");
@@ -182,38 +182,6 @@ fn embedded_registry_serves_ggfs_and_skopeo() {
     );
     ggfs(&["delete", &format!("{addr}/e/app:v3")]);
     assert_eq!(ggfs(&["ls", &format!("{addr}/e/app")]), "v1\nv2\n");
-}
-
-/// `ggfs registry serve` on a free loopback port, killed on drop.
-struct Server {
-    child: Child,
-    addr: String,
-}
-
-impl Server {
-    fn start() -> Self {
-        let addr = format!("127.0.0.1:{}", common::free_port());
-        let child = Command::new(common::ggfs_bin())
-            .args(["registry", "serve", "--address", &addr])
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let server = Server { child, addr };
-        for _ in 0..100 {
-            if std::net::TcpStream::connect(&server.addr).is_ok() {
-                return server;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
-        panic!("{} never listened", server.addr);
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// Bad input: one clear line, non-zero exit, nothing half-written.
@@ -333,7 +301,7 @@ fn basic_auth_with_login_and_docker_config() {
 #[test]
 fn attach_and_refs_on_both_registries() {
     let dist = Distribution::start();
-    let server = Server::start();
+    let server = common::GgfsRegistry::start();
     let embedded = server.addr.clone();
     let work = common::tempdir();
     std::fs::write(work.path().join("f"), "content\n").unwrap();

@@ -819,49 +819,13 @@ fn ls_recursive_lists_repositories_below_a_prefix_with_digests() {
     assert!(err.contains("nothing"), "{err}");
 }
 
-/// `ggfs registry serve` on a free loopback port, killed on drop.
-struct Server {
-    child: std::process::Child,
-    addr: String,
-}
-
-impl Server {
-    fn start() -> Self {
-        let addr = format!("127.0.0.1:{}", common::free_port());
-        let child = Command::new(common::ggfs_bin())
-            .args(["registry", "serve", "--address", &addr])
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let server = Server { child, addr };
-        for _ in 0..100 {
-            if std::net::TcpStream::connect(&server.addr).is_ok() {
-                return server;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
-        panic!("{} never listened", server.addr);
-    }
-
-    fn reference(&self, repo_and_tag: &str) -> String {
-        format!("{}/{repo_and_tag}", self.addr)
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// gcrane gc: the manifests no tag reaches (a tag moved off one, an image
 /// pushed by digest), not a tagged index's children; -r covers the
 /// repositories below; what it prints skopeo finds, until it is deleted.
 /// distribution, which lists only tags, is refused in one line.
 #[test]
 fn gc_lists_the_manifests_no_tag_reaches() {
-    let srv = Server::start();
+    let srv = common::GgfsRegistry::start();
     let work = common::tempdir();
     let w = work.path();
     let layout = w.join("layout");

@@ -75,8 +75,19 @@ pub async fn run(ctx: &Ctx, a: Args) -> Result<()> {
         chunk_size: a.chunk_size,
         prefetch: a.prefetch.clone(),
     };
-    let paths = a.layers.clone();
-    let layers = tokio::task::spawn_blocking(move || {
+    let layers = build_layers(a.layers.clone(), opts, "building a layer from").await?;
+    let image = mutate::append(&base, layers)?;
+    push(ctx, &image, &a.tag).await
+}
+
+/// Each path as a layer written as `opts` says: a directory's tree, or a
+/// tar's entries; an error names `what` and the path.
+pub async fn build_layers(
+    paths: Vec<PathBuf>,
+    opts: LayerOptions,
+    what: &'static str,
+) -> Result<Vec<mutate::LocalLayer>> {
+    tokio::task::spawn_blocking(move || {
         paths
             .iter()
             .map(|p| {
@@ -85,13 +96,11 @@ pub async fn run(ctx: &Ctx, a: Args) -> Result<()> {
                 } else {
                     mutate::layer_from_tar_as(p, &opts)
                 };
-                layer.with_context(|| format!("building a layer from {}", p.display()))
+                layer.with_context(|| format!("{what} {}", p.display()))
             })
-            .collect::<Result<Vec<_>>>()
+            .collect()
     })
-    .await??;
-    let image = mutate::append(&base, layers)?;
-    push(ctx, &image, &a.tag).await
+    .await?
 }
 
 /// Push an image built in memory to a location.

@@ -78,7 +78,8 @@ pub async fn run(ctx: &Ctx, a: Args) -> Result<()> {
     let annotations = pairs(&a.annotations)?;
     let mut image = ctx.image(&a.image).await?;
     if !a.append.is_empty() {
-        let layers = build_layers(a.append.clone()).await?;
+        let gzip = LayerOptions::new(LayerFormat::Gzip);
+        let layers = super::append::build_layers(a.append.clone(), gzip, "--append").await?;
         image = mutate::append_with_history(&image, layers, "ggfs mutate --append", None)?;
     }
     image = mutate::config(&image, &edits)?;
@@ -99,25 +100,6 @@ pub async fn run(ctx: &Ctx, a: Args) -> Result<()> {
         }
         (None, None) => super::append::push(ctx, &image, target).await,
     }
-}
-
-/// Each path as a gzip layer: a directory's tree, or a tar's entries.
-async fn build_layers(paths: Vec<PathBuf>) -> Result<Vec<mutate::LocalLayer>> {
-    tokio::task::spawn_blocking(move || {
-        let opts = LayerOptions::new(LayerFormat::Gzip);
-        paths
-            .iter()
-            .map(|p| {
-                let layer = if p.is_dir() {
-                    mutate::layer_from_dir_as(p, &opts, &mutate::PlainDir)
-                } else {
-                    mutate::layer_from_tar_as(p, &opts)
-                };
-                layer.with_context(|| format!("--append {}", p.display()))
-            })
-            .collect()
-    })
-    .await?
 }
 
 /// The image as a docker-save tarball, tagged `tag` when that is a tagged

@@ -22,7 +22,7 @@ pub use fixtures::{
     push_oci_layout, push_oci_layout_v2s2, umoci_image, umoci_image_from, MULTILAYER_TAG,
 };
 pub use proxy::{CountingProxy, ProxyRequest, Wan};
-pub use registry::{http_get, Distribution};
+pub use registry::{http_get, Distribution, GgfsRegistry};
 pub use token::{TokenOptions, TokenRequest, TokenServer};
 
 use std::path::{Path, PathBuf};

@@ -260,3 +260,41 @@ pub fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, Vec<u8>)> {
         .ok_or_else(bad)?;
     Ok((status, buf[head_end + 4..].to_vec()))
 }
+
+/// `ggfs registry serve` (the embedded registry, as a user runs it) on a
+/// free loopback port, killed on drop.
+pub struct GgfsRegistry {
+    child: std::process::Child,
+    pub addr: String,
+}
+
+impl GgfsRegistry {
+    pub fn start() -> Self {
+        let addr = format!("127.0.0.1:{}", super::free_port());
+        let child = Command::new(super::ggfs_bin())
+            .args(["registry", "serve", "--address", &addr])
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let server = GgfsRegistry { child, addr };
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(&server.addr).is_ok() {
+                return server;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        panic!("{} never listened", server.addr);
+    }
+
+    /// `HOST:PORT/repo[:tag]` on this registry.
+    pub fn reference(&self, repo_and_tag: &str) -> String {
+        format!("{}/{repo_and_tag}", self.addr)
+    }
+}
+
+impl Drop for GgfsRegistry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
