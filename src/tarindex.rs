@@ -542,14 +542,28 @@ impl LayerIndex {
     ) -> Result<Bytes> {
         let (start, stop) = self.zstd_span(offset, end);
         let data = fetch(start.compressed, stop - start.compressed)?;
+        self.zstd_read_from(offset, (end - offset) as usize, &data[..])
+    }
+
+    /// [`read_at`](Self::read_at) of a zstd layer from `src`, the compressed
+    /// bytes from the start of [`fetch_range`](Self::fetch_range) on,
+    /// streamed: memory stays at the decoder's window however long the
+    /// frame (a single-frame layer is read from its start).
+    pub fn zstd_read_from(&self, offset: u64, len: usize, src: impl Read) -> Result<Bytes> {
+        let end = offset
+            .saturating_add(len as u64)
+            .min(self.uncompressed_size);
+        if offset >= end {
+            return Ok(Bytes::new());
+        }
+        let (start, _) = self.zstd_span(offset, end);
         let bad = |reason: String| {
             Error::invalid(
                 format!("zstd layer at compressed offset {}", start.compressed),
                 reason,
             )
         };
-        let mut dec =
-            zstd::stream::read::Decoder::with_buffer(&data[..]).map_err(|e| bad(e.to_string()))?;
+        let mut dec = zstd::stream::read::Decoder::new(src).map_err(|e| bad(e.to_string()))?;
         let skip = offset - start.uncompressed;
         io::copy(&mut (&mut dec).take(skip), &mut io::sink()).map_err(|e| bad(e.to_string()))?;
         let mut out = Vec::with_capacity((end - offset) as usize);

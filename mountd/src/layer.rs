@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use ggfs::image::{Layer, Source};
 use ggfs::layerindex::{self, LayerIndexFile, MAX_READ};
 use ggfs::manifest::{self, Compression, Descriptor, ImageIndex};
@@ -197,6 +197,9 @@ impl PlainLayer {
         let bs = self.file.block_size;
         let first = coff / bs;
         let last = (coff + clen).div_ceil(bs);
+        if last - first > STREAM_OVER && self.file.index.compression == Compression::Zstd {
+            return self.stream_zstd(at, n, coff, first..last).await;
+        }
         let blocks = futures::future::try_join_all((first..last).map(|b| self.block(b))).await?;
         let mut span = BytesMut::new();
         blocks.iter().for_each(|b| span.extend_from_slice(b));
@@ -208,6 +211,45 @@ impl PlainLayer {
                 .read_at(at, n, |o, l| slice_span(&span, base, o, l, &file.layer))
         })
         .await
+    }
+
+    /// A zstd read whose span (from its frame's start: a single-frame
+    /// layer's start) is long: its blocks stream through the decoder a few
+    /// at a time, fetched `STREAM_AHEAD` ahead, instead of all being held.
+    async fn stream_zstd(
+        &self,
+        at: u64,
+        n: usize,
+        coff: u64,
+        blocks: std::ops::Range<u64>,
+    ) -> Result<Bytes> {
+        let (tx, rx) = tokio::sync::mpsc::channel::<io::Result<Bytes>>(STREAM_AHEAD);
+        let skip = (coff - blocks.start * self.file.block_size) as usize;
+        let file = self.file.clone();
+        let decode = blocking(move || {
+            let src = ChannelReader {
+                rx,
+                cur: Bytes::new(),
+                skip,
+            };
+            file.index.zstd_read_from(at, n, src)
+        });
+        let feed = async {
+            let mut fetched = futures::stream::iter(blocks)
+                .map(|b| self.block(b))
+                .buffered(STREAM_AHEAD);
+            while let Some(r) = fetched.next().await {
+                let r = r.map_err(io::Error::other);
+                let failed = r.is_err();
+                // The decoder stops early (or failed): nothing more to feed.
+                if tx.send(r).await.is_err() || failed {
+                    break;
+                }
+            }
+            drop(tx);
+        };
+        let (out, ()) = tokio::join!(decode, feed);
+        out
     }
 
     /// Block `b`, verified; counted towards the audit, which starts once
@@ -284,6 +326,38 @@ impl Blocks {
             span.extend_from_slice(&rt.block_on(self.get(b))?);
         }
         slice_span(&span.freeze(), first * bs, at, len, &self.file.layer)
+    }
+}
+
+/// Blocks in a zstd read longer than this stream through the decoder.
+const STREAM_OVER: u64 = 8;
+/// Blocks fetched ahead of the decoder (and held) in such a read.
+const STREAM_AHEAD: usize = 4;
+
+/// Blocks arriving on a channel as one stream, less `skip` leading bytes
+/// (the span starts inside its first block).
+struct ChannelReader {
+    rx: tokio::sync::mpsc::Receiver<io::Result<Bytes>>,
+    cur: Bytes,
+    skip: usize,
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.cur.is_empty() {
+            match self.rx.blocking_recv() {
+                Some(b) => {
+                    let mut b = b?;
+                    let s = self.skip.min(b.len());
+                    self.skip -= s;
+                    self.cur = b.split_off(s);
+                }
+                None => return Ok(0),
+            }
+        }
+        let k = buf.len().min(self.cur.len());
+        buf[..k].copy_from_slice(&self.cur.split_to(k));
+        Ok(k)
     }
 }
 
