@@ -997,3 +997,112 @@ async fn sha512_digests_end_to_end() {
         assert_eq!((code, body), (200, layer.clone()));
     }
 }
+
+/// Load: 32 clients at once push (chunked, in two PATCHes) a blob of their
+/// own and one all of them share, then a manifest by tag, while reading
+/// back another client's image whole and by Range; no request fails and
+/// every byte hashes to its digest. Disk storage, so uploads, renames and
+/// links race for real.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thirty_two_pushers_and_pullers() {
+    const CLIENTS: usize = 32;
+    let tmp = tempfile::tempdir().unwrap();
+    let reg = std::sync::Arc::new(Reg::start(Storage::Disk(tmp.path().to_path_buf())).await);
+    let shared: Vec<u8> = (0..600_000u32).map(|i| (i % 251) as u8).collect();
+    let shared_d = Digest::of(&shared);
+    let own = |i: usize| -> Vec<u8> {
+        (0..300_000u32)
+            .map(|j| ((j as usize * 7 + i) % 253) as u8)
+            .collect()
+    };
+    let push = |i: usize| {
+        let (reg, shared, mine) = (reg.clone(), shared.clone(), own(i));
+        async move {
+            let repo = format!("load/r{}", i % 8);
+            let mut layers = Vec::new();
+            for data in [&shared, &mine] {
+                let d = Digest::of(data);
+                let loc = start_session(&reg, &repo).await;
+                let half = data.len() / 2;
+                let r = patch(&reg, &loc, &format!("0-{}", half - 1), &data[..half]).await;
+                assert_eq!(r.status(), StatusCode::ACCEPTED);
+                let r = patch(
+                    &reg,
+                    &loc,
+                    &format!("{half}-{}", data.len() - 1),
+                    &data[half..],
+                )
+                .await;
+                assert_eq!(r.status(), StatusCode::ACCEPTED);
+                let sep = if loc.contains('?') { '&' } else { '?' };
+                let r = reg
+                    .send(Method::PUT, &format!("{loc}{sep}digest={d}"))
+                    .await;
+                assert_eq!(r.status(), StatusCode::CREATED, "client {i}");
+                layers.push(json!({"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": d, "size": data.len()}));
+            }
+            let cfg = reg
+                .push_blob(&repo, format!("{{\"client\":{i}}}").as_bytes())
+                .await;
+            let m = json!({
+                "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+                "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cfg, "size": format!("{{\"client\":{i}}}").len()},
+                "layers": layers,
+            });
+            let bytes = serde_json::to_vec(&m).unwrap();
+            let r = reg
+                .put_manifest(&repo, &format!("c{i}"), OCI_MANIFEST, &bytes)
+                .await;
+            assert_eq!(r.status(), StatusCode::CREATED, "client {i}");
+        }
+    };
+    let pull = |i: usize| {
+        let reg = reg.clone();
+        async move {
+            // Wait for client i's tag, then check everything it names.
+            let repo = format!("load/r{}", i % 8);
+            let path = format!("/v2/{repo}/manifests/c{i}");
+            let mut r = reg.send(Method::GET, &path).await;
+            for _ in 0..600 {
+                if r.status() == StatusCode::OK {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                r = reg.send(Method::GET, &path).await;
+            }
+            let m: Value = body(r).await;
+            for l in m["layers"].as_array().unwrap() {
+                let d = Digest::parse(l["digest"].as_str().unwrap()).unwrap();
+                let r = reg
+                    .send(Method::GET, &format!("/v2/{repo}/blobs/{d}"))
+                    .await;
+                assert_eq!(r.status(), StatusCode::OK);
+                assert!(
+                    d.matches(&r.bytes().await.unwrap()),
+                    "blob {d} of client {i}"
+                );
+                let r = reg
+                    .req(Method::GET, &format!("/v2/{repo}/blobs/{d}"))
+                    .header("Range", "bytes=1000-1999")
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status(), StatusCode::PARTIAL_CONTENT);
+                assert_eq!(r.bytes().await.unwrap().len(), 1000);
+            }
+        }
+    };
+    let mut tasks = Vec::new();
+    for i in 0..CLIENTS {
+        tasks.push(tokio::spawn(push(i)));
+        tasks.push(tokio::spawn(pull((i + 1) % CLIENTS)));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    // One copy of the shared blob; each client's own and config once.
+    let blobs = std::fs::read_dir(tmp.path().join("blobs/sha256"))
+        .unwrap()
+        .count();
+    assert_eq!(blobs, 1 + 2 * CLIENTS + CLIENTS, "shared {shared_d}");
+}
