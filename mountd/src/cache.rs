@@ -6,8 +6,8 @@
 //! from under a read in progress.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use ggfs::{Digest, Error, Result};
@@ -44,8 +44,9 @@ impl Kind {
 pub struct Cache {
     root: PathBuf,
     limit: u64,
-    used: AtomicU64,
-    evicting: Mutex<()>,
+    /// Shared with an eviction running on its own thread.
+    used: Arc<AtomicU64>,
+    evicting: Arc<AtomicBool>,
     pub hits: AtomicU64,
     pub misses: AtomicU64,
 }
@@ -54,16 +55,20 @@ impl Cache {
     /// Open (creating) the cache at `root`, counting what is already there.
     pub fn open(root: &Path, limit: u64) -> Result<Self> {
         std::fs::create_dir_all(root).map_err(|e| Error::io(root.display().to_string(), e))?;
+        private(root)?;
         let used = files(root).iter().map(|(_, size, _)| size).sum();
         let cache = Cache {
             root: root.to_path_buf(),
             limit,
-            used: AtomicU64::new(used),
-            evicting: Mutex::new(()),
+            used: Arc::new(AtomicU64::new(used)),
+            evicting: Arc::new(AtomicBool::new(false)),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
         };
-        cache.evict();
+        if cache.used() > limit && !cache.evicting.swap(true, Ordering::AcqRel) {
+            evict(&cache.root, limit, &cache.used);
+            cache.evicting.store(false, Ordering::Release);
+        }
         Ok(cache)
     }
 
@@ -103,37 +108,75 @@ impl Cache {
         }
     }
 
-    /// Record that a file of `size` bytes was committed, evicting if needed.
+    /// Record that a file of `size` bytes was committed. Past the limit an
+    /// eviction starts on a thread of its own: its walk of the cache never
+    /// holds up the async workers that answer readers.
     pub fn added(&self, size: u64) {
         let used = self.used.fetch_add(size, Ordering::Relaxed) + size;
-        if used > self.limit {
-            self.evict();
+        if used <= self.limit || self.evicting.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let (root, limit) = (self.root.clone(), self.limit);
+        let (used, evicting) = (self.used.clone(), self.evicting.clone());
+        let spawned = std::thread::Builder::new()
+            .name("cache-evict".into())
+            .spawn(move || {
+                evict(&root, limit, &used);
+                evicting.store(false, Ordering::Release);
+            });
+        if let Err(e) = spawned {
+            tracing::warn!("cache: cannot start eviction: {e}");
+            self.evicting.store(false, Ordering::Release);
         }
     }
 
-    /// Remove least recently used files until usage is under 90% of the limit.
-    fn evict(&self) {
-        let Ok(_guard) = self.evicting.try_lock() else {
-            return;
-        };
-        if self.used() <= self.limit {
-            return;
+    /// Wait for a running eviction (tests).
+    #[cfg(test)]
+    fn settle(&self) {
+        while self.evicting.load(Ordering::Acquire) {
+            std::thread::sleep(std::time::Duration::from_millis(5));
         }
-        let mut all = files(&self.root);
-        all.sort_by_key(|(_, _, mtime)| *mtime);
-        let target = self.limit / 10 * 9;
-        let mut used: u64 = all.iter().map(|(_, s, _)| s).sum();
-        for (path, size, _) in all {
-            if used <= target {
-                break;
-            }
-            if std::fs::remove_file(&path).is_ok() {
-                tracing::debug!("cache: evicted {}", path.display());
-                used -= size;
-            }
-        }
-        self.used.store(used, Ordering::Relaxed);
     }
+}
+
+/// Remove least recently used files until usage is under 90% of the limit.
+fn evict(root: &Path, limit: u64, used_now: &AtomicU64) {
+    let mut all = files(root);
+    all.sort_by_key(|(_, _, mtime)| *mtime);
+    let target = limit / 10 * 9;
+    let mut used: u64 = all.iter().map(|(_, s, _)| s).sum();
+    for (path, size, _) in all {
+        if used <= target {
+            break;
+        }
+        if std::fs::remove_file(&path).is_ok() {
+            tracing::debug!("cache: evicted {}", path.display());
+            used -= size;
+        }
+    }
+    used_now.store(used, Ordering::Relaxed);
+}
+
+/// What is read back from the cache is trusted (it was verified on the way
+/// in), so only the daemon's user may write there: the directory must be
+/// that user's, and is made 0700.
+fn private(root: &Path) -> Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let what = || format!("cache dir {}", root.display());
+    let md = std::fs::metadata(root).map_err(|e| Error::io(what(), e))?;
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    if md.uid() != me {
+        return Err(Error::invalid(
+            what(),
+            format!("is owned by uid {}, not this user ({me}): another user could plant bytes in it", md.uid()),
+        ));
+    }
+    if md.mode() & 0o077 != 0 {
+        std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| Error::io(what(), e))?;
+    }
+    Ok(())
 }
 
 /// Every committed file under `root`: path, size, mtime. Temporary files
@@ -214,6 +257,18 @@ mod tests {
     }
 
     #[test]
+    fn cache_dir_is_made_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("c");
+        std::fs::create_dir(&root).unwrap();
+        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o777)).unwrap();
+        Cache::open(&root, 1 << 20).unwrap();
+        let mode = std::fs::metadata(&root).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
+    }
+
+    #[test]
     fn evicts_least_recently_used() {
         let dir = tempfile::tempdir().unwrap();
         let cache = Cache::open(dir.path(), 2500).unwrap();
@@ -235,6 +290,7 @@ mod tests {
             }
             cache.added(1000);
         }
+        cache.settle();
         assert!(cache.path(Kind::Blob, &ds[0]).exists());
         assert!(!cache.path(Kind::Blob, &ds[1]).exists());
         assert!(cache.path(Kind::Blob, &ds[2]).exists());

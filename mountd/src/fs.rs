@@ -872,7 +872,8 @@ impl Inner {
         let mut stream = self.ns.source(repo).blob(d).await?;
         while let Some(chunk) = stream.next().await {
             let chunk = chunk.map_err(|e| ggfs::error::from_io(format!("blob {d}"), e))?;
-            w.write_all(&chunk)
+            // The disk write (and hash) off the async worker.
+            tokio::task::block_in_place(|| w.write_all(&chunk))
                 .map_err(|e| Error::io(dest.display().to_string(), e))?;
         }
         let path = tokio::task::spawn_blocking(move || w.commit())

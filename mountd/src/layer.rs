@@ -467,11 +467,16 @@ pub fn store(cache: &Cache, kind: cache::Kind, d: &Digest, bytes: &[u8]) {
     if path.exists() {
         return;
     }
-    let res = ggfs::digest::BlobWriter::create(&path, d.clone(), Some(bytes.len() as u64))
-        .and_then(|mut w| {
-            w.write_all(bytes).map_err(|e| Error::io("cache", e))?;
-            w.commit()
-        });
+    // Called from async code too: the write and its fsync leave the worker
+    // (a no-op on a blocking thread).
+    let res = tokio::task::block_in_place(|| {
+        ggfs::digest::BlobWriter::create(&path, d.clone(), Some(bytes.len() as u64)).and_then(
+            |mut w| {
+                w.write_all(bytes).map_err(|e| Error::io("cache", e))?;
+                w.commit()
+            },
+        )
+    });
     match res {
         Ok(_) => cache.added(bytes.len() as u64),
         Err(e) => tracing::warn!("caching {d}: {e}"),
