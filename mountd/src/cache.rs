@@ -169,7 +169,10 @@ fn private(root: &Path) -> Result<()> {
     if md.uid() != me {
         return Err(Error::invalid(
             what(),
-            format!("is owned by uid {}, not this user ({me}): another user could plant bytes in it", md.uid()),
+            format!(
+                "is owned by uid {}, not this user ({me}): another user could plant bytes in it",
+                md.uid()
+            ),
         ));
     }
     if md.mode() & 0o077 != 0 {

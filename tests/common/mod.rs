@@ -47,14 +47,19 @@ pub fn mountd_bin() -> PathBuf {
 }
 
 /// `target/<profile>/<name>`, found from the running test binary
-/// (`target/<profile>/deps/<test>-<hash>`).
-fn sibling_bin(name: &str) -> PathBuf {
+/// (`target/<profile>/deps/<test>-<hash>`), whether or not it exists.
+pub fn bin_path(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
     let profile_dir = exe
         .parent()
         .and_then(|deps| deps.parent())
         .expect("test binary lives in target/<profile>/deps");
-    let bin = profile_dir.join(name);
+    profile_dir.join(name)
+}
+
+/// [`bin_path`], which must exist.
+fn sibling_bin(name: &str) -> PathBuf {
+    let bin = bin_path(name);
     assert!(
         bin.exists(),
         "{} not built: run `cargo build --workspace` first",

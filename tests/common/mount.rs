@@ -12,11 +12,18 @@ use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-/// `target/debug/ggfs-mountd`, built once per test process: cargo does not
-/// hand the root package's tests the binaries of other workspace members.
+/// `target/debug/ggfs-mountd`, built once per test process when it is
+/// missing or older than the sources: cargo does not hand the root
+/// package's tests the binaries of other workspace members. (Building it
+/// when it is fresh is not free: `cargo build -p ggfs-mountd` resolves
+/// features apart from the workspace build, so it recompiles both crates,
+/// minutes on a loaded machine.)
 pub fn mountd() -> PathBuf {
     static BUILT: OnceLock<()> = OnceLock::new();
     BUILT.get_or_init(|| {
+        if is_fresh(&super::bin_path("ggfs-mountd")) {
+            return;
+        }
         let status = Command::new(env!("CARGO"))
             .args(["build", "--quiet", "-p", "ggfs-mountd"])
             .current_dir(env!("CARGO_MANIFEST_DIR"))
@@ -25,6 +32,34 @@ pub fn mountd() -> PathBuf {
         assert!(status.success(), "cargo build -p ggfs-mountd failed");
     });
     super::mountd_bin()
+}
+
+/// Whether `bin` exists and is newer than every source file it is built from.
+fn is_fresh(bin: &Path) -> bool {
+    let Ok(built) = std::fs::metadata(bin).and_then(|m| m.modified()) else {
+        return false;
+    };
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut stack = vec![root.join("src"), root.join("mountd/src")];
+    let mut newest = [
+        root.join("Cargo.toml"),
+        root.join("mountd/Cargo.toml"),
+        root.join("Cargo.lock"),
+    ]
+    .iter()
+    .filter_map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
+    .max();
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let Ok(md) = e.metadata() else { continue };
+            if md.is_dir() {
+                stack.push(e.path());
+            } else if let Ok(t) = md.modified() {
+                newest = newest.max(Some(t));
+            }
+        }
+    }
+    newest.is_some_and(|n| n <= built)
 }
 
 /// Run `f` on another thread, failing if it takes longer than `secs`.
