@@ -1,5 +1,6 @@
 //! More of issue 9's CLI against the real registry (CNCF distribution),
-//! results read back by skopeo: gcrane's `copy -r`.
+//! results read back by skopeo: gcrane's `copy -r`; `--ca-file` and
+//! `--insecure-skip-tls-verify` against distribution serving TLS.
 
 mod common;
 
@@ -144,4 +145,263 @@ fn copy_recursive_copies_every_repository_below_the_prefix_once() {
     // A prefix with nothing below it: one line naming it.
     let err = common::ggfs_fails(&["cp", "-r", &src.reference("nothing"), &to]);
     assert!(err.contains("nothing"), "{err}");
+}
+
+/// This host's address on the interface of its default route: ggfs speaks
+/// plain HTTP to loopback registries whatever they serve, so a TLS registry
+/// under test must listen elsewhere.
+fn non_loopback_ip() -> String {
+    let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+    // No packet is sent: connect only picks the route and source address.
+    s.connect("203.0.113.1:9")
+        .expect("the TLS test needs a non-loopback IPv4 address (a default route)");
+    let ip = s.local_addr().unwrap().ip();
+    assert!(!ip.is_loopback(), "{ip}");
+    ip.to_string()
+}
+
+/// A CA (`ca.pem`) and a certificate it signed for `ip` (`cert.pem`,
+/// `key.pem`), made by openssl in `dir`.
+fn make_ca_and_cert(dir: &Path, ip: &str) {
+    let openssl = |args: &[&str]| {
+        common::run(Command::new("openssl").current_dir(dir).args(args));
+    };
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=ggfs test CA",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+    ]);
+    openssl(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        &format!("/CN={ip}"),
+        "-keyout",
+        "key.pem",
+        "-out",
+        "cert.csr",
+    ]);
+    std::fs::write(
+        dir.join("ext.cnf"),
+        format!(
+            "subjectAltName=IP:{ip}\nbasicConstraints=CA:FALSE\n\
+             keyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n"
+        ),
+    )
+    .unwrap();
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "cert.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+        "-out",
+        "cert.pem",
+    ]);
+}
+
+/// CNCF distribution serving HTTPS on `ip` with `dir`'s cert.pem/key.pem.
+struct TlsRegistry {
+    child: std::process::Child,
+    addr: String,
+}
+
+impl TlsRegistry {
+    fn start(dir: &Path, ip: &str) -> TlsRegistry {
+        let port = common::free_port();
+        let addr = format!("{ip}:{port}");
+        let config = dir.join("config.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\n\
+                 storage:\n  filesystem:\n    rootdirectory: {}\n\
+                 http:\n  addr: {addr}\n  secret: ggfs-test-secret\n  tls:\n    \
+                 certificate: {}\n    key: {}\n",
+                dir.join("storage").display(),
+                dir.join("cert.pem").display(),
+                dir.join("key.pem").display()
+            ),
+        )
+        .unwrap();
+        let log = std::fs::File::create(dir.join("registry.log")).unwrap();
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(&config)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("spawn docker-registry");
+        let reg = TlsRegistry { child, addr };
+        for _ in 0..200 {
+            if std::net::TcpStream::connect(&reg.addr).is_ok() {
+                return reg;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        panic!(
+            "docker-registry never listened on {}: {}",
+            reg.addr,
+            std::fs::read_to_string(dir.join("registry.log")).unwrap_or_default()
+        );
+    }
+}
+
+impl Drop for TlsRegistry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A TLS registry holding one image (pushed by skopeo trusting the CA):
+/// the work dir (with `ca.pem`), the registry, the image, its digest.
+fn tls_registry_with_image() -> (tempfile::TempDir, TlsRegistry, String, String) {
+    let ip = non_loopback_ip();
+    let work = common::tempdir();
+    let w = work.path();
+    make_ca_and_cert(w, &ip);
+    let reg = TlsRegistry::start(w, &ip);
+    let image = format!("{}/tls/img:v1", reg.addr);
+    // skopeo, trusting the CA, pushes the image over HTTPS.
+    let tree = w.join("tree");
+    std::fs::create_dir_all(&tree).unwrap();
+    std::fs::write(tree.join("file"), "over tls\n").unwrap();
+    common::umoci_image_from(&w.join("layout"), "t", &tree);
+    let certs = w.join("skopeo-certs");
+    std::fs::create_dir_all(&certs).unwrap();
+    std::fs::copy(w.join("ca.pem"), certs.join("ca.crt")).unwrap();
+    common::run(Command::new("skopeo").args([
+        "copy",
+        "--quiet",
+        "--dest-cert-dir",
+        certs.to_str().unwrap(),
+        &format!("oci:{}:t", w.join("layout").display()),
+        &format!("docker://{image}"),
+    ]));
+    let want = sha256_digest(
+        common::run(Command::new("skopeo").args([
+            "inspect",
+            "--raw",
+            "--cert-dir",
+            certs.to_str().unwrap(),
+            &format!("docker://{image}"),
+        ]))
+        .as_bytes(),
+    );
+    (work, reg, image, want)
+}
+
+#[test]
+fn tls_registry_needs_its_ca_or_an_explicit_skip() {
+    let (work, reg, image, want) = tls_registry_with_image();
+    let w = work.path();
+
+    // Not trusted: one line naming the registry and the certificate problem.
+    let err = common::ggfs_fails(&["digest", &image]);
+    assert!(err.contains(&reg.addr), "{err}");
+    assert!(err.contains("certificate"), "{err}");
+    assert!(err.contains("UnknownIssuer"), "{err}");
+    assert!(
+        !err.contains("tried"),
+        "a certificate problem is not retried: {err}"
+    );
+
+    // With the CA: the digest skopeo sees.
+    let ca = w.join("ca.pem");
+    let ca = ca.to_str().unwrap();
+    assert_eq!(
+        common::ggfs(&["digest", "--ca-file", ca, &image]).trim(),
+        want
+    );
+    // A copy out of it and back in, bytes intact.
+    let copy = format!("{}/tls/copy:v1", reg.addr);
+    common::ggfs(&["copy", "--ca-file", ca, &image, &copy]);
+    assert_eq!(
+        common::ggfs(&["digest", "--ca-file", ca, &copy]).trim(),
+        want
+    );
+
+    // Verification off: works, and says so on stderr.
+    let out = ggfs_output(&["digest", "--insecure-skip-tls-verify", &image]);
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), want);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("warning") && err.contains("not verified"),
+        "{err}"
+    );
+
+    // --insecure is plain HTTP, not a way around the certificate.
+    let err = common::ggfs_fails(&["digest", "--insecure", &image]);
+    assert!(err.contains(&reg.addr), "{err}");
+
+    // A CA file that is not one: one line naming it.
+    let bogus = w.join("ext.cnf");
+    let err = common::ggfs_fails(&["digest", "--ca-file", bogus.to_str().unwrap(), &image]);
+    assert!(err.contains("ext.cnf"), "{err}");
+}
+
+/// Unmounts (lazily) on drop, so a failed assertion leaves no mount.
+struct Unmount(std::path::PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        if common::mount::is_mounted(&self.0) {
+            common::mount::lazy_unmount(&self.0);
+        }
+    }
+}
+
+#[test]
+fn mount_takes_the_tls_flags() {
+    let (work, reg, _image, _) = tls_registry_with_image();
+    let w = work.path();
+    let ca = w.join("ca.pem");
+    let mp = w.join("mnt");
+    std::fs::create_dir(&mp).unwrap();
+    let mp_s = mp.to_str().unwrap();
+    let cache = |n: &str| w.join(n).to_str().unwrap().to_string();
+
+    let err = common::ggfs_fails(&["mount", &reg.addr, mp_s, "--cache-dir", &cache("c0")]);
+    assert!(
+        err.contains(&reg.addr) && err.contains("UnknownIssuer"),
+        "{err}"
+    );
+    assert!(!common::mount::is_mounted(&mp));
+
+    for flags in [
+        vec!["--ca-file", ca.to_str().unwrap(), "--cache-dir"],
+        vec!["--insecure-skip-tls-verify", "--cache-dir"],
+    ] {
+        let mut args = vec!["mount", &reg.addr, mp_s];
+        let c = cache(&format!("c{}", flags.len()));
+        args.extend(flags.iter().copied());
+        args.push(&c);
+        common::ggfs(&args);
+        let _guard = Unmount(mp.clone());
+        let file = mp.join("tls/img/v1/rootfs/file");
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), "over tls\n");
+        common::ggfs(&["unmount", mp_s]);
+    }
 }

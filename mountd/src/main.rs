@@ -84,6 +84,13 @@ struct MountArgs {
     /// Talk plain HTTP to the registry.
     #[arg(long)]
     insecure: bool,
+    /// Also trust the root certificates in this PEM file (repeatable), for
+    /// the registry and its token realm.
+    #[arg(long = "ca-file", value_name = "PEM")]
+    ca_files: Vec<PathBuf>,
+    /// Accept any TLS certificate, unverified (test set-ups only).
+    #[arg(long)]
+    insecure_skip_tls_verify: bool,
     /// Mount options: allow_other, allow_root.
     #[arg(short = 'o')]
     options: Vec<String>,
@@ -234,6 +241,13 @@ fn child_args(a: &MountArgs, fd: i32) -> Vec<OsString> {
     }
     if a.insecure {
         v.push("--insecure".into());
+    }
+    for f in &a.ca_files {
+        v.push("--ca-file".into());
+        v.push(std::path::absolute(f).unwrap_or_else(|_| f.clone()).into());
+    }
+    if a.insecure_skip_tls_verify {
+        v.push("--insecure-skip-tls-verify".into());
     }
     if a.allow_delete {
         v.push("--allow-delete".into());
@@ -488,7 +502,11 @@ fn serve(args: &MountArgs, ready: &mut Ready) -> Result<()> {
         ),
     };
     let stall = Duration::from_secs(args.timeout.max(1));
-    let reg = backend::LibRegistry::new(host, insecure, stall)?;
+    if args.insecure_skip_tls_verify {
+        tracing::warn!("--insecure-skip-tls-verify: TLS certificates are not verified");
+    }
+    let tls = (args.ca_files.clone(), args.insecure_skip_tls_verify);
+    let reg = backend::LibRegistry::new(host, insecure, stall, tls)?;
     let reg_name = backend::Registry::name(reg.as_ref());
     let cache_dir = args.cache_dir.clone().unwrap_or_else(cache::default_dir);
     let cache = Arc::new(cache::Cache::open(&cache_dir, args.cache_size)?);

@@ -69,6 +69,14 @@ pub struct Global {
     /// Talk plain HTTP to registries, not only to localhost.
     #[arg(long, global = true)]
     pub insecure: bool,
+    /// Also trust the root certificates in this PEM file (repeatable), for
+    /// registries and their token realms.
+    #[arg(long = "ca-file", global = true, value_name = "PEM")]
+    pub ca_files: Vec<std::path::PathBuf>,
+    /// Accept any TLS certificate, unverified (test set-ups only: a man in
+    /// the middle goes unnoticed).
+    #[arg(long, global = true)]
+    pub insecure_skip_tls_verify: bool,
     /// Seconds a registry request may go without a byte (no answer, or a
     /// download that stopped moving) before it fails.
     #[arg(long, global = true, default_value_t = 30)]
@@ -241,8 +249,15 @@ impl Ctx {
         let opts = ClientOptions {
             insecure_all: self.global.insecure,
             stall_timeout: std::time::Duration::from_secs(self.global.timeout.max(1)),
+            ca_files: self.global.ca_files.clone(),
+            insecure_skip_tls_verify: self.global.insecure_skip_tls_verify,
             ..ClientOptions::default()
         };
+        if self.global.insecure_skip_tls_verify {
+            eprintln!(
+                "ggfs: warning: --insecure-skip-tls-verify: TLS certificates are not verified"
+            );
+        }
         let client = Client::new(opts).context("creating the registry client")?;
         Ok(self.client.get_or_init(|| client).clone())
     }
