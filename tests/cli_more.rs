@@ -1,6 +1,7 @@
 //! More of issue 9's CLI against the real registry (CNCF distribution),
 //! results read back by skopeo: gcrane's `copy -r`; `--ca-file` and
-//! `--insecure-skip-tls-verify` against distribution serving TLS.
+//! `--insecure-skip-tls-verify` against distribution serving TLS (CLI and
+//! mount); `--pull-secret` against distribution with htpasswd auth.
 
 mod common;
 
@@ -404,4 +405,175 @@ fn mount_takes_the_tls_flags() {
         assert_eq!(std::fs::read_to_string(&file).unwrap(), "over tls\n");
         common::ggfs(&["unmount", mp_s]);
     }
+}
+
+/// `ggfs args…` with `DOCKER_CONFIG=docker_config`, whatever the outcome.
+fn ggfs_with_config(docker_config: &Path, args: &[&str]) -> Output {
+    Command::new(common::ggfs_bin())
+        .env("DOCKER_CONFIG", docker_config)
+        .env_remove("REGISTRY_AUTH_FILE")
+        .env("XDG_RUNTIME_DIR", docker_config)
+        .env("HOME", docker_config)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// A `.dockerconfigjson` giving `user:pass` for `registry`.
+fn dockerconfigjson(registry: &str, user: &str, pass: &str) -> String {
+    use base64::Engine as _;
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    serde_json::json!({"auths": {registry: {
+        "username": user, "password": pass, "auth": b64(&format!("{user}:{pass}"))
+    }}})
+    .to_string()
+}
+
+/// A Secret as `kubectl get secret NAME -o yaml` prints it.
+fn secret_yaml(name: &str, config_json: &str) -> String {
+    use base64::Engine as _;
+    let data = base64::engine::general_purpose::STANDARD.encode(config_json);
+    format!(
+        "apiVersion: v1\nkind: Secret\nmetadata:\n  name: {name}\n  namespace: default\n\
+         type: kubernetes.io/dockerconfigjson\ndata:\n  .dockerconfigjson: {data}\n"
+    )
+}
+
+#[test]
+fn pull_secret_credentials_come_before_the_docker_config() {
+    let reg = Distribution::start_htpasswd("alice", "s3cret");
+    let work = common::tempdir();
+    let w = work.path();
+    let tree = w.join("tree");
+    std::fs::create_dir_all(&tree).unwrap();
+    std::fs::write(tree.join("file"), "behind a secret\n").unwrap();
+    common::umoci_image_from(&w.join("layout"), "t", &tree);
+    let image = reg.reference("private/img:v1");
+    common::run(Command::new("skopeo").args([
+        "copy",
+        "--quiet",
+        "--dest-tls-verify=false",
+        "--dest-creds",
+        "alice:s3cret",
+        &format!("oci:{}:t", w.join("layout").display()),
+        &format!("docker://{image}"),
+    ]));
+    let want = sha256_digest(
+        common::run(Command::new("skopeo").args([
+            "inspect",
+            "--raw",
+            "--tls-verify=false",
+            "--creds",
+            "alice:s3cret",
+            &format!("docker://{image}"),
+        ]))
+        .as_bytes(),
+    );
+    let empty = w.join("empty-docker");
+    std::fs::create_dir_all(&empty).unwrap();
+    let stdout = |o: &Output| String::from_utf8_lossy(&o.stdout).trim().to_string();
+    let stderr = |o: &Output| String::from_utf8_lossy(&o.stderr).to_string();
+
+    // No credentials: refused.
+    let out = ggfs_with_config(&empty, &["digest", &image]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains(reg.addr()), "{}", stderr(&out));
+
+    // A YAML Secret.
+    let good = dockerconfigjson(reg.addr(), "alice", "s3cret");
+    let yaml = w.join("secret.yaml");
+    std::fs::write(&yaml, secret_yaml("regcred", &good)).unwrap();
+    let yaml_s = yaml.to_str().unwrap();
+    let out = ggfs_with_config(&empty, &["digest", "--pull-secret", yaml_s, &image]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), want);
+
+    // The same as JSON (`kubectl get secret -o json`), among other Secrets of
+    // a List; a pull that reads the blobs too, bytes as pushed.
+    use base64::Engine as _;
+    let data = base64::engine::general_purpose::STANDARD.encode(&good);
+    let list = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": [
+        {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "other"},
+         "type": "kubernetes.io/dockerconfigjson",
+         "data": {".dockerconfigjson": base64::engine::general_purpose::STANDARD
+             .encode(dockerconfigjson("elsewhere.example", "x", "y"))}},
+        {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "regcred"},
+         "type": "kubernetes.io/dockerconfigjson", "data": {".dockerconfigjson": data}},
+    ]});
+    let json = w.join("secrets.json");
+    std::fs::write(&json, serde_json::to_string_pretty(&list).unwrap()).unwrap();
+    let json_s = json.to_str().unwrap();
+    let layout = w.join("pulled");
+    let out = ggfs_with_config(
+        &empty,
+        &[
+            "pull",
+            "--pull-secret",
+            json_s,
+            &image,
+            layout.to_str().unwrap(),
+            "--format",
+            "oci",
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let rootfs = common::umoci_unpack(&layout, "v1", &w.join("bundle"));
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("file")).unwrap(),
+        "behind a secret\n"
+    );
+
+    // Ahead of the docker config: a secret's right password beats the
+    // config's wrong one, and a secret's wrong one is what is tried.
+    let docker = w.join("docker");
+    std::fs::create_dir_all(&docker).unwrap();
+    std::fs::write(
+        docker.join("config.json"),
+        dockerconfigjson(reg.addr(), "alice", "wrong"),
+    )
+    .unwrap();
+    let out = ggfs_with_config(&docker, &["digest", &image]);
+    assert!(!out.status.success(), "the config's password is wrong");
+    let out = ggfs_with_config(&docker, &["digest", "--pull-secret", yaml_s, &image]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), want);
+    std::fs::write(docker.join("config.json"), &good).unwrap();
+    let bad = w.join("bad.yaml");
+    std::fs::write(
+        &bad,
+        secret_yaml("stale", &dockerconfigjson(reg.addr(), "alice", "old")),
+    )
+    .unwrap();
+    let out = ggfs_with_config(
+        &docker,
+        &["digest", "--pull-secret", bad.to_str().unwrap(), &image],
+    );
+    assert!(
+        !out.status.success(),
+        "the secret's stale password was not used"
+    );
+    let err = stderr(&out);
+    assert!(
+        err.contains(reg.addr()) && err.trim_end().lines().count() == 1,
+        "{err}"
+    );
+
+    // Not a pull secret: one line naming the file and what is wrong.
+    let opaque = w.join("opaque.yaml");
+    std::fs::write(
+        &opaque,
+        "apiVersion: v1\nkind: Secret\nmetadata:\n  name: db\ntype: Opaque\ndata:\n  pw: eA==\n",
+    )
+    .unwrap();
+    let out = ggfs_with_config(
+        &empty,
+        &["digest", "--pull-secret", opaque.to_str().unwrap(), &image],
+    );
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("opaque.yaml") && err.contains("Opaque"),
+        "{err}"
+    );
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
 }

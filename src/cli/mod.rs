@@ -33,6 +33,7 @@ mod mutate;
 mod optimize;
 mod progress;
 mod pull;
+mod pull_secret;
 mod push;
 mod rebase;
 mod refs;
@@ -77,6 +78,11 @@ pub struct Global {
     /// the middle goes unnoticed).
     #[arg(long, global = true)]
     pub insecure_skip_tls_verify: bool,
+    /// A Kubernetes `kubernetes.io/dockerconfigjson` Secret (JSON or YAML,
+    /// as `kubectl get secret -o yaml` prints it) whose credentials come
+    /// before the docker config's (repeatable).
+    #[arg(long = "pull-secret", global = true, value_name = "FILE")]
+    pub pull_secrets: Vec<std::path::PathBuf>,
     /// Seconds a registry request may go without a byte (no answer, or a
     /// download that stopped moving) before it fails.
     #[arg(long, global = true, default_value_t = 30)]
@@ -258,7 +264,14 @@ impl Ctx {
                 "ggfs: warning: --insecure-skip-tls-verify: TLS certificates are not verified"
             );
         }
-        let client = Client::new(opts).context("creating the registry client")?;
+        let mut keychain = ggfs::auth::Keychain::from_env();
+        for file in &self.global.pull_secrets {
+            keychain.pull_secrets.extend(pull_secret::read(file)?);
+        }
+        let client = Client::builder(opts)
+            .keychain(keychain)
+            .build()
+            .context("creating the registry client")?;
         Ok(self.client.get_or_init(|| client).clone())
     }
 
