@@ -1,7 +1,8 @@
 //! More of issue 9's CLI against the real registry (CNCF distribution),
 //! results read back by skopeo: gcrane's `copy -r`; `--ca-file` and
 //! `--insecure-skip-tls-verify` against distribution serving TLS (CLI and
-//! mount); `--pull-secret` against distribution with htpasswd auth.
+//! mount); `--pull-secret` against distribution with htpasswd auth;
+//! `unmount --help`.
 
 mod common;
 
@@ -576,4 +577,41 @@ fn pull_secret_credentials_come_before_the_docker_config() {
         "{err}"
     );
     assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+}
+
+#[test]
+fn unmount_help_shows_its_argument_and_no_registry_flags() {
+    let help = common::ggfs(&["unmount", "--help"]);
+    assert!(help.contains("Usage: ggfs unmount <MOUNTPOINT>"), "{help}");
+    let line = help
+        .lines()
+        .find(|l| l.trim_start().starts_with("<MOUNTPOINT>"))
+        .unwrap_or_else(|| panic!("no MOUNTPOINT line: {help}"));
+    assert!(
+        line.contains("mounted on"),
+        "MOUNTPOINT undescribed: {line}"
+    );
+    for flag in [
+        "--platform",
+        "--insecure",
+        "--timeout",
+        "--ca-file",
+        "--pull-secret",
+        "--verbose",
+    ] {
+        assert!(!help.contains(flag), "{flag} in: {help}");
+    }
+    assert_eq!(common::ggfs(&["help", "unmount"]), help);
+    assert_eq!(common::ggfs(&["unmount", "-h"]), help);
+    // Another verb keeps the registry flags.
+    assert!(common::ggfs(&["ls", "--help"]).contains("--insecure"));
+    // Unmounting what is no mount: one line naming it, exit status 1.
+    let dir = common::tempdir();
+    let out = ggfs_output(&["unmount", dir.path().to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(dir.path().to_str().unwrap()) && err.contains("not mounted"),
+        "{err}"
+    );
 }

@@ -44,6 +44,7 @@ mod validate;
 mod version;
 
 pub use location::Location;
+pub use mount::unmount_help;
 
 #[derive(Parser)]
 #[command(

@@ -17,8 +17,21 @@ pub struct MountArgs {
 
 #[derive(clap::Args)]
 pub struct UnmountArgs {
-    /// Where the registry is mounted.
+    /// The directory a registry is mounted on (by `ggfs mount REGISTRY
+    /// MOUNTPOINT`). Returns once its daemon has exited, having pushed the
+    /// pending commits (none with `--commit-delay manual`).
     mountpoint: PathBuf,
+}
+
+/// `ggfs unmount --help` and `ggfs help unmount`: the verb's own argument,
+/// without the registry flags (`--platform`, `--insecure`, ...) that every
+/// other verb takes and unmount does not.
+pub fn unmount_help() -> String {
+    use clap::Args as _;
+    let cmd = clap::Command::new("unmount")
+        .bin_name("ggfs unmount")
+        .about("Unmount a ggfs mount");
+    UnmountArgs::augment_args(cmd).render_help().to_string()
 }
 
 pub fn mount(a: MountArgs) -> Result<()> {
