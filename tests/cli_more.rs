@@ -80,7 +80,7 @@ fn copy_recursive_copies_every_repository_below_the_prefix_once() {
     let to = dst.reference("mirror");
     let err = ggfs_stderr(&["copy", "-r", &from, &to, "-j", "3"]);
     assert!(
-        err.contains("2 repositories, copied 3 images (4 tags), skipped 0 tags"),
+        err.contains("2 repositories, copied 3 images (4 tags) and 0 untagged, skipped 0 tags"),
         "{err}"
     );
 
@@ -113,7 +113,7 @@ fn copy_recursive_copies_every_repository_below_the_prefix_once() {
     let err = ggfs_stderr(&["cp", "-r", &from, &to]);
     assert!(
         err.contains(
-            "2 repositories, copied 0 images (0 tags), skipped 4 tags already at the destination"
+            "2 repositories, copied 0 images (0 tags) and 0 untagged, skipped 4 tags already at the destination"
         ),
         "{err}"
     );
@@ -123,7 +123,7 @@ fn copy_recursive_copies_every_repository_below_the_prefix_once() {
     push_image(w, "a3", "three\n", &src.reference("proj/a:v2"));
     let err = ggfs_stderr(&["cp", "-r", &from, &to]);
     assert!(
-        err.contains("copied 1 images (1 tags), skipped 3 tags"),
+        err.contains("copied 1 images (1 tags) and 0 untagged, skipped 3 tags"),
         "{err}"
     );
     assert_eq!(
@@ -135,7 +135,7 @@ fn copy_recursive_copies_every_repository_below_the_prefix_once() {
     let dst2 = Distribution::start();
     let err = ggfs_stderr(&["cp", "-r", src.addr(), dst2.addr()]);
     assert!(
-        err.contains("4 repositories, copied 5 images (6 tags)"),
+        err.contains("4 repositories, copied 5 images (6 tags) and 0 untagged"),
         "{err}"
     );
     assert_eq!(catalog(&dst2), catalog(&src));
@@ -147,6 +147,34 @@ fn copy_recursive_copies_every_repository_below_the_prefix_once() {
     // A prefix with nothing below it: one line naming it.
     let err = common::ggfs_fails(&["cp", "-r", &src.reference("nothing"), &to]);
     assert!(err.contains("nothing"), "{err}");
+}
+
+#[test]
+fn copy_recursive_copies_untagged_manifests_where_the_source_lists_them() {
+    // `ggfs registry serve` lists every manifest (GCR's `manifest` map).
+    let src = common::GgfsRegistry::start();
+    let dst = Distribution::start();
+    let work = common::tempdir();
+    let w = work.path();
+    push_image(w, "old", "old\n", &src.reference("app/x:t"));
+    let old = skopeo_digest(&src.reference("app/x:t"));
+    push_image(w, "new", "new\n", &src.reference("app/x:t"));
+    let new = skopeo_digest(&src.reference("app/x:t"));
+    assert_ne!(old, new);
+
+    let err = ggfs_stderr(&["cp", "-r", &src.reference("app"), &dst.reference("m")]);
+    assert!(
+        err.contains("1 repositories, copied 1 images (1 tags) and 1 untagged"),
+        "{err}"
+    );
+    assert_eq!(skopeo_digest(&dst.reference("m/x:t")), new);
+    let at = format!("{}@{old}", dst.reference("m/x"));
+    assert_eq!(skopeo_digest(&at), old);
+    let err = ggfs_stderr(&["cp", "-r", &src.reference("app"), &dst.reference("m")]);
+    assert!(
+        err.contains("copied 0 images (0 tags) and 0 untagged, skipped 1 tags"),
+        "{err}"
+    );
 }
 
 /// This host's address on the interface of its default route: ggfs speaks
@@ -400,8 +428,12 @@ fn mount_takes_the_tls_flags() {
         let c = cache(&format!("c{}", flags.len()));
         args.extend(flags.iter().copied());
         args.push(&c);
-        common::ggfs(&args);
+        let out = ggfs_output(&args);
         let _guard = Unmount(mp.clone());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{err}");
+        let skip = flags[0] == "--insecure-skip-tls-verify";
+        assert_eq!(err.contains("not verified"), skip, "{err}");
         let file = mp.join("tls/img/v1/rootfs/file");
         assert_eq!(std::fs::read_to_string(&file).unwrap(), "over tls\n");
         common::ggfs(&["unmount", mp_s]);

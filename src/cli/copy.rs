@@ -88,15 +88,19 @@ async fn tag_exists(ctx: &Ctx, dst: &str) -> Result<bool> {
     }
 }
 
-/// One image to copy: a source digest and the tags the destination lacks.
+/// One image to copy: a source digest and the tags the destination lacks
+/// (none: an untagged manifest, copied by digest).
 struct Task {
     src: Arc<RegistryRepo>,
     dst: Arc<RegistryRepo>,
+    digest: ggfs::Digest,
     tags: Vec<String>,
 }
 
 /// gcrane cp -r: every repository at or below the source prefix, every tag,
 /// `-j` images at a time; a tag already at the same digest is skipped.
+/// Where the source lists every manifest (tags/list's `manifest` map), the
+/// untagged ones the destination lacks are copied too, by digest.
 async fn recursive(ctx: &Ctx, a: &Args, opts: &CopyOptions) -> Result<()> {
     if opts.platform.is_some() {
         bail!("copy -r copies whole images: --platform is not taken");
@@ -106,6 +110,7 @@ async fn recursive(ctx: &Ctx, a: &Args, opts: &CopyOptions) -> Result<()> {
     let (repos, _) = super::ls::repos_below(ctx, &a.src).await?;
     let client = ctx.client()?;
     let mut tasks = Vec::new();
+    let mut untagged = Vec::new();
     let mut skipped = 0usize;
     for repo in &repos {
         let rest = repo
@@ -125,8 +130,6 @@ async fn recursive(ctx: &Ctx, a: &Args, opts: &CopyOptions) -> Result<()> {
             .with_context(|| format!("naming the copy of {repo}"))?;
         let src = Arc::new(client.repo(repo));
         let dst = Arc::new(client.repo(&target));
-        // digest → tags missing at the destination, in tag order.
-        let mut need: Vec<(ggfs::Digest, Vec<String>)> = Vec::new();
         let tags = src.tags().await?;
         let heads: Vec<_> = futures::stream::iter(tags)
             .map(|t| {
@@ -140,6 +143,8 @@ async fn recursive(ctx: &Ctx, a: &Args, opts: &CopyOptions) -> Result<()> {
             .buffered(8)
             .try_collect()
             .await?;
+        // digest → tags missing at the destination, in tag order.
+        let mut need: Vec<Task> = Vec::new();
         for (tag, want, have) in heads {
             // A tag deleted since the listing: nothing to copy.
             let Some((want, _, _)) = want else { continue };
@@ -147,70 +152,88 @@ async fn recursive(ctx: &Ctx, a: &Args, opts: &CopyOptions) -> Result<()> {
                 skipped += 1;
                 continue;
             }
-            match need.iter_mut().find(|(d, _)| *d == want) {
-                Some((_, t)) => t.push(tag),
-                None => need.push((want, vec![tag])),
+            match need.iter_mut().find(|t| t.digest == want) {
+                Some(t) => t.tags.push(tag),
+                None => need.push(Task {
+                    src: src.clone(),
+                    dst: dst.clone(),
+                    digest: want,
+                    tags: vec![tag],
+                }),
             }
         }
-        for (_, tags) in need {
-            tasks.push(Task {
-                src: src.clone(),
-                dst: dst.clone(),
-                tags,
-            });
+        tasks.extend(need);
+        if let Some(map) = src.manifest_map().await? {
+            for (digest, (_, tags)) in map {
+                if tags.is_empty() {
+                    untagged.push(Task {
+                        src: src.clone(),
+                        dst: dst.clone(),
+                        digest,
+                        tags: Vec::new(),
+                    });
+                }
+            }
         }
     }
     let images = tasks.len();
-    let tagged: usize = futures::stream::iter(tasks)
-        .map(|t| copy_image(t, opts))
-        .buffer_unordered(a.jobs.max(1))
-        .try_fold(0, |n, tags| async move { Ok(n + tags) })
-        .await?;
+    let tagged = copy_all(tasks, a.jobs, opts).await?;
+    // After the tagged ones, whose indexes may have brought some along.
+    let mut missing = Vec::new();
+    for t in untagged {
+        if t.dst.head_manifest(t.digest.as_str()).await?.is_none() {
+            missing.push(t);
+        }
+    }
+    let by_digest = missing.len();
+    copy_all(missing, a.jobs, opts).await?;
     let from = if src_prefix.is_empty() {
         src_registry
     } else {
         format!("{src_registry}/{src_prefix}")
     };
     eprintln!(
-        "{}: {} repositories, copied {images} images ({tagged} tags), skipped {skipped} tags already at the destination",
-        from,
+        "{from}: {} repositories, copied {images} images ({tagged} tags) and {by_digest} untagged, \
+         skipped {skipped} tags already at the destination",
         repos.len()
     );
     Ok(())
 }
 
-/// Copy one image under its first tag, then put the same manifest under
-/// the others; the number of tags written.
+/// Copy `tasks`, `jobs` at a time; the number of tags written.
+async fn copy_all(tasks: Vec<Task>, jobs: usize, opts: &CopyOptions) -> Result<usize> {
+    futures::stream::iter(tasks)
+        .map(|t| copy_image(t, opts))
+        .buffer_unordered(jobs.max(1))
+        .try_fold(0, |n, tags| async move { Ok(n + tags) })
+        .await
+}
+
+/// Copy one image under its first tag (or by digest when it has none), then
+/// put the same manifest under the others; the number of tags written.
 async fn copy_image(t: Task, opts: &CopyOptions) -> Result<usize> {
-    let (first, rest) = t.tags.split_first().expect("a task has a tag");
+    let (src_name, dst_name) = (t.src.repository(), t.dst.repository());
+    // By digest, what the listing saw, even if the tag moves meanwhile.
+    let first = t.tags.first().map(String::as_str);
+    let (reference, sep) = match first {
+        Some(tag) => (tag, ':'),
+        None => (t.digest.as_str(), '@'),
+    };
     let src: Arc<dyn Source> = t.src.clone();
-    let report = ggfs::copy::copy(src, first, t.dst.clone(), Some(first), opts)
+    ggfs::copy::copy(src, t.digest.as_str(), t.dst.clone(), first, opts)
         .await
         .with_context(|| {
-            format!(
-                "copying {}:{first} to {}:{first}",
-                t.src.repository(),
-                t.dst.repository()
-            )
+            format!("copying {src_name}{sep}{reference} to {dst_name}{sep}{reference}")
         })?;
-    eprintln!(
-        "{}:{first} -> {}:{first}",
-        t.src.repository(),
-        t.dst.repository()
-    );
-    if !rest.is_empty() {
-        let digest = report.digest.context("the copy reported no digest")?;
-        let manifest = t.src.get_manifest(digest.as_str()).await?;
-        for tag in rest {
+    eprintln!("{src_name}{sep}{reference} -> {dst_name}{sep}{reference}");
+    if t.tags.len() > 1 {
+        let manifest = t.src.get_manifest(t.digest.as_str()).await?;
+        for tag in &t.tags[1..] {
             t.dst
                 .push_manifest(&manifest, Some(tag))
                 .await
-                .with_context(|| format!("tagging {}:{tag}", t.dst.repository()))?;
-            eprintln!(
-                "{}:{tag} -> {}:{tag}",
-                t.src.repository(),
-                t.dst.repository()
-            );
+                .with_context(|| format!("tagging {dst_name}:{tag}"))?;
+            eprintln!("{src_name}:{tag} -> {dst_name}:{tag}");
         }
     }
     Ok(t.tags.len())
