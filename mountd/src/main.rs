@@ -154,6 +154,14 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Cmd::Mount(a) = &cli.cmd {
+        // Once, from the process the user started (not the detached one).
+        if a.insecure_skip_tls_verify && a.ready_fd.is_none() {
+            eprintln!(
+                "ggfs: warning: --insecure-skip-tls-verify: TLS certificates are not verified"
+            );
+        }
+    }
     let res = match cli.cmd {
         Cmd::Mount(args) if args.foreground => foreground(args),
         Cmd::Mount(args) => daemonize(args),
