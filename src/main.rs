@@ -50,7 +50,18 @@ fn main() -> std::process::ExitCode {
         Err(e) => {
             // One line: the error and its causes, outermost first.
             let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
-            eprintln!("ggfs: {}", dedup_chain(chain).join(": "));
+            let tls = e.chain().any(|c| {
+                matches!(
+                    c.downcast_ref::<ggfs::Error>(),
+                    Some(ggfs::Error::Tls { .. })
+                )
+            });
+            let hint = if tls {
+                " (a private CA: --ca-file PEM)"
+            } else {
+                ""
+            };
+            eprintln!("ggfs: {}{hint}", dedup_chain(chain).join(": "));
             std::process::ExitCode::FAILURE
         }
     }

@@ -352,6 +352,7 @@ fn tls_registry_needs_its_ca_or_an_explicit_skip() {
     assert!(err.contains(&reg.addr), "{err}");
     assert!(err.contains("certificate"), "{err}");
     assert!(err.contains("UnknownIssuer"), "{err}");
+    assert!(err.contains("--ca-file"), "no hint: {err}");
     assert!(
         !err.contains("tried"),
         "a certificate problem is not retried: {err}"
