@@ -413,6 +413,10 @@ fn mount_takes_the_tls_flags() {
     std::fs::create_dir(&mp).unwrap();
     let mp_s = mp.to_str().unwrap();
     let cache = |n: &str| w.join(n).to_str().unwrap().to_string();
+    let ca_s = ca.to_str().unwrap();
+    // Not passed on to the daemon, which does not read pull secrets: said.
+    let err = common::ggfs_fails(&["--pull-secret", ca_s, "mount", &reg.addr, mp_s]);
+    assert!(err.contains("--pull-secret"), "{err}");
 
     let err = common::ggfs_fails(&["mount", &reg.addr, mp_s, "--cache-dir", &cache("c0")]);
     assert!(
@@ -421,14 +425,22 @@ fn mount_takes_the_tls_flags() {
     );
     assert!(!common::mount::is_mounted(&mp));
 
-    for flags in [
-        vec!["--ca-file", ca.to_str().unwrap(), "--cache-dir"],
-        vec!["--insecure-skip-tls-verify", "--cache-dir"],
-    ] {
-        let mut args = vec!["mount", &reg.addr, mp_s];
-        let c = cache(&format!("c{}", flags.len()));
-        args.extend(flags.iter().copied());
-        args.push(&c);
+    // Each flag after the registry, or before the verb as a global flag.
+    for (i, (before, after)) in [
+        (vec![], vec!["--ca-file", ca_s]),
+        (vec![], vec!["--insecure-skip-tls-verify"]),
+        (vec!["--ca-file", ca_s], vec![]),
+        (vec!["--insecure-skip-tls-verify"], vec![]),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let c = cache(&format!("c{}", i + 1));
+        let mut args = before.clone();
+        args.extend(["mount", &reg.addr, mp_s]);
+        args.extend(after.iter().copied());
+        args.extend(["--cache-dir", &c]);
+        let flags = [before, after].concat();
         let out = ggfs_output(&args);
         let _guard = Unmount(mp.clone());
         let err = String::from_utf8_lossy(&out.stderr);

@@ -193,7 +193,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Validate(a) => validate::run(&ctx, a).await,
         Command::Auth(c) => auth::run(&ctx, c).await,
         Command::Registry(c) => registry::run(c).await,
-        Command::Mount(a) => mount::mount(a),
+        Command::Mount(a) => mount::mount(a, &ctx.global),
         Command::Unmount(a) => mount::unmount(a),
         Command::Commit(a) => tokio::task::block_in_place(|| commit::commit(a)),
         Command::Status(a) => commit::status(a),

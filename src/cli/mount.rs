@@ -34,8 +34,31 @@ pub fn unmount_help() -> String {
     UnmountArgs::augment_args(cmd).render_help().to_string()
 }
 
-pub fn mount(a: MountArgs) -> Result<()> {
-    exec(std::iter::once(OsString::from("mount")).chain(a.args))
+/// The daemon's `mount`, with the global flags it also takes that were
+/// given before the verb (`ggfs --ca-file CA mount ...`) passed on.
+pub fn mount(a: MountArgs, global: &super::Global) -> Result<()> {
+    if !global.pull_secrets.is_empty() {
+        anyhow::bail!(
+            "ggfs mount does not take --pull-secret (yet): the daemon reads the docker config"
+        );
+    }
+    let mut args: Vec<OsString> = std::iter::once(OsString::from("mount"))
+        .chain(a.args)
+        .collect();
+    if global.insecure {
+        args.push("--insecure".into());
+    }
+    for f in &global.ca_files {
+        args.push("--ca-file".into());
+        args.push(f.into());
+    }
+    if global.insecure_skip_tls_verify {
+        args.push("--insecure-skip-tls-verify".into());
+    }
+    if let Some(p) = &global.platform {
+        args.push(format!("--platform={p}").into());
+    }
+    exec(args)
 }
 
 pub fn unmount(a: UnmountArgs) -> Result<()> {
