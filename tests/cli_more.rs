@@ -660,3 +660,36 @@ fn unmount_help_shows_its_argument_and_no_registry_flags() {
         "{err}"
     );
 }
+
+#[test]
+fn mount_takes_platform_given_before_the_verb() {
+    let reg = Distribution::start();
+    let work = common::tempdir();
+    let w = work.path();
+    let layout = w.join("index-layout");
+    common::index_two_platforms(&layout, "t");
+    common::push_oci_layout(&layout, "t", &reg.reference("multi:t"));
+    let mp = w.join("mnt");
+    std::fs::create_dir(&mp).unwrap();
+    let mp_s = mp.to_str().unwrap();
+    let cache = w.join("cache");
+    let cache_s = cache.to_str().unwrap();
+    common::ggfs(&[
+        "--platform",
+        "linux/arm64",
+        "mount",
+        reg.addr(),
+        mp_s,
+        "--cache-dir",
+        cache_s,
+    ]);
+    let _guard = Unmount(mp.clone());
+    let mut names: Vec<String> = std::fs::read_dir(mp.join("multi/t"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("linux-"))
+        .collect();
+    names.sort();
+    assert_eq!(names, ["linux-arm64"]);
+    common::ggfs(&["unmount", mp_s]);
+}
