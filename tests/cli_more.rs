@@ -674,22 +674,22 @@ fn mount_takes_platform_given_before_the_verb() {
     let mp_s = mp.to_str().unwrap();
     let cache = w.join("cache");
     let cache_s = cache.to_str().unwrap();
-    common::ggfs(&[
-        "--platform",
-        "linux/arm64",
-        "mount",
-        reg.addr(),
-        mp_s,
-        "--cache-dir",
-        cache_s,
-    ]);
+    let platforms = || {
+        let mut names: Vec<String> = std::fs::read_dir(mp.join("multi/t"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("linux-"))
+            .collect();
+        names.sort();
+        names
+    };
     let _guard = Unmount(mp.clone());
-    let mut names: Vec<String> = std::fs::read_dir(mp.join("multi/t"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with("linux-"))
-        .collect();
-    names.sort();
-    assert_eq!(names, ["linux-arm64"]);
+    common::ggfs(&["mount", reg.addr(), mp_s, "--cache-dir", cache_s]);
+    assert_eq!(platforms(), ["linux-amd64", "linux-arm64"]);
+    common::ggfs(&["unmount", mp_s]);
+    let global = ["--platform", "linux/arm64"];
+    let mount = ["mount", reg.addr(), mp_s, "--cache-dir", cache_s];
+    common::ggfs(&[&global[..], &mount[..]].concat());
+    assert_eq!(platforms(), ["linux-arm64"]);
     common::ggfs(&["unmount", mp_s]);
 }
