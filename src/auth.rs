@@ -708,7 +708,11 @@ pub async fn fetch_token(
         let r = endpoint.request(cred).await;
         let transient = match &r {
             Ok(resp) => resp.status().is_server_error() || resp.status().as_u16() == 429,
-            Err(e) => e.is_connect() || e.is_timeout(),
+            // No retry mends a certificate.
+            Err(e) => {
+                (e.is_connect() || e.is_timeout())
+                    && crate::registry::certificate_problem(e).is_none()
+            }
         };
         if !transient || attempt >= TOKEN_ATTEMPTS {
             break r;
@@ -717,10 +721,11 @@ pub async fn fetch_token(
     }
     .map_err(|e| {
         let origin = realm.origin().ascii_serialization();
-        Error::auth(
-            registry,
-            format!("token request to {origin}: {}", e.without_url()),
-        )
+        let why = match crate::registry::certificate_problem(&e) {
+            Some(p) => format!("TLS certificate not accepted: {p}"),
+            None => e.without_url().to_string(),
+        };
+        Error::auth(registry, format!("token request to {origin}: {why}"))
     })?;
     parse_token_response(registry, &realm, resp).await
 }

@@ -393,6 +393,52 @@ fn tls_registry_needs_its_ca_or_an_explicit_skip() {
     assert!(err.contains("ext.cnf"), "{err}");
 }
 
+/// A loopback "registry" answering every request 401 with a Bearer
+/// challenge whose realm is `realm`; its `HOST:PORT`.
+fn challenging_registry(realm: String) -> String {
+    use std::io::{BufRead as _, BufReader, Write as _};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        for conn in l.incoming() {
+            let Ok(mut conn) = conn else { return };
+            let mut r = BufReader::new(conn.try_clone().unwrap());
+            let mut line = String::new();
+            while r.read_line(&mut line).is_ok_and(|n| n > 0) && line != "\r\n" {
+                line.clear();
+            }
+            let _ = write!(
+                conn,
+                "HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Bearer realm=\"{realm}\",service=\"s\"\r\n\
+                 Content-Length: 0\r\nConnection: close\r\n\r\n"
+            );
+        }
+    });
+    addr
+}
+
+#[test]
+fn ca_file_is_trusted_for_token_realms_too() {
+    let (work, reg, _image, _) = tls_registry_with_image();
+    let ca = work.path().join("ca.pem");
+    let ca = ca.to_str().unwrap();
+    // The realm is the TLS registry: it serves no tokens (404), but which
+    // error comes back tells whether its certificate was accepted.
+    let fake = challenging_registry(format!("https://{}/token", reg.addr));
+    let image = format!("{fake}/repo:tag");
+    let err = common::ggfs_fails(&["digest", &image]);
+    assert!(err.contains(&fake), "{err}");
+    assert!(err.contains("TLS certificate not accepted"), "{err}");
+    assert!(err.contains("UnknownIssuer"), "{err}");
+    let err = common::ggfs_fails(&["digest", "--ca-file", ca, &image]);
+    assert!(err.contains(&fake), "{err}");
+    assert!(
+        !err.contains("certificate"),
+        "the CA was not used for the realm: {err}"
+    );
+    assert!(err.contains("404"), "{err}");
+}
+
 /// Unmounts (lazily) on drop, so a failed assertion leaves no mount.
 struct Unmount(std::path::PathBuf);
 

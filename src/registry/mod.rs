@@ -45,6 +45,7 @@ use crate::reference::Repository;
 
 pub use list::Page;
 pub use manifests::referrers_tag;
+pub(crate) use transport::certificate_problem;
 pub use transport::{is_loopback, RetryPolicy};
 use transport::{Req, Transport};
 

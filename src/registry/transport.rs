@@ -164,7 +164,7 @@ pub(crate) struct Tls {
 
 /// The certificate problem behind a failed connection (rustls says
 /// "invalid peer certificate: …"), if that is what failed: no retry fixes it.
-fn certificate_problem(e: &reqwest::Error) -> Option<String> {
+pub(crate) fn certificate_problem(e: &reqwest::Error) -> Option<String> {
     let mut cause: Option<&dyn std::error::Error> = std::error::Error::source(e);
     while let Some(c) = cause {
         let msg = c.to_string();
