@@ -650,6 +650,50 @@ fn pull_secret_credentials_come_before_the_docker_config() {
         "{err}"
     );
 
+    // Several YAML documents, `stringData` (plain) instead of `data`, and
+    // the legacy `kubernetes.io/dockercfg` (the `auths` map alone).
+    let legacy_cfg = |user: &str, pass: &str| {
+        let v: serde_json::Value =
+            serde_json::from_str(&dockerconfigjson(reg.addr(), user, pass)).unwrap();
+        v["auths"].to_string()
+    };
+    let docs = format!(
+        "apiVersion: v1\nkind: Secret\nmetadata:\n  name: one\ntype: kubernetes.io/dockerconfigjson\n\
+         stringData:\n  .dockerconfigjson: '{}'\n---\n{}",
+        dockerconfigjson("elsewhere.example", "x", "y"),
+        secret_yaml("two", &good)
+    );
+    let multi = w.join("multi.yaml");
+    std::fs::write(&multi, docs).unwrap();
+    let plain = w.join("plain.yaml");
+    std::fs::write(
+        &plain,
+        format!(
+            "apiVersion: v1\nkind: Secret\nmetadata:\n  name: legacy\ntype: kubernetes.io/dockercfg\n\
+             stringData:\n  .dockercfg: '{}'\n",
+            legacy_cfg("alice", "s3cret")
+        ),
+    )
+    .unwrap();
+    let legacy = w.join("legacy.yaml");
+    let data = base64::engine::general_purpose::STANDARD.encode(legacy_cfg("alice", "s3cret"));
+    std::fs::write(
+        &legacy,
+        format!(
+            "apiVersion: v1\nkind: Secret\nmetadata:\n  name: legacy\ntype: kubernetes.io/dockercfg\n\
+             data:\n  .dockercfg: {data}\n"
+        ),
+    )
+    .unwrap();
+    for f in [&multi, &plain, &legacy] {
+        let out = ggfs_with_config(
+            &empty,
+            &["digest", "--pull-secret", f.to_str().unwrap(), &image],
+        );
+        assert!(out.status.success(), "{}: {}", f.display(), stderr(&out));
+        assert_eq!(stdout(&out), want);
+    }
+
     // Not a pull secret: one line naming the file and what is wrong.
     let opaque = w.join("opaque.yaml");
     std::fs::write(
