@@ -365,6 +365,28 @@ fn tls_registry_needs_its_ca_or_an_explicit_skip() {
         common::ggfs(&["digest", "--ca-file", ca, &image]).trim(),
         want
     );
+    // Repeatable: another CA first, this one second.
+    common::run(Command::new("openssl").current_dir(w).args([
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=other CA",
+        "-keyout",
+        "other.key",
+        "-out",
+        "other.pem",
+    ]));
+    let other = w.join("other.pem");
+    let other = other.to_str().unwrap();
+    let err = common::ggfs_fails(&["digest", "--ca-file", other, &image]);
+    assert!(err.contains("UnknownIssuer"), "{err}");
+    let both = ["digest", "--ca-file", other, "--ca-file", ca, &image];
+    assert_eq!(common::ggfs(&both).trim(), want);
     // A copy out of it and back in, bytes intact.
     let copy = format!("{}/tls/copy:v1", reg.addr);
     common::ggfs(&["copy", "--ca-file", ca, &image, &copy]);
