@@ -1,10 +1,9 @@
 use std::sync::Arc;
 
 use anyhow::{bail, Context as _, Result};
+use futures::{StreamExt, TryStreamExt};
 use ggfs::copy::CopyOptions;
 use ggfs::image::Source;
-
-use futures::{StreamExt, TryStreamExt};
 use ggfs::registry::RegistryRepo;
 use ggfs::Repository;
 
