@@ -276,6 +276,58 @@ pub struct Keychain {
     pub docker_configs: Vec<PathBuf>,
     /// podman/containers auth.json files, consulted after docker's.
     pub auth_files: Vec<PathBuf>,
+    /// Kubernetes pull secrets, consulted before the files, first match wins.
+    pub pull_secrets: Vec<PullSecret>,
+}
+
+/// The credentials of a Kubernetes image pull secret: the `auths` of its
+/// `.dockerconfigjson` (or the map of a legacy `.dockercfg`), looked up as
+/// config.json's are. Credential helpers are never run on a secret's say.
+#[derive(Clone)]
+pub struct PullSecret {
+    origin: String,
+    config: ConfigFile,
+}
+
+impl std::fmt::Debug for PullSecret {
+    /// The origin and registries, never the credentials.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PullSecret")
+            .field("origin", &self.origin)
+            .field("registries", &self.config.auths.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl PullSecret {
+    /// A `.dockerconfigjson` document (`{"auths": {REGISTRY: {...}}}`), or
+    /// with `legacy` a `.dockercfg` one (`{REGISTRY: {...}}`); `origin`
+    /// names it in errors.
+    pub fn parse(origin: &str, json: &[u8], legacy: bool) -> Result<Self> {
+        let bad =
+            |e: serde_json::Error| Error::invalid(format!("pull secret {origin}"), e.to_string());
+        let auths = if legacy {
+            serde_json::from_slice(json).map_err(bad)?
+        } else {
+            #[derive(Deserialize)]
+            struct Doc {
+                auths: BTreeMap<String, AuthEntry>,
+            }
+            serde_json::from_slice::<Doc>(json).map_err(bad)?.auths
+        };
+        Ok(PullSecret {
+            origin: origin.to_string(),
+            config: ConfigFile {
+                auths,
+                ..ConfigFile::default()
+            },
+        })
+    }
+
+    /// The registries (config keys) it holds credentials for.
+    pub fn registries(&self) -> impl Iterator<Item = &str> {
+        self.config.auths.keys().map(String::as_str)
+    }
 }
 
 /// The directory holding docker's config.json: $DOCKER_CONFIG or ~/.docker.
@@ -310,6 +362,7 @@ impl Keychain {
         Keychain {
             docker_configs,
             auth_files,
+            pull_secrets: Vec::new(),
         }
     }
 
@@ -317,7 +370,7 @@ impl Keychain {
     pub fn docker_dir(dir: impl AsRef<Path>) -> Self {
         Keychain {
             docker_configs: vec![dir.as_ref().join("config.json")],
-            auth_files: Vec::new(),
+            ..Keychain::default()
         }
     }
 
@@ -329,6 +382,12 @@ impl Keychain {
     /// Credentials for `registry` (host[:port]); `repo` lets podman's
     /// namespaced keys (`quay.io/org`) match. `None` means anonymous.
     pub fn resolve(&self, registry: &str, repo: Option<&str>) -> Result<Option<Credential>> {
+        for secret in &self.pull_secrets {
+            let origin = Path::new(&secret.origin);
+            if let Some(c) = secret.config.credential(origin, registry, repo)? {
+                return Ok(Some(c));
+            }
+        }
         // docker's config.json knows no namespaced keys: only podman's files get `repo`.
         let docker = self.docker_configs.iter().map(|p| (p, None));
         let podman = self.auth_files.iter().map(|p| (p, repo));
@@ -344,7 +403,7 @@ impl Keychain {
     }
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, Clone)]
 struct AuthEntry {
     auth: Option<String>,
     username: Option<String>,
@@ -352,7 +411,7 @@ struct AuthEntry {
     identitytoken: Option<String>,
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, Clone)]
 #[serde(rename_all = "camelCase")]
 struct ConfigFile {
     #[serde(default)]
@@ -649,7 +708,11 @@ pub async fn fetch_token(
         let r = endpoint.request(cred).await;
         let transient = match &r {
             Ok(resp) => resp.status().is_server_error() || resp.status().as_u16() == 429,
-            Err(e) => e.is_connect() || e.is_timeout(),
+            // No retry mends a certificate.
+            Err(e) => {
+                (e.is_connect() || e.is_timeout())
+                    && crate::registry::certificate_problem(e).is_none()
+            }
         };
         if !transient || attempt >= TOKEN_ATTEMPTS {
             break r;
@@ -658,10 +721,11 @@ pub async fn fetch_token(
     }
     .map_err(|e| {
         let origin = realm.origin().ascii_serialization();
-        Error::auth(
-            registry,
-            format!("token request to {origin}: {}", e.without_url()),
-        )
+        let why = match crate::registry::certificate_problem(&e) {
+            Some(p) => format!("TLS certificate not accepted: {p}"),
+            None => e.without_url().to_string(),
+        };
+        Error::auth(registry, format!("token request to {origin}: {why}"))
     })?;
     parse_token_response(registry, &realm, resp).await
 }
@@ -1217,8 +1281,8 @@ mod tests {
             }}),
         );
         let k = Keychain {
-            docker_configs: vec![],
             auth_files: vec![auth],
+            ..Keychain::default()
         };
         let user = |r: &str, repo: Option<&str>| match k.resolve(r, repo).unwrap() {
             Some(Credential::Basic { username, .. }) => username,
@@ -1236,7 +1300,7 @@ mod tests {
         );
         let k = Keychain {
             docker_configs: vec![cfg],
-            auth_files: vec![],
+            ..Keychain::default()
         };
         let err = k.resolve("h.io", None).unwrap_err().to_string();
         assert!(err.contains("docker-credential-ggfs-test-missing"), "{err}");

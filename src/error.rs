@@ -57,6 +57,11 @@ pub enum Error {
         secs: u64,
     },
 
+    /// The TLS handshake with `registry` failed over its certificate
+    /// (untrusted issuer, wrong name, expired, ...).
+    #[error("registry {registry}: TLS certificate not accepted: {problem}")]
+    Tls { registry: String, problem: String },
+
     #[error("authentication to {registry} failed: {message}")]
     Auth { registry: String, message: String },
 

@@ -11,6 +11,17 @@ fn main() -> std::process::ExitCode {
     if argv.len() == 3 && argv[1] == "help" && argv[2] == "mount" {
         argv = vec![argv[0].clone(), "mount".into(), "--help".into()];
     }
+    // `ggfs unmount --help` (and `ggfs help unmount`): its argument only.
+    let help_flag = |a: &std::ffi::OsString| a == "-h" || a == "--help";
+    let unmount_help = match argv.get(1).and_then(|a| a.to_str()) {
+        Some("unmount") => argv[2..].iter().any(help_flag),
+        Some("help") => argv.len() == 3 && argv[2] == "unmount",
+        _ => false,
+    };
+    if unmount_help {
+        print!("{}", cli::unmount_help());
+        return std::process::ExitCode::SUCCESS;
+    }
     let args = match cli::Cli::try_parse_from(argv) {
         Ok(args) => args,
         Err(e) if !e.use_stderr() => e.exit(), // --help, --version
@@ -39,7 +50,18 @@ fn main() -> std::process::ExitCode {
         Err(e) => {
             // One line: the error and its causes, outermost first.
             let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
-            eprintln!("ggfs: {}", dedup_chain(chain).join(": "));
+            let tls = e.chain().any(|c| {
+                matches!(
+                    c.downcast_ref::<ggfs::Error>(),
+                    Some(ggfs::Error::Tls { .. })
+                )
+            });
+            let hint = if tls {
+                " (a private CA: --ca-file PEM)"
+            } else {
+                ""
+            };
+            eprintln!("ggfs: {}{hint}", dedup_chain(chain).join(": "));
             std::process::ExitCode::FAILURE
         }
     }

@@ -51,7 +51,13 @@ pub struct LibRegistry {
 }
 
 impl LibRegistry {
-    pub fn new(host: &str, insecure: bool, stall: std::time::Duration) -> Result<Arc<Self>> {
+    /// `tls`: extra trusted root PEM files, and whether to skip verification.
+    pub fn new(
+        host: &str,
+        insecure: bool,
+        stall: std::time::Duration,
+        tls: (Vec<std::path::PathBuf>, bool),
+    ) -> Result<Arc<Self>> {
         let opts = ClientOptions {
             insecure: if insecure {
                 vec![host.to_string()]
@@ -61,6 +67,8 @@ impl LibRegistry {
             insecure_all: false,
             jobs: 16,
             stall_timeout: stall,
+            ca_files: tls.0,
+            insecure_skip_tls_verify: tls.1,
         };
         Ok(Arc::new(LibRegistry {
             client: Client::new(opts)?,

@@ -84,6 +84,13 @@ struct MountArgs {
     /// Talk plain HTTP to the registry.
     #[arg(long)]
     insecure: bool,
+    /// Also trust the root certificates in this PEM file (repeatable), for
+    /// the registry and its token realm.
+    #[arg(long = "ca-file", value_name = "PEM")]
+    ca_files: Vec<PathBuf>,
+    /// Accept any TLS certificate, unverified (test set-ups only).
+    #[arg(long)]
+    insecure_skip_tls_verify: bool,
     /// Mount options: allow_other, allow_root.
     #[arg(short = 'o')]
     options: Vec<String>,
@@ -147,6 +154,14 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Cmd::Mount(a) = &cli.cmd {
+        // Once, from the process the user started (not the detached one).
+        if a.insecure_skip_tls_verify && a.ready_fd.is_none() {
+            eprintln!(
+                "ggfs: warning: --insecure-skip-tls-verify: TLS certificates are not verified"
+            );
+        }
+    }
     let res = match cli.cmd {
         Cmd::Mount(args) if args.foreground => foreground(args),
         Cmd::Mount(args) => daemonize(args),
@@ -234,6 +249,13 @@ fn child_args(a: &MountArgs, fd: i32) -> Vec<OsString> {
     }
     if a.insecure {
         v.push("--insecure".into());
+    }
+    for f in &a.ca_files {
+        v.push("--ca-file".into());
+        v.push(std::path::absolute(f).unwrap_or_else(|_| f.clone()).into());
+    }
+    if a.insecure_skip_tls_verify {
+        v.push("--insecure-skip-tls-verify".into());
     }
     if a.allow_delete {
         v.push("--allow-delete".into());
@@ -488,7 +510,11 @@ fn serve(args: &MountArgs, ready: &mut Ready) -> Result<()> {
         ),
     };
     let stall = Duration::from_secs(args.timeout.max(1));
-    let reg = backend::LibRegistry::new(host, insecure, stall)?;
+    if args.insecure_skip_tls_verify {
+        tracing::warn!("--insecure-skip-tls-verify: TLS certificates are not verified");
+    }
+    let tls = (args.ca_files.clone(), args.insecure_skip_tls_verify);
+    let reg = backend::LibRegistry::new(host, insecure, stall, tls)?;
     let reg_name = backend::Registry::name(reg.as_ref());
     let cache_dir = args.cache_dir.clone().unwrap_or_else(cache::default_dir);
     let cache = Arc::new(cache::Cache::open(&cache_dir, args.cache_size)?);

@@ -116,13 +116,7 @@ async fn listing(r: &RegistryRepo, a: &Args) -> Result<Listing> {
 /// The catalog's repositories at or below `prefix` (`HOST/REPO`, or a
 /// registry alone: all of them), and the whole catalog.
 pub(super) async fn repos_below(ctx: &Ctx, prefix: &str) -> Result<(Vec<Repository>, Vec<String>)> {
-    let (registry, prefix) = match Repository::parse(prefix) {
-        Ok(r) => (r.registry, r.name),
-        Err(_) if !prefix.contains('/') => {
-            (ggfs::reference::normalize_registry(prefix), String::new())
-        }
-        Err(e) => return Err(e.into()),
-    };
+    let (registry, prefix) = parse_prefix(prefix)?;
     let catalog = ctx.client()?.catalog(&registry).await?;
     let below =
         |name: &str| prefix.is_empty() || name == prefix || name.starts_with(&format!("{prefix}/"));
@@ -135,6 +129,18 @@ pub(super) async fn repos_below(ctx: &Ctx, prefix: &str) -> Result<(Vec<Reposito
         bail!("{registry}'s catalog lists no repository at or below {prefix:?}");
     }
     Ok((repos, catalog))
+}
+
+/// A prefix as (registry, repository name): `HOST/REPO`, or `HOST` alone
+/// (an empty name: the whole registry).
+pub(super) fn parse_prefix(prefix: &str) -> Result<(String, String)> {
+    match Repository::parse(prefix) {
+        Ok(r) => Ok((r.registry, r.name)),
+        Err(_) if !prefix.contains('/') => {
+            Ok((ggfs::reference::normalize_registry(prefix), String::new()))
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// gcrane ls -r: the catalog's repositories at or below the prefix.

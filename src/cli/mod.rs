@@ -33,6 +33,7 @@ mod mutate;
 mod optimize;
 mod progress;
 mod pull;
+mod pull_secret;
 mod push;
 mod rebase;
 mod refs;
@@ -43,6 +44,7 @@ mod validate;
 mod version;
 
 pub use location::Location;
+pub use mount::unmount_help;
 
 #[derive(Parser)]
 #[command(
@@ -69,6 +71,19 @@ pub struct Global {
     /// Talk plain HTTP to registries, not only to localhost.
     #[arg(long, global = true)]
     pub insecure: bool,
+    /// Also trust the root certificates in this PEM file (repeatable), for
+    /// registries and their token realms.
+    #[arg(long = "ca-file", global = true, value_name = "PEM")]
+    pub ca_files: Vec<std::path::PathBuf>,
+    /// Accept any TLS certificate, unverified (test set-ups only: a man in
+    /// the middle goes unnoticed).
+    #[arg(long, global = true)]
+    pub insecure_skip_tls_verify: bool,
+    /// A Kubernetes `kubernetes.io/dockerconfigjson` Secret (JSON or YAML,
+    /// as `kubectl get secret -o yaml` prints it) whose credentials come
+    /// before the docker config's (repeatable).
+    #[arg(long = "pull-secret", global = true, value_name = "FILE")]
+    pub pull_secrets: Vec<std::path::PathBuf>,
     /// Seconds a registry request may go without a byte (no answer, or a
     /// download that stopped moving) before it fails.
     #[arg(long, global = true, default_value_t = 30)]
@@ -178,7 +193,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Validate(a) => validate::run(&ctx, a).await,
         Command::Auth(c) => auth::run(&ctx, c).await,
         Command::Registry(c) => registry::run(c).await,
-        Command::Mount(a) => mount::mount(a),
+        Command::Mount(a) => mount::mount(a, &ctx.global),
         Command::Unmount(a) => mount::unmount(a),
         Command::Commit(a) => tokio::task::block_in_place(|| commit::commit(a)),
         Command::Status(a) => commit::status(a),
@@ -241,9 +256,23 @@ impl Ctx {
         let opts = ClientOptions {
             insecure_all: self.global.insecure,
             stall_timeout: std::time::Duration::from_secs(self.global.timeout.max(1)),
+            ca_files: self.global.ca_files.clone(),
+            insecure_skip_tls_verify: self.global.insecure_skip_tls_verify,
             ..ClientOptions::default()
         };
-        let client = Client::new(opts).context("creating the registry client")?;
+        if self.global.insecure_skip_tls_verify {
+            eprintln!(
+                "ggfs: warning: --insecure-skip-tls-verify: TLS certificates are not verified"
+            );
+        }
+        let mut keychain = ggfs::auth::Keychain::from_env();
+        for file in &self.global.pull_secrets {
+            keychain.pull_secrets.extend(pull_secret::read(file)?);
+        }
+        let client = Client::builder(opts)
+            .keychain(keychain)
+            .build()
+            .context("creating the registry client")?;
         Ok(self.client.get_or_init(|| client).clone())
     }
 

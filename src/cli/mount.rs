@@ -17,12 +17,48 @@ pub struct MountArgs {
 
 #[derive(clap::Args)]
 pub struct UnmountArgs {
-    /// Where the registry is mounted.
+    /// The directory a registry is mounted on (by `ggfs mount REGISTRY
+    /// MOUNTPOINT`). Returns once its daemon has exited, having pushed the
+    /// pending commits (none with `--commit-delay manual`).
     mountpoint: PathBuf,
 }
 
-pub fn mount(a: MountArgs) -> Result<()> {
-    exec(std::iter::once(OsString::from("mount")).chain(a.args))
+/// `ggfs unmount --help` and `ggfs help unmount`: the verb's own argument,
+/// without the registry flags (`--platform`, `--insecure`, ...) that every
+/// other verb takes and unmount does not.
+pub fn unmount_help() -> String {
+    use clap::Args as _;
+    let cmd = clap::Command::new("unmount")
+        .bin_name("ggfs unmount")
+        .about("Unmount a ggfs mount");
+    UnmountArgs::augment_args(cmd).render_help().to_string()
+}
+
+/// The daemon's `mount`, with the global flags it also takes that were
+/// given before the verb (`ggfs --ca-file CA mount ...`) passed on.
+pub fn mount(a: MountArgs, global: &super::Global) -> Result<()> {
+    if !global.pull_secrets.is_empty() {
+        anyhow::bail!(
+            "ggfs mount does not take --pull-secret (yet): the daemon reads the docker config"
+        );
+    }
+    let mut args: Vec<OsString> = std::iter::once(OsString::from("mount"))
+        .chain(a.args)
+        .collect();
+    if global.insecure {
+        args.push("--insecure".into());
+    }
+    for f in &global.ca_files {
+        args.push("--ca-file".into());
+        args.push(f.into());
+    }
+    if global.insecure_skip_tls_verify {
+        args.push("--insecure-skip-tls-verify".into());
+    }
+    if let Some(p) = &global.platform {
+        args.push(format!("--platform={p}").into());
+    }
+    exec(args)
 }
 
 pub fn unmount(a: UnmountArgs) -> Result<()> {

@@ -45,6 +45,7 @@ use crate::reference::Repository;
 
 pub use list::Page;
 pub use manifests::referrers_tag;
+pub(crate) use transport::certificate_problem;
 pub use transport::{is_loopback, RetryPolicy};
 use transport::{Req, Transport};
 
@@ -64,6 +65,12 @@ pub struct ClientOptions {
     /// bytes of a body) before it fails as stalled. A slow but moving
     /// download is not cut off.
     pub stall_timeout: std::time::Duration,
+    /// PEM files of root certificates trusted beside the built-in ones, for
+    /// registries and their token realms (a private CA).
+    pub ca_files: Vec<std::path::PathBuf>,
+    /// Accept any TLS certificate, unverified (a man in the middle goes
+    /// unnoticed): for test set-ups only.
+    pub insecure_skip_tls_verify: bool,
 }
 
 impl Default for ClientOptions {
@@ -73,6 +80,8 @@ impl Default for ClientOptions {
             insecure_all: false,
             jobs: 8,
             stall_timeout: std::time::Duration::from_secs(30),
+            ca_files: Vec::new(),
+            insecure_skip_tls_verify: false,
         }
     }
 }
@@ -108,7 +117,23 @@ impl ClientBuilder {
         self
     }
     pub fn build(self) -> Result<Client> {
+        let mut roots = Vec::new();
+        for path in &self.opts.ca_files {
+            let what = format!("CA file {}", path.display());
+            let pem = std::fs::read(path).map_err(|e| Error::io(&what, e))?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem)
+                .map_err(|e| Error::invalid(&what, e.to_string()))?;
+            if certs.is_empty() {
+                return Err(Error::invalid(&what, "holds no PEM certificate"));
+            }
+            roots.extend(certs);
+        }
+        let tls = transport::Tls {
+            roots,
+            skip_verify: self.opts.insecure_skip_tls_verify,
+        };
         let t = Transport::new(
+            tls,
             self.keychain.unwrap_or_else(Keychain::from_env),
             self.opts
                 .insecure

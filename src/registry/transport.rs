@@ -153,6 +153,29 @@ pub(crate) fn http_err(context: &str, source: reqwest::Error) -> Error {
     }
 }
 
+/// TLS settings beside the built-in roots.
+#[derive(Default)]
+pub(crate) struct Tls {
+    /// Extra trusted roots.
+    pub roots: Vec<reqwest::Certificate>,
+    /// Accept any certificate.
+    pub skip_verify: bool,
+}
+
+/// The certificate problem behind a failed connection (rustls says
+/// "invalid peer certificate: …"), if that is what failed: no retry fixes it.
+pub(crate) fn certificate_problem(e: &reqwest::Error) -> Option<String> {
+    let mut cause: Option<&dyn std::error::Error> = std::error::Error::source(e);
+    while let Some(c) = cause {
+        let msg = c.to_string();
+        if msg.contains("certificate") {
+            return Some(msg);
+        }
+        cause = c.source();
+    }
+    None
+}
+
 /// Keychain answers per (registry, repository).
 type CredCache = HashMap<(String, Option<String>), Option<Credential>>;
 
@@ -175,6 +198,7 @@ const MAX_ERROR_BODY: u64 = 64 * 1024;
 
 impl Transport {
     pub fn new(
+        tls: Tls,
         keychain: Keychain,
         insecure: Vec<String>,
         insecure_all: bool,
@@ -182,7 +206,12 @@ impl Transport {
         retry: RetryPolicy,
         stall: Duration,
     ) -> Result<Self> {
-        let http = reqwest::Client::builder()
+        let mut http = reqwest::Client::builder();
+        for root in tls.roots {
+            http = http.add_root_certificate(root);
+        }
+        let http = http
+            .danger_accept_invalid_certs(tls.skip_verify)
             .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("ggfs/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(stall)
@@ -340,6 +369,13 @@ impl Transport {
                                 + &url.port().map(|p| format!(":{p}")).unwrap_or_default(),
                             what: format!("{} {}", req.method, redact_url(url)),
                             secs: self.stall.as_secs(),
+                        });
+                    }
+                    if let Some(problem) = certificate_problem(&e) {
+                        return Err(Error::Tls {
+                            registry: url.host_str().unwrap_or("?").to_string()
+                                + &url.port().map(|p| format!(":{p}")).unwrap_or_default(),
+                            problem,
                         });
                     }
                     let transient = e.is_connect() || (req.idempotent() && e.is_request());
@@ -622,6 +658,7 @@ mod tests {
     #[test]
     fn backoff_is_capped_and_honours_retry_after() {
         let t = Transport::new(
+            Tls::default(),
             Keychain::anonymous(),
             vec![],
             false,
