@@ -178,7 +178,10 @@ fn full_cache_disk_still_serves_right_bytes() {
         }
         if round == 0 {
             let log = m.log();
-            assert!(log.contains("No space left on device"), "the cache never filled up: {log}");
+            assert!(
+                log.contains("No space left on device"),
+                "the cache never filled up: {log}"
+            );
         }
     }
 }
