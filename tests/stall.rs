@@ -100,6 +100,65 @@ fn sigterm_ends_the_daemon_with_a_read_stuck_and_a_shell_inside() {
     reg.resume();
 }
 
+/// A reader stuck on a frozen registry is killed with SIGINT (Ctrl-C) or
+/// SIGTERM: it returns at once though its request is with the daemon (the
+/// daemon answers the kernel's INTERRUPT with EINTR; its fetch goes on and
+/// its late answer is dropped), and the mount goes on serving once the
+/// registry answers. A signal the reader handles (SIGWINCH: ignored, not
+/// fatal) does not turn into an error: the read is restarted and succeeds.
+#[test]
+fn a_reader_killed_mid_fetch_returns_at_once() {
+    let reg = registry_with_image();
+    let m = Mount::start(reg.addr(), &["--timeout", "600"]);
+    reg.pause();
+    let p = m.path("st/app/v1/rootfs/small.txt");
+    for sig in ["INT", "TERM"] {
+        let mut cat = Command::new("cat")
+            .arg(&p)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+        assert!(
+            cat.try_wait().unwrap().is_none(),
+            "cat of a frozen registry finished"
+        );
+        common::mount::kill(cat.id(), sig);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            if let Some(st) = cat.try_wait().unwrap() {
+                assert!(!st.success(), "SIG{sig}: cat succeeded");
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "cat still running 5 s after SIG{sig}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    // A harmless signal mid-read: the read restarts, and once the registry
+    // answers it returns the bytes.
+    let out = common::tempdir();
+    let dst = out.path().join("out");
+    let mut cat = Command::new("sh")
+        .arg("-c")
+        .arg("trap '' WINCH; exec cat \"$0\" > \"$1\"")
+        .arg(&p)
+        .arg(&dst)
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    common::mount::kill(cat.id(), "WINCH");
+    std::thread::sleep(Duration::from_millis(300));
+    reg.resume();
+    let st = within(120, "the read after SIGWINCH", move || cat.wait().unwrap());
+    assert!(st.success(), "a harmless signal failed the read");
+    assert_eq!(std::fs::read(&dst).unwrap(), b"hello ggfs\n");
+    assert!(m.pid_alive());
+}
+
 /// A registry with the every-file-type fixture at `st/app:v1`.
 fn registry_with_image() -> Distribution {
     let reg = Distribution::start();

@@ -23,6 +23,11 @@ use crate::rootfs::{RootFs, SetAttr};
 pub struct Fs {
     inner: Arc<Inner>,
     rt: tokio::runtime::Handle,
+    /// Read-only requests being answered on the runtime, by FUSE unique:
+    /// an INTERRUPT (its caller got a signal) answers one still here with
+    /// EINTR at once. The work goes on; its late answer is dropped by the
+    /// kernel. Requests that change something are never cut short.
+    waiting: Arc<std::sync::Mutex<std::collections::HashSet<u64>>>,
 }
 
 impl Fs {
@@ -30,6 +35,7 @@ impl Fs {
         Fs {
             inner: Arc::new(Inner::new(ns, cache)),
             rt,
+            waiting: Arc::default(),
         }
     }
 
@@ -43,6 +49,25 @@ impl Fs {
     {
         self.rt.spawn(f(self.inner.clone()));
     }
+
+    /// [`Fs::spawn`] for a read-only request, which an INTERRUPT may answer.
+    fn spawn_ro<F>(&self, req: &Request<'_>, f: impl FnOnce(Arc<Inner>) -> F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let unique = req.unique();
+        let waiting = self.waiting.clone();
+        lock(&waiting).insert(unique);
+        let work = f(self.inner.clone());
+        self.rt.spawn(async move {
+            work.await;
+            lock(&waiting).remove(&unique);
+        });
+    }
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Protocol 7.33 names fuser 0.15 does not have.
@@ -178,7 +203,18 @@ impl Filesystem for Fs {
         Ok(())
     }
 
-    fn lookup(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEntry) {
+    /// The caller of request `unique` got a signal: a read-only request
+    /// still waiting (on the network, mostly) is answered EINTR now.
+    fn interrupt(&mut self, _req: &Request<'_>, unique: u64, reply: ReplyEmpty) {
+        if lock(&self.waiting).remove(&unique) {
+            tracing::debug!("request {unique} interrupted");
+            reply.error(libc::EINTR);
+        } else {
+            reply.forget();
+        }
+    }
+
+    fn lookup(&mut self, req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEntry) {
         // In a built writable tree everything is local: answer here.
         if let Some(r) = self.inner.built_writable(parent) {
             let res = r.lookup(parent, name.as_bytes()).map(|a| (SHORT, a));
@@ -193,13 +229,13 @@ impl Filesystem for Fs {
             return lookup_reply(&self.inner, res, reply);
         }
         let name = name.to_owned();
-        self.spawn(|fs| async move {
+        self.spawn_ro(req, |fs| async move {
             let res = fs.lookup(parent, &name).await;
             lookup_reply(&fs, res, reply)
         });
     }
 
-    fn getattr(&mut self, _req: &Request<'_>, ino: u64, fh: Option<u64>, reply: ReplyAttr) {
+    fn getattr(&mut self, req: &Request<'_>, ino: u64, fh: Option<u64>, reply: ReplyAttr) {
         if let Some(r) = self.inner.built_writable(ino) {
             return match self.inner.getattr_w(&r, ino, fh) {
                 Ok(attr) => reply.attr(&SHORT, &attr),
@@ -209,7 +245,7 @@ impl Filesystem for Fs {
         if let Ok(Node::Tree(r, id)) = self.inner.node(ino) {
             return reply.attr(&LONG, &r.lower_attr(id));
         }
-        self.spawn(|fs| async move {
+        self.spawn_ro(req, |fs| async move {
             match fs.getattr(ino, fh).await {
                 Ok((ttl, attr)) => reply.attr(&ttl, &attr),
                 Err(f) => reply.error(fs.failed("getattr", f)),
@@ -217,14 +253,14 @@ impl Filesystem for Fs {
         });
     }
 
-    fn readlink(&mut self, _req: &Request<'_>, ino: u64, reply: ReplyData) {
+    fn readlink(&mut self, req: &Request<'_>, ino: u64, reply: ReplyData) {
         if let Some(r) = self.inner.built_writable(ino) {
             return match r.readlink(ino) {
                 Ok(b) => reply.data(&b),
                 Err(f) => reply.error(f.errno),
             };
         }
-        self.spawn(|fs| async move {
+        self.spawn_ro(req, |fs| async move {
             match fs.readlink(ino).await {
                 Ok(b) => reply.data(&b),
                 Err(f) => reply.error(f.errno),
@@ -232,7 +268,7 @@ impl Filesystem for Fs {
         });
     }
 
-    fn open(&mut self, _req: &Request<'_>, ino: u64, flags: i32, reply: ReplyOpen) {
+    fn open(&mut self, req: &Request<'_>, ino: u64, flags: i32, reply: ReplyOpen) {
         let write = flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0;
         let now = match self.inner.built_writable(ino) {
             Some(r) if !write => Some(self.inner.open_read(&r, ino)),
@@ -249,17 +285,22 @@ impl Filesystem for Fs {
         if let (Ok(Node::Tree(..)), false) = (self.inner.node(ino), write) {
             return reply.opened(0, FOPEN_KEEP_CACHE | FOPEN_NOFLUSH);
         }
-        self.spawn(|fs| async move {
+        let work = move |fs: Arc<Inner>| async move {
             match fs.open(ino, flags).await {
                 Ok((fh, fl)) => reply.opened(fh, open_flags(&fs, fh, fl)),
                 Err(f) => reply.error(fs.failed("open", f)),
             }
-        });
+        };
+        if write {
+            self.spawn(work)
+        } else {
+            self.spawn_ro(req, work)
+        }
     }
 
     fn read(
         &mut self,
-        _req: &Request<'_>,
+        req: &Request<'_>,
         ino: u64,
         fh: u64,
         offset: i64,
@@ -274,7 +315,7 @@ impl Filesystem for Fs {
                 Err(f) => reply.error(f.errno),
             };
         }
-        self.spawn(|fs| async move {
+        self.spawn_ro(req, |fs| async move {
             match fs.read(ino, fh, offset.max(0) as u64, size).await {
                 Ok(b) => reply.data(&b),
                 Err(f) => reply.error(fs.failed("read", f)),
@@ -345,7 +386,7 @@ impl Filesystem for Fs {
 
     fn readdir(
         &mut self,
-        _req: &Request<'_>,
+        req: &Request<'_>,
         ino: u64,
         fh: u64,
         offset: i64,
@@ -367,7 +408,7 @@ impl Filesystem for Fs {
                 return dir_reply(&self.inner, Ok(e), offset, reply);
             }
         }
-        self.spawn(move |fs| async move {
+        self.spawn_ro(req, move |fs| async move {
             let res = match fs.readdir(ino).await {
                 Ok(e) => listing(&fs, fh, 0, || Ok(e)),
                 Err(f) => Err(f),
@@ -386,7 +427,7 @@ impl Filesystem for Fs {
 
     fn getxattr(
         &mut self,
-        _req: &Request<'_>,
+        req: &Request<'_>,
         ino: u64,
         name: &OsStr,
         size: u32,
@@ -402,7 +443,7 @@ impl Filesystem for Fs {
                 Err(f) => reply.error(f.errno),
             };
         }
-        self.spawn(|fs| async move {
+        self.spawn_ro(req, |fs| async move {
             match fs.xattrs(ino).await {
                 Ok(x) => match x.iter().find(|(n, _)| *n == name) {
                     Some((_, v)) => xattr_reply(reply, v, size),
@@ -413,11 +454,13 @@ impl Filesystem for Fs {
         });
     }
 
-    fn listxattr(&mut self, _req: &Request<'_>, ino: u64, size: u32, reply: ReplyXattr) {
+    fn listxattr(&mut self, req: &Request<'_>, ino: u64, size: u32, reply: ReplyXattr) {
         if let Some(r) = self.inner.built_writable(ino) {
             return names_reply(r.xattrs(ino), size, reply);
         }
-        self.spawn(|fs| async move { names_reply(fs.xattrs(ino).await, size, reply) });
+        self.spawn_ro(req, |fs| async move {
+            names_reply(fs.xattrs(ino).await, size, reply)
+        });
     }
 
     fn access(&mut self, _req: &Request<'_>, ino: u64, mask: i32, reply: ReplyEmpty) {
