@@ -232,6 +232,7 @@ write_and_commit() {
     say "demo/usr:gzip moved from $GZ_DIGEST"
     say "                      to $NEW_DIGEST"
     run "$GGFS" ls "$REG/demo/usr"
+    run "$GGFS" digest "$REG/demo/usr:gzip"
     show "$GGFS" manifest "$REG/demo/usr:gzip" "| jq -c '.layers[] | {size, digest}'"
     "$GGFS" manifest "$REG/demo/usr:gzip" | jq -c '.layers[] | {size, digest}'
     show "$GGFS" config "$REG/demo/usr:gzip" "| jq -c '.history[-1]'"
