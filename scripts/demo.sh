@@ -256,7 +256,7 @@ copy_and_export() {
         "$(( (t1 - t0) / 1000000 )) ms, no byte moved"
     run "$GGFS" copy "$REG/demo/usr:gzip" "oci:$WORK/layout:gzip"
     say "OCI layout written: $(du -sh "$WORK/layout" | cut -f1) on disk, $(find "$WORK/layout/blobs" -type f | wc -l)" \
-        "blobs (manifest, config, 2 layers), index.json tags: $(jq -r '[.manifests[].annotations["org.opencontainers.image.ref.name"]] | join(" ")' "$WORK/layout/index.json")"
+        "blobs (manifest, config, layers), tags in its index.json: $(jq -r '[.manifests[].annotations["org.opencontainers.image.ref.name"]] | join(" ")' "$WORK/layout/index.json")"
 
     section "Exporting the committed image's flattened filesystem as a tar"
     run "$GGFS" export "$REG/demo/usr:gzip" "$WORK/usr-export.tar"
