@@ -1,7 +1,13 @@
 #!/usr/bin/env bash
 # Installs what the test suite and benchmarks need. Idempotent: apt runs
 # only when a tool is missing. Runs as root (the machines and CI do).
+#   scripts/setup.sh          everything the tests and benchmarks use
+#   scripts/setup.sh --demo   only what scripts/demo.sh uses (fuse3, curl, jq;
+#                             no cargo-nextest)
 set -euo pipefail
+
+DEMO=0
+if [[ ${1:-} == --demo ]]; then DEMO=1; fi
 
 # tool -> Debian package providing it
 declare -A TOOLS=(
@@ -26,6 +32,15 @@ declare -A TOOLS=(
   [/usr/bin/time]=time
 )
 
+# The demo's subset of the above.
+if ((DEMO)); then
+  declare -A TOOLS=(
+    [fusermount3]=fuse3
+    [curl]=curl
+    [jq]=jq
+  )
+fi
+
 missing=()
 for tool in "${!TOOLS[@]}"; do
   command -v "$tool" >/dev/null 2>&1 || missing+=("${TOOLS[$tool]}")
@@ -45,7 +60,7 @@ if [[ ! -c /dev/fuse ]]; then
   mknod -m 0666 /dev/fuse c 10 229 || echo "setup: WARNING: cannot create /dev/fuse; mount tests will fail" >&2
 fi
 
-if ! cargo nextest --version >/dev/null 2>&1; then
+if ((!DEMO)) && ! cargo nextest --version >/dev/null 2>&1; then
   echo "setup: installing cargo-nextest" >&2
   cargo install --locked cargo-nextest
 fi
