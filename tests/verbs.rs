@@ -158,6 +158,17 @@ fn pull_of_several_images_into_one_tarball() {
     assert!(err.contains("holds 2 images"), "{err}");
 }
 
+/// The multi-layer whiteout fixture pushed as `multi/img:t`: its reference,
+/// umoci's unpack of it (under `w`) and its config.
+fn push_multilayer(reg: &Distribution, w: &Path) -> (String, PathBuf, Value) {
+    let multi = common::multilayer_image();
+    let src = reg.reference("multi/img:t");
+    common::push_oci_layout(multi, common::MULTILAYER_TAG, &src);
+    let want = umoci_unpack(multi, common::MULTILAYER_TAG, &w.join("want"));
+    let before = json(&ggfs(&["config", &src]));
+    (src, want, before)
+}
+
 /// crane flatten of the multi-layer whiteout fixture: one layer whose
 /// unpacked tree is the unpacked input's, history kept as empty-layer
 /// entries plus one for the new layer; without -t it replaces the tag.
@@ -166,11 +177,7 @@ fn flatten_squashes_the_whiteout_fixture_into_one_layer() {
     let reg = Distribution::start();
     let work = common::tempdir();
     let w = work.path();
-    let multi = common::multilayer_image();
-    let src = reg.reference("multi/img:t");
-    common::push_oci_layout(multi, common::MULTILAYER_TAG, &src);
-    let want = umoci_unpack(multi, common::MULTILAYER_TAG, &w.join("want"));
-    let before = json(&ggfs(&["config", &src]));
+    let (src, want, before) = push_multilayer(&reg, w);
 
     let flat = reg.reference("multi/img:flat");
     let out = ggfs(&["flatten", &src, "-t", &flat]);
@@ -437,11 +444,7 @@ fn optimize_converts_every_layer() {
     let reg = Distribution::start();
     let work = common::tempdir();
     let w = work.path();
-    let multi = common::multilayer_image();
-    let src = reg.reference("multi/img:t");
-    common::push_oci_layout(multi, common::MULTILAYER_TAG, &src);
-    let want = umoci_unpack(multi, common::MULTILAYER_TAG, &w.join("want"));
-    let before = json(&ggfs(&["config", &src]));
+    let (src, want, before) = push_multilayer(&reg, w);
 
     let esgz = reg.reference("multi/img:esgz");
     ggfs(&[
