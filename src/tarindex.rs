@@ -300,6 +300,11 @@ fn parse_pax_time(v: &str) -> Option<(i64, u32)> {
         None => (false, v),
     };
     let (secs, frac) = v.split_once('.').unwrap_or((v, ""));
+    // Digits only: a second sign (`--9223372036854775808` parses as
+    // i64::MIN) would overflow the negation below.
+    if secs.is_empty() || !secs.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
     let secs: i64 = secs.parse().ok()?;
     if !frac.bytes().all(|b| b.is_ascii_digit()) {
         return None;
@@ -609,7 +614,15 @@ impl LayerIndex {
 
     pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
         let body = zran::unseal(MAGIC, VERSION, bytes, "layer index")?;
-        let mut d = Dec::new(&body, "layer index");
+        Self::from_body(&body)
+    }
+
+    /// Decode the body [`from_bytes`](Self::from_bytes) finds inside the
+    /// checksummed, compressed envelope. For the fuzz targets (`fuzz/`),
+    /// which cannot forge the envelope's sha256.
+    #[doc(hidden)]
+    pub fn from_body(body: &[u8]) -> Result<Self> {
+        let mut d = Dec::new(body, "layer index");
         let compression = match d.u8()? {
             0 => Compression::None,
             1 => Compression::Gzip,
@@ -970,5 +983,35 @@ mod tests {
         assert_eq!(parse_pax_time("1.0000000019"), Some((1, 1)));
         assert_eq!(parse_pax_time("x"), None);
         assert_eq!(parse_pax_time("1.x"), None);
+        assert_eq!(
+            parse_pax_time("-9223372036854775807.5"),
+            Some((i64::MIN, 500_000_000))
+        );
+        for bad in [
+            "--9223372036854775808",
+            "--9223372036854775808.5",
+            "--1",
+            "+1",
+            "-+1",
+            "-",
+        ] {
+            assert_eq!(parse_pax_time(bad), None, "{bad}");
+        }
+    }
+
+    /// A PAX mtime with two signs made the negation overflow: a panic in a
+    /// debug build, a wrapped time in release. Now the entry is refused.
+    #[test]
+    fn pax_time_with_two_signs_is_refused() {
+        let mut b = tar::Builder::new(Vec::new());
+        b.append_pax_extensions([("mtime", &b"--9223372036854775808"[..])])
+            .unwrap();
+        let mut h = tar::Header::new_ustar();
+        h.set_size(1);
+        h.set_mode(0o644);
+        b.append_data(&mut h, "f", &b"x"[..]).unwrap();
+        let tar = b.into_inner().unwrap();
+        let err = index_layer(&tar[..], Compression::None, |_| {}).unwrap_err();
+        assert!(err.to_string().contains("bad PAX mtime"), "{err}");
     }
 }

@@ -29,6 +29,10 @@ use crate::error::{Error, Result};
 use error::{ApiError, ApiResult};
 use store::Store;
 
+// For the fuzz targets (`fuzz/`): the route parser behind every request.
+#[doc(hidden)]
+pub use routes::{parse_route, Route};
+
 /// Where the registry keeps what is pushed to it.
 #[derive(Clone, Debug)]
 pub enum Storage {

@@ -13,8 +13,10 @@ use super::error::{ApiError, ApiResult};
 use super::store::Store;
 use super::{blobs, check_name, header_value, manifests, param};
 
+/// What a request path asks for. Public (hidden) for the fuzz targets.
+#[doc(hidden)]
 #[derive(Debug, PartialEq, Eq)]
-enum Route {
+pub enum Route {
     Base,
     Catalog,
     Tags(String),
@@ -44,7 +46,9 @@ fn decode(seg: &str) -> Option<String> {
 }
 
 /// Split `/v2/<rest>` into a route; None for paths outside the API.
-fn parse_route(path: &str) -> Option<Route> {
+/// Public (hidden) for the fuzz targets.
+#[doc(hidden)]
+pub fn parse_route(path: &str) -> Option<Route> {
     let rest = path.strip_prefix("/v2")?;
     if rest.is_empty() || rest == "/" {
         return Some(Route::Base);
