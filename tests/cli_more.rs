@@ -190,13 +190,10 @@ fn non_loopback_ip() -> String {
     ip.to_string()
 }
 
-/// A CA (`ca.pem`) and a certificate it signed for `ip` (`cert.pem`,
-/// `key.pem`), made by openssl in `dir`.
-fn make_ca_and_cert(dir: &Path, ip: &str) {
-    let openssl = |args: &[&str]| {
-        common::run(Command::new("openssl").current_dir(dir).args(args));
-    };
-    openssl(&[
+/// A self-signed CA named `cn`, made by openssl in `dir` as `NAME.pem`
+/// with its key `NAME.key`.
+fn make_ca(dir: &Path, name: &str, cn: &str) {
+    common::run(Command::new("openssl").current_dir(dir).args([
         "req",
         "-x509",
         "-newkey",
@@ -205,12 +202,21 @@ fn make_ca_and_cert(dir: &Path, ip: &str) {
         "-days",
         "2",
         "-subj",
-        "/CN=ggfs test CA",
+        &format!("/CN={cn}"),
         "-keyout",
-        "ca.key",
+        &format!("{name}.key"),
         "-out",
-        "ca.pem",
-    ]);
+        &format!("{name}.pem"),
+    ]));
+}
+
+/// A CA (`ca.pem`) and a certificate it signed for `ip` (`cert.pem`,
+/// `key.pem`), made by openssl in `dir`.
+fn make_ca_and_cert(dir: &Path, ip: &str) {
+    let openssl = |args: &[&str]| {
+        common::run(Command::new("openssl").current_dir(dir).args(args));
+    };
+    make_ca(dir, "ca", "ggfs test CA");
     openssl(&[
         "req",
         "-newkey",
@@ -366,21 +372,7 @@ fn tls_registry_needs_its_ca_or_an_explicit_skip() {
         want
     );
     // Repeatable: another CA first, this one second.
-    common::run(Command::new("openssl").current_dir(w).args([
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=other CA",
-        "-keyout",
-        "other.key",
-        "-out",
-        "other.pem",
-    ]));
+    make_ca(w, "other", "other CA");
     let other = w.join("other.pem");
     let other = other.to_str().unwrap();
     let err = common::ggfs_fails(&["digest", "--ca-file", other, &image]);

@@ -135,28 +135,20 @@ fn dir_reply(fs: &Inner, r: Res<Arc<Entries>>, offset: i64, mut reply: ReplyDire
     }
 }
 
-/// The listing of open directory `fh`: the one its first READDIR (offset
-/// 0) took, so later pages neither rebuild it nor see it shift.
-fn listing(
-    fs: &Inner,
-    fh: u64,
-    offset: i64,
-    build: impl FnOnce() -> Res<Entries>,
-) -> Res<Arc<Entries>> {
-    let mut l = fs.listings.lock().unwrap_or_else(|p| p.into_inner());
-    if offset > 0 {
-        if let Some(e) = l.get(&fh) {
-            return Ok(e.clone());
-        }
-    }
-    drop(l);
+/// The listing open directory `fh` took at its first READDIR, for a later
+/// page (`offset` > 0): pages neither rebuild it nor see it shift.
+fn taken_listing(fs: &Inner, fh: u64, offset: i64) -> Option<Arc<Entries>> {
+    (offset > 0).then(|| lock(&fs.listings).get(&fh).cloned())?
+}
+
+/// Keep `entries` as open directory `fh`'s listing (counted in stats).
+fn keep_listing(fs: &Inner, fh: u64, entries: Entries) -> Arc<Entries> {
     fs.ns.stats.listing();
-    let e = Arc::new(build()?);
-    l = fs.listings.lock().unwrap_or_else(|p| p.into_inner());
+    let e = Arc::new(entries);
     if fh != 0 {
-        l.insert(fh, e.clone());
+        lock(&fs.listings).insert(fh, e.clone());
     }
-    Ok(e)
+    e
 }
 
 fn names_reply(r: Res<Vec<(Vec<u8>, Vec<u8>)>>, size: u32, reply: ReplyXattr) {
@@ -392,27 +384,15 @@ impl Filesystem for Fs {
         offset: i64,
         reply: ReplyDirectory,
     ) {
+        if let Some(e) = taken_listing(&self.inner, fh, offset) {
+            return dir_reply(&self.inner, Ok(e), offset, reply);
+        }
         if let Some(r) = self.inner.built_writable(ino) {
-            let res = listing(&self.inner, fh, offset, || r.readdir(ino));
+            let res = r.readdir(ino).map(|e| keep_listing(&self.inner, fh, e));
             return dir_reply(&self.inner, res, offset, reply);
         }
-        if offset > 0 {
-            let cached = self
-                .inner
-                .listings
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .get(&fh)
-                .cloned();
-            if let Some(e) = cached {
-                return dir_reply(&self.inner, Ok(e), offset, reply);
-            }
-        }
         self.spawn_ro(req, move |fs| async move {
-            let res = match fs.readdir(ino).await {
-                Ok(e) => listing(&fs, fh, 0, || Ok(e)),
-                Err(f) => Err(f),
-            };
+            let res = fs.readdir(ino).await.map(|e| keep_listing(&fs, fh, e));
             dir_reply(&fs, res, offset, reply)
         });
     }
