@@ -22,6 +22,7 @@ use ggfs::{Digest, Error};
 use crate::cache::{self, Cache};
 use crate::commit as journal;
 use crate::handles::Handle;
+use crate::inolog::{InoLog, Replayed};
 use crate::layer::Layers;
 use crate::ns::{children_of, valid_component, Art, Fail, Memo, Namespace, Res};
 use crate::rootfs::RootFs;
@@ -36,7 +37,7 @@ pub(crate) const FOREVER: Duration = Duration::from_secs(u32::MAX as u64);
 pub(crate) const SHORT: Duration = Duration::from_secs(1);
 
 /// A namespace node.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum Key {
     Root,
     Meta,
@@ -140,17 +141,76 @@ pub(crate) struct Inodes {
     pub(crate) by_key: HashMap<Key, u64>,
     pub(crate) trees: BTreeMap<u64, Arc<RootFs>>,
     pub(crate) next_base: u64,
+    /// Where the numbers given out are written, under a supervisor.
+    pub(crate) log: Option<Arc<InoLog>>,
+    /// Trees an earlier daemon on this connection numbered and this one
+    /// has not built yet: base → (end, key).
+    pub(crate) pending: BTreeMap<u64, (u64, Key)>,
+    /// Their upper inodes: base → (st_ino → ino).
+    pub(crate) uppers: HashMap<u64, HashMap<u64, u64>>,
 }
 
 impl Inodes {
+    fn new(log: Option<(Arc<InoLog>, Replayed)>) -> Self {
+        let mut i = Inodes {
+            keys: vec![Key::Root],
+            by_key: HashMap::from([(Key::Root, 1)]),
+            trees: BTreeMap::new(),
+            next_base: TREE_BASE,
+            log: None,
+            pending: BTreeMap::new(),
+            uppers: HashMap::new(),
+        };
+        let Some((log, r)) = log else {
+            return i;
+        };
+        for k in r.keys {
+            i.ino(k);
+        }
+        i.next_base = r
+            .trees
+            .values()
+            .map(|(end, _)| *end)
+            .fold(TREE_BASE, u64::max);
+        i.pending = r.trees;
+        i.uppers = r.uppers;
+        i.log = Some(log);
+        i
+    }
+
     pub(crate) fn ino(&mut self, key: Key) -> u64 {
         if let Some(&i) = self.by_key.get(&key) {
             return i;
+        }
+        if let Some(log) = &self.log {
+            log.key(&key);
         }
         self.keys.push(key.clone());
         let i = self.keys.len() as u64;
         self.by_key.insert(key, i);
         i
+    }
+
+    /// The base of the tree for `key` with `span` inodes: the one an
+    /// earlier daemon gave it, or the next free.
+    pub(crate) fn place(&mut self, key: &Key, span: u64) -> u64 {
+        let earlier = self.pending.iter().find(|(_, (_, k))| k == key);
+        if let Some((&base, _)) = earlier {
+            self.pending.remove(&base);
+            return base;
+        }
+        let base = self.next_base;
+        self.next_base += span;
+        if let Some(log) = &self.log {
+            log.tree(base, self.next_base, key);
+        }
+        base
+    }
+
+    /// The key of the unbuilt tree an earlier daemon put `ino` in.
+    pub(crate) fn pending_tree(&self, ino: u64) -> Option<Key> {
+        let (_, (end, key)) = self.pending.range(..=ino).next_back()?;
+        (ino < *end).then(|| key.clone())
     }
 
     pub(crate) fn get(&self, ino: u64) -> Option<Node> {
@@ -168,6 +228,14 @@ impl Inodes {
         let id = (ino - base) as usize;
         (id > 0 && id < r.tree.nodes.len()).then(|| Node::Tree(r.clone(), id as NodeId))
     }
+}
+
+/// What a daemon takes over from earlier ones on the same connection.
+#[derive(Default)]
+pub struct Takeover {
+    pub log: Option<(Arc<InoLog>, Replayed)>,
+    /// How many daemons served the connection before this one.
+    pub generation: u64,
 }
 
 pub struct Inner {
@@ -188,6 +256,8 @@ pub struct Inner {
     /// Tags made with mkdir, waiting for their manifest: (repository, tag).
     pub(crate) new_tags: Mutex<std::collections::BTreeSet<(String, String)>>,
     pub(crate) next_fh: AtomicU64,
+    /// Below this (and not 0): a handle an earlier daemon opened.
+    pub(crate) fh_base: u64,
     pub(crate) blobs: Memo<Digest, Arc<std::fs::File>>,
     pub(crate) uid: u32,
     pub(crate) gid: u32,
@@ -195,18 +265,16 @@ pub struct Inner {
 }
 
 impl Inner {
-    pub fn new(ns: Namespace, cache: Arc<Cache>) -> Self {
+    pub fn new(ns: Namespace, cache: Arc<Cache>, takeover: Takeover) -> Self {
         let layers = Layers::new(cache.clone(), ns.fetch_rest);
         let recovered = journal::recover(cache.root(), &ns.registry_name())
             .into_iter()
             .map(|s| ((s.repo, s.tag), s.base))
             .collect();
-        let inodes = Inodes {
-            keys: vec![Key::Root],
-            by_key: HashMap::from([(Key::Root, 1)]),
-            trees: BTreeMap::new(),
-            next_base: TREE_BASE,
-        };
+        let inodes = Inodes::new(takeover.log);
+        // Handles of an earlier daemon stay in the kernel's open files:
+        // ours are numbered apart from theirs.
+        let fh_base = takeover.generation << 40;
         Inner {
             ns,
             layers,
@@ -219,7 +287,8 @@ impl Inner {
             handles: Mutex::new(HashMap::new()),
             listings: Mutex::new(HashMap::new()),
             new_tags: Mutex::new(std::collections::BTreeSet::new()),
-            next_fh: AtomicU64::new(1),
+            next_fh: AtomicU64::new(fh_base + 1),
+            fh_base,
             blobs: Memo::default(),
             uid: unsafe { libc::getuid() },
             gid: unsafe { libc::getgid() },
@@ -249,6 +318,33 @@ impl Inner {
 
     pub(crate) fn ino(&self, key: Key) -> u64 {
         self.lock().ino(key)
+    }
+
+    /// Whether `ino` is one an earlier daemon on this connection gave
+    /// out that this one has not taken up yet.
+    pub(crate) fn stale(&self, ino: u64) -> bool {
+        self.fh_base > 0 && ino >= TREE_BASE && self.lock().get(ino).is_none()
+    }
+
+    /// Take up `ino`: build the tree an earlier daemon put it in, and
+    /// learn its name again in a writable tree.
+    pub(crate) async fn revive(&self, ino: u64) -> Res<()> {
+        let pending = self.lock().pending_tree(ino);
+        match pending {
+            Some(Key::Rootfs(repo, d)) => drop(self.build_rootfs(&repo, &d).await?),
+            Some(Key::WRootfs(repo, tag, base)) => drop(self.wrootfs(&repo, &tag, &base).await?),
+            _ => {}
+        }
+        let tree = self
+            .lock()
+            .trees
+            .range(..=ino)
+            .next_back()
+            .map(|(_, r)| r.clone());
+        if let Some(r) = tree.filter(|r| r.w.is_some() && !r.knows(ino)) {
+            r.relearn(ino);
+        }
+        Ok(())
     }
 
     pub(crate) fn node(&self, ino: u64) -> Res<Node> {
@@ -693,10 +789,11 @@ impl Inner {
                 })
                 .await
                 .map_err(|e| Fail::new(libc::EIO, e.to_string()))?;
-                let root_ino = self.ino(Key::Rootfs(repo.to_string(), d.clone()));
+                let key = Key::Rootfs(repo.to_string(), d.clone());
+                let root_ino = self.ino(key.clone());
                 let mut inodes = self.lock();
-                let base = inodes.next_base;
-                inodes.next_base += (tree.nodes.len() as u64 + 1).next_multiple_of(1024);
+                let span = (tree.nodes.len() as u64 + 1).next_multiple_of(1024);
+                let base = inodes.place(&key, span);
                 let r = Arc::new(RootFs {
                     tree: Arc::new(tree),
                     layers: Arc::new(opened),

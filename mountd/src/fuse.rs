@@ -31,9 +31,14 @@ pub struct Fs {
 }
 
 impl Fs {
-    pub fn new(ns: Namespace, cache: Arc<Cache>, rt: tokio::runtime::Handle) -> Self {
+    pub fn new(
+        ns: Namespace,
+        cache: Arc<Cache>,
+        takeover: crate::fs::Takeover,
+        rt: tokio::runtime::Handle,
+    ) -> Self {
         Fs {
-            inner: Arc::new(Inner::new(ns, cache)),
+            inner: Arc::new(Inner::new(ns, cache, takeover)),
             rt,
             waiting: Arc::default(),
         }
@@ -63,6 +68,21 @@ impl Fs {
             work.await;
             lock(&waiting).remove(&unique);
         });
+    }
+}
+
+impl Fs {
+    /// A restarted daemon takes up an inode its predecessor gave out
+    /// before serving a request that names it. On this thread: requests
+    /// wait, as they did while no daemon was there.
+    fn revived(&self, ino: u64) {
+        if !self.inner.stale(ino) {
+            return;
+        }
+        let inner = self.inner.clone();
+        if let Err(f) = self.rt.block_on(async move { inner.revive(ino).await }) {
+            tracing::warn!("inode {ino} of the daemon before: {}", f.msg);
+        }
     }
 }
 
@@ -207,6 +227,7 @@ impl Filesystem for Fs {
     }
 
     fn lookup(&mut self, req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEntry) {
+        self.revived(parent);
         // In a built writable tree everything is local: answer here.
         if let Some(r) = self.inner.built_writable(parent) {
             let res = r.lookup(parent, name.as_bytes()).map(|a| (SHORT, a));
@@ -228,6 +249,7 @@ impl Filesystem for Fs {
     }
 
     fn getattr(&mut self, req: &Request<'_>, ino: u64, fh: Option<u64>, reply: ReplyAttr) {
+        self.revived(ino);
         if let Some(r) = self.inner.built_writable(ino) {
             return match self.inner.getattr_w(&r, ino, fh) {
                 Ok(attr) => reply.attr(&SHORT, &attr),
@@ -246,6 +268,7 @@ impl Filesystem for Fs {
     }
 
     fn readlink(&mut self, req: &Request<'_>, ino: u64, reply: ReplyData) {
+        self.revived(ino);
         if let Some(r) = self.inner.built_writable(ino) {
             return match r.readlink(ino) {
                 Ok(b) => reply.data(&b),
@@ -261,6 +284,7 @@ impl Filesystem for Fs {
     }
 
     fn open(&mut self, req: &Request<'_>, ino: u64, flags: i32, reply: ReplyOpen) {
+        self.revived(ino);
         let write = flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0;
         let now = match self.inner.built_writable(ino) {
             Some(r) if !write => Some(self.inner.open_read(&r, ino)),
@@ -301,6 +325,7 @@ impl Filesystem for Fs {
         _lock_owner: Option<u64>,
         reply: ReplyData,
     ) {
+        self.revived(ino);
         if let Some(Handle::Upper(f, _)) = self.inner.handle(fh).as_deref() {
             return match crate::handles::read_at(f, offset.max(0) as u64, size) {
                 Ok(b) => reply.data(&b),
@@ -330,6 +355,12 @@ impl Filesystem for Fs {
     }
 
     fn flush(&mut self, _req: &Request<'_>, _ino: u64, fh: u64, _lock: u64, reply: ReplyEmpty) {
+        // Only handles of tag files and ctl get FLUSH: one of a dead
+        // daemon's lost what was written to it.
+        if self.inner.handle(fh).is_none() && self.inner.earlier_fh(fh) {
+            let f = crate::handles::lost_edit();
+            return reply.error(self.inner.failed("close", f));
+        }
         // Only an edited tag file has work to do at close.
         if !matches!(self.inner.handle(fh).as_deref(), Some(Handle::Edit(_))) {
             return reply.ok();
@@ -341,6 +372,7 @@ impl Filesystem for Fs {
     }
 
     fn opendir(&mut self, _req: &Request<'_>, ino: u64, _flags: i32, reply: ReplyOpen) {
+        self.revived(ino);
         // A directory under a digest never changes, and one of a writable
         // tree changes only through this mount (the kernel drops its cached
         // listing when it does): the kernel may keep listings, so a second
@@ -384,6 +416,7 @@ impl Filesystem for Fs {
         offset: i64,
         reply: ReplyDirectory,
     ) {
+        self.revived(ino);
         if let Some(e) = taken_listing(&self.inner, fh, offset) {
             return dir_reply(&self.inner, Ok(e), offset, reply);
         }
@@ -413,6 +446,7 @@ impl Filesystem for Fs {
         size: u32,
         reply: ReplyXattr,
     ) {
+        self.revived(ino);
         let name = name.as_bytes().to_vec();
         if let Some(r) = self.inner.built_writable(ino) {
             return match r.xattrs(ino) {
@@ -435,6 +469,7 @@ impl Filesystem for Fs {
     }
 
     fn listxattr(&mut self, req: &Request<'_>, ino: u64, size: u32, reply: ReplyXattr) {
+        self.revived(ino);
         if let Some(r) = self.inner.built_writable(ino) {
             return names_reply(r.xattrs(ino), size, reply);
         }
@@ -444,6 +479,7 @@ impl Filesystem for Fs {
     }
 
     fn access(&mut self, _req: &Request<'_>, ino: u64, mask: i32, reply: ReplyEmpty) {
+        self.revived(ino);
         let writable = matches!(
             self.inner.node(ino),
             Ok(Node::W(..) | Node::Ns(Key::WRootfs(..) | Key::Ctl))
@@ -475,6 +511,7 @@ impl Filesystem for Fs {
         _flags: Option<u32>,
         reply: ReplyAttr,
     ) {
+        self.revived(ino);
         let a = SetAttr {
             mode,
             uid,
@@ -510,6 +547,7 @@ impl Filesystem for Fs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
+        self.revived(parent);
         let (name, uid, gid) = (name.as_bytes().to_vec(), req.uid(), req.gid());
         self.change(
             parent,
@@ -527,6 +565,7 @@ impl Filesystem for Fs {
         umask: u32,
         reply: ReplyEntry,
     ) {
+        self.revived(parent);
         if let Ok(Node::Ns(Key::Repo(repo))) = self.inner.node(parent) {
             // REPO/NEWTAG: a tag to write a manifest into.
             let name = name.to_string_lossy().into_owned();
@@ -550,6 +589,7 @@ impl Filesystem for Fs {
     }
 
     fn unlink(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEmpty) {
+        self.revived(parent);
         let name = name.as_bytes().to_vec();
         self.change(
             parent,
@@ -559,6 +599,7 @@ impl Filesystem for Fs {
     }
 
     fn rmdir(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEmpty) {
+        self.revived(parent);
         if let Ok(Node::Ns(Key::Repo(repo))) = self.inner.node(parent) {
             // A tag made with mkdir and never written just goes.
             let tag = name.to_string_lossy().into_owned();
@@ -586,6 +627,7 @@ impl Filesystem for Fs {
         target: &std::path::Path,
         reply: ReplyEntry,
     ) {
+        self.revived(parent);
         let (name, uid, gid) = (link_name.as_bytes().to_vec(), req.uid(), req.gid());
         let target = target.to_path_buf();
         self.change(
@@ -605,6 +647,8 @@ impl Filesystem for Fs {
         flags: u32,
         reply: ReplyEmpty,
     ) {
+        self.revived(parent);
+        self.revived(newparent);
         let (name, newname) = (name.as_bytes().to_vec(), newname.as_bytes().to_vec());
         let op = move |r: &RootFs| r.rename(parent, &name, newparent, &newname, flags);
         let same = |a: Option<Arc<RootFs>>, b: Option<Arc<RootFs>>| match (a, b) {
@@ -649,6 +693,8 @@ impl Filesystem for Fs {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
+        self.revived(ino);
+        self.revived(newparent);
         let newname = newname.as_bytes().to_vec();
         self.change(
             ino,
@@ -660,7 +706,7 @@ impl Filesystem for Fs {
     fn write(
         &mut self,
         _req: &Request<'_>,
-        _ino: u64,
+        ino: u64,
         fh: u64,
         offset: i64,
         data: &[u8],
@@ -669,6 +715,7 @@ impl Filesystem for Fs {
         _lock_owner: Option<u64>,
         reply: ReplyWrite,
     ) {
+        self.revived(ino);
         let kill = write_flags & FUSE_WRITE_KILL_SUIDGID != 0;
         if let Some(res) = self.inner.write_now(fh, offset.max(0) as u64, data, kill) {
             return match res {
@@ -678,7 +725,7 @@ impl Filesystem for Fs {
         }
         let data = data.to_vec();
         self.spawn(|fs| async move {
-            match fs.write(fh, offset.max(0) as u64, data, kill).await {
+            match fs.write(ino, fh, offset.max(0) as u64, data, kill).await {
                 Ok(n) => reply.written(n),
                 Err(f) => reply.error(fs.failed("write", f)),
             }
@@ -695,6 +742,7 @@ impl Filesystem for Fs {
         _flags: i32,
         reply: fuser::ReplyCreate,
     ) {
+        self.revived(parent);
         if let Ok(Node::Ns(Key::Referrers(repo, subject))) = self.inner.node(parent) {
             // A file copied into referrers/ is attached at close.
             let (key, edit) = self
@@ -724,6 +772,7 @@ impl Filesystem for Fs {
     }
 
     fn fsync(&mut self, _req: &Request<'_>, ino: u64, fh: u64, _datasync: bool, reply: ReplyEmpty) {
+        self.revived(ino);
         self.spawn(|fs| async move {
             let r = fs.fsync(ino, fh).await;
             empty_reply(&fs, "fsync", r, reply)
@@ -738,6 +787,7 @@ impl Filesystem for Fs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
+        self.revived(ino);
         self.spawn(|fs| async move {
             let r = match fs.writable(ino).await {
                 Ok(Some(r)) => r.sync_names(ino),
@@ -751,15 +801,16 @@ impl Filesystem for Fs {
     fn fallocate(
         &mut self,
         _req: &Request<'_>,
-        _ino: u64,
+        ino: u64,
         fh: u64,
         offset: i64,
         length: i64,
         mode: i32,
         reply: ReplyEmpty,
     ) {
+        self.revived(ino);
         self.spawn(|fs| async move {
-            let r = fs.fallocate(fh, offset, length, mode).await;
+            let r = fs.fallocate(ino, fh, offset, length, mode).await;
             empty_reply(&fs, "fallocate", r, reply)
         });
     }
@@ -774,6 +825,7 @@ impl Filesystem for Fs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
+        self.revived(ino);
         let (name, value) = (name.as_bytes().to_vec(), value.to_vec());
         self.change(
             ino,
@@ -783,6 +835,7 @@ impl Filesystem for Fs {
     }
 
     fn removexattr(&mut self, _req: &Request<'_>, ino: u64, name: &OsStr, reply: ReplyEmpty) {
+        self.revived(ino);
         let name = name.as_bytes().to_vec();
         self.change(
             ino,
