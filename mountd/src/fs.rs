@@ -143,9 +143,13 @@ pub(crate) struct Inodes {
     pub(crate) next_base: u64,
     /// Where the numbers given out are written, under a supervisor.
     pub(crate) log: Option<Arc<InoLog>>,
-    /// Trees an earlier daemon on this connection numbered and this one
-    /// has not built yet: base → (end, key).
-    pub(crate) pending: BTreeMap<u64, (u64, Key)>,
+    /// Every tree given inodes, built or not (by an earlier daemon on this
+    /// connection, or dropped by prune.rs): base → (end, key). A tree is
+    /// rebuilt at the base it had, so the kernel's numbers keep meaning.
+    pub(crate) placed: BTreeMap<u64, (u64, Key)>,
+    pub(crate) base_of: HashMap<Key, u64>,
+    /// Whether some placed tree is not built (so `Inner::stale` looks).
+    pub(crate) unbuilt: bool,
     /// Their upper inodes: base → (st_ino → ino).
     pub(crate) uppers: HashMap<u64, HashMap<u64, u64>>,
 }
@@ -158,7 +162,9 @@ impl Inodes {
             trees: BTreeMap::new(),
             next_base: TREE_BASE,
             log: None,
-            pending: BTreeMap::new(),
+            placed: BTreeMap::new(),
+            base_of: HashMap::new(),
+            unbuilt: false,
             uppers: HashMap::new(),
         };
         let Some((log, r)) = log else {
@@ -172,7 +178,9 @@ impl Inodes {
             .values()
             .map(|(end, _)| *end)
             .fold(TREE_BASE, u64::max);
-        i.pending = r.trees;
+        i.base_of = r.trees.iter().map(|(b, (_, k))| (k.clone(), *b)).collect();
+        i.unbuilt = !r.trees.is_empty();
+        i.placed = r.trees;
         i.uppers = r.uppers;
         i.log = Some(log);
         i
@@ -191,12 +199,10 @@ impl Inodes {
         i
     }
 
-    /// The base of the tree for `key` with `span` inodes: the one an
-    /// earlier daemon gave it, or the next free.
+    /// The base of the tree for `key` with `span` inodes: the one it was
+    /// given before, or the next free.
     pub(crate) fn place(&mut self, key: &Key, span: u64) -> u64 {
-        let earlier = self.pending.iter().find(|(_, (_, k))| k == key);
-        if let Some((&base, _)) = earlier {
-            self.pending.remove(&base);
+        if let Some(&base) = self.base_of.get(key) {
             return base;
         }
         let base = self.next_base;
@@ -204,13 +210,26 @@ impl Inodes {
         if let Some(log) = &self.log {
             log.tree(base, self.next_base, key);
         }
+        self.placed.insert(base, (self.next_base, key.clone()));
+        self.base_of.insert(key.clone(), base);
         base
     }
 
-    /// The key of the unbuilt tree an earlier daemon put `ino` in.
+    /// The key of the unbuilt tree `ino` is in.
     pub(crate) fn pending_tree(&self, ino: u64) -> Option<Key> {
-        let (_, (end, key)) = self.pending.range(..=ino).next_back()?;
-        (ino < *end).then(|| key.clone())
+        let (base, (end, key)) = self.placed.range(..=ino).next_back()?;
+        (ino < *end && !self.trees.contains_key(base)).then(|| key.clone())
+    }
+
+    /// The key of the tree at `base`.
+    pub(crate) fn tree_key(&self, base: u64) -> Option<Key> {
+        Some(self.placed.get(&base)?.1.clone())
+    }
+
+    /// Take the tree at `base` out (prune.rs); its numbers stay its own.
+    pub(crate) fn unlist(&mut self, base: u64) {
+        self.trees.remove(&base);
+        self.unbuilt = true;
     }
 
     pub(crate) fn get(&self, ino: u64) -> Option<Node> {
@@ -222,6 +241,10 @@ impl Inodes {
                 .map(Node::Ns);
         }
         let (base, r) = self.trees.range(..=ino).next_back()?;
+        r.used.store(
+            crate::rootfs::now_secs(),
+            std::sync::atomic::Ordering::Relaxed,
+        );
         if r.w.is_some() {
             return r.knows(ino).then(|| Node::W(r.clone(), ino));
         }
@@ -323,7 +346,11 @@ impl Inner {
     /// Whether `ino` is one an earlier daemon on this connection gave
     /// out that this one has not taken up yet.
     pub(crate) fn stale(&self, ino: u64) -> bool {
-        self.fh_base > 0 && ino >= TREE_BASE && self.lock().get(ino).is_none()
+        if ino < TREE_BASE {
+            return false;
+        }
+        let inodes = self.lock();
+        inodes.unbuilt && inodes.get(ino).is_none()
     }
 
     /// Take up `ino`: build the tree an earlier daemon put it in, and
@@ -794,12 +821,14 @@ impl Inner {
                 let mut inodes = self.lock();
                 let span = (tree.nodes.len() as u64 + 1).next_multiple_of(1024);
                 let base = inodes.place(&key, span);
+                self.ns.stats.tree_built();
                 let r = Arc::new(RootFs {
                     tree: Arc::new(tree),
                     layers: Arc::new(opened),
                     base,
                     root_ino,
                     w: None,
+                    used: crate::rootfs::now_secs().into(),
                 });
                 inodes.trees.insert(base, r.clone());
                 Ok(r)

@@ -228,6 +228,7 @@ impl Filesystem for Fs {
 
     fn lookup(&mut self, req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEntry) {
         self.revived(parent);
+        self.inner.ns.stats.lookup();
         // In a built writable tree everything is local: answer here.
         if let Some(r) = self.inner.built_writable(parent) {
             let res = r.lookup(parent, name.as_bytes()).map(|a| (SHORT, a));

@@ -18,6 +18,7 @@ mod inolog;
 mod layer;
 mod lazy;
 mod ns;
+mod prune;
 mod rootfs;
 mod stats;
 mod supervise;
@@ -118,6 +119,11 @@ struct MountArgs {
     /// push is a warning.
     #[arg(long)]
     push_index: bool,
+    /// Merged image trees kept in memory; beyond it (or unused for 5
+    /// minutes) the least recently used are dropped and rebuilt from the
+    /// cache when next used.
+    #[arg(long, default_value_t = 16)]
+    max_trees: usize,
     /// Write the daemon's log here (appending).
     #[arg(long)]
     log: Option<PathBuf>,
@@ -281,6 +287,7 @@ fn child_args(a: &MountArgs, ready: Option<i32>) -> Vec<OsString> {
         v.push("--allow-delete".into());
     }
     v.push(format!("--fetch-after={}", a.fetch_after).into());
+    v.push(format!("--max-trees={}", a.max_trees).into());
     if a.push_index {
         v.push("--push-index".into());
     }
@@ -590,6 +597,11 @@ fn serve(args: &MountArgs, ready: &mut Ready) -> Result<()> {
     if let Some(delay) = args.commit_delay.0 {
         rt.spawn(commit::auto(inner.clone(), delay));
     }
+    let limits = prune::Limits {
+        trees: args.max_trees,
+        ..prune::Limits::default()
+    };
+    rt.spawn(prune::run(inner.clone(), limits));
     let options = mount_options(&args.options)?;
     let mut session = session(args, filesystem, &options)?;
     let mut unmounter = session.unmount_callable();

@@ -122,6 +122,20 @@ impl<K: Hash + Eq + Clone, V: Clone> Memo<K, V> {
         self.map.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 
+    /// Drop the entry for `key` if it holds a value, nobody is waiting on
+    /// it, and `drop` (called with the map locked) agrees.
+    pub fn forget_if(&self, key: &K, drop: impl FnOnce(&V) -> bool) -> bool {
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        let Some((_, cell)) = map.get(key) else {
+            return false;
+        };
+        let go = Arc::strong_count(cell) == 1 && matches!(cell.get(), Some(Ok(v)) if drop(v));
+        if go {
+            map.remove(key);
+        }
+        go
+    }
+
     /// Drop an entry: the next `get` computes it anew.
     pub fn forget(&self, key: &K) {
         let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());

@@ -34,6 +34,7 @@ impl Inner {
                 let root_ino = self.ino(key.clone());
                 let mut inodes = self.lock();
                 let b = inodes.place(&key, WRITABLE_RANGE);
+                self.ns.stats.tree_built();
                 let first_free = b + ro.tree.nodes.len() as u64;
                 let log = inodes.log.clone().map(|l| (l, b));
                 let known = inodes.uppers.remove(&b).unwrap_or_default();
@@ -44,6 +45,7 @@ impl Inner {
                     base: b,
                     root_ino,
                     w: Some(work),
+                    used: crate::rootfs::now_secs().into(),
                 });
                 inodes.trees.insert(b, r.clone());
                 drop(inodes);

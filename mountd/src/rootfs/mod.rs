@@ -36,6 +36,17 @@ pub struct RootFs {
     pub root_ino: u64,
     /// The upper side, for a tag's (writable) rootfs.
     pub w: Option<Work>,
+    /// When it was last used ([`now_secs`]), for prune.rs.
+    pub used: std::sync::atomic::AtomicU64,
+}
+
+/// Seconds since the daemon started: a clock cheap enough for every request.
+pub fn now_secs() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    START
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_secs()
 }
 
 /// The writable side of a rootfs.
