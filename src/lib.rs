@@ -5,6 +5,8 @@
 //! immutable image views over registries, OCI layouts and docker tarballs,
 //! and the random-access layer readers the mount is built on.
 
+#![warn(missing_docs)]
+
 pub mod attach;
 pub mod auth;
 pub mod compose;

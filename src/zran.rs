@@ -176,9 +176,13 @@ pub struct Checkpoint {
 /// Checkpoints over one gzip stream, for random reads.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct GzipIndex {
+    /// Uncompressed bytes between checkpoints (at most).
     pub span: u64,
+    /// Size of the gzip stream.
     pub compressed_size: u64,
+    /// Size of what it inflates to.
     pub uncompressed_size: u64,
+    /// Checkpoints, in stream order.
     pub points: Vec<Checkpoint>,
 }
 
@@ -262,6 +266,7 @@ impl GzipIndex {
         seal(MAGIC, VERSION, &enc.0)
     }
 
+    /// Decode what [`GzipIndex::to_bytes`] wrote; bad input is an error, not a panic.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
         let body = unseal(MAGIC, VERSION, bytes, "gzip index")?;
         Self::from_body(&body)
@@ -418,6 +423,7 @@ pub struct GzipIndexBuilder<R> {
 }
 
 impl<R: Read> GzipIndexBuilder<R> {
+    /// Index `inner` with checkpoints every [`DEFAULT_SPAN`] bytes.
     pub fn new(inner: R) -> Result<Self> {
         Self::with_span(inner, DEFAULT_SPAN)
     }

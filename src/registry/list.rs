@@ -14,7 +14,9 @@ use crate::error::{Error, Result};
 /// `None` on the last page.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Page {
+    /// Tags or repository names, in the registry's order.
     pub items: Vec<String>,
+    /// Where the next page starts.
     pub next: Option<String>,
 }
 

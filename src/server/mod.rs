@@ -96,6 +96,7 @@ impl Server {
         Ok(Server { addr, task })
     }
 
+    /// Where it listens (the port chosen, for `127.0.0.1:0`).
     pub fn addr(&self) -> SocketAddr {
         self.addr
     }
