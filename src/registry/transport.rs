@@ -557,6 +557,10 @@ pub(crate) async fn error_detail(resp: Resp) -> String {
 }
 
 pub(crate) fn format_error_body(body: &[u8]) -> String {
+    // Not oci-spec's `distribution::ErrorResponse`: its `ErrorCode` is a
+    // closed set of 14 codes and `code` is required, so one `UNKNOWN` or
+    // `UNAVAILABLE` (distribution's own), a vendor code or none would fail the
+    // whole body and lose the registry's messages.
     #[derive(serde::Deserialize)]
     struct Errors {
         errors: Vec<ErrorEntry>,

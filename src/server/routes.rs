@@ -187,6 +187,7 @@ fn tags(store: &Store, name: &str, query: &[(String, String)]) -> ApiResult<Resp
         .into_iter()
         .map(|(d, (mt, tags))| (d.to_string(), json!({ "mediaType": mt, "tag": tags })))
         .collect();
+    // Not oci-spec's `distribution::TagList`, which has no room for `manifest`.
     let body = json!({ "name": name, "tags": page, "manifest": manifest });
     let mut resp = axum::Json(body).into_response();
     link(&mut resp, &format!("/v2/{name}/tags/list"), next)?;
