@@ -58,6 +58,12 @@ impl From<Error> for Fail {
 type Slot<V> = (Instant, Arc<OnceCell<Res<V>>>);
 
 /// Memoized async results with expiry and single-flight.
+// Not a cache crate: each caller picks the lifetimes (tag_ttl, FOREVER, 30 s)
+// and a failure lives another (neg_ttl); concurrent callers share one
+// computation and its error; `peek` serves stale values on purpose.
+// quick_cache has no expiry, mini-moka no single-flight or per-entry expiry,
+// and moka's `Expiry` sees only key and value, so the lifetimes would have to
+// ride in the value, and it hides the expired entries `peek` wants.
 pub struct Memo<K, V> {
     map: Mutex<HashMap<K, Slot<V>>>,
 }

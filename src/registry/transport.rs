@@ -189,6 +189,9 @@ pub(crate) struct Transport {
     retry: RetryPolicy,
     stall: Duration,
     challenges: Mutex<HashMap<String, Challenge>>,
+    /// Bearer tokens by registry and scope set. A map, not a TTL cache crate:
+    /// each token's lifetime is the server's `expires_in` ([`Token::is_fresh`]),
+    /// a 401 drops it, and the keys are few (one per registry and scope set).
     tokens: Mutex<HashMap<(String, String), Token>>,
     creds: Mutex<CredCache>,
 }
