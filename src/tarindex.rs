@@ -8,6 +8,11 @@
 //! (one frame per file in zstd:chunked, often just one for the whole layer)
 //! are recorded every ~4 MiB, and reads decompress from the nearest frame
 //! start, which for a single-frame layer is the start of the blob.
+//!
+//! The tar itself is parsed by the `tar` crate; what is ours is the index
+//! around it (data offsets, checkpoints, frame starts, a compact versioned
+//! encoding that is fuzzed), since no crate indexes a compressed layer for
+//! reads by byte range.
 
 use std::collections::BTreeMap;
 use std::io::{self, BufReader, Read, Write};

@@ -9,6 +9,15 @@
 //! compressed span between the checkpoints around the requested bytes.
 //! Multi-member streams (eStargz is one) are handled: a checkpoint at the
 //! start of a member needs no window, and reads continue across members.
+//!
+//! Kept by hand (on libz-rs-sys's `inflatePrime`/`inflateSetDictionary`)
+//! rather than taken from a crate: the checkpoints go into a layer index
+//! pushed to the registry and read back from it untrusted, so their encoding
+//! is ours, versioned and checked on decode (fuzzed in `fuzz/`); reads go
+//! through a `fetch(offset, len)` over HTTP Range rather than `Read + Seek`;
+//! and eStargz needs multi-member streams. The crates found (indexed_deflate
+//! 0.1, one release; rapidgzip-core, gzippy) bring their own index format
+//! and read a local file.
 
 use std::io::{self, Read};
 
