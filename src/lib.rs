@@ -144,6 +144,8 @@ pub mod server;
 pub mod tarball;
 pub mod tarindex;
 pub mod toc_writer;
+// Shared by the two binaries (`ggfs`, `ggfs-mountd`), not library API.
+#[doc(hidden)]
 pub mod usage;
 pub mod zran;
 pub mod zstd_chunked;

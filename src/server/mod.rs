@@ -3,11 +3,13 @@
 //! repositories by digest, but a repository sees a blob only once it was
 //! pushed or mounted there.
 //!
-//! ```no_run
-//! # async fn f() -> ggfs::Result<()> {
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> ggfs::Result<()> {
 //! use ggfs::server::{Server, Storage};
 //! let server = Server::start(Storage::Memory).await?; // 127.0.0.1:<free port>
-//! println!("registry at {}", server.host());
+//! assert!(server.host().starts_with("127.0.0.1:"));
+//! // Serves until `server` is dropped.
 //! # Ok(()) }
 //! ```
 
