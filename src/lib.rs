@@ -7,8 +7,8 @@
 //!
 //! # Examples
 //!
-//! Each runs against the embedded registry ([`server`], a default feature)
-//! on 127.0.0.1, so `cargo test --doc` checks them.
+//! Each runs against the embedded registry (`ggfs::server`, the default
+//! `server` feature) on 127.0.0.1, so `cargo test --doc` checks them.
 //!
 //! ## Append a layer and push the image
 //!
