@@ -66,6 +66,7 @@
 //! # let layer = mutate::layer_from_dir_as(dir.path(), &LayerOptions::new(LayerFormat::Gzip), &PlainDir)?;
 //! # let image = mutate::append(&mutate::empty(&Platform::host())?, vec![layer])?;
 //! # copy(image.source.clone(), image.digest().as_str(), app.clone(), Some("v1"), &CopyOptions::default()).await?;
+//! // `client` as above; `repo(name)` parses `<server>/<name>`; `app:v1` is pushed.
 //! let src = Arc::new(client.repo(&repo("app")?));
 //! let dst = Arc::new(client.repo(&repo("mirror")?));
 //! let report = copy(src, "v1", dst.clone(), Some("latest"), &CopyOptions::default()).await?;
@@ -78,10 +79,12 @@
 //!
 //! ## Read one file out of a remote image, lazily
 //!
-//! An eStargz (or zstd:chunked) layer carries a table of contents:
-//! [`estargz::open`] fetches it with Range requests, and
+//! An eStargz layer carries a table of contents at its end:
+//! [`estargz::open`] fetches it with Range requests (the last 16 KiB or
+//! more, so all of a layer as small as this one), and
 //! [`Toc::read`](estargz::Toc::read) fetches only the chunks of the file
-//! asked for. The layer is never downloaded whole.
+//! asked for, so a large layer is never downloaded whole.
+//! ([`zstd_chunked::open`] does the same for zstd:chunked.)
 //!
 //! ```
 //! # use std::sync::Arc;
@@ -104,7 +107,8 @@
 //! # copy(image.source.clone(), image.digest().as_str(), app.clone(), Some("v1"), &CopyOptions::default()).await?;
 //! use ggfs::{estargz, image, Digest};
 //!
-//! // `app:v1` holds one eStargz layer with hello.txt in it.
+//! // `app` is the repository pushed to as above; its `v1` holds one
+//! // eStargz layer with hello.txt in it.
 //! let img = image::fetch_image(app.clone(), "v1", None).await?;
 //! let layer = &img.layers()?[0];
 //! let annotations = layer.descriptor.annotations().clone().unwrap_or_default();
