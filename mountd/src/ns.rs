@@ -61,6 +61,12 @@ type Slot<V> = (Instant, Arc<OnceCell<Res<V>>>);
 /// are dropped whenever the map has doubled since the last sweep, so a
 /// daemon asked for a million names that do not exist stays as small as
 /// one asked for a few.
+// Not a cache crate: each caller picks the lifetimes (tag_ttl, FOREVER, 30 s)
+// and a failure lives another (neg_ttl); concurrent callers share one
+// computation and its error; `peek` serves stale values on purpose.
+// quick_cache has no expiry, mini-moka no single-flight or per-entry expiry,
+// and moka's `Expiry` sees only key and value, so the lifetimes would have to
+// ride in the value, and it hides the expired entries `peek` wants.
 pub struct Memo<K, V> {
     map: Mutex<HashMap<K, Slot<V>>>,
     sweep_at: std::sync::atomic::AtomicUsize,
