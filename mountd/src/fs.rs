@@ -33,8 +33,13 @@ const TREE_BASE: u64 = 1 << 40;
 /// How long the kernel may cache anything addressed by digest.
 pub(crate) const LONG: Duration = Duration::from_secs(24 * 3600);
 pub(crate) const FOREVER: Duration = Duration::from_secs(u32::MAX as u64);
-/// How long the kernel may cache what a writable tree says.
+/// How long the kernel may cache what the namespace's writable files say.
 pub(crate) const SHORT: Duration = Duration::from_secs(1);
+/// How long the kernel may cache what a tag's writable rootfs says: it
+/// changes only through this mount, and the kernel drops what it cached
+/// of a name or inode when it changes it. (A tag moved in the registry
+/// is a new rootfs, found when the tag's own short-lived entry expires.)
+pub(crate) const WRITABLE_TTL: Duration = LONG;
 
 /// A namespace node.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -407,7 +412,7 @@ impl Inner {
     pub(crate) async fn attr(&self, ino: u64, node: &Node) -> Res<(Duration, FileAttr)> {
         let key = match node {
             Node::Tree(r, id) => return Ok((LONG, r.lower_attr(*id))),
-            Node::W(r, ino) => return Ok((SHORT, r.getattr(*ino)?)),
+            Node::W(r, ino) => return Ok((WRITABLE_TTL, r.getattr(*ino)?)),
             Node::Ns(k) => k,
         };
         // A tag's own files take writes: shown as writable, never cached long.
@@ -457,8 +462,8 @@ impl Inner {
             Key::WRootfs(repo, tag, d) => {
                 let key = (repo.clone(), tag.clone(), d.clone());
                 return Ok(match self.wrootfs.peek(&key) {
-                    Some(r) => (SHORT, r.getattr(r.root_ino)?),
-                    None => (SHORT, crate::rootfs::root_attr(ino)),
+                    Some(r) => (WRITABLE_TTL, r.getattr(r.root_ino)?),
+                    None => (WRITABLE_TTL, crate::rootfs::root_attr(ino)),
                 });
             }
             Key::Status => {
@@ -891,7 +896,7 @@ impl Inner {
 
     pub async fn getattr(&self, ino: u64, fh: Option<u64>) -> Res<(Duration, FileAttr)> {
         if let Some(r) = self.writable(ino).await? {
-            return Ok((SHORT, self.getattr_w(&r, ino, fh)?));
+            return Ok((WRITABLE_TTL, self.getattr_w(&r, ino, fh)?));
         }
         let node = self.node(ino)?;
         self.attr(ino, &node).await

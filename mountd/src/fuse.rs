@@ -15,7 +15,7 @@ use fuser::{
 };
 
 use crate::cache::Cache;
-use crate::fs::{Inner, Key, Node, LONG, SHORT};
+use crate::fs::{Inner, Key, Node, LONG, SHORT, WRITABLE_TTL};
 use crate::handles::Handle;
 use crate::ns::{Fail, Namespace, Res};
 use crate::rootfs::{RootFs, SetAttr};
@@ -231,7 +231,7 @@ impl Filesystem for Fs {
         self.inner.ns.stats.lookup();
         // In a built writable tree everything is local: answer here.
         if let Some(r) = self.inner.built_writable(parent) {
-            let res = r.lookup(parent, name.as_bytes()).map(|a| (SHORT, a));
+            let res = r.lookup(parent, name.as_bytes()).map(|a| (WRITABLE_TTL, a));
             return lookup_reply(&self.inner, res, reply);
         }
         // So is an image's read-only tree once built.
@@ -253,7 +253,7 @@ impl Filesystem for Fs {
         self.revived(ino);
         if let Some(r) = self.inner.built_writable(ino) {
             return match self.inner.getattr_w(&r, ino, fh) {
-                Ok(attr) => reply.attr(&SHORT, &attr),
+                Ok(attr) => reply.attr(&WRITABLE_TTL, &attr),
                 Err(f) => reply.error(f.errno),
             };
         }
@@ -574,11 +574,11 @@ impl Filesystem for Fs {
                 let made = match fs.mkdir_tag(&repo, &name).await {
                     Ok(k) => {
                         let ino = fs.ino(k.clone());
-                        fs.attr(ino, &Node::Ns(k)).await.map(|(_, a)| a)
+                        fs.attr(ino, &Node::Ns(k)).await
                     }
                     Err(f) => Err(f),
                 };
-                entry_reply(&fs, "mkdir", made, reply)
+                lookup_reply(&fs, made, reply)
             });
         }
         let (name, uid, gid) = (name.as_bytes().to_vec(), req.uid(), req.gid());
@@ -763,7 +763,7 @@ impl Filesystem for Fs {
                 Ok((attr, file)) => match fs.built_writable(parent) {
                     Some(r) => {
                         let fh = fs.add_handle(Handle::Upper(Arc::new(file), r));
-                        reply.created(&SHORT, &attr, 0, fh, FOPEN_NOFLUSH)
+                        reply.created(&WRITABLE_TTL, &attr, 0, fh, FOPEN_NOFLUSH)
                     }
                     None => reply.error(libc::EIO),
                 },
@@ -872,14 +872,15 @@ fn timespec(t: fuser::TimeOrNow) -> libc::timespec {
 
 fn attr_reply(fs: &Inner, r: Res<FileAttr>, reply: ReplyAttr) {
     match r {
-        Ok(attr) => reply.attr(&SHORT, &attr),
+        Ok(attr) => reply.attr(&WRITABLE_TTL, &attr),
         Err(f) => reply.error(fs.failed("setattr", f)),
     }
 }
 
+/// The reply to a change that made an entry in a writable tree.
 fn entry_reply(fs: &Inner, what: &str, r: Res<FileAttr>, reply: ReplyEntry) {
     match r {
-        Ok(attr) => reply.entry(&SHORT, &attr, 0),
+        Ok(attr) => reply.entry(&WRITABLE_TTL, &attr, 0),
         Err(f) => {
             fs.fail(what, &f);
             reply.error(f.errno)
