@@ -140,6 +140,8 @@ pub mod layout;
 pub mod manifest;
 pub mod mutate;
 pub mod optimize;
+#[cfg(feature = "pull-secret")]
+pub mod pull_secret;
 pub mod rebase;
 pub mod reference;
 pub mod registry;

@@ -94,6 +94,11 @@ struct MountArgs {
     /// Accept any TLS certificate, unverified (test set-ups only).
     #[arg(long)]
     insecure_skip_tls_verify: bool,
+    /// Also take credentials from this Kubernetes image pull secret (a
+    /// `kubernetes.io/dockerconfigjson` Secret or a List of them, JSON or
+    /// YAML; repeatable), read once at mount.
+    #[arg(long = "pull-secret", value_name = "FILE")]
+    pull_secrets: Vec<PathBuf>,
     /// Mount options: allow_other, allow_root.
     #[arg(short = 'o')]
     options: Vec<String>,
@@ -282,6 +287,10 @@ fn child_args(a: &MountArgs, ready: Option<i32>) -> Vec<OsString> {
     }
     if a.insecure_skip_tls_verify {
         v.push("--insecure-skip-tls-verify".into());
+    }
+    for f in &a.pull_secrets {
+        v.push("--pull-secret".into());
+        v.push(std::path::absolute(f).unwrap_or_else(|_| f.clone()).into());
     }
     if a.allow_delete {
         v.push("--allow-delete".into());
@@ -561,7 +570,11 @@ fn serve(args: &MountArgs, ready: &mut Ready) -> Result<()> {
         tracing::warn!("--insecure-skip-tls-verify: TLS certificates are not verified");
     }
     let tls = (args.ca_files.clone(), args.insecure_skip_tls_verify);
-    let reg = backend::LibRegistry::new(host, insecure, stall, tls)?;
+    let mut keychain = ggfs::auth::Keychain::from_env();
+    for file in &args.pull_secrets {
+        keychain.pull_secrets.extend(ggfs::pull_secret::read(file)?);
+    }
+    let reg = backend::LibRegistry::new(host, insecure, stall, tls, keychain)?;
     let reg_name = backend::Registry::name(reg.as_ref());
     let cache_dir = args.cache_dir.clone().unwrap_or_else(cache::default_dir);
     let cache = Arc::new(cache::Cache::open(&cache_dir, args.cache_size)?);
