@@ -423,3 +423,96 @@ fn tar_size_field_lying_is_an_error_naming_the_layer() {
         m.log()
     );
 }
+
+/// A decompression bomb: 4 MiB of gzip (a member of 64 MiB of zeros,
+/// repeated) holding one 4 GiB file. The mount lists it, serves its first
+/// and last bytes right, keeps its cache under the bound it was given
+/// (64 MiB) and its memory under 48 MiB (before zran's checkpoints were
+/// also spaced by compressed bytes, a window per 4 MiB of output made it
+/// 75 MiB here, 134 MiB at 8 GiB: memory grew with what the bomb inflates
+/// to); `ggfs export` streams every byte out in under 64 MiB. (4 GiB, not
+/// more: inflating is what costs, and the bounds do not grow with it.)
+#[test]
+fn decompression_bomb_keeps_memory_and_cache_bounded() {
+    use std::io::Read as _;
+    use std::os::unix::fs::FileExt as _;
+    const CHUNK: u64 = 64 << 20;
+    const BOMB: u64 = 4 << 30;
+    let zeros = {
+        use std::io::Write as _;
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        gz.write_all(&vec![0u8; CHUNK as usize]).unwrap();
+        gz.finish().unwrap()
+    };
+    let mut blob = gzip(header("bomb", BOMB, false).as_bytes());
+    for _ in 0..BOMB / CHUNK {
+        blob.extend_from_slice(&zeros);
+    }
+    blob.extend_from_slice(&gzip(&[0; 1024]));
+    assert!(blob.len() < 8 << 20, "{}", blob.len());
+    let reg = Distribution::start();
+    push_raw_layer(&reg, "bomb/img:t", &blob, GZIP);
+
+    let work = common::tempdir();
+    let cache = work.path().join("cache");
+    std::fs::create_dir(&cache).unwrap();
+    let m = Mount::start_with_cache(reg.addr(), &["--cache-size", "64M"], Some(&cache));
+    let file = m.path("bomb/img/t/rootfs/bomb");
+    let f = file.clone();
+    let size = within(300, "stat", move || std::fs::metadata(f).unwrap().len());
+    assert_eq!(size, BOMB);
+    let (head, tail) = within(300, "read", move || {
+        let f = std::fs::File::open(file).unwrap();
+        let mut head = vec![1u8; 4096];
+        let mut tail = vec![1u8; 4096];
+        f.read_exact_at(&mut head, 0).unwrap();
+        f.read_exact_at(&mut tail, BOMB - 4096).unwrap();
+        (head, tail)
+    });
+    assert!(head.iter().chain(&tail).all(|&b| b == 0));
+    let hwm = vm_hwm(m.pid());
+    assert!(hwm < 48 << 20, "daemon peaked at {} MiB", hwm >> 20);
+    let used = common::dir_size(&cache);
+    assert!(used <= 64 << 20, "the cache holds {used} bytes");
+    assert!(m.pid_alive());
+    drop(m);
+
+    let mut export = Command::new(common::ggfs_bin())
+        .args(["export", &reg.reference("bomb/img:t"), "-"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = export.stdout.take().unwrap();
+    let counted = within(300, "export", move || {
+        let mut buf = vec![0u8; 1 << 20];
+        let mut n = 0u64;
+        loop {
+            match out.read(&mut buf).unwrap() {
+                0 => break n,
+                k => n += k as u64,
+            }
+        }
+    });
+    let (status, maxrss) = wait_rusage(export);
+    assert!(status.success(), "export failed");
+    assert!(counted > BOMB, "exported {counted} bytes");
+    assert!(maxrss < 64 << 20, "export peaked at {} MiB", maxrss >> 20);
+}
+
+/// Waits for `child`, returning its exit status and peak resident memory
+/// (getrusage's ru_maxrss) in bytes.
+fn wait_rusage(child: std::process::Child) -> (std::process::ExitStatus, u64) {
+    use std::os::unix::process::ExitStatusExt as _;
+    let pid = child.id() as libc::pid_t;
+    let mut status = 0;
+    // SAFETY: a zeroed rusage is valid; wait4 fills it for our own child.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    assert_eq!(r, pid, "wait4: {}", std::io::Error::last_os_error());
+    std::mem::forget(child);
+    (
+        std::process::ExitStatus::from_raw(status),
+        usage.ru_maxrss as u64 * 1024,
+    )
+}
