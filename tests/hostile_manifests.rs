@@ -160,3 +160,209 @@ fn doubling_indexes_copy_once_and_stop_deep() {
     assert_eq!(hello.unwrap(), b"hello\n");
     assert!(m.pid_alive());
 }
+
+/// What the hostile server answers for a manifest path.
+#[derive(Clone)]
+enum Body {
+    /// These bytes, with a Content-Length.
+    Sized(Vec<u8>),
+    /// JSON (a catalog, a tag list).
+    Json(String),
+    /// Manifest-looking bytes without end (no Content-Length: the body
+    /// runs until the client hangs up).
+    Endless,
+}
+
+/// A registry that answers `/v2/` and `routes` (a manifest path → body, as
+/// an OCI manifest; a catalog or tag list → JSON), nothing else;
+/// one request per connection. Serves until the test process ends.
+fn hostile_server(routes: Vec<(String, Body)>) -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut s) = conn else { continue };
+            let routes = routes.clone();
+            std::thread::spawn(move || {
+                let mut head = Vec::new();
+                let mut b = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && s.read(&mut b).unwrap_or(0) == 1 {
+                    head.push(b[0]);
+                }
+                let head = String::from_utf8_lossy(&head);
+                let mut words = head.split(' ');
+                let (method, path) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
+                let found = routes.iter().find(|(p, _)| p == path).map(|(_, b)| b);
+                let _ = match (path, found) {
+                    ("/v2/", _) => s.write_all(
+                        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}",
+                    ),
+                    (_, Some(Body::Sized(body))) => {
+                        let _ = write!(
+                            s,
+                            "HTTP/1.1 200 OK\r\nContent-Type: {OCI_MANIFEST}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                            body.len()
+                        );
+                        if method == "GET" {
+                            s.write_all(body)
+                        } else {
+                            Ok(())
+                        }
+                    }
+                    (_, Some(Body::Json(body))) => write!(
+                        s,
+                        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    ),
+                    (_, Some(Body::Endless)) => {
+                        let _ = write!(
+                            s,
+                            "HTTP/1.1 200 OK\r\nContent-Type: {OCI_MANIFEST}\r\nConnection: close\r\n\r\n"
+                        );
+                        let _ = s.write_all(br#"{"schemaVersion":2,"annotations":{"a":""#);
+                        let chunk = vec![b'a'; 64 << 10];
+                        // Until the client hangs up (or 1 GiB: a bound on a broken test).
+                        let mut sent = 0u64;
+                        while method == "GET" && sent < 1 << 30 && s.write_all(&chunk).is_ok() {
+                            sent += chunk.len() as u64;
+                        }
+                        Ok(())
+                    }
+                    _ => s.write_all(
+                        b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                    ),
+                };
+            });
+        }
+    });
+    addr
+}
+
+/// A manifest of `size` bytes or more (padded in an annotation).
+fn padded_manifest(size: usize) -> Vec<u8> {
+    let m = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": {
+            "mediaType": "application/vnd.oci.image.config.v1+json",
+            "digest": format!("sha256:{}", "0".repeat(64)),
+            "size": 2,
+        },
+        "layers": [],
+        "annotations": {"pad": "p".repeat(size)},
+    });
+    serde_json::to_vec(&m).unwrap()
+}
+
+/// JSON arrays nested `depth` deep inside an otherwise valid manifest.
+fn nested_manifest(depth: usize) -> Vec<u8> {
+    let m = String::from_utf8(padded_manifest(0)).unwrap();
+    let nest = "[".repeat(depth) + &"]".repeat(depth);
+    m.replacen('{', &format!(r#"{{"x":{nest},"#), 1)
+        .into_bytes()
+}
+
+/// Over 4 MiB (with a Content-Length, or endless without one), and JSON
+/// nested 100,000 deep in a field (past serde_json's recursion limit of
+/// 128 for a `Value`). Distribution refuses to store either, so a hostile
+/// server serves them. `ggfs manifest` and `ggfs validate` fail at once,
+/// in one line naming the repository (and the 4 MiB limit for the big
+/// ones), with no stack overflow: the nested field is one the manifest
+/// type does not know, which serde skips without recursing, so the
+/// manifest parses and fails on the (missing) config blob it names
+/// (`ggfs manifest` prints it: it does not parse). The mount answers EIO
+/// for the big ones and logs why (it used to take the refused tag for a
+/// repository prefix: ENOENT, nothing logged), ENOENT for the nested
+/// one's missing config, and lives.
+#[test]
+fn oversize_and_deeply_nested_manifests_are_refused() {
+    let reg = Distribution::start();
+    let big = padded_manifest(5 << 20);
+    let status = http_put(reg.addr(), "/v2/h/big/manifests/t", OCI_MANIFEST, &big);
+    assert_ne!(
+        status,
+        201,
+        "distribution stored a {} byte manifest",
+        big.len()
+    );
+    let deep = nested_manifest(100_000);
+    assert!(serde_json::from_slice::<serde_json::Value>(&deep).is_err());
+    let status = http_put(reg.addr(), "/v2/h/deep/manifests/t", OCI_MANIFEST, &deep);
+    assert_ne!(
+        status, 201,
+        "distribution stored a manifest nested 100,000 deep"
+    );
+    // The same framing, shallow, parses: the depth is what is refused.
+    assert!(serde_json::from_slice::<serde_json::Value>(&nested_manifest(8)).is_ok());
+
+    let mut routes = vec![
+        ("/v2/h/big/manifests/t".into(), Body::Sized(big)),
+        ("/v2/h/endless/manifests/t".into(), Body::Endless),
+        ("/v2/h/deep/manifests/t".into(), Body::Sized(deep)),
+        (
+            "/v2/_catalog".into(),
+            Body::Json(r#"{"repositories":["h/big","h/deep","h/endless"]}"#.into()),
+        ),
+    ];
+    for repo in ["big", "endless", "deep"] {
+        routes.push((
+            format!("/v2/h/{repo}/tags/list"),
+            Body::Json(format!(r#"{{"name":"h/{repo}","tags":["t"]}}"#)),
+        ));
+    }
+    let addr = hostile_server(routes);
+    for repo in ["big", "endless", "deep"] {
+        let image = format!("{addr}/h/{repo}:t");
+        // `ggfs manifest` prints the bytes as they are: it does not parse
+        // them, so the nested one is only refused where it is parsed.
+        let verbs: &[&str] = if repo == "deep" {
+            &["validate"]
+        } else {
+            &["manifest", "validate"]
+        };
+        for &verb in verbs {
+            let err = within(60, verb, {
+                let image = image.clone();
+                move || ggfs_fails(&[verb, &image])
+            });
+            assert!(err.contains(&format!("h/{repo}")), "{verb} {repo}: {err}");
+            if repo != "deep" {
+                assert!(err.contains("4194304"), "{verb} {repo}: {err}");
+            } else {
+                // Parsed past the nesting (serde skips a field it does not
+                // know without recursing), it fails on the blob it names.
+                assert!(
+                    err.contains("not found") && err.contains(&"0".repeat(64)),
+                    "{err}"
+                );
+            }
+        }
+    }
+    let m = Mount::start(&addr, &[]);
+    for repo in ["big", "endless", "deep"] {
+        let dir = m.path(&format!("h/{repo}/t/rootfs"));
+        let e = within(60, "readdir", move || {
+            std::fs::read_dir(dir)?.collect::<std::io::Result<Vec<_>>>()
+        })
+        .expect_err(&format!(
+            "{repo}: a refused manifest was mounted: {}",
+            m.log()
+        ));
+        // The nested one parses, and its config blob is missing (ENOENT).
+        let want = if repo == "deep" {
+            libc::ENOENT
+        } else {
+            libc::EIO
+        };
+        assert_eq!(e.raw_os_error(), Some(want), "{repo}: {e}: {}", m.log());
+    }
+    assert!(m.pid_alive(), "the daemon died: {}", m.log());
+    let log = m.log();
+    for repo in ["big", "endless"] {
+        assert!(
+            log.contains(&format!("h/{repo}:t: manifest {addr}/h/{repo}:t is"))
+                && log.contains("over the 4194304-byte limit"),
+            "{log}"
+        );
+    }
+}
