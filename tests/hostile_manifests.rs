@@ -366,3 +366,92 @@ fn oversize_and_deeply_nested_manifests_are_refused() {
         );
     }
 }
+
+/// Uploads `bytes` as a blob of `repo` (POST, then one PUT of the whole
+/// blob to the upload's Location); returns (digest, size).
+fn put_blob(reg: &Distribution, repo: &str, bytes: &[u8]) -> (String, usize) {
+    let digest = common::sha256_digest(bytes);
+    let request = |head: String, body: &[u8]| {
+        let mut s = std::net::TcpStream::connect(reg.addr()).unwrap();
+        s.write_all(head.as_bytes()).unwrap();
+        s.write_all(body).unwrap();
+        let mut answer = String::new();
+        let _ = s.read_to_string(&mut answer);
+        answer
+    };
+    let host = reg.addr();
+    let answer = request(
+        format!(
+            "POST /v2/{repo}/blobs/uploads/ HTTP/1.0\r\nHost: {host}\r\nContent-Length: 0\r\n\r\n"
+        ),
+        b"",
+    );
+    let location = answer
+        .lines()
+        .find_map(|l| l.strip_prefix("Location: "))
+        .unwrap_or_else(|| panic!("{answer}"))
+        .trim();
+    let path = location
+        .strip_prefix(&format!("http://{host}"))
+        .unwrap_or(location);
+    let sep = if path.contains('?') { '&' } else { '?' };
+    let answer = request(
+        format!(
+            "PUT {path}{sep}digest={digest} HTTP/1.0\r\nHost: {host}\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\n\r\n",
+            bytes.len()
+        ),
+        bytes,
+    );
+    assert!(
+        answer.starts_with("HTTP/1.0 201") || answer.starts_with("HTTP/1.1 201"),
+        "{answer}"
+    );
+    (digest, bytes.len())
+}
+
+/// A manifest of 10,000 layers (all the same blob, 1.5 MB of JSON): the
+/// copy sends that blob once, the mount answers with the merged file, and
+/// both return at all (within a minute; here well under).
+#[test]
+fn ten_thousand_layers_copy_and_mount() {
+    const LAYERS: usize = 10_000;
+    let src = Distribution::start();
+    let base: serde_json::Value = serde_json::from_slice(&base_image(&src, "h/many")).unwrap();
+    let config_digest = base["config"]["digest"].as_str().unwrap();
+    let config = ggfs(&["blob", &src.reference(&format!("h/many@{config_digest}"))]);
+    let mut config: serde_json::Value = serde_json::from_str(&config).unwrap();
+    let diff_id = config["rootfs"]["diff_ids"][0].clone();
+    config["rootfs"]["diff_ids"] = vec![diff_id; LAYERS].into();
+    let (cd, cs) = put_blob(&src, "h/many", &serde_json::to_vec(&config).unwrap());
+    let mut manifest = base.clone();
+    manifest["config"]["digest"] = cd.into();
+    manifest["config"]["size"] = cs.into();
+    manifest["layers"] = vec![base["layers"][0].clone(); LAYERS].into();
+    let body = serde_json::to_vec(&manifest).unwrap();
+    assert!(body.len() > 1 << 20, "{}", body.len());
+    put(&src, "h/many", OCI_MANIFEST, &manifest, Some("t"));
+
+    let dst = Distribution::start();
+    let proxy = CountingProxy::start(dst.addr());
+    let target = format!("{}/h/many:t", proxy.addr());
+    within(60, "copy", {
+        let (from, to) = (src.reference("h/many:t"), target.clone());
+        move || ggfs(&["copy", &from, &to])
+    });
+    let uploads = proxy
+        .requests()
+        .iter()
+        .filter(|r| r.method == "POST" && r.path.contains("/blobs/uploads/"))
+        .count();
+    assert!(uploads <= 2, "{uploads} blob uploads for two blobs");
+    assert_eq!(
+        ggfs(&["digest", &target]),
+        ggfs(&["digest", &src.reference("h/many:t")])
+    );
+
+    let m = Mount::start(src.addr(), &[]);
+    let hello = m.path("h/many/t/rootfs/hello");
+    let got = within(60, "read", move || std::fs::read(hello));
+    assert_eq!(got.unwrap(), b"hello\n");
+    assert!(m.pid_alive());
+}
