@@ -455,3 +455,76 @@ fn ten_thousand_layers_copy_and_mount() {
     assert_eq!(got.unwrap(), b"hello\n");
     assert!(m.pid_alive());
 }
+
+/// Media types that lie: a layer typed as an index (its bytes a real gzip
+/// layer), a config typed as a layer, an index entry typed as an image
+/// that is an index. Distribution stores them all. `ggfs copy` copies them
+/// as they are (same digests). The mount skips the mistyped layer and logs
+/// it by digest, ignores the config's type, and shows the lying entry as
+/// the index it is (no rootfs); `ggfs export` refuses the mistyped layer
+/// naming it (it used to name only the media type) and the entry that is
+/// an index naming that index, and exports the other.
+#[test]
+fn wrong_media_types() {
+    let src = Distribution::start();
+    let base: serde_json::Value = serde_json::from_slice(&base_image(&src, "h/mt")).unwrap();
+    let layer = base["layers"][0]["digest"].as_str().unwrap().to_string();
+    let mut m = base.clone();
+    m["layers"][0]["mediaType"] = OCI_INDEX.into();
+    put(&src, "h/mt", OCI_MANIFEST, &m, Some("layer-as-index"));
+    let mut m = base.clone();
+    m["config"]["mediaType"] = "application/vnd.oci.image.layer.v1.tar+gzip".into();
+    put(&src, "h/mt", OCI_MANIFEST, &m, Some("config-as-layer"));
+    let empty = serde_json::json!({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []});
+    let inner = put(&src, "h/mt", OCI_INDEX, &empty, None);
+    let mut entry = inner.clone();
+    entry["mediaType"] = OCI_MANIFEST.into();
+    entry["platform"] = serde_json::json!({"os": "linux", "architecture": "amd64"});
+    let lying =
+        serde_json::json!({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [entry]});
+    put(&src, "h/mt", OCI_INDEX, &lying, Some("index-entry-lies"));
+
+    let mnt = Mount::start(src.addr(), &[]);
+    let ls = |p: &str| {
+        let d = mnt.path(p);
+        let mut names = within(60, "readdir", move || {
+            std::fs::read_dir(d)?
+                .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+                .collect::<std::io::Result<Vec<_>>>()
+        })
+        .unwrap();
+        names.sort();
+        names
+    };
+    assert_eq!(ls("h/mt/layer-as-index/rootfs"), Vec::<String>::new());
+    assert!(
+        mnt.log().contains(&format!("skipping layer {layer}")),
+        "{}",
+        mnt.log()
+    );
+    assert_eq!(ls("h/mt/config-as-layer/rootfs"), ["hello"]);
+    assert_eq!(
+        ls("h/mt/index-entry-lies/linux-amd64"),
+        ["digest", "manifest.json", "referrers"]
+    );
+    assert!(mnt.pid_alive());
+
+    let dst = Distribution::start();
+    let work = common::tempdir();
+    let out = work.path().join("x.tar");
+    let out = out.to_str().unwrap();
+    for t in ["layer-as-index", "config-as-layer", "index-entry-lies"] {
+        let (from, to) = (
+            src.reference(&format!("h/mt:{t}")),
+            dst.reference(&format!("h/mt:{t}")),
+        );
+        ggfs(&["copy", &from, &to]);
+        assert_eq!(ggfs(&["digest", &from]), ggfs(&["digest", &to]), "{t}");
+    }
+    let err = ggfs_fails(&["export", &src.reference("h/mt:layer-as-index"), out]);
+    assert!(err.contains(&layer) && err.contains(OCI_INDEX), "{err}");
+    ggfs(&["export", &src.reference("h/mt:config-as-layer"), out]);
+    let err = ggfs_fails(&["export", &src.reference("h/mt:index-entry-lies"), out]);
+    let inner = inner["digest"].as_str().unwrap();
+    assert!(err.contains(inner) && err.contains("nested index"), "{err}");
+}
