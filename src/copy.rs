@@ -1,6 +1,7 @@
 //! Copy an image or a whole index from any source to any sink, blobs first,
 //! manifests last, so a tag never points at a manifest whose blobs are missing.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use futures::{StreamExt, TryStreamExt};
@@ -96,7 +97,11 @@ pub async fn copy(
 ) -> Result<CopyReport> {
     let mut report = CopyReport::default();
     let top = manifest_for(src.as_ref(), reference, opts.platform.as_ref()).await?;
-    copy_manifest(&src, &top, &dst, opts, &mut report).await?;
+    let mut walk = Walk {
+        seen: HashSet::from([top.digest.clone()]),
+        depth: 0,
+    };
+    copy_manifest(&src, &top, &dst, opts, &mut report, &mut walk).await?;
     dst.put_manifest(&top, tag).await?;
     dst.finish().await?;
     report.digest = Some(top.digest.clone());
@@ -128,6 +133,19 @@ pub async fn pick_platform(
     image::fetch_child(src, desc).await
 }
 
+/// How deep indexes may nest, the top one counting as 1: an index of
+/// indexes is the most real images use; deeper is refused rather than
+/// walked (a chain of indexes costs a request per level).
+pub const MAX_INDEX_DEPTH: usize = 16;
+
+/// Where a copy is in the graph of an index: the manifests already copied
+/// (an index may list one child many times, and the children of children:
+/// 2^depth paths through depth manifests), and the nesting depth.
+struct Walk {
+    seen: HashSet<Digest>,
+    depth: usize,
+}
+
 /// Copy everything `raw` references (blobs, child manifests), not `raw` itself.
 async fn copy_manifest(
     src: &Arc<dyn Source>,
@@ -135,6 +153,7 @@ async fn copy_manifest(
     dst: &Arc<dyn Sink>,
     opts: &CopyOptions,
     report: &mut CopyReport,
+    walk: &mut Walk,
 ) -> Result<()> {
     match raw.parse()? {
         Parsed::Image(m) => {
@@ -145,11 +164,23 @@ async fn copy_manifest(
             copy_blobs(src, dst, blobs, opts, report).await
         }
         Parsed::Index(idx) => {
+            if walk.depth >= MAX_INDEX_DEPTH {
+                return Err(Error::invalid(
+                    format!("index {}", raw.digest),
+                    format!("indexes nest deeper than {MAX_INDEX_DEPTH} levels"),
+                ));
+            }
+            walk.depth += 1;
             for desc in idx.manifests() {
+                // Copied already (through another path): the same bytes.
+                if !walk.seen.insert(manifest::digest_of(desc)?) {
+                    continue;
+                }
                 let child = image::fetch_child(src.as_ref(), desc).await?;
-                Box::pin(copy_manifest(src, &child, dst, opts, report)).await?;
+                Box::pin(copy_manifest(src, &child, dst, opts, report, walk)).await?;
                 dst.put_manifest(&child, None).await?;
             }
+            walk.depth -= 1;
             Ok(())
         }
     }

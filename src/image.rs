@@ -393,9 +393,15 @@ impl Layer {
         manifest::media_type_of(&self.descriptor)
     }
 
-    /// The compression its media type names.
+    /// The compression its media type says, or an error naming the layer.
     pub fn compression(&self) -> Result<Compression> {
-        Compression::of_media_type(&self.media_type())
+        Compression::of_media_type(&self.media_type()).map_err(|e| match e {
+            Error::MediaType(mt) => Error::invalid(
+                format!("layer {}", self.digest),
+                format!("unsupported media type {mt:?}"),
+            ),
+            e => e,
+        })
     }
 
     /// The compressed blob, verified against its digest and size.

@@ -29,6 +29,12 @@ use crate::error::{Error, Result};
 
 /// Default spacing of checkpoints, in uncompressed bytes.
 pub const DEFAULT_SPAN: u64 = 4 << 20;
+/// Checkpoints are also at least `span / SPAN_RATIO` compressed bytes apart,
+/// so their number (32 KiB of window each) is bounded by the compressed
+/// size: a decompression bomb (1000:1) would otherwise hold a window per
+/// `span` of its output, gigabytes of them for a few MiB of blob. Ordinary
+/// layers (under 16:1) keep a checkpoint every `span`.
+const SPAN_RATIO: u64 = 16;
 /// Deflate's window: the history a restart point needs.
 const WINSIZE: usize = 32 * 1024;
 const INPUT_BUF: usize = 128 * 1024;
@@ -426,6 +432,8 @@ pub struct GzipIndexBuilder<R> {
     span: u64,
     points: Vec<Checkpoint>,
     last: u64,
+    /// Compressed offset of the last checkpoint.
+    last_in: u64,
     /// Just finished a member: EOF here is a clean end.
     between_members: bool,
     done: bool,
@@ -450,6 +458,7 @@ impl<R: Read> GzipIndexBuilder<R> {
             span: span.max(1),
             points: Vec::new(),
             last: 0,
+            last_in: 0,
             between_members: false,
             done: false,
         })
@@ -504,12 +513,20 @@ impl<R: Read> GzipIndexBuilder<R> {
         .into()
     }
 
+    /// Whether the next block boundary should be a checkpoint: `span`
+    /// uncompressed bytes and `span / SPAN_RATIO` compressed ones past the last.
+    fn due(&self) -> bool {
+        self.points.is_empty()
+            || (self.total_out - self.last >= self.span
+                && self.compressed_offset() - self.last_in >= self.span / SPAN_RATIO)
+    }
+
     /// At a block boundary (or a header's end) far enough from the last point:
     /// record one.
     fn maybe_checkpoint(&mut self) {
         let dt = self.inf.data_type();
         let boundary = dt & 0xc0 == 0x80;
-        if !boundary || (!self.points.is_empty() && self.total_out - self.last < self.span) {
+        if !boundary || !self.due() {
             return;
         }
         self.points.push(Checkpoint {
@@ -519,6 +536,7 @@ impl<R: Read> GzipIndexBuilder<R> {
             window: self.inf.dictionary(),
         });
         self.last = self.total_out;
+        self.last_in = self.compressed_offset();
     }
 }
 
@@ -538,7 +556,7 @@ impl<R: Read> Read for GzipIndexBuilder<R> {
             let input = &self.buf[self.pos..self.filled];
             // Stopping at every block boundary costs throughput: only ask
             // for it once a checkpoint is due.
-            let due = self.points.is_empty() || self.total_out - self.last >= self.span;
+            let due = self.due();
             let flush = if due { z::Z_BLOCK } else { z::Z_NO_FLUSH };
             let (ret, used, made) = self.inf.inflate(input, out, flush);
             self.pos += used;

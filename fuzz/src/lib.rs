@@ -1,10 +1,13 @@
-//! Helpers shared by the fuzz targets in `src/bin/`.
+//! The fuzz targets (`targets`, one module each, wrapped for AFL++ by
+//! `src/bin/<target>.rs`) and the helpers they share.
 
 use bytes::Bytes;
 use futures::executor::block_on;
 use ggfs::estargz::{EntryType, Toc};
 use ggfs::image::{ByteStream, Source};
 use ggfs::{Digest, Error, RawManifest, Result};
+
+pub mod targets;
 
 /// One blob held in memory, read by range (as a registry answers Range
 /// requests: short at the end, empty past it).

@@ -758,6 +758,13 @@ impl Inner {
                 Ok(_) => return Ok(Node::Ns(Key::Tag(path.to_string(), name.to_string()))),
                 // A registry that does not answer is no sign the name is a prefix.
                 Err(f) if f.errno == libc::ETIMEDOUT => return Err(f),
+                // Nor is one that answered with what we refuse (a manifest
+                // over the size limit, not JSON, not the digest it claims):
+                // that tag is broken, say so rather than hide it.
+                Err(f) if f.errno == libc::EIO => {
+                    tracing::warn!("{path}:{name}: {}", f.msg);
+                    return Err(f);
+                }
                 Err(_) => {}
             }
         }
