@@ -290,6 +290,10 @@ pub struct Inner {
     pub(crate) uid: u32,
     pub(crate) gid: u32,
     pub(crate) start: SystemTime,
+    /// Set once the kernel agreed to FUSE passthrough (fuse.rs `init`).
+    pub(crate) passthrough: std::sync::OnceLock<crate::passthrough::Passthrough>,
+    /// The /dev/fuse connection, for passthrough's backing files.
+    pub(crate) dev: std::sync::OnceLock<std::os::fd::OwnedFd>,
 }
 
 impl Inner {
@@ -321,6 +325,8 @@ impl Inner {
             uid: unsafe { libc::getuid() },
             gid: unsafe { libc::getgid() },
             start: SystemTime::now(),
+            passthrough: std::sync::OnceLock::new(),
+            dev: std::sync::OnceLock::new(),
         }
     }
 }

@@ -53,6 +53,12 @@ pub trait LayerData: Send + Sync {
     fn entries(&self) -> &[Entry];
     /// Up to `len` bytes of entry `entry`'s contents at `offset`.
     async fn read(&self, entry: usize, offset: u64, len: u32) -> Result<Bytes>;
+    /// Write entry `entry`'s contents to `out` (at 0) from the cache alone,
+    /// never fetching: `Ok(false)` when some of them are not there. On a
+    /// blocking thread; for FUSE passthrough.
+    fn local_copy(&self, _entry: usize, _out: &std::fs::File) -> Result<bool> {
+        Ok(false)
+    }
 }
 
 /// The image a layer is opened for: where its index artifact may be found
@@ -145,6 +151,19 @@ impl LayerData for PlainLayer {
             .await;
         }
         self.read_remote(at, n).await
+    }
+
+    fn local_copy(&self, entry: usize, out: &std::fs::File) -> Result<bool> {
+        let t = self
+            .which
+            .get(entry)
+            .and_then(|&i| self.file.index.entries.get(i));
+        let (Some(t), Some(tar)) = (t, self.local_tar()) else {
+            return Ok(false);
+        };
+        crate::passthrough::copy_range(&tar, t.offset, out, 0, t.size)
+            .map_err(|e| Error::io(format!("cached tar of layer {}", self.digest), e))?;
+        Ok(true)
     }
 }
 
@@ -481,6 +500,13 @@ pub fn store(cache: &Cache, kind: cache::Kind, d: &Digest, bytes: &[u8]) {
         Ok(_) => cache.added(bytes.len() as u64),
         Err(e) => tracing::warn!("caching {d}: {e}"),
     }
+}
+
+/// [`store`] on a blocking thread, not waited for: a reader has its bytes
+/// before their write and fsync.
+pub fn store_later(cache: &Arc<Cache>, kind: cache::Kind, d: &Digest, bytes: &Bytes) {
+    let (cache, d, bytes) = (cache.clone(), d.clone(), bytes.clone());
+    tokio::task::spawn_blocking(move || store(&cache, kind, &d, &bytes));
 }
 
 type OpenCell = Arc<OnceCell<Arc<dyn LayerData>>>;
