@@ -261,6 +261,10 @@ impl Inner {
     /// Copy `lower`'s bytes into the cache, when it holds them all (never
     /// fetching); blocking.
     pub(crate) fn make_content_file(&self, lower: &Lower) {
+        // A second copy of a file this big would crowd out the rest.
+        if lower.2 > self.cache.limit() / 8 {
+            return;
+        }
         let key = content_key(lower);
         let path = self.cache.path(Kind::File, &key);
         if path.exists() {
