@@ -964,8 +964,19 @@ impl Inner {
                 if offset >= *len {
                     return Ok(Bytes::new());
                 }
-                let file = self.blob_file(repo, d, *len).await?;
                 let n = (size as u64).min(len - offset) as usize;
+                // A plain layer in use has its blob's block digests: its
+                // bytes come by Range, not with the whole blob first.
+                let layer = self.layers.opened(d);
+                if let Some(l) = layer.filter(|_| !self.cache.path(cache::Kind::Blob, d).exists()) {
+                    if let Some(b) = l.blob_range(offset, n as u64).await.map_err(|e| {
+                        tracing::error!("blob {d}: {e}");
+                        Fail::from(e)
+                    })? {
+                        return Ok(b);
+                    }
+                }
+                let file = self.blob_file(repo, d, *len).await?;
                 let d = d.clone();
                 tokio::task::spawn_blocking(move || {
                     let mut buf = vec![0u8; n];

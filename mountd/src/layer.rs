@@ -59,6 +59,11 @@ pub trait LayerData: Send + Sync {
     fn local_copy(&self, _entry: usize, _out: &std::fs::File) -> Result<bool> {
         Ok(false)
     }
+    /// `len` bytes of the blob itself at `at`, each checked before it is
+    /// served, when the layer knows how (`None`: it does not).
+    async fn blob_range(&self, _at: u64, _len: u64) -> Result<Option<Bytes>> {
+        Ok(None)
+    }
 }
 
 /// The image a layer is opened for: where its index artifact may be found
@@ -151,6 +156,20 @@ impl LayerData for PlainLayer {
             .await;
         }
         self.read_remote(at, n).await
+    }
+
+    /// From the blob's verified blocks (and the block cache).
+    async fn blob_range(&self, at: u64, len: u64) -> Result<Option<Bytes>> {
+        let bs = self.file.block_size;
+        let end = (at + len).min(self.file.size);
+        if at >= end {
+            return Ok(Some(Bytes::new()));
+        }
+        let (first, last) = (at / bs, end.div_ceil(bs));
+        let blocks = futures::future::try_join_all((first..last).map(|b| self.blocks.get(b)));
+        let mut span = BytesMut::new();
+        blocks.await?.iter().for_each(|b| span.extend_from_slice(b));
+        slice_span(&span.freeze(), first * bs, at, end - at, &self.digest).map(Some)
     }
 
     fn local_copy(&self, entry: usize, out: &std::fs::File) -> Result<bool> {
@@ -550,6 +569,12 @@ impl Layers {
         cell.get_or_try_init(|| self.open_uncached(layer, origin))
             .await
             .cloned()
+    }
+
+    /// Layer `digest`, if it is open.
+    pub fn opened(&self, digest: &Digest) -> Option<Arc<dyn LayerData>> {
+        let open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        open.get(digest)?.get().cloned()
     }
 
     /// Forget the open layers nothing else holds (prune.rs): the next

@@ -48,6 +48,8 @@ pub enum Open {
 pub struct Passthrough {
     dev: OwnedFd,
     inodes: Mutex<HashMap<u64, Mode>>,
+    /// Copies being made: one at a time per file.
+    making: Mutex<std::collections::HashSet<Digest>>,
 }
 
 impl Passthrough {
@@ -56,6 +58,7 @@ impl Passthrough {
         Ok(Passthrough {
             dev: dev.try_clone_to_owned()?,
             inodes: Mutex::default(),
+            making: Mutex::default(),
         })
     }
 
@@ -267,9 +270,15 @@ impl Inner {
         }
         let key = content_key(lower);
         let path = self.cache.path(Kind::File, &key);
-        if path.exists() {
+        let Some(pt) = self.passthrough() else { return };
+        if path.exists() || !lock(&pt.making).insert(key.clone()) {
             return;
         }
+        self.copy_content(lower, &key, &path);
+        lock(&pt.making).remove(&key);
+    }
+
+    fn copy_content(&self, lower: &Lower, key: &Digest, path: &std::path::Path) {
         // `.tmp-`: what a crash leaves, the cache's walk removes.
         let tmp = path.with_file_name(format!(".tmp-{}.{}", key.hex(), std::process::id()));
         let layer = &lower.0.layers[lower.1.layer];
@@ -296,6 +305,10 @@ impl Inner {
         }
         let _ = std::fs::remove_file(&tmp);
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// The cache key of a lower file's copy: its layer and entry.
