@@ -337,9 +337,10 @@ fn count_tree(dir: &Path) -> (u64, u64) {
 /// A layer of a million tiny entries (1000 directories of 1000 empty
 /// files: a 512 MiB tar, a few MiB gzipped): the mount answers, a walk by
 /// readdir counts every one of them, and the daemon's peak memory stays
-/// under 1 KiB per entry (plus 64 MiB): memory grows with the entries the
-/// layer has, not without bound per entry. (A million is what the issue
-/// asks for; the walk takes seconds here.)
+/// under 768 bytes per entry (plus 64 MiB): 727 MiB measured, where it
+/// peaked at 909 MiB while each plain layer kept a copy of its entries
+/// beside its index and the tree. (A million is what the issue asks for;
+/// the walk takes seconds here.)
 #[test]
 fn million_entries_list_right_in_bounded_memory() {
     const DIRS: usize = 1000;
@@ -372,7 +373,8 @@ fn million_entries_list_right_in_bounded_memory() {
     });
     assert_eq!(top, PER_DIR);
     let hwm = vm_hwm(m.pid());
-    let bound = ENTRIES * 1024 + (64 << 20);
+    eprintln!("daemon VmHWM {} MiB for {ENTRIES} entries", hwm >> 20);
+    let bound = ENTRIES * 768 + (64 << 20);
     assert!(
         hwm <= bound,
         "daemon peaked at {} MiB for {ENTRIES} entries (bound {} MiB)",
