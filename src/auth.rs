@@ -30,23 +30,30 @@ pub const DOCKER_HUB_KEY: &str = "https://index.docker.io/v1/";
 /// parameter names too; values are unquoted and unescaped.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Challenge {
+    /// Lower-cased: `bearer`, `basic`, ...
     pub scheme: String,
+    /// Parameters by lower-cased name, values unquoted.
     pub params: BTreeMap<String, String>,
 }
 
 impl Challenge {
+    /// The value of parameter `name` (lower-case).
     pub fn param(&self, name: &str) -> Option<&str> {
         self.params.get(name).map(String::as_str)
     }
+    /// A `Bearer` challenge: get a token from `realm`.
     pub fn is_bearer(&self) -> bool {
         self.scheme == "bearer"
     }
+    /// A `Basic` challenge: send the credential itself.
     pub fn is_basic(&self) -> bool {
         self.scheme == "basic"
     }
+    /// Where to get a bearer token.
     pub fn realm(&self) -> Option<&str> {
         self.param("realm")
     }
+    /// The `service` to name in the token request.
     pub fn service(&self) -> Option<&str> {
         self.param("service")
     }
@@ -59,6 +66,12 @@ impl Challenge {
 }
 
 /// Parse every challenge in a `WWW-Authenticate` header value.
+// Hand-written rather than `http_auth::parse_challenges` (0.1.10): that
+// parser agrees with this one on quoting, escapes, commas inside quotes,
+// several challenges and malformed input, but rejects the whole header when
+// any challenge carries a token68 (`Negotiate abc+/def==`, allowed by RFC
+// 7235 section 2.1), which would turn a usable Bearer challenge beside it into
+// an auth failure. fuzz/src/bin/auth.rs checks this one round-trips.
 pub fn parse_challenges(header: &str) -> Result<Vec<Challenge>> {
     let mut p = HeaderParser {
         s: header.as_bytes(),
@@ -228,11 +241,18 @@ impl HeaderParser<'_> {
 #[derive(Clone, PartialEq, Eq)]
 pub enum Credential {
     /// Username and password: Basic auth, or exchanged for a token.
-    Basic { username: String, password: String },
+    Basic {
+        /// The account name.
+        username: String,
+        /// Its password (or a personal access token).
+        password: String,
+    },
     /// An OAuth2 refresh token (`identitytoken` in config.json, or a helper
     /// answering user `<token>`).
     IdentityToken {
+        /// The account name, when the config or helper gave one.
         username: Option<String>,
+        /// The refresh token.
         token: String,
     },
 }
@@ -379,7 +399,7 @@ impl Keychain {
         Self::default()
     }
 
-    /// Credentials for `registry` (host[:port]); `repo` lets podman's
+    /// Credentials for `registry` (host\[:port\]); `repo` lets podman's
     /// namespaced keys (`quay.io/org`) match. `None` means anonymous.
     pub fn resolve(&self, registry: &str, repo: Option<&str>) -> Result<Option<Credential>> {
         for secret in &self.pull_secrets {
@@ -641,7 +661,9 @@ fn helper_run(helper: &str, verb: &str, input: &str) -> Result<String> {
 /// A bearer token and when to stop using it.
 #[derive(Clone)]
 pub struct Token {
+    /// The token to send as `Authorization: Bearer`.
     pub token: String,
+    /// When to fetch a new one (a little before the server's expiry).
     pub expires: Instant,
     /// A new refresh token, when the server handed one out.
     pub refresh_token: Option<String>,
@@ -660,6 +682,7 @@ impl fmt::Debug for Token {
 }
 
 impl Token {
+    /// True until `expires`.
     pub fn is_fresh(&self) -> bool {
         Instant::now() < self.expires
     }
@@ -980,9 +1003,12 @@ pub fn logout(registry: &str) -> Result<bool> {
 #[derive(Debug, serde::Serialize, PartialEq, Eq)]
 #[serde(rename_all = "PascalCase")]
 pub struct HelperCredentials {
+    /// The registry the credential is for.
     #[serde(rename = "ServerURL")]
     pub server_url: String,
+    /// Account name (`<token>` for an identity token).
     pub username: String,
+    /// Password or identity token.
     pub secret: String,
 }
 

@@ -32,7 +32,9 @@ pub enum Origin {
 /// One layer of a composed image: its manifest descriptor and its origin.
 #[derive(Clone)]
 pub struct Part {
+    /// The layer's descriptor, as it goes in the manifest.
     pub descriptor: Value,
+    /// Where its bytes come from.
     pub origin: Origin,
 }
 
@@ -85,6 +87,7 @@ pub struct Composite {
 /// and the composite itself, for [`Composed::push`].
 #[derive(Clone)]
 pub struct Composed {
+    /// The composed image, read through the composite.
     pub image: Image,
     composite: Arc<Composite>,
 }

@@ -25,8 +25,11 @@ pub enum BlobOutcome {
 
 /// Called as bytes of a blob flow, and when a blob is done.
 pub trait Progress: Send + Sync {
+    /// A blob of `_size` bytes starts moving.
     fn start(&self, _digest: &Digest, _size: u64) {}
+    /// `_bytes` more of the blob moved.
     fn advance(&self, _digest: &Digest, _bytes: u64) {}
+    /// The blob is done, and how it got there.
     fn finish(&self, _digest: &Digest, _outcome: BlobOutcome) {}
 }
 
@@ -34,11 +37,13 @@ pub trait Progress: Send + Sync {
 pub struct Quiet;
 impl Progress for Quiet {}
 
+/// What [`copy`] copies and how.
 pub struct CopyOptions {
     /// Copy only this platform's image out of an index.
     pub platform: Option<Platform>,
     /// Blobs transferred at once.
     pub jobs: usize,
+    /// Told about every blob as it moves.
     pub progress: Arc<dyn Progress>,
 }
 
@@ -57,9 +62,13 @@ impl Default for CopyOptions {
 pub struct CopyReport {
     /// Digest of the top manifest written to the sink.
     pub digest: Option<Digest>,
+    /// Blobs the sink already had.
     pub blobs_present: usize,
+    /// Blobs mounted from another repository of the same registry.
     pub blobs_mounted: usize,
+    /// Blobs whose bytes were sent.
     pub blobs_uploaded: usize,
+    /// Bytes sent for those blobs.
     pub bytes_uploaded: u64,
 }
 

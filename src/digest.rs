@@ -18,6 +18,7 @@ use crate::error::{Error, Result};
 pub struct Digest(String);
 
 impl Digest {
+    /// Parse and validate `algorithm:hex` (lower-case hex of the algorithm's length).
     pub fn parse(s: &str) -> Result<Self> {
         let bad = |reason: &str| Error::Digest {
             input: s.to_string(),
@@ -61,14 +62,17 @@ impl Digest {
         &self.of_like(bytes) == self
     }
 
+    /// `sha256` or `sha512`.
     pub fn algorithm(&self) -> &str {
         self.0.split_once(':').map(|(a, _)| a).unwrap_or_default()
     }
 
+    /// The hex part.
     pub fn hex(&self) -> &str {
         self.0.split_once(':').map(|(_, h)| h).unwrap_or_default()
     }
 
+    /// The whole `algorithm:hex` string.
     pub fn as_str(&self) -> &str {
         &self.0
     }
@@ -160,6 +164,7 @@ impl Hasher {
         Hasher { sha, len: 0 }
     }
 
+    /// Hash more bytes.
     pub fn update(&mut self, bytes: &[u8]) {
         match &mut self.sha {
             Sha::S256(h) => h.update(bytes),
@@ -182,14 +187,17 @@ impl Hasher {
         }
     }
 
+    /// Bytes hashed so far.
     pub fn len(&self) -> u64 {
         self.len
     }
 
+    /// True when nothing was hashed.
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
 
+    /// The digest of everything hashed.
     pub fn finish(self) -> Digest {
         Digest(match self.sha {
             Sha::S256(h) => format!("sha256:{}", hex::encode(h.finalize())),
@@ -233,11 +241,14 @@ impl Write for Hasher {
 /// Passes bytes through to `inner` while hashing (and counting) them, for
 /// digests of what a writer produces (compressed layers, DiffIDs).
 pub struct HashingWriter<W> {
+    /// Where the bytes go.
     pub inner: W,
+    /// What has been written so far, hashed.
     pub hasher: Hasher,
 }
 
 impl<W> HashingWriter<W> {
+    /// Hash with sha256 what goes to `inner`.
     pub fn new(inner: W) -> Self {
         HashingWriter {
             inner,
@@ -270,6 +281,7 @@ pub struct VerifyingReader<R> {
 }
 
 impl<R: Read> VerifyingReader<R> {
+    /// Read `inner`, which must be the blob `expected` (of `size` bytes, when known).
     pub fn new(inner: R, expected: Digest, size: Option<u64>) -> Self {
         Self {
             inner,
@@ -316,6 +328,7 @@ pub struct BlobWriter {
 }
 
 impl BlobWriter {
+    /// Start writing the blob `expected` (of `size` bytes, when known) to land at `dest`.
     pub fn create(dest: impl AsRef<Path>, expected: Digest, size: Option<u64>) -> Result<Self> {
         let dest = dest.as_ref().to_path_buf();
         let dir = dest.parent().unwrap_or(Path::new("."));

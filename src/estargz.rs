@@ -42,19 +42,28 @@ pub const MAX_TOC_SIZE: u64 = 512 * 1024 * 1024;
 /// (eStargz) or a zstd frame (zstd:chunked).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ChunkCompression {
+    /// gzip members (eStargz).
     Gzip,
+    /// zstd frames (zstd:chunked).
     Zstd,
 }
 
 /// The kind of a TOC entry (`type`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EntryType {
+    /// A directory.
     Dir,
+    /// A regular file (its first chunk).
     Reg,
+    /// A symbolic link.
     Symlink,
+    /// A hard link to `link_name`.
     Hardlink,
+    /// A character device.
     Char,
+    /// A block device.
     Block,
+    /// A named pipe.
     Fifo,
     /// A later chunk of the preceding `Reg` entry.
     Chunk,
@@ -81,20 +90,27 @@ impl EntryType {
 pub struct TocEntry {
     /// The tar path as written (`a/b`, `dir/`, `.`); see [`normalize_name`].
     pub name: String,
+    /// What the entry is.
     pub kind: EntryType,
     /// Logical size of a regular file.
     pub size: u64,
     /// Modification time, seconds since the epoch (0 when absent).
     pub modtime: i64,
+    /// Nanoseconds past `modtime`.
     pub modtime_nsec: u32,
     /// Symlink or hardlink target.
     pub link_name: String,
     /// Permission bits plus setuid/setgid/sticky; the file type is `kind`.
     pub mode: u32,
+    /// Owner user id.
     pub uid: u32,
+    /// Owner group id.
     pub gid: u32,
+    /// Device major number (`Char`, `Block`).
     pub dev_major: u32,
+    /// Device minor number (`Char`, `Block`).
     pub dev_minor: u32,
+    /// Extended attributes, values decoded from base64.
     pub xattrs: BTreeMap<String, Vec<u8>>,
     /// Digest of the whole file's content.
     pub digest: Option<Digest>,
@@ -104,9 +120,11 @@ pub struct TocEntry {
     pub end_offset: Option<u64>,
     /// Uncompressed offset of the chunk inside its member.
     pub inner_offset: u64,
+    /// Offset of this chunk in the file.
     pub chunk_offset: u64,
     /// 0 means "to the end of the file".
     pub chunk_size: u64,
+    /// Digest of this chunk's uncompressed bytes.
     pub chunk_digest: Option<Digest>,
     /// zstd:chunked `chunkType: "zeros"`: a hole with no payload.
     pub zeros: bool,
@@ -124,6 +142,7 @@ pub struct Chunk {
     pub size: u64,
     /// Compressed span to fetch: `blob_offset..blob_end`.
     pub blob_offset: u64,
+    /// End of the compressed span (exclusive).
     pub blob_end: u64,
     /// Bytes to skip in the decompressed span before the chunk starts.
     pub inner_offset: u64,
@@ -134,6 +153,7 @@ pub struct Chunk {
 }
 
 impl Chunk {
+    /// The bytes of the file this chunk holds.
     pub fn file_range(&self) -> Range<u64> {
         self.file_offset..self.file_offset + self.size
     }
@@ -142,10 +162,13 @@ impl Chunk {
 /// A parsed, validated TOC of an eStargz or zstd:chunked blob.
 #[derive(Clone, Debug)]
 pub struct Toc {
+    /// TOC format version (1).
     pub version: u32,
+    /// The entries, in blob order.
     pub entries: Vec<TocEntry>,
     /// The blob this TOC describes (named in errors).
     pub blob: Digest,
+    /// gzip (eStargz) or zstd (zstd:chunked).
     pub compression: ChunkCompression,
     /// Where the TOC starts in the blob: the end of the last payload.
     pub toc_offset: u64,
@@ -528,6 +551,7 @@ impl Toc {
         ))
     }
 
+    /// Entry `index`, or an error naming the blob when there is none.
     pub fn entry(&self, index: usize) -> Result<&TocEntry> {
         self.entries.get(index).ok_or_else(|| {
             Error::NotFound(format!("entry {index} of the TOC of blob {}", self.blob))

@@ -55,8 +55,10 @@ pub trait Source: Send + Sync {
 /// Where images go.
 #[async_trait]
 pub trait Sink: Send + Sync {
+    /// Names the sink in messages and errors.
     fn name(&self) -> String;
 
+    /// True when the sink already holds the blob (the copy skips it).
     async fn has_blob(&self, digest: &Digest) -> Result<bool>;
 
     /// Store a blob. The sink must verify digest and size before the blob
@@ -164,7 +166,9 @@ pub(crate) async fn read_file_range(
 #[allow(clippy::large_enum_variant)]
 #[derive(Clone)]
 pub enum Artifact {
+    /// A single-platform image.
     Image(Image),
+    /// An index of images.
     Index(Index),
 }
 
@@ -191,6 +195,7 @@ pub async fn fetch_image(
 }
 
 impl Artifact {
+    /// Parse `raw` and, for an image, fetch its config from `source`.
     pub async fn from_raw(source: Arc<dyn Source>, raw: RawManifest) -> Result<Self> {
         match raw.parse()? {
             Parsed::Image(m) => Ok(Artifact::Image(Image::load(source, raw, m).await?)),
@@ -202,6 +207,7 @@ impl Artifact {
         }
     }
 
+    /// The manifest bytes as fetched.
     pub fn raw(&self) -> &RawManifest {
         match self {
             Artifact::Image(i) => &i.raw,
@@ -214,9 +220,13 @@ impl Artifact {
 /// source its layers are read from.
 #[derive(Clone)]
 pub struct Image {
+    /// The manifest as fetched.
     pub raw: RawManifest,
+    /// `raw`, parsed.
     pub manifest: ImageManifest,
+    /// The config blob, verified against the manifest.
     pub config: Bytes,
+    /// Where the layers are read from.
     pub source: Arc<dyn Source>,
 }
 
@@ -252,10 +262,12 @@ impl Image {
         })
     }
 
+    /// The manifest's digest.
     pub fn digest(&self) -> &Digest {
         &self.raw.digest
     }
 
+    /// The config blob's digest.
     pub fn config_digest(&self) -> Result<Digest> {
         manifest::digest_of(self.manifest.config())
     }
@@ -300,12 +312,16 @@ impl Image {
 /// An index (manifest list): a set of images for different platforms.
 #[derive(Clone)]
 pub struct Index {
+    /// The index as fetched.
     pub raw: RawManifest,
+    /// `raw`, parsed.
     pub parsed: ImageIndex,
+    /// Where its manifests are read from.
     pub source: Arc<dyn Source>,
 }
 
 impl Index {
+    /// The index's digest.
     pub fn digest(&self) -> &Digest {
         &self.raw.digest
     }
@@ -356,17 +372,23 @@ pub fn child_for_platform<'a>(
 /// One layer: a blob plus what we know about its uncompressed form.
 #[derive(Clone)]
 pub struct Layer {
+    /// The blob's digest.
     pub digest: Digest,
+    /// The manifest's descriptor of the blob.
     pub descriptor: Descriptor,
+    /// Digest of the uncompressed tar, from the config.
     pub diff_id: Option<Digest>,
+    /// Where the blob is read from.
     pub source: Arc<dyn Source>,
 }
 
 impl Layer {
+    /// Compressed size, from the descriptor.
     pub fn size(&self) -> u64 {
         self.descriptor.size()
     }
 
+    /// The descriptor's media type.
     pub fn media_type(&self) -> String {
         manifest::media_type_of(&self.descriptor)
     }

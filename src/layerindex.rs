@@ -27,6 +27,7 @@ use crate::{estargz, zstd_chunked};
 
 /// `artifactType` of the referrer, and media type of each index blob in it.
 pub const ARTIFACT_TYPE: &str = "application/vnd.ggfs.layer-index.v1";
+/// Media type of each index blob (same as the artifact type).
 pub const MEDIA_TYPE: &str = "application/vnd.ggfs.layer-index.v1";
 /// Annotation on each index blob: the digest of the layer it indexes.
 pub const LAYER_ANNOTATION: &str = "dev.ggfs.layer.digest";
@@ -52,10 +53,13 @@ const AUDIT_PIECE: u64 = 8 << 20;
 pub struct LayerIndexFile {
     /// The layer blob indexed, and its size.
     pub layer: Digest,
+    /// The layer blob's size.
     pub size: u64,
+    /// Size of the blocks hashed in `blocks`.
     pub block_size: u64,
     /// sha256 of each `block_size` block of the blob (the last may be short).
     pub blocks: Vec<Digest>,
+    /// Where each file lies in the layer.
     pub index: LayerIndex,
 }
 
@@ -87,6 +91,7 @@ impl LayerIndexFile {
         })
     }
 
+    /// The file's bytes, as pushed as a referrer blob.
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
         let mut e = Enc::default();
         e.bytes(self.layer.as_str().as_bytes());
@@ -300,7 +305,7 @@ pub async fn fetch(
 /// Compare an index taken on trust (`claimed`) with one built from the
 /// whole blob after its digest checked out (`built`): same block digests,
 /// same entries, and every read of up to [`MAX_READ`] bytes that starts
-/// within [`AUDIT_SPAN`] after one of the claimed restart points gives the
+/// within `AUDIT_SPAN` (64 MiB) after one of the claimed restart points gives the
 /// bytes the built index gives. `fetch(offset, len)` reads the (verified)
 /// blob. Returns the uncompressed bytes left unchecked (restart points
 /// further apart than that).

@@ -41,9 +41,13 @@ pub struct Layout {
 /// One entry of index.json, as far as lookups need it.
 #[derive(Clone, Debug)]
 pub struct Entry {
+    /// The manifest's digest.
     pub digest: Digest,
+    /// `mediaType`, when the entry gives one.
     pub media_type: Option<String>,
+    /// The manifest's size.
     pub size: u64,
+    /// The entry's tag (`org.opencontainers.image.ref.name`, or containerd's name annotation).
     pub name: Option<String>,
 }
 
@@ -107,6 +111,7 @@ impl Layout {
         format!("oci:{}", self.root.display())
     }
 
+    /// The layout's directory.
     pub fn root(&self) -> &Path {
         &self.root
     }

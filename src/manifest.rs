@@ -13,29 +13,45 @@ use crate::error::{Error, Result};
 /// Manifests larger than this are refused (the distribution spec's suggested limit).
 pub const MAX_MANIFEST_SIZE: u64 = 4 * 1024 * 1024;
 
+/// Media types of manifests, configs and layers (OCI and Docker).
 pub mod media {
+    /// OCI image manifest.
     pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+    /// OCI image index.
     pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+    /// OCI image config.
     pub const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
+    /// Uncompressed OCI layer.
     pub const OCI_LAYER: &str = "application/vnd.oci.image.layer.v1.tar";
+    /// gzip OCI layer.
     pub const OCI_LAYER_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+    /// zstd OCI layer.
     pub const OCI_LAYER_ZSTD: &str = "application/vnd.oci.image.layer.v1.tar+zstd";
+    /// The empty descriptor's `{}` (artifacts with no config).
     pub const OCI_EMPTY: &str = "application/vnd.oci.empty.v1+json";
+    /// Docker schema 2 manifest.
     pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+    /// Docker manifest list.
     pub const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+    /// Docker image config.
     pub const DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
+    /// Uncompressed Docker layer.
     pub const DOCKER_LAYER: &str = "application/vnd.docker.image.rootfs.diff.tar";
+    /// gzip Docker layer.
     pub const DOCKER_LAYER_GZIP: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
+    /// Docker foreign (non-distributable) layer, gzip.
     pub const DOCKER_FOREIGN_LAYER: &str =
         "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip";
 
     /// What we send in `Accept` when fetching manifests.
     pub const MANIFEST_ACCEPT: &[&str] = &[OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_LIST];
 
+    /// An index or manifest list.
     pub fn is_index(mt: &str) -> bool {
         mt == OCI_INDEX || mt == DOCKER_LIST
     }
 
+    /// A single-image manifest (OCI or Docker).
     pub fn is_manifest(mt: &str) -> bool {
         mt == OCI_MANIFEST || mt == DOCKER_MANIFEST
     }
@@ -44,12 +60,16 @@ pub mod media {
 /// How a layer's tar stream is compressed, judged from its media type.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Compression {
+    /// A plain tar.
     None,
+    /// gzip (also eStargz, which is gzip).
     Gzip,
+    /// zstd (also zstd:chunked, which is zstd).
     Zstd,
 }
 
 impl Compression {
+    /// Judge a layer media type; unknown ones are [`Error::MediaType`].
     pub fn of_media_type(mt: &str) -> Result<Self> {
         let mt = mt.trim();
         if mt.ends_with("+gzip") || mt.ends_with(".tar.gzip") || mt.ends_with("tar.gz") {
@@ -88,8 +108,11 @@ impl Compression {
 /// A manifest or index exactly as served, with its digest and media type.
 #[derive(Clone, Debug)]
 pub struct RawManifest {
+    /// The bytes as served: the digest is theirs, so they are never re-serialized.
     pub bytes: Bytes,
+    /// Manifest or index media type.
     pub media_type: String,
+    /// sha256 of `bytes`.
     pub digest: Digest,
 }
 
@@ -99,7 +122,9 @@ pub struct RawManifest {
 #[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug)]
 pub enum Parsed {
+    /// An image manifest.
     Image(ImageManifest),
+    /// An index.
     Index(ImageIndex),
 }
 
@@ -134,16 +159,19 @@ impl RawManifest {
         Ok(m)
     }
 
+    /// Serialize `value` (pretty JSON) into a new manifest.
     pub fn from_json<T: serde::Serialize>(value: &T) -> Result<Self> {
         let bytes = serde_json::to_vec_pretty(value)
             .map_err(|e| Error::invalid("manifest", e.to_string()))?;
         Self::new(Bytes::from(bytes), None)
     }
 
+    /// True for an index or manifest list.
     pub fn is_index(&self) -> bool {
         media::is_index(&self.media_type)
     }
 
+    /// Parse as an image manifest or index, by media type.
     pub fn parse(&self) -> Result<Parsed> {
         let what = format!("manifest {}", self.digest);
         if self.is_index() {
@@ -157,6 +185,7 @@ impl RawManifest {
         }
     }
 
+    /// Parse as an image manifest; an index is an error.
     pub fn image(&self) -> Result<ImageManifest> {
         match self.parse()? {
             Parsed::Image(m) => Ok(m),
@@ -167,6 +196,7 @@ impl RawManifest {
         }
     }
 
+    /// Parse as an index; an image manifest is an error.
     pub fn index(&self) -> Result<ImageIndex> {
         match self.parse()? {
             Parsed::Index(i) => Ok(i),
@@ -224,8 +254,11 @@ fn sniff_media_type(bytes: &[u8]) -> Result<String> {
 /// `os/arch[/variant]`, as in `--platform linux/arm64/v8`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Platform {
+    /// `linux`, ...
     pub os: String,
+    /// `amd64`, `arm64`, ...
     pub architecture: String,
+    /// `v8`, `v7`, ...
     pub variant: Option<String>,
 }
 
@@ -243,6 +276,7 @@ impl Platform {
         }
     }
 
+    /// The platform an index entry names.
     pub fn of(p: &oci_spec::image::Platform) -> Self {
         Platform {
             os: p.os().to_string(),

@@ -28,9 +28,13 @@ use crate::toc_writer::{TocFormat, TocOptions};
 /// when the last handle goes), with digest and DiffID computed while writing.
 #[derive(Clone, Debug)]
 pub struct LocalLayer {
+    /// Digest of the compressed blob.
     pub digest: Digest,
+    /// Digest of the uncompressed tar.
     pub diff_id: Digest,
+    /// Compressed size.
     pub size: u64,
+    /// How the blob is compressed.
     pub compression: Compression,
     /// Layer descriptor annotations (eStargz / zstd:chunked TOC digests).
     pub annotations: BTreeMap<String, String>,
@@ -188,8 +192,11 @@ impl LayerWriter {
 /// The formats a layer can be written in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LayerFormat {
+    /// A plain tar.
     None,
+    /// gzip.
     Gzip,
+    /// zstd.
     Zstd,
     /// gzip members per chunk, with a TOC (lazily readable).
     Estargz,
@@ -243,6 +250,7 @@ impl std::str::FromStr for LayerFormat {
 /// chunk size and the files to prefetch.
 #[derive(Clone, Debug)]
 pub struct LayerOptions {
+    /// The format written.
     pub format: LayerFormat,
     /// Largest uncompressed chunk (0: 4 MiB).
     pub chunk_size: u64,
@@ -251,6 +259,7 @@ pub struct LayerOptions {
 }
 
 impl LayerOptions {
+    /// `format` with the default chunk size and no prefetch list.
     pub fn new(format: LayerFormat) -> Self {
         LayerOptions {
             format,
@@ -834,10 +843,15 @@ pub fn now_rfc3339() -> String {
 pub struct ConfigEdits {
     /// `KEY=VALUE` pairs; an existing KEY is replaced in place.
     pub env: Vec<(String, String)>,
+    /// New `Entrypoint`.
     pub entrypoint: Option<Vec<String>>,
+    /// New `Cmd`.
     pub cmd: Option<Vec<String>>,
+    /// Labels added or replaced.
     pub labels: BTreeMap<String, String>,
+    /// New `WorkingDir`.
     pub workdir: Option<String>,
+    /// New `User`.
     pub user: Option<String>,
     /// `PORT/PROTO` keys added to `ExposedPorts` (those already there stay).
     pub exposed_ports: Vec<String>,

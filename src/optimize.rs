@@ -30,6 +30,7 @@ const IN_FLIGHT: usize = 2;
 
 /// What [`optimize`] did.
 pub struct Optimized {
+    /// The converted image, ready to push.
     pub composed: Composed,
     /// Layers rewritten (the others were already in the format).
     pub converted: usize,

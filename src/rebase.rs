@@ -16,6 +16,7 @@ use crate::manifest::media;
 
 /// Annotations naming an image's base (OCI image spec).
 pub const BASE_NAME: &str = "org.opencontainers.image.base.name";
+/// The base image's manifest digest.
 pub const BASE_DIGEST: &str = "org.opencontainers.image.base.digest";
 
 /// `image` with `old`'s layers replaced by `new`'s. `new_name`, when given,

@@ -9,13 +9,16 @@ use crate::error::{Error, Result};
 
 /// Docker Hub's canonical registry name.
 pub const DOCKER_HUB: &str = "index.docker.io";
+/// The tag a reference gets when it names neither tag nor digest.
 pub const DEFAULT_TAG: &str = "latest";
 const MAX_NAME_LEN: usize = 255;
 
 /// A registry plus repository name, without tag or digest.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Repository {
+    /// Registry host\[:port\], normalized (`docker.io` becomes `index.docker.io`).
     pub registry: String,
+    /// Repository path, `library/` added for Docker Hub's official images.
     pub name: String,
 }
 
@@ -55,12 +58,16 @@ impl fmt::Display for Repository {
 /// a tag; with neither, the tag defaults to `latest`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Reference {
+    /// Registry and repository.
     pub repo: Repository,
+    /// The tag.
     pub tag: Option<String>,
+    /// The digest pinned, when given.
     pub digest: Option<Digest>,
 }
 
 impl Reference {
+    /// Parse `[registry/]repo[:tag][@digest]` the way docker does.
     pub fn parse(input: &str) -> Result<Self> {
         let (repo, tag, digest) = parse_parts(input)?;
         let tag = match (tag, &digest) {
@@ -70,10 +77,12 @@ impl Reference {
         Ok(Reference { repo, tag, digest })
     }
 
+    /// The registry host\[:port\].
     pub fn registry(&self) -> &str {
         &self.repo.registry
     }
 
+    /// The repository path.
     pub fn repository(&self) -> &str {
         &self.repo.name
     }
@@ -87,6 +96,7 @@ impl Reference {
         }
     }
 
+    /// The same repository at `tag` (no digest).
     pub fn with_tag(&self, tag: &str) -> Result<Self> {
         validate_tag(tag, tag)?;
         Ok(Reference {
@@ -96,6 +106,7 @@ impl Reference {
         })
     }
 
+    /// The same repository pinned to `digest`.
     pub fn with_digest(&self, digest: Digest) -> Self {
         Reference {
             repo: self.repo.clone(),

@@ -1,4 +1,4 @@
-//! `docker save` tarballs: read as a [`Source`] and written by [`write`].
+//! `docker save` tarballs: read as a [`Source`] and written by [`write()`].
 //!
 //! Reading indexes the tar once (entry name → offset and size in the file)
 //! and serves blobs by seeking, for both the old layout (`<id>/layer.tar`,
@@ -64,7 +64,9 @@ pub struct Tarball {
 /// One image of the tarball: its tags and synthesised manifest.
 #[derive(Clone, Debug)]
 pub struct SavedImage {
+    /// `RepoTags` from manifest.json.
     pub tags: Vec<String>,
+    /// A Docker schema 2 manifest made for the image's config and layers.
     pub manifest: RawManifest,
 }
 
@@ -115,10 +117,12 @@ impl Tarball {
         })
     }
 
+    /// The tarball's path.
     pub fn path(&self) -> &Path {
         &self.path
     }
 
+    /// Its images, in manifest.json order.
     pub fn images(&self) -> &[SavedImage] {
         &self.images
     }
@@ -389,6 +393,7 @@ pub enum Dest {
     /// A file, written beside its final name and renamed into place only
     /// when complete, so a failed write leaves no file.
     Path(PathBuf),
+    /// Standard output.
     Stdout,
 }
 
@@ -434,7 +439,7 @@ pub async fn write<W: Write + Send + 'static>(image: &Image, out: W, tags: &[Str
     write_all(&[(image.clone(), tags.to_vec())], out).await
 }
 
-/// [`write`] for several images.
+/// [`write()`] for several images.
 pub async fn write_all<W: Write + Send + 'static>(
     images: &[(Image, Vec<String>)],
     out: W,

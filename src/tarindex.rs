@@ -8,6 +8,11 @@
 //! (one frame per file in zstd:chunked, often just one for the whole layer)
 //! are recorded every ~4 MiB, and reads decompress from the nearest frame
 //! start, which for a single-frame layer is the start of the blob.
+//!
+//! The tar itself is parsed by the `tar` crate; what is ours is the index
+//! around it (data offsets, checkpoints, frame starts, a compact versioned
+//! encoding that is fuzzed), since no crate indexes a compressed layer for
+//! reads by byte range.
 
 use std::collections::BTreeMap;
 use std::io::{self, BufReader, Read, Write};
@@ -27,13 +32,19 @@ const PIPE_BUF: usize = 256 * 1024;
 /// What a tar entry is.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum TarKind {
+    /// A regular file.
     File,
+    /// A directory.
     Dir,
+    /// A symbolic link; target in `link_name`.
     Symlink,
     /// Target in `link_name`.
     Hardlink,
+    /// A character device.
     Char,
+    /// A block device.
     Block,
+    /// A named pipe.
     Fifo,
     /// Present in the tar but not served (GNU sparse files, unknown types):
     /// the reason says why.
@@ -46,19 +57,25 @@ pub struct TarEntry {
     /// The path as stored (long names resolved; may start with `./`).
     /// Bytes, since tar names need not be UTF-8.
     pub path: Vec<u8>,
+    /// What the entry is.
     pub kind: TarKind,
     /// Permission bits plus setuid/setgid/sticky.
     pub mode: u32,
+    /// Owner user id.
     pub uid: u64,
+    /// Owner group id.
     pub gid: u64,
     /// Seconds since the epoch, and the fraction a PAX mtime may carry.
     pub mtime: i64,
+    /// Nanoseconds past `mtime`.
     pub mtime_nsec: u32,
     /// Data size (0 for everything but regular files).
     pub size: u64,
     /// Symlink or hardlink target.
     pub link_name: Option<Vec<u8>>,
+    /// Device major number.
     pub dev_major: u32,
+    /// Device minor number.
     pub dev_minor: u32,
     /// From PAX `SCHILY.xattr.*` records.
     pub xattrs: BTreeMap<String, Vec<u8>>,
@@ -82,16 +99,22 @@ impl TarEntry {
 /// A zstd frame start: a place decompression can begin.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FrameStart {
+    /// Offset of the frame in the compressed blob.
     pub compressed: u64,
+    /// Offset of its first byte in the uncompressed tar.
     pub uncompressed: u64,
 }
 
 /// Everything needed to serve a layer's files by random access.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LayerIndex {
+    /// How the layer is compressed.
     pub compression: Compression,
+    /// The tar entries, in stream order.
     pub entries: Vec<TarEntry>,
+    /// Size of the layer blob.
     pub compressed_size: u64,
+    /// Size of the uncompressed tar.
     pub uncompressed_size: u64,
     /// Checkpoints, for gzip layers.
     pub gzip: Option<GzipIndex>,
@@ -612,6 +635,7 @@ impl LayerIndex {
         zran::seal(MAGIC, VERSION, &e.0)
     }
 
+    /// Decode what [`LayerIndex::to_bytes`] wrote; bad input is an error, not a panic.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
         let body = zran::unseal(MAGIC, VERSION, bytes, "layer index")?;
         Self::from_body(&body)

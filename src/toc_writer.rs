@@ -49,13 +49,16 @@ const LANDMARK_CONTENT: u8 = 0x0f;
 /// Which lazily readable format to write.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TocFormat {
+    /// eStargz: gzip members with a TOC in the last.
     Estargz,
+    /// zstd:chunked: zstd frames with a TOC in a skippable frame.
     ZstdChunked,
 }
 
 /// How to write a TOC layer.
 #[derive(Clone, Debug)]
 pub struct TocOptions {
+    /// The format written.
     pub format: TocFormat,
     /// Largest uncompressed chunk of a file (0: the default).
     pub chunk_size: u64,
@@ -71,6 +74,7 @@ pub struct TocOptions {
 }
 
 impl TocOptions {
+    /// `format` with the default chunk size, level and threads, and no prefetch list.
     pub fn new(format: TocFormat) -> Self {
         TocOptions {
             format,
@@ -85,10 +89,15 @@ impl TocOptions {
 
 /// A written TOC layer: the blob in `tmp`, its digests and annotations.
 pub struct Written {
+    /// The blob (removed when dropped).
     pub tmp: tempfile::TempPath,
+    /// Digest of the blob.
     pub digest: Digest,
+    /// Digest of the uncompressed tar.
     pub diff_id: Digest,
+    /// Size of the blob.
     pub size: u64,
+    /// Descriptor annotations: the TOC digest and, for zstd:chunked, its position.
     pub annotations: BTreeMap<String, String>,
     /// The prefetch files put first (all of them unless
     /// `prefetch_if_present`).

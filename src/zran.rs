@@ -9,6 +9,15 @@
 //! compressed span between the checkpoints around the requested bytes.
 //! Multi-member streams (eStargz is one) are handled: a checkpoint at the
 //! start of a member needs no window, and reads continue across members.
+//!
+//! Kept by hand (on libz-rs-sys's `inflatePrime`/`inflateSetDictionary`)
+//! rather than taken from a crate: the checkpoints go into a layer index
+//! pushed to the registry and read back from it untrusted, so their encoding
+//! is ours, versioned and checked on decode (fuzzed in `fuzz/`); reads go
+//! through a `fetch(offset, len)` over HTTP Range rather than `Read + Seek`;
+//! and eStargz needs multi-member streams. The crates found (indexed_deflate
+//! 0.1, one release; rapidgzip-core, gzippy) bring their own index format
+//! and read a local file.
 
 use std::io::{self, Read};
 
@@ -182,9 +191,13 @@ pub struct Checkpoint {
 /// Checkpoints over one gzip stream, for random reads.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct GzipIndex {
+    /// Uncompressed bytes between checkpoints (at most).
     pub span: u64,
+    /// Size of the gzip stream.
     pub compressed_size: u64,
+    /// Size of what it inflates to.
     pub uncompressed_size: u64,
+    /// Checkpoints, in stream order.
     pub points: Vec<Checkpoint>,
 }
 
@@ -268,6 +281,7 @@ impl GzipIndex {
         seal(MAGIC, VERSION, &enc.0)
     }
 
+    /// Decode what [`GzipIndex::to_bytes`] wrote; bad input is an error, not a panic.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
         let body = unseal(MAGIC, VERSION, bytes, "gzip index")?;
         Self::from_body(&body)
@@ -426,6 +440,7 @@ pub struct GzipIndexBuilder<R> {
 }
 
 impl<R: Read> GzipIndexBuilder<R> {
+    /// Index `inner` with checkpoints every [`DEFAULT_SPAN`] bytes.
     pub fn new(inner: R) -> Result<Self> {
         Self::with_span(inner, DEFAULT_SPAN)
     }

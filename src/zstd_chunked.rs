@@ -17,11 +17,14 @@ use crate::error::{Error, Result};
 use crate::estargz::{ChunkCompression, Toc, MAX_TOC_SIZE, TOC_DIGEST_ANNOTATION};
 use crate::image::Source;
 
+/// Descriptor annotation: `offset:length:uncompressed:type` of the TOC (containers/storage).
 pub const MANIFEST_POSITION_ANNOTATION: &str = "io.containers.zstd-chunked.manifest-position";
+/// The same, under its older `io.github.containers` name.
 pub const GITHUB_MANIFEST_POSITION_ANNOTATION: &str =
     "io.github.containers.zstd-chunked.manifest-position";
 /// sha256 of the compressed manifest.
 pub const MANIFEST_CHECKSUM_ANNOTATION: &str = "io.containers.zstd-chunked.manifest-checksum";
+/// The same, under its older `io.github.containers` name.
 pub const GITHUB_MANIFEST_CHECKSUM_ANNOTATION: &str =
     "io.github.containers.zstd-chunked.manifest-checksum";
 
@@ -41,8 +44,11 @@ const MANIFEST_TYPE_TOC: u64 = 1;
 pub struct ManifestPosition {
     /// Offset of the TOC's zstd frame (after the skippable-frame header).
     pub offset: u64,
+    /// Compressed length of the TOC frame.
     pub compressed_len: u64,
+    /// Length of the TOC JSON.
     pub uncompressed_len: u64,
+    /// Manifest type; 1 is the TOC JSON.
     pub kind: u64,
 }
 

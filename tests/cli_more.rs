@@ -474,9 +474,9 @@ fn mount_takes_the_tls_flags() {
     let mp_s = mp.to_str().unwrap();
     let cache = |n: &str| w.join(n).to_str().unwrap().to_string();
     let ca_s = ca.to_str().unwrap();
-    // Not passed on to the daemon, which does not read pull secrets: said.
+    // Passed on to the daemon, which reads it: a PEM file is no Secret.
     let err = common::ggfs_fails(&["--pull-secret", ca_s, "mount", &reg.addr, mp_s]);
-    assert!(err.contains("--pull-secret"), "{err}");
+    assert!(err.contains("pull secret") && err.contains(ca_s), "{err}");
 
     let err = common::ggfs_fails(&["mount", &reg.addr, mp_s, "--cache-dir", &cache("c0")]);
     assert!(
@@ -593,6 +593,29 @@ fn pull_secret_credentials_come_before_the_docker_config() {
     let out = ggfs_with_config(&empty, &["digest", "--pull-secret", yaml_s, &image]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(stdout(&out), want);
+
+    // The mount takes it too: the daemon reads the image behind the secret.
+    let mp = w.join("mnt");
+    std::fs::create_dir(&mp).unwrap();
+    let mp_s = mp.to_str().unwrap();
+    let mcache = w.join("mcache");
+    let mount = [
+        "--pull-secret",
+        yaml_s,
+        "mount",
+        reg.addr(),
+        mp_s,
+        "--insecure",
+    ];
+    let out = ggfs_with_config(
+        &empty,
+        &[&mount[..], &["--cache-dir", mcache.to_str().unwrap()]].concat(),
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let read = std::fs::read_to_string(mp.join("private/img/v1/rootfs/file"));
+    let out = ggfs_with_config(&empty, &["unmount", mp_s]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(read.unwrap(), "behind a secret\n");
 
     // The same as JSON (`kubectl get secret -o json`), among other Secrets of
     // a List; a pull that reads the blobs too, bytes as pushed.

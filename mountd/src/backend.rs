@@ -57,6 +57,7 @@ impl LibRegistry {
         insecure: bool,
         stall: std::time::Duration,
         tls: (Vec<std::path::PathBuf>, bool),
+        keychain: ggfs::auth::Keychain,
     ) -> Result<Arc<Self>> {
         let opts = ClientOptions {
             insecure: if insecure {
@@ -71,7 +72,7 @@ impl LibRegistry {
             insecure_skip_tls_verify: tls.1,
         };
         Ok(Arc::new(LibRegistry {
-            client: Client::new(opts)?,
+            client: Client::builder(opts).keychain(keychain).build()?,
             host: ggfs::reference::normalize_registry(host),
         }))
     }

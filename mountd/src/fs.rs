@@ -22,6 +22,7 @@ use ggfs::{Digest, Error};
 use crate::cache::{self, Cache};
 use crate::commit as journal;
 use crate::handles::Handle;
+use crate::inolog::{InoLog, Replayed};
 use crate::layer::Layers;
 use crate::ns::{children_of, valid_component, Art, Fail, Memo, Namespace, Res};
 use crate::rootfs::RootFs;
@@ -32,11 +33,16 @@ const TREE_BASE: u64 = 1 << 40;
 /// How long the kernel may cache anything addressed by digest.
 pub(crate) const LONG: Duration = Duration::from_secs(24 * 3600);
 pub(crate) const FOREVER: Duration = Duration::from_secs(u32::MAX as u64);
-/// How long the kernel may cache what a writable tree says.
+/// How long the kernel may cache what the namespace's writable files say.
 pub(crate) const SHORT: Duration = Duration::from_secs(1);
+/// How long the kernel may cache what a tag's writable rootfs says: it
+/// changes only through this mount, and the kernel drops what it cached
+/// of a name or inode when it changes it. (A tag moved in the registry
+/// is a new rootfs, found when the tag's own short-lived entry expires.)
+pub(crate) const WRITABLE_TTL: Duration = LONG;
 
 /// A namespace node.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum Key {
     Root,
     Meta,
@@ -140,17 +146,95 @@ pub(crate) struct Inodes {
     pub(crate) by_key: HashMap<Key, u64>,
     pub(crate) trees: BTreeMap<u64, Arc<RootFs>>,
     pub(crate) next_base: u64,
+    /// Where the numbers given out are written, under a supervisor.
+    pub(crate) log: Option<Arc<InoLog>>,
+    /// Every tree given inodes, built or not (by an earlier daemon on this
+    /// connection, or dropped by prune.rs): base → (end, key). A tree is
+    /// rebuilt at the base it had, so the kernel's numbers keep meaning.
+    pub(crate) placed: BTreeMap<u64, (u64, Key)>,
+    pub(crate) base_of: HashMap<Key, u64>,
+    /// Whether some placed tree is not built (so `Inner::stale` looks).
+    pub(crate) unbuilt: bool,
+    /// Their upper inodes: base → (st_ino → ino).
+    pub(crate) uppers: HashMap<u64, HashMap<u64, u64>>,
 }
 
 impl Inodes {
+    fn new(log: Option<(Arc<InoLog>, Replayed)>) -> Self {
+        let mut i = Inodes {
+            keys: vec![Key::Root],
+            by_key: HashMap::from([(Key::Root, 1)]),
+            trees: BTreeMap::new(),
+            next_base: TREE_BASE,
+            log: None,
+            placed: BTreeMap::new(),
+            base_of: HashMap::new(),
+            unbuilt: false,
+            uppers: HashMap::new(),
+        };
+        let Some((log, r)) = log else {
+            return i;
+        };
+        for k in r.keys {
+            i.ino(k);
+        }
+        i.next_base = r
+            .trees
+            .values()
+            .map(|(end, _)| *end)
+            .fold(TREE_BASE, u64::max);
+        i.base_of = r.trees.iter().map(|(b, (_, k))| (k.clone(), *b)).collect();
+        i.unbuilt = !r.trees.is_empty();
+        i.placed = r.trees;
+        i.uppers = r.uppers;
+        i.log = Some(log);
+        i
+    }
+
     pub(crate) fn ino(&mut self, key: Key) -> u64 {
         if let Some(&i) = self.by_key.get(&key) {
             return i;
+        }
+        if let Some(log) = &self.log {
+            log.key(&key);
         }
         self.keys.push(key.clone());
         let i = self.keys.len() as u64;
         self.by_key.insert(key, i);
         i
+    }
+
+    /// The base of the tree for `key` with `span` inodes: the one it was
+    /// given before, or the next free.
+    pub(crate) fn place(&mut self, key: &Key, span: u64) -> u64 {
+        if let Some(&base) = self.base_of.get(key) {
+            return base;
+        }
+        let base = self.next_base;
+        self.next_base += span;
+        if let Some(log) = &self.log {
+            log.tree(base, self.next_base, key);
+        }
+        self.placed.insert(base, (self.next_base, key.clone()));
+        self.base_of.insert(key.clone(), base);
+        base
+    }
+
+    /// The key of the unbuilt tree `ino` is in.
+    pub(crate) fn pending_tree(&self, ino: u64) -> Option<Key> {
+        let (base, (end, key)) = self.placed.range(..=ino).next_back()?;
+        (ino < *end && !self.trees.contains_key(base)).then(|| key.clone())
+    }
+
+    /// The key of the tree at `base`.
+    pub(crate) fn tree_key(&self, base: u64) -> Option<Key> {
+        Some(self.placed.get(&base)?.1.clone())
+    }
+
+    /// Take the tree at `base` out (prune.rs); its numbers stay its own.
+    pub(crate) fn unlist(&mut self, base: u64) {
+        self.trees.remove(&base);
+        self.unbuilt = true;
     }
 
     pub(crate) fn get(&self, ino: u64) -> Option<Node> {
@@ -162,12 +246,24 @@ impl Inodes {
                 .map(Node::Ns);
         }
         let (base, r) = self.trees.range(..=ino).next_back()?;
+        r.used.store(
+            crate::rootfs::now_secs(),
+            std::sync::atomic::Ordering::Relaxed,
+        );
         if r.w.is_some() {
             return r.knows(ino).then(|| Node::W(r.clone(), ino));
         }
         let id = (ino - base) as usize;
         (id > 0 && id < r.tree.nodes.len()).then(|| Node::Tree(r.clone(), id as NodeId))
     }
+}
+
+/// What a daemon takes over from earlier ones on the same connection.
+#[derive(Default)]
+pub struct Takeover {
+    pub log: Option<(Arc<InoLog>, Replayed)>,
+    /// How many daemons served the connection before this one.
+    pub generation: u64,
 }
 
 pub struct Inner {
@@ -188,6 +284,8 @@ pub struct Inner {
     /// Tags made with mkdir, waiting for their manifest: (repository, tag).
     pub(crate) new_tags: Mutex<std::collections::BTreeSet<(String, String)>>,
     pub(crate) next_fh: AtomicU64,
+    /// Below this (and not 0): a handle an earlier daemon opened.
+    pub(crate) fh_base: u64,
     pub(crate) blobs: Memo<Digest, Arc<std::fs::File>>,
     pub(crate) uid: u32,
     pub(crate) gid: u32,
@@ -195,18 +293,16 @@ pub struct Inner {
 }
 
 impl Inner {
-    pub fn new(ns: Namespace, cache: Arc<Cache>) -> Self {
+    pub fn new(ns: Namespace, cache: Arc<Cache>, takeover: Takeover) -> Self {
         let layers = Layers::new(cache.clone(), ns.fetch_rest);
         let recovered = journal::recover(cache.root(), &ns.registry_name())
             .into_iter()
             .map(|s| ((s.repo, s.tag), s.base))
             .collect();
-        let inodes = Inodes {
-            keys: vec![Key::Root],
-            by_key: HashMap::from([(Key::Root, 1)]),
-            trees: BTreeMap::new(),
-            next_base: TREE_BASE,
-        };
+        let inodes = Inodes::new(takeover.log);
+        // Handles of an earlier daemon stay in the kernel's open files:
+        // ours are numbered apart from theirs.
+        let fh_base = takeover.generation << 40;
         Inner {
             ns,
             layers,
@@ -219,7 +315,8 @@ impl Inner {
             handles: Mutex::new(HashMap::new()),
             listings: Mutex::new(HashMap::new()),
             new_tags: Mutex::new(std::collections::BTreeSet::new()),
-            next_fh: AtomicU64::new(1),
+            next_fh: AtomicU64::new(fh_base + 1),
+            fh_base,
             blobs: Memo::default(),
             uid: unsafe { libc::getuid() },
             gid: unsafe { libc::getgid() },
@@ -249,6 +346,37 @@ impl Inner {
 
     pub(crate) fn ino(&self, key: Key) -> u64 {
         self.lock().ino(key)
+    }
+
+    /// Whether `ino` is one an earlier daemon on this connection gave
+    /// out that this one has not taken up yet.
+    pub(crate) fn stale(&self, ino: u64) -> bool {
+        if ino < TREE_BASE {
+            return false;
+        }
+        let inodes = self.lock();
+        inodes.unbuilt && inodes.get(ino).is_none()
+    }
+
+    /// Take up `ino`: build the tree an earlier daemon put it in, and
+    /// learn its name again in a writable tree.
+    pub(crate) async fn revive(&self, ino: u64) -> Res<()> {
+        let pending = self.lock().pending_tree(ino);
+        match pending {
+            Some(Key::Rootfs(repo, d)) => drop(self.build_rootfs(&repo, &d).await?),
+            Some(Key::WRootfs(repo, tag, base)) => drop(self.wrootfs(&repo, &tag, &base).await?),
+            _ => {}
+        }
+        let tree = self
+            .lock()
+            .trees
+            .range(..=ino)
+            .next_back()
+            .map(|(_, r)| r.clone());
+        if let Some(r) = tree.filter(|r| r.w.is_some() && !r.knows(ino)) {
+            r.relearn(ino);
+        }
+        Ok(())
     }
 
     pub(crate) fn node(&self, ino: u64) -> Res<Node> {
@@ -284,7 +412,7 @@ impl Inner {
     pub(crate) async fn attr(&self, ino: u64, node: &Node) -> Res<(Duration, FileAttr)> {
         let key = match node {
             Node::Tree(r, id) => return Ok((LONG, r.lower_attr(*id))),
-            Node::W(r, ino) => return Ok((SHORT, r.getattr(*ino)?)),
+            Node::W(r, ino) => return Ok((WRITABLE_TTL, r.getattr(*ino)?)),
             Node::Ns(k) => k,
         };
         // A tag's own files take writes: shown as writable, never cached long.
@@ -334,8 +462,8 @@ impl Inner {
             Key::WRootfs(repo, tag, d) => {
                 let key = (repo.clone(), tag.clone(), d.clone());
                 return Ok(match self.wrootfs.peek(&key) {
-                    Some(r) => (SHORT, r.getattr(r.root_ino)?),
-                    None => (SHORT, crate::rootfs::root_attr(ino)),
+                    Some(r) => (WRITABLE_TTL, r.getattr(r.root_ino)?),
+                    None => (WRITABLE_TTL, crate::rootfs::root_attr(ino)),
                 });
             }
             Key::Status => {
@@ -700,16 +828,19 @@ impl Inner {
                 })
                 .await
                 .map_err(|e| Fail::new(libc::EIO, e.to_string()))?;
-                let root_ino = self.ino(Key::Rootfs(repo.to_string(), d.clone()));
+                let key = Key::Rootfs(repo.to_string(), d.clone());
+                let root_ino = self.ino(key.clone());
                 let mut inodes = self.lock();
-                let base = inodes.next_base;
-                inodes.next_base += (tree.nodes.len() as u64 + 1).next_multiple_of(1024);
+                let span = (tree.nodes.len() as u64 + 1).next_multiple_of(1024);
+                let base = inodes.place(&key, span);
+                self.ns.stats.tree_built();
                 let r = Arc::new(RootFs {
                     tree: Arc::new(tree),
                     layers: Arc::new(opened),
                     base,
                     root_ino,
                     w: None,
+                    used: crate::rootfs::now_secs().into(),
                 });
                 inodes.trees.insert(base, r.clone());
                 Ok(r)
@@ -772,7 +903,7 @@ impl Inner {
 
     pub async fn getattr(&self, ino: u64, fh: Option<u64>) -> Res<(Duration, FileAttr)> {
         if let Some(r) = self.writable(ino).await? {
-            return Ok((SHORT, self.getattr_w(&r, ino, fh)?));
+            return Ok((WRITABLE_TTL, self.getattr_w(&r, ino, fh)?));
         }
         let node = self.node(ino)?;
         self.attr(ino, &node).await

@@ -15,7 +15,7 @@ use fuser::{
 };
 
 use crate::cache::Cache;
-use crate::fs::{Inner, Key, Node, LONG, SHORT};
+use crate::fs::{Inner, Key, Node, LONG, SHORT, WRITABLE_TTL};
 use crate::handles::Handle;
 use crate::ns::{Fail, Namespace, Res};
 use crate::rootfs::{RootFs, SetAttr};
@@ -31,9 +31,14 @@ pub struct Fs {
 }
 
 impl Fs {
-    pub fn new(ns: Namespace, cache: Arc<Cache>, rt: tokio::runtime::Handle) -> Self {
+    pub fn new(
+        ns: Namespace,
+        cache: Arc<Cache>,
+        takeover: crate::fs::Takeover,
+        rt: tokio::runtime::Handle,
+    ) -> Self {
         Fs {
-            inner: Arc::new(Inner::new(ns, cache)),
+            inner: Arc::new(Inner::new(ns, cache, takeover)),
             rt,
             waiting: Arc::default(),
         }
@@ -63,6 +68,21 @@ impl Fs {
             work.await;
             lock(&waiting).remove(&unique);
         });
+    }
+}
+
+impl Fs {
+    /// A restarted daemon takes up an inode its predecessor gave out
+    /// before serving a request that names it. On this thread: requests
+    /// wait, as they did while no daemon was there.
+    fn revived(&self, ino: u64) {
+        if !self.inner.stale(ino) {
+            return;
+        }
+        let inner = self.inner.clone();
+        if let Err(f) = self.rt.block_on(async move { inner.revive(ino).await }) {
+            tracing::warn!("inode {ino} of the daemon before: {}", f.msg);
+        }
     }
 }
 
@@ -207,9 +227,11 @@ impl Filesystem for Fs {
     }
 
     fn lookup(&mut self, req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEntry) {
+        self.revived(parent);
+        self.inner.ns.stats.lookup();
         // In a built writable tree everything is local: answer here.
         if let Some(r) = self.inner.built_writable(parent) {
-            let res = r.lookup(parent, name.as_bytes()).map(|a| (SHORT, a));
+            let res = r.lookup(parent, name.as_bytes()).map(|a| (WRITABLE_TTL, a));
             return lookup_reply(&self.inner, res, reply);
         }
         // So is an image's read-only tree once built.
@@ -228,9 +250,10 @@ impl Filesystem for Fs {
     }
 
     fn getattr(&mut self, req: &Request<'_>, ino: u64, fh: Option<u64>, reply: ReplyAttr) {
+        self.revived(ino);
         if let Some(r) = self.inner.built_writable(ino) {
             return match self.inner.getattr_w(&r, ino, fh) {
-                Ok(attr) => reply.attr(&SHORT, &attr),
+                Ok(attr) => reply.attr(&WRITABLE_TTL, &attr),
                 Err(f) => reply.error(f.errno),
             };
         }
@@ -246,6 +269,7 @@ impl Filesystem for Fs {
     }
 
     fn readlink(&mut self, req: &Request<'_>, ino: u64, reply: ReplyData) {
+        self.revived(ino);
         if let Some(r) = self.inner.built_writable(ino) {
             return match r.readlink(ino) {
                 Ok(b) => reply.data(&b),
@@ -261,6 +285,7 @@ impl Filesystem for Fs {
     }
 
     fn open(&mut self, req: &Request<'_>, ino: u64, flags: i32, reply: ReplyOpen) {
+        self.revived(ino);
         let write = flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0;
         let now = match self.inner.built_writable(ino) {
             Some(r) if !write => Some(self.inner.open_read(&r, ino)),
@@ -301,6 +326,7 @@ impl Filesystem for Fs {
         _lock_owner: Option<u64>,
         reply: ReplyData,
     ) {
+        self.revived(ino);
         if let Some(Handle::Upper(f, _)) = self.inner.handle(fh).as_deref() {
             return match crate::handles::read_at(f, offset.max(0) as u64, size) {
                 Ok(b) => reply.data(&b),
@@ -330,6 +356,12 @@ impl Filesystem for Fs {
     }
 
     fn flush(&mut self, _req: &Request<'_>, _ino: u64, fh: u64, _lock: u64, reply: ReplyEmpty) {
+        // Only handles of tag files and ctl get FLUSH: one of a dead
+        // daemon's lost what was written to it.
+        if self.inner.handle(fh).is_none() && self.inner.earlier_fh(fh) {
+            let f = crate::handles::lost_edit();
+            return reply.error(self.inner.failed("close", f));
+        }
         // Only an edited tag file has work to do at close.
         if !matches!(self.inner.handle(fh).as_deref(), Some(Handle::Edit(_))) {
             return reply.ok();
@@ -341,6 +373,7 @@ impl Filesystem for Fs {
     }
 
     fn opendir(&mut self, _req: &Request<'_>, ino: u64, _flags: i32, reply: ReplyOpen) {
+        self.revived(ino);
         // A directory under a digest never changes, and one of a writable
         // tree changes only through this mount (the kernel drops its cached
         // listing when it does): the kernel may keep listings, so a second
@@ -384,6 +417,7 @@ impl Filesystem for Fs {
         offset: i64,
         reply: ReplyDirectory,
     ) {
+        self.revived(ino);
         if let Some(e) = taken_listing(&self.inner, fh, offset) {
             return dir_reply(&self.inner, Ok(e), offset, reply);
         }
@@ -413,6 +447,7 @@ impl Filesystem for Fs {
         size: u32,
         reply: ReplyXattr,
     ) {
+        self.revived(ino);
         let name = name.as_bytes().to_vec();
         if let Some(r) = self.inner.built_writable(ino) {
             return match r.xattrs(ino) {
@@ -435,6 +470,7 @@ impl Filesystem for Fs {
     }
 
     fn listxattr(&mut self, req: &Request<'_>, ino: u64, size: u32, reply: ReplyXattr) {
+        self.revived(ino);
         if let Some(r) = self.inner.built_writable(ino) {
             return names_reply(r.xattrs(ino), size, reply);
         }
@@ -444,6 +480,7 @@ impl Filesystem for Fs {
     }
 
     fn access(&mut self, _req: &Request<'_>, ino: u64, mask: i32, reply: ReplyEmpty) {
+        self.revived(ino);
         let writable = matches!(
             self.inner.node(ino),
             Ok(Node::W(..) | Node::Ns(Key::WRootfs(..) | Key::Ctl))
@@ -475,6 +512,7 @@ impl Filesystem for Fs {
         _flags: Option<u32>,
         reply: ReplyAttr,
     ) {
+        self.revived(ino);
         let a = SetAttr {
             mode,
             uid,
@@ -510,6 +548,7 @@ impl Filesystem for Fs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
+        self.revived(parent);
         let (name, uid, gid) = (name.as_bytes().to_vec(), req.uid(), req.gid());
         self.change(
             parent,
@@ -527,6 +566,7 @@ impl Filesystem for Fs {
         umask: u32,
         reply: ReplyEntry,
     ) {
+        self.revived(parent);
         if let Ok(Node::Ns(Key::Repo(repo))) = self.inner.node(parent) {
             // REPO/NEWTAG: a tag to write a manifest into.
             let name = name.to_string_lossy().into_owned();
@@ -534,11 +574,11 @@ impl Filesystem for Fs {
                 let made = match fs.mkdir_tag(&repo, &name).await {
                     Ok(k) => {
                         let ino = fs.ino(k.clone());
-                        fs.attr(ino, &Node::Ns(k)).await.map(|(_, a)| a)
+                        fs.attr(ino, &Node::Ns(k)).await
                     }
                     Err(f) => Err(f),
                 };
-                entry_reply(&fs, "mkdir", made, reply)
+                lookup_reply(&fs, made, reply)
             });
         }
         let (name, uid, gid) = (name.as_bytes().to_vec(), req.uid(), req.gid());
@@ -550,6 +590,7 @@ impl Filesystem for Fs {
     }
 
     fn unlink(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEmpty) {
+        self.revived(parent);
         let name = name.as_bytes().to_vec();
         self.change(
             parent,
@@ -559,6 +600,7 @@ impl Filesystem for Fs {
     }
 
     fn rmdir(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEmpty) {
+        self.revived(parent);
         if let Ok(Node::Ns(Key::Repo(repo))) = self.inner.node(parent) {
             // A tag made with mkdir and never written just goes.
             let tag = name.to_string_lossy().into_owned();
@@ -586,6 +628,7 @@ impl Filesystem for Fs {
         target: &std::path::Path,
         reply: ReplyEntry,
     ) {
+        self.revived(parent);
         let (name, uid, gid) = (link_name.as_bytes().to_vec(), req.uid(), req.gid());
         let target = target.to_path_buf();
         self.change(
@@ -605,6 +648,8 @@ impl Filesystem for Fs {
         flags: u32,
         reply: ReplyEmpty,
     ) {
+        self.revived(parent);
+        self.revived(newparent);
         let (name, newname) = (name.as_bytes().to_vec(), newname.as_bytes().to_vec());
         let op = move |r: &RootFs| r.rename(parent, &name, newparent, &newname, flags);
         let same = |a: Option<Arc<RootFs>>, b: Option<Arc<RootFs>>| match (a, b) {
@@ -649,6 +694,8 @@ impl Filesystem for Fs {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
+        self.revived(ino);
+        self.revived(newparent);
         let newname = newname.as_bytes().to_vec();
         self.change(
             ino,
@@ -660,7 +707,7 @@ impl Filesystem for Fs {
     fn write(
         &mut self,
         _req: &Request<'_>,
-        _ino: u64,
+        ino: u64,
         fh: u64,
         offset: i64,
         data: &[u8],
@@ -669,6 +716,7 @@ impl Filesystem for Fs {
         _lock_owner: Option<u64>,
         reply: ReplyWrite,
     ) {
+        self.revived(ino);
         let kill = write_flags & FUSE_WRITE_KILL_SUIDGID != 0;
         if let Some(res) = self.inner.write_now(fh, offset.max(0) as u64, data, kill) {
             return match res {
@@ -678,7 +726,7 @@ impl Filesystem for Fs {
         }
         let data = data.to_vec();
         self.spawn(|fs| async move {
-            match fs.write(fh, offset.max(0) as u64, data, kill).await {
+            match fs.write(ino, fh, offset.max(0) as u64, data, kill).await {
                 Ok(n) => reply.written(n),
                 Err(f) => reply.error(fs.failed("write", f)),
             }
@@ -695,6 +743,7 @@ impl Filesystem for Fs {
         _flags: i32,
         reply: fuser::ReplyCreate,
     ) {
+        self.revived(parent);
         if let Ok(Node::Ns(Key::Referrers(repo, subject))) = self.inner.node(parent) {
             // A file copied into referrers/ is attached at close.
             let (key, edit) = self
@@ -714,7 +763,7 @@ impl Filesystem for Fs {
                 Ok((attr, file)) => match fs.built_writable(parent) {
                     Some(r) => {
                         let fh = fs.add_handle(Handle::Upper(Arc::new(file), r));
-                        reply.created(&SHORT, &attr, 0, fh, FOPEN_NOFLUSH)
+                        reply.created(&WRITABLE_TTL, &attr, 0, fh, FOPEN_NOFLUSH)
                     }
                     None => reply.error(libc::EIO),
                 },
@@ -724,6 +773,7 @@ impl Filesystem for Fs {
     }
 
     fn fsync(&mut self, _req: &Request<'_>, ino: u64, fh: u64, _datasync: bool, reply: ReplyEmpty) {
+        self.revived(ino);
         self.spawn(|fs| async move {
             let r = fs.fsync(ino, fh).await;
             empty_reply(&fs, "fsync", r, reply)
@@ -738,6 +788,7 @@ impl Filesystem for Fs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
+        self.revived(ino);
         self.spawn(|fs| async move {
             let r = match fs.writable(ino).await {
                 Ok(Some(r)) => r.sync_names(ino),
@@ -751,15 +802,16 @@ impl Filesystem for Fs {
     fn fallocate(
         &mut self,
         _req: &Request<'_>,
-        _ino: u64,
+        ino: u64,
         fh: u64,
         offset: i64,
         length: i64,
         mode: i32,
         reply: ReplyEmpty,
     ) {
+        self.revived(ino);
         self.spawn(|fs| async move {
-            let r = fs.fallocate(fh, offset, length, mode).await;
+            let r = fs.fallocate(ino, fh, offset, length, mode).await;
             empty_reply(&fs, "fallocate", r, reply)
         });
     }
@@ -774,6 +826,7 @@ impl Filesystem for Fs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
+        self.revived(ino);
         let (name, value) = (name.as_bytes().to_vec(), value.to_vec());
         self.change(
             ino,
@@ -783,6 +836,7 @@ impl Filesystem for Fs {
     }
 
     fn removexattr(&mut self, _req: &Request<'_>, ino: u64, name: &OsStr, reply: ReplyEmpty) {
+        self.revived(ino);
         let name = name.as_bytes().to_vec();
         self.change(
             ino,
@@ -818,14 +872,15 @@ fn timespec(t: fuser::TimeOrNow) -> libc::timespec {
 
 fn attr_reply(fs: &Inner, r: Res<FileAttr>, reply: ReplyAttr) {
     match r {
-        Ok(attr) => reply.attr(&SHORT, &attr),
+        Ok(attr) => reply.attr(&WRITABLE_TTL, &attr),
         Err(f) => reply.error(fs.failed("setattr", f)),
     }
 }
 
+/// The reply to a change that made an entry in a writable tree.
 fn entry_reply(fs: &Inner, what: &str, r: Res<FileAttr>, reply: ReplyEntry) {
     match r {
-        Ok(attr) => reply.entry(&SHORT, &attr, 0),
+        Ok(attr) => reply.entry(&WRITABLE_TTL, &attr, 0),
         Err(f) => {
             fs.fail(what, &f);
             reply.error(f.errno)

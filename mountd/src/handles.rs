@@ -117,8 +117,46 @@ impl Inner {
         )
     }
 
-    pub async fn read(&self, ino: u64, fh: u64, offset: u64, size: u32) -> Res<Bytes> {
+    /// Handle `fh`; for one an earlier daemon on this connection opened,
+    /// the file opened again, kept under `fh` until it is released.
+    pub(crate) async fn handle_or_reopen(
+        &self,
+        ino: u64,
+        fh: u64,
+        write: bool,
+    ) -> Res<Option<Arc<Handle>>> {
         if let Some(h) = self.handle(fh) {
+            return Ok(Some(h));
+        }
+        if !self.earlier_fh(fh) {
+            return Ok(None);
+        }
+        let flags = if write {
+            libc::O_WRONLY
+        } else {
+            libc::O_RDONLY
+        };
+        let (new, _) = self.open(ino, flags).await?;
+        let mut hs = self.handles.lock().unwrap_or_else(|p| p.into_inner());
+        let h = hs.remove(&new);
+        match h.as_deref() {
+            // Its bytes were in the dead daemon's memory.
+            Some(Handle::Edit(_) | Handle::Ctl(_)) => Err(lost_edit()),
+            Some(_) => {
+                hs.insert(fh, h.clone().expect("a handle"));
+                Ok(h)
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Whether `fh` is a handle an earlier daemon on this connection opened.
+    pub(crate) fn earlier_fh(&self, fh: u64) -> bool {
+        fh != 0 && fh < self.fh_base
+    }
+
+    pub async fn read(&self, ino: u64, fh: u64, offset: u64, size: u32) -> Res<Bytes> {
+        if let Some(h) = self.handle_or_reopen(ino, fh, false).await? {
             return match &*h {
                 Handle::Upper(f, _) => read_at(f, offset, size),
                 Handle::Lower(r, d) => self.read_lower(r, *d, offset, size).await,
@@ -174,9 +212,17 @@ impl Inner {
         })
     }
 
-    pub async fn write(&self, fh: u64, offset: u64, data: Vec<u8>, kill_suid: bool) -> Res<u32> {
+    pub async fn write(
+        &self,
+        ino: u64,
+        fh: u64,
+        offset: u64,
+        data: Vec<u8>,
+        kill_suid: bool,
+    ) -> Res<u32> {
         let h = self
-            .handle(fh)
+            .handle_or_reopen(ino, fh, true)
+            .await?
             .ok_or_else(|| Fail::new(libc::EBADF, "write to a file not open for writing"))?;
         match &*h {
             Handle::Upper(f, r) => {
@@ -196,7 +242,7 @@ impl Inner {
     }
 
     pub async fn fsync(&self, ino: u64, fh: u64) -> Res<()> {
-        if let Some(h) = self.handle(fh) {
+        if let Some(h) = self.handle_or_reopen(ino, fh, true).await? {
             if let Handle::Upper(f, r) = &*h {
                 let (f, r) = (f.clone(), r.clone());
                 return tokio::task::spawn_blocking(move || {
@@ -210,9 +256,17 @@ impl Inner {
         Ok(())
     }
 
-    pub async fn fallocate(&self, fh: u64, offset: i64, length: i64, mode: i32) -> Res<()> {
+    pub async fn fallocate(
+        &self,
+        ino: u64,
+        fh: u64,
+        offset: i64,
+        length: i64,
+        mode: i32,
+    ) -> Res<()> {
         let h = self
-            .handle(fh)
+            .handle_or_reopen(ino, fh, true)
+            .await?
             .ok_or_else(|| Fail::new(libc::EBADF, "fallocate on a file not open for writing"))?;
         let Handle::Upper(f, r) = &*h else {
             return Err(Fail::new(libc::EBADF, "file not open for writing"));
@@ -287,4 +341,13 @@ fn write_at(r: &RootFs, f: &std::fs::File, offset: u64, data: &[u8], kill: bool)
     f.write_all_at(data, offset)
         .map(|_| data.len() as u32)
         .map_err(|e| io_fail("write", e))
+}
+
+/// A tag file (or `.ggfs/ctl`) written through a daemon that died: what
+/// was written is gone with it, and its close must say so.
+pub(crate) fn lost_edit() -> Fail {
+    Fail::new(
+        libc::EIO,
+        "opened before the mount's daemon restarted: what was written to it is lost",
+    )
 }

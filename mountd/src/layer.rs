@@ -542,6 +542,15 @@ impl Layers {
             .cloned()
     }
 
+    /// Forget the open layers nothing else holds (prune.rs): the next
+    /// open reads their indexes back from the cache.
+    pub fn drop_unused(&self) {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        open.retain(|_, cell| {
+            Arc::strong_count(cell) > 1 || cell.get().is_some_and(|l| Arc::strong_count(l) > 1)
+        });
+    }
+
     async fn open_uncached(
         &self,
         layer: &Layer,

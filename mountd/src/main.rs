@@ -14,18 +14,21 @@ mod fetch;
 mod fs;
 mod fuse;
 mod handles;
+mod inolog;
 mod layer;
 mod lazy;
 mod ns;
+mod prune;
 mod rootfs;
 mod stats;
+mod supervise;
 mod tree;
 mod upper;
 mod work;
 
 use std::ffi::OsString;
 use std::io::{Read, Write};
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
@@ -91,6 +94,11 @@ struct MountArgs {
     /// Accept any TLS certificate, unverified (test set-ups only).
     #[arg(long)]
     insecure_skip_tls_verify: bool,
+    /// Also take credentials from this Kubernetes image pull secret (a
+    /// `kubernetes.io/dockerconfigjson` Secret or a List of them, JSON or
+    /// YAML; repeatable), read once at mount.
+    #[arg(long = "pull-secret", value_name = "FILE")]
+    pull_secrets: Vec<PathBuf>,
     /// Mount options: allow_other, allow_root.
     #[arg(short = 'o')]
     options: Vec<String>,
@@ -116,12 +124,32 @@ struct MountArgs {
     /// push is a warning.
     #[arg(long)]
     push_index: bool,
+    /// Merged image trees kept in memory; beyond it (or unused for 5
+    /// minutes) the least recently used are dropped and rebuilt from the
+    /// cache when next used.
+    #[arg(long, default_value_t = 16)]
+    max_trees: usize,
     /// Write the daemon's log here (appending).
     #[arg(long)]
     log: Option<PathBuf>,
     /// Internal: file descriptor to report readiness on.
     #[arg(long, hide = true)]
     ready_fd: Option<i32>,
+    /// Internal: serve the mount (started by the supervisor).
+    #[arg(long, hide = true)]
+    worker: bool,
+    /// Internal: socket to hand the /dev/fuse descriptor to the supervisor.
+    #[arg(long, hide = true)]
+    handoff_fd: Option<i32>,
+    /// Internal: serve the connection on this /dev/fuse descriptor.
+    #[arg(long, hide = true)]
+    resume_fd: Option<i32>,
+    /// Internal: the inode log (a memfd the supervisor keeps).
+    #[arg(long, hide = true)]
+    ino_log_fd: Option<i32>,
+    /// Internal: how many workers served the connection before this one.
+    #[arg(long, hide = true, default_value_t = 0)]
+    generation: u64,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -163,7 +191,8 @@ fn main() -> ExitCode {
         }
     }
     let res = match cli.cmd {
-        Cmd::Mount(args) if args.foreground => foreground(args),
+        Cmd::Mount(args) if args.worker => foreground(args),
+        Cmd::Mount(args) if args.foreground => supervised(args),
         Cmd::Mount(args) => daemonize(args),
         Cmd::Unmount { mountpoint } => unmount(&mountpoint),
     };
@@ -196,7 +225,7 @@ fn daemonize(mut args: MountArgs) -> Result<()> {
     let wr_raw = fds[1];
     let exe = std::env::current_exe().context("finding own executable")?;
     let mut cmd = Command::new(exe);
-    cmd.args(child_args(&args, wr_raw))
+    cmd.args(child_args(&args, Some(wr_raw)))
         .current_dir("/")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -228,11 +257,13 @@ fn daemonize(mut args: MountArgs) -> Result<()> {
     bail!("{msg}")
 }
 
-fn child_args(a: &MountArgs, fd: i32) -> Vec<OsString> {
+fn child_args(a: &MountArgs, ready: Option<i32>) -> Vec<OsString> {
     let mut v: Vec<OsString> = vec!["mount".into(), a.registry.clone().into()];
     v.push(a.mountpoint.clone().into());
     v.push("--foreground".into());
-    v.push(format!("--ready-fd={fd}").into());
+    if let Some(fd) = ready {
+        v.push(format!("--ready-fd={fd}").into());
+    }
     if let Some(d) = &a.cache_dir {
         v.push("--cache-dir".into());
         v.push(d.into());
@@ -257,10 +288,15 @@ fn child_args(a: &MountArgs, fd: i32) -> Vec<OsString> {
     if a.insecure_skip_tls_verify {
         v.push("--insecure-skip-tls-verify".into());
     }
+    for f in &a.pull_secrets {
+        v.push("--pull-secret".into());
+        v.push(std::path::absolute(f).unwrap_or_else(|_| f.clone()).into());
+    }
     if a.allow_delete {
         v.push("--allow-delete".into());
     }
     v.push(format!("--fetch-after={}", a.fetch_after).into());
+    v.push(format!("--max-trees={}", a.max_trees).into());
     if a.push_index {
         v.push("--push-index".into());
     }
@@ -448,6 +484,23 @@ impl Ready {
     }
 }
 
+/// The foreground process: the supervisor, which starts the worker that
+/// serves the mount and starts another if it dies (supervise.rs).
+fn supervised(args: MountArgs) -> Result<()> {
+    init_log(&args)?;
+    // SAFETY: the fd was handed to us by our parent for this purpose.
+    let ready = args.ready_fd.map(|fd| {
+        unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+        unsafe { OwnedFd::from_raw_fd(fd) }
+    });
+    let r = supervise::supervise(child_args(&args, None), ready);
+    if let Err(e) = &r {
+        tracing::error!("{e:#}");
+    }
+    r
+}
+
+/// The worker: serves the mount until it is unmounted or signalled.
 fn foreground(args: MountArgs) -> Result<()> {
     // SAFETY: the fd was handed to us by our parent for this purpose.
     let mut ready = Ready(args.ready_fd.map(|fd| {
@@ -492,7 +545,10 @@ fn init_log(args: &MountArgs) -> Result<()> {
 
 fn serve(args: &MountArgs, ready: &mut Ready) -> Result<()> {
     init_log(args)?;
-    preflight(args)?;
+    let resumed = args.resume_fd.is_some();
+    if !resumed {
+        preflight(args)?;
+    }
     let signals = block_signals()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(4)
@@ -514,7 +570,11 @@ fn serve(args: &MountArgs, ready: &mut Ready) -> Result<()> {
         tracing::warn!("--insecure-skip-tls-verify: TLS certificates are not verified");
     }
     let tls = (args.ca_files.clone(), args.insecure_skip_tls_verify);
-    let reg = backend::LibRegistry::new(host, insecure, stall, tls)?;
+    let mut keychain = ggfs::auth::Keychain::from_env();
+    for file in &args.pull_secrets {
+        keychain.pull_secrets.extend(ggfs::pull_secret::read(file)?);
+    }
+    let reg = backend::LibRegistry::new(host, insecure, stall, tls, keychain)?;
     let reg_name = backend::Registry::name(reg.as_ref());
     let cache_dir = args.cache_dir.clone().unwrap_or_else(cache::default_dir);
     let cache = Arc::new(cache::Cache::open(&cache_dir, args.cache_size)?);
@@ -528,22 +588,21 @@ fn serve(args: &MountArgs, ready: &mut Ready) -> Result<()> {
     ns.platform = args.platform.clone();
     ns.allow_delete = args.allow_delete;
     ns.fetch_rest = args.fetch_after;
-    let filesystem = fuse::Fs::new(ns, cache, rt.handle().clone());
+    let filesystem = fuse::Fs::new(ns, cache, takeover(args)?, rt.handle().clone());
     let inner = filesystem.inner();
     // Lookups by name read the catalog: asked for beside the ping, so it
     // is there (or on its way) when the first lookup comes.
     let early = inner.clone();
     rt.spawn(async move { early.ns.catalog().await });
-    rt.block_on(async {
-        tokio::time::timeout(
-            Duration::from_secs(30),
-            backend::Registry::ping(reg.as_ref()),
-        )
-        .await
-    })
-    .map_err(|_| anyhow!("registry {host} unreachable: no answer to /v2/ within 30s"))?
-    .map_err(|e| anyhow!("registry {host} unreachable: {e}"))?;
-
+    if resumed {
+        tracing::info!(
+            "taking over the mount at {} (daemon {} on this connection)",
+            args.mountpoint.display(),
+            args.generation + 1
+        );
+    } else {
+        ping(reg.as_ref(), host, &rt)?;
+    }
     inner
         .layers
         .push_index
@@ -551,9 +610,13 @@ fn serve(args: &MountArgs, ready: &mut Ready) -> Result<()> {
     if let Some(delay) = args.commit_delay.0 {
         rt.spawn(commit::auto(inner.clone(), delay));
     }
+    let limits = prune::Limits {
+        trees: args.max_trees,
+        ..prune::Limits::default()
+    };
+    rt.spawn(prune::run(inner.clone(), limits));
     let options = mount_options(&args.options)?;
-    let mut session = fuser::Session::new(filesystem, &args.mountpoint, &options)
-        .with_context(|| format!("mounting at {}", args.mountpoint.display()))?;
+    let mut session = session(args, filesystem, &options)?;
     let mut unmounter = session.unmount_callable();
     let (tx, rx) = std::sync::mpsc::channel::<&'static str>();
     let tx2 = tx.clone();
@@ -571,12 +634,12 @@ fn serve(args: &MountArgs, ready: &mut Ready) -> Result<()> {
     ready.send("ready\n");
     let why = rx.recv().unwrap_or("channel closed");
     tracing::info!("{why}: unmounting {}", args.mountpoint.display());
-    if why != "session ended"
-        && unmounter
-            .unmount()
-            .and(still_mounted(&args.mountpoint))
-            .is_err()
-    {
+    // A resumed session does not own the mount: unmount it by its path.
+    let mut unmount = || match resumed {
+        true => unmount_only(&args.mountpoint).map_err(std::io::Error::other),
+        false => unmounter.unmount(),
+    };
+    if why != "session ended" && unmount().and(still_mounted(&args.mountpoint)).is_err() {
         // Busy (a reader stuck in a request, a shell inside): detach it,
         // so nothing new comes in, and stop waiting for it below.
         tracing::warn!("{} is busy: detaching it", args.mountpoint.display());
@@ -611,6 +674,66 @@ fn serve(args: &MountArgs, ready: &mut Ready) -> Result<()> {
     }
     rt.shutdown_timeout(Duration::from_secs(2));
     Ok(())
+}
+
+fn ping(reg: &dyn backend::Registry, host: &str, rt: &tokio::runtime::Runtime) -> Result<()> {
+    rt.block_on(async { tokio::time::timeout(Duration::from_secs(30), reg.ping()).await })
+        .map_err(|_| anyhow!("registry {host} unreachable: no answer to /v2/ within 30s"))?
+        .map_err(|e| anyhow!("registry {host} unreachable: {e}"))
+}
+
+/// What the daemons before this one on the connection gave out.
+fn takeover(args: &MountArgs) -> Result<fs::Takeover> {
+    let log = match args.ino_log_fd {
+        // SAFETY: the supervisor handed us this memfd for this purpose.
+        Some(fd) => {
+            let file = unsafe { std::fs::File::from_raw_fd(fd) };
+            unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+            let (log, replayed) = inolog::InoLog::open(file).context("reading the inode log")?;
+            Some((Arc::new(log), replayed))
+        }
+        None => None,
+    };
+    Ok(fs::Takeover {
+        log,
+        generation: args.generation,
+    })
+}
+
+/// Mount (handing the connection to the supervisor), or take over the
+/// connection a dead worker served.
+fn session(
+    args: &MountArgs,
+    filesystem: fuse::Fs,
+    options: &[fuser::MountOption],
+) -> Result<fuser::Session<fuse::Fs>> {
+    if let Some(fd) = args.resume_fd {
+        use fuser::{MountOption as M, SessionACL};
+        // SAFETY: the supervisor handed us this /dev/fuse descriptor.
+        let fuse = unsafe { OwnedFd::from_raw_fd(fd) };
+        unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+        let acl = if options.contains(&M::AllowOther) {
+            SessionACL::All
+        } else if options.contains(&M::AllowRoot) {
+            SessionACL::RootAndOwner
+        } else {
+            SessionACL::Owner
+        };
+        supervise::resend(fuse.as_fd());
+        return Ok(fuser::Session::resume(filesystem, fuse, acl));
+    }
+    let session = fuser::Session::new(filesystem, &args.mountpoint, options)
+        .with_context(|| format!("mounting at {}", args.mountpoint.display()))?;
+    if let Some(fd) = args.handoff_fd {
+        // SAFETY: the supervisor handed us this socket for this purpose.
+        let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+        if let Err(e) = supervise::send_fd(sock.as_fd(), session.as_fd()) {
+            tracing::warn!(
+                "handing the connection to the supervisor: {e} (no restart if this daemon dies)"
+            );
+        }
+    }
+    Ok(session)
 }
 
 /// Block SIGINT/SIGTERM/SIGHUP in this and all later threads, so one

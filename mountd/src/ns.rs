@@ -57,16 +57,39 @@ impl From<Error> for Fail {
 /// When a memo entry was made, and its (possibly pending) result.
 type Slot<V> = (Instant, Arc<OnceCell<Res<V>>>);
 
-/// Memoized async results with expiry and single-flight.
+/// Memoized async results with expiry and single-flight. Expired entries
+/// are dropped whenever the map has doubled since the last sweep, so a
+/// daemon asked for a million names that do not exist stays as small as
+/// one asked for a few.
+// Not a cache crate: each caller picks the lifetimes (tag_ttl, FOREVER, 30 s)
+// and a failure lives another (neg_ttl); concurrent callers share one
+// computation and its error; `peek` serves stale values on purpose.
+// quick_cache has no expiry, mini-moka no single-flight or per-entry expiry,
+// and moka's `Expiry` sees only key and value, so the lifetimes would have to
+// ride in the value, and it hides the expired entries `peek` wants.
 pub struct Memo<K, V> {
     map: Mutex<HashMap<K, Slot<V>>>,
+    sweep_at: std::sync::atomic::AtomicUsize,
 }
+
+/// Fewest entries before a sweep.
+const SWEEP_MIN: usize = 256;
 
 impl<K: Hash + Eq + Clone, V: Clone> Default for Memo<K, V> {
     fn default() -> Self {
         Memo {
             map: Mutex::new(HashMap::new()),
+            sweep_at: SWEEP_MIN.into(),
         }
+    }
+}
+
+fn fresh<V>(slot: &Slot<V>, now: Instant, ok_ttl: Duration, err_ttl: Duration) -> bool {
+    let (born, cell) = slot;
+    match cell.get() {
+        None => true,
+        Some(Ok(_)) => now.duration_since(*born) < ok_ttl,
+        Some(Err(_)) => now.duration_since(*born) < err_ttl,
     }
 }
 
@@ -79,17 +102,44 @@ impl<K: Hash + Eq + Clone, V: Clone> Memo<K, V> {
         let cell = {
             let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
             let now = Instant::now();
-            let fresh = map.get(key).is_some_and(|(born, cell)| match cell.get() {
-                None => true,
-                Some(Ok(_)) => now.duration_since(*born) < ok_ttl,
-                Some(Err(_)) => now.duration_since(*born) < err_ttl,
-            });
-            if !fresh {
+            if !map.get(key).is_some_and(|s| fresh(s, now, ok_ttl, err_ttl)) {
                 map.insert(key.clone(), (now, Arc::new(OnceCell::new())));
+                self.sweep(&mut map, now, ok_ttl, err_ttl);
             }
             map[key].1.clone()
         };
         cell.get_or_init(f).await.clone()
+    }
+
+    /// Drop the expired entries once the map has doubled since the last
+    /// sweep (amortized O(1) per insert).
+    fn sweep(&self, map: &mut HashMap<K, Slot<V>>, now: Instant, ok: Duration, err: Duration) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if map.len() < self.sweep_at.load(Relaxed) {
+            return;
+        }
+        map.retain(|_, s| fresh(s, now, ok, err));
+        self.sweep_at.store((map.len() * 2).max(SWEEP_MIN), Relaxed);
+    }
+
+    /// How many entries are kept.
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.map.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// Drop the entry for `key` if it holds a value, nobody is waiting on
+    /// it, and `drop` (called with the map locked) agrees.
+    pub fn forget_if(&self, key: &K, drop: impl FnOnce(&V) -> bool) -> bool {
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        let Some((_, cell)) = map.get(key) else {
+            return false;
+        };
+        let go = Arc::strong_count(cell) == 1 && matches!(cell.get(), Some(Ok(v)) if drop(v));
+        if go {
+            map.remove(key);
+        }
+        go
     }
 
     /// Drop an entry: the next `get` computes it anew.
@@ -542,5 +592,23 @@ mod tests {
         assert_eq!(m.get(&1, long, long, f).await.unwrap(), 0);
         assert_eq!(m.get(&1, long, long, f).await.unwrap(), 0);
         assert_eq!(m.get(&1, Duration::ZERO, long, f).await.unwrap(), 1);
+    }
+
+    #[tokio::test]
+    async fn memo_of_a_million_misses_stays_small() {
+        let m: Memo<u32, u32> = Memo::default();
+        let long = Duration::from_secs(60);
+        for k in 0..1_000_000 {
+            // Misses remembered for no time (a `neg_ttl` of 0): each is
+            // expired once answered, and goes at the next sweep.
+            let r = m.get(&k, long, Duration::ZERO, || async { Err(Fail::noent("x")) });
+            assert!(r.await.is_err());
+        }
+        assert!(m.len() <= SWEEP_MIN, "{} entries kept", m.len());
+        // What has not expired stays.
+        for k in 0..1000 {
+            assert_eq!(m.get(&k, long, long, || async { Ok(k) }).await.unwrap(), k);
+        }
+        assert!(m.len() >= 1000);
     }
 }

@@ -26,6 +26,10 @@ pub struct Stats {
     requests: AtomicU64,
     /// Directory listings built (one per opendir that is read, not per page).
     listings: AtomicU64,
+    /// LOOKUPs answered, merged trees built and dropped (prune.rs).
+    lookups: AtomicU64,
+    trees_built: AtomicU64,
+    trees_dropped: AtomicU64,
     blobs: Mutex<BTreeMap<Digest, BlobStat>>,
 }
 
@@ -36,6 +40,18 @@ impl Stats {
 
     pub fn listing(&self) {
         self.listings.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn lookup(&self) {
+        self.lookups.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn tree_built(&self) {
+        self.trees_built.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn trees_dropped(&self, n: usize) {
+        self.trees_dropped.fetch_add(n as u64, Ordering::Relaxed);
     }
 
     /// Remember a blob's size (from its descriptor) for the percentage.
@@ -69,6 +85,11 @@ impl Stats {
         let _ = writeln!(out, "cache_bytes {}", cache.used());
         let _ = writeln!(out, "cache_limit {}", cache.limit());
         let _ = writeln!(out, "listings {}", self.listings.load(Ordering::Relaxed));
+        let _ = writeln!(out, "lookups {}", self.lookups.load(Ordering::Relaxed));
+        let built = self.trees_built.load(Ordering::Relaxed);
+        let _ = writeln!(out, "trees_built {built}");
+        let dropped = self.trees_dropped.load(Ordering::Relaxed);
+        let _ = writeln!(out, "trees_dropped {dropped}");
         for (d, b) in blobs.iter().filter(|(_, b)| b.requests > 0) {
             let size = b.size.map_or("-".to_string(), |s| s.to_string());
             let pct = match b.size {

@@ -193,6 +193,30 @@ impl Upper {
         self.work.join(format!("{}-{n}", std::process::id()))
     }
 
+    /// The path (relative) of the upper entry with inode `st_ino`: a walk
+    /// of the upper directory, for a restarted daemon relearning names.
+    pub fn path_of_ino(&self, st_ino: u64) -> Option<Vec<u8>> {
+        use std::os::unix::ffi::OsStrExt;
+        use std::os::unix::fs::MetadataExt;
+        let mut dirs = vec![Vec::new()];
+        while let Some(dir) = dirs.pop() {
+            let Ok(entries) = std::fs::read_dir(self.path(&dir)) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                let rel = join(&dir, e.file_name().as_bytes());
+                let Ok(md) = e.metadata() else { continue };
+                if md.ino() == st_ino {
+                    return Some(rel);
+                }
+                if md.is_dir() {
+                    dirs.push(rel);
+                }
+            }
+        }
+        None
+    }
+
     pub fn lstat(&self, rel: &[u8]) -> Option<std::fs::Metadata> {
         std::fs::symlink_metadata(self.path(rel)).ok()
     }

@@ -30,17 +30,22 @@ impl Inner {
                     None => None,
                 };
                 let j = Journal::open(&dir, &registry, (repo, tag), base.clone(), index);
-                let root_ino = self.ino(Key::WRootfs(repo.into(), tag.into(), base.clone()));
+                let key = Key::WRootfs(repo.into(), tag.into(), base.clone());
+                let root_ino = self.ino(key.clone());
                 let mut inodes = self.lock();
-                let b = inodes.next_base;
-                inodes.next_base += WRITABLE_RANGE;
+                let b = inodes.place(&key, WRITABLE_RANGE);
+                self.ns.stats.tree_built();
                 let first_free = b + ro.tree.nodes.len() as u64;
+                let log = inodes.log.clone().map(|l| (l, b));
+                let known = inodes.uppers.remove(&b).unwrap_or_default();
+                let work = Work::new(Upper::new(&dir), j, first_free, log, known);
                 let r = Arc::new(RootFs {
                     tree: ro.tree.clone(),
                     layers: ro.layers.clone(),
                     base: b,
                     root_ino,
-                    w: Some(Work::new(Upper::new(&dir), j, first_free)),
+                    w: Some(work),
+                    used: crate::rootfs::now_secs().into(),
                 });
                 inodes.trees.insert(b, r.clone());
                 drop(inodes);

@@ -33,7 +33,6 @@ mod mutate;
 mod optimize;
 mod progress;
 mod pull;
-mod pull_secret;
 mod push;
 mod rebase;
 mod refs;
@@ -267,7 +266,7 @@ impl Ctx {
         }
         let mut keychain = ggfs::auth::Keychain::from_env();
         for file in &self.global.pull_secrets {
-            keychain.pull_secrets.extend(pull_secret::read(file)?);
+            keychain.pull_secrets.extend(ggfs::pull_secret::read(file)?);
         }
         let client = Client::builder(opts)
             .keychain(keychain)

@@ -37,11 +37,6 @@ pub fn unmount_help() -> String {
 /// The daemon's `mount`, with the global flags it also takes that were
 /// given before the verb (`ggfs --ca-file CA mount ...`) passed on.
 pub fn mount(a: MountArgs, global: &super::Global) -> Result<()> {
-    if !global.pull_secrets.is_empty() {
-        anyhow::bail!(
-            "ggfs mount does not take --pull-secret (yet): the daemon reads the docker config"
-        );
-    }
     let mut args: Vec<OsString> = std::iter::once(OsString::from("mount"))
         .chain(a.args)
         .collect();
@@ -54,6 +49,10 @@ pub fn mount(a: MountArgs, global: &super::Global) -> Result<()> {
     }
     if global.insecure_skip_tls_verify {
         args.push("--insecure-skip-tls-verify".into());
+    }
+    for f in &global.pull_secrets {
+        args.push("--pull-secret".into());
+        args.push(f.into());
     }
     if let Some(p) = &global.platform {
         args.push(format!("--platform={p}").into());

@@ -14,7 +14,9 @@ use crate::error::{Error, Result};
 /// `None` on the last page.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Page {
+    /// Tags or repository names, in the registry's order.
     pub items: Vec<String>,
+    /// Where the next page starts.
     pub next: Option<String>,
 }
 
@@ -57,6 +59,9 @@ async fn fetch(
         None => None,
     };
     let body = resp.bytes_capped(what, MAX_LIST_BODY).await?;
+    // Read by hand, not as oci-spec's `distribution::TagList`: that needs
+    // `name` and a `tags` array, where registries send `"tags": null` for a
+    // repository with none, and the catalog's field is `repositories`.
     let v: serde_json::Value = serde_json::from_slice(&body)
         .map_err(|e| Error::invalid(what, format!("not JSON: {e}")))?;
     let items = match v.get(kind.field()) {

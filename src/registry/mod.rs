@@ -53,9 +53,10 @@ use transport::{Req, Transport};
 /// PATCH chunks of this size.
 pub const DEFAULT_CHUNK_SIZE: usize = 16 * 1024 * 1024;
 
+/// How a [`Client`] reaches registries: plain HTTP, TLS roots, parallelism, stall timeout.
 #[derive(Clone, Debug)]
 pub struct ClientOptions {
-    /// Registries (host[:port]) spoken to over plain HTTP.
+    /// Registries (host\[:port\]) spoken to over plain HTTP.
     pub insecure: Vec<String>,
     /// Plain HTTP everywhere.
     pub insecure_all: bool,
@@ -107,6 +108,7 @@ impl ClientBuilder {
         self.keychain = Some(k);
         self
     }
+    /// How failed requests are retried.
     pub fn retry(mut self, r: RetryPolicy) -> Self {
         self.retry = r;
         self
@@ -116,6 +118,7 @@ impl ClientBuilder {
         self.chunk_size = n.max(1);
         self
     }
+    /// Read the CA files and make the client.
     pub fn build(self) -> Result<Client> {
         let mut roots = Vec::new();
         for path in &self.opts.ca_files {
@@ -153,10 +156,12 @@ impl ClientBuilder {
 }
 
 impl Client {
+    /// A client with the environment's credentials and default retries.
     pub fn new(opts: ClientOptions) -> Result<Client> {
         Self::builder(opts).build()
     }
 
+    /// Start a client with `opts`, to set credentials, retries or chunk size.
     pub fn builder(opts: ClientOptions) -> ClientBuilder {
         ClientBuilder {
             opts,
@@ -166,6 +171,7 @@ impl Client {
         }
     }
 
+    /// One repository, as a [`Source`] and [`Sink`].
     pub fn repo(&self, repo: &Repository) -> RegistryRepo {
         RegistryRepo {
             inner: Arc::new(RepoInner {
@@ -290,10 +296,12 @@ struct RepoInner {
 }
 
 impl RegistryRepo {
+    /// Which repository this is.
     pub fn repository(&self) -> &Repository {
         &self.inner.repo
     }
 
+    /// The client it goes through.
     pub fn client(&self) -> &Client {
         &self.inner.client
     }

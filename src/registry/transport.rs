@@ -189,6 +189,9 @@ pub(crate) struct Transport {
     retry: RetryPolicy,
     stall: Duration,
     challenges: Mutex<HashMap<String, Challenge>>,
+    /// Bearer tokens by registry and scope set. A map, not a TTL cache crate:
+    /// each token's lifetime is the server's `expires_in` ([`Token::is_fresh`]),
+    /// a 401 drops it, and the keys are few (one per registry and scope set).
     tokens: Mutex<HashMap<(String, String), Token>>,
     creds: Mutex<CredCache>,
 }
@@ -557,6 +560,10 @@ pub(crate) async fn error_detail(resp: Resp) -> String {
 }
 
 pub(crate) fn format_error_body(body: &[u8]) -> String {
+    // Not oci-spec's `distribution::ErrorResponse`: its `ErrorCode` is a
+    // closed set of 14 codes and `code` is required, so one `UNKNOWN` or
+    // `UNAVAILABLE` (distribution's own), a vendor code or none would fail the
+    // whole body and lose the registry's messages.
     #[derive(serde::Deserialize)]
     struct Errors {
         errors: Vec<ErrorEntry>,

@@ -151,6 +151,10 @@ impl From<Error> for ApiError {
     }
 }
 
+// The body is built here rather than as oci-spec's
+// `distribution::ErrorResponse`: its `ErrorCode` enum has no `UNKNOWN`,
+// `RANGE_INVALID`, `TAG_INVALID`, `PAGINATION_NUMBER_INVALID` or
+// `NOT_FOUND`, which this registry answers with.
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = json!({

@@ -3,11 +3,13 @@
 //! repositories by digest, but a repository sees a blob only once it was
 //! pushed or mounted there.
 //!
-//! ```no_run
-//! # async fn f() -> ggfs::Result<()> {
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> ggfs::Result<()> {
 //! use ggfs::server::{Server, Storage};
 //! let server = Server::start(Storage::Memory).await?; // 127.0.0.1:<free port>
-//! println!("registry at {}", server.host());
+//! assert!(server.host().starts_with("127.0.0.1:"));
+//! // Serves until `server` is dropped.
 //! # Ok(()) }
 //! ```
 
@@ -96,6 +98,7 @@ impl Server {
         Ok(Server { addr, task })
     }
 
+    /// Where it listens (the port chosen, for `127.0.0.1:0`).
     pub fn addr(&self) -> SocketAddr {
         self.addr
     }

@@ -27,22 +27,21 @@ pub enum Route {
     Referrers(String, String),
 }
 
-/// Percent-decode one path segment (clients may send `sha256%3A...`).
+/// Percent-decode one path segment (clients may send `sha256%3A...`). A
+/// `%` not followed by two hex digits makes the path no route, where
+/// `percent_decode_str` alone would keep it as a literal `%`.
 fn decode(seg: &str) -> Option<String> {
-    let bytes = seg.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
+    let hex2 = |s: &str| {
+        s.get(..2)
+            .is_some_and(|h| h.bytes().all(|b| b.is_ascii_hexdigit()))
+    };
+    if !seg.split('%').skip(1).all(hex2) {
+        return None;
     }
-    String::from_utf8(out).ok()
+    let decoded = percent_encoding::percent_decode_str(seg)
+        .decode_utf8()
+        .ok()?;
+    Some(decoded.into_owned())
 }
 
 /// Split `/v2/<rest>` into a route; None for paths outside the API.
@@ -188,6 +187,7 @@ fn tags(store: &Store, name: &str, query: &[(String, String)]) -> ApiResult<Resp
         .into_iter()
         .map(|(d, (mt, tags))| (d.to_string(), json!({ "mediaType": mt, "tag": tags })))
         .collect();
+    // Not oci-spec's `distribution::TagList`, which has no room for `manifest`.
     let body = json!({ "name": name, "tags": page, "manifest": manifest });
     let mut resp = axum::Json(body).into_response();
     link(&mut resp, &format!("/v2/{name}/tags/list"), next)?;
@@ -249,6 +249,13 @@ mod tests {
         assert_eq!(r("/v2/a"), None);
         assert_eq!(r("/v3/a/tags/list"), None);
         assert_eq!(r("/v2/a/blobs/%zz"), None);
+        assert_eq!(r("/v2/a/blobs/%+f"), None);
+        assert_eq!(r("/v2/a/blobs/%4"), None);
+        assert_eq!(r("/v2/a/blobs/%ff"), None); // not UTF-8
+        assert_eq!(
+            r("/v2/a%2Fb/manifests/%76%31"),
+            Some(Route::Manifest(s("a/b"), s("v1")))
+        );
     }
 
     #[test]

@@ -87,8 +87,23 @@ pub fn is_mounted(mp: &Path) -> bool {
     mounts.lines().any(|l| l.split(' ').nth(1) == Some(&mp))
 }
 
-/// Pids of ggfs-mountd processes serving `mp`.
+/// Pids of ggfs-mountd processes serving `mp`: the supervisor and the
+/// worker it started.
 pub fn daemon_pids(mp: &Path) -> Vec<u32> {
+    daemons(mp).into_iter().map(|(pid, _)| pid).collect()
+}
+
+/// The pid of the worker serving `mp` (the process that answers the
+/// kernel; its supervisor restarts it if it dies).
+pub fn worker_pid(mp: &Path) -> Option<u32> {
+    daemons(mp)
+        .into_iter()
+        .find(|(_, w)| *w)
+        .map(|(pid, _)| pid)
+}
+
+/// ggfs-mountd processes naming `mp`: (pid, whether it is a worker).
+fn daemons(mp: &Path) -> Vec<(u32, bool)> {
     let mut out = Vec::new();
     let Ok(rd) = std::fs::read_dir("/proc") else {
         return out;
@@ -103,7 +118,7 @@ pub fn daemon_pids(mp: &Path) -> Vec<u32> {
         let args: Vec<&[u8]> = cmd.split(|&b| b == 0).collect();
         let is_mountd = args.first().is_some_and(|a| a.ends_with(b"ggfs-mountd"));
         if is_mountd && args.contains(&mp.as_os_str().as_encoded_bytes()) {
-            out.push(pid);
+            out.push((pid, args.contains(&&b"--worker"[..])));
         }
     }
     out
@@ -174,18 +189,18 @@ impl Mount {
             std::fs::read_to_string(&log).unwrap_or_default()
         );
         assert!(is_mounted(&mp), "{} not in /proc/mounts", mp.display());
-        let pids = daemon_pids(&mp);
-        assert_eq!(
-            pids.len(),
-            1,
-            "expected one daemon for {}: {pids:?}",
+        let ds = daemons(&mp);
+        let sup: Vec<u32> = ds.iter().filter(|d| !d.1).map(|d| d.0).collect();
+        assert!(
+            ds.len() == 2 && sup.len() == 1,
+            "expected a supervisor and a worker for {}: {ds:?}",
             mp.display()
         );
         Mount {
             dir: Some(dir),
             mp,
             log,
-            pid: pids[0],
+            pid: sup[0],
             killed: Cell::new(false),
         }
     }
@@ -195,9 +210,34 @@ impl Mount {
         &self.mp
     }
 
-    /// The daemon's pid.
+    /// The pid of the daemon serving the mount now (the worker; 0 if none).
     pub fn pid(&self) -> u32 {
+        worker_pid(&self.mp).unwrap_or(0)
+    }
+
+    /// The pid of the supervisor, which outlives the workers it starts.
+    pub fn supervisor(&self) -> u32 {
         self.pid
+    }
+
+    /// Kill the daemon serving the mount with SIGKILL, and wait (10 s) for
+    /// the supervisor to start another: its pid.
+    pub fn kill_worker(&self) -> u32 {
+        let old = self.pid();
+        assert_ne!(old, 0, "no worker for {}", self.mp.display());
+        kill(old, "KILL");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match worker_pid(&self.mp) {
+                Some(p) if p != old => return p,
+                _ => assert!(
+                    Instant::now() < deadline,
+                    "no new daemon 10 s after killing {old}:\n{}",
+                    self.log()
+                ),
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// `rel` below the mount point.
@@ -210,11 +250,9 @@ impl Mount {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Whether the supervisor or a worker of the mount is still running.
     pub fn pid_alive(&self) -> bool {
-        Path::new(&format!("/proc/{}", self.pid)).exists()
-            && !std::fs::read_to_string(format!("/proc/{}/stat", self.pid))
-                .unwrap_or_default()
-                .contains(") Z ")
+        alive(self.pid) || worker_pid(&self.mp).is_some_and(alive)
     }
 
     /// `ggfs-mountd unmount`, then wait (10 s) for the daemon to exit.
@@ -249,7 +287,7 @@ impl Mount {
     /// the mount point.
     pub fn kill9(&self) {
         assert!(!self.killed.get(), "daemon {} killed twice", self.pid);
-        kill(self.pid, "KILL");
+        self.kill_all();
         let deadline = Instant::now() + Duration::from_secs(10);
         while self.pid_alive() {
             assert!(
@@ -274,12 +312,35 @@ impl Mount {
     }
 }
 
+impl Mount {
+    /// SIGKILL to the supervisor first (so it starts no other worker), then
+    /// to the workers.
+    pub fn kill_all(&self) {
+        let workers: Vec<u32> = daemons(&self.mp)
+            .iter()
+            .filter(|d| d.1)
+            .map(|d| d.0)
+            .collect();
+        kill(self.pid, "KILL");
+        for w in workers {
+            kill(w, "KILL");
+        }
+    }
+}
+
+fn alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .unwrap_or_default()
+            .contains(") Z ")
+}
+
 impl Drop for Mount {
     fn drop(&mut self) {
         // Already unmounted (and the daemon gone), or killed: nothing to do.
         let done = self.killed.get() || (!is_mounted(&self.mp) && !self.pid_alive());
         if !done && (self.unmount().is_err() || is_mounted(&self.mp)) {
-            kill(self.pid, "KILL");
+            self.kill_all();
             lazy_unmount(&self.mp);
         }
         // Never delete the temp dir through a live mount (after kill9 the

@@ -84,7 +84,8 @@ impl RootFs {
         upper::apply_meta(&tmp, m).map_err(fail)?;
         u.install(&tmp, path, true).map_err(fail)?;
         if let Some(md) = u.lstat(path) {
-            self.up_inos().by_upper.insert(md.ino(), self.ino(id));
+            let w = self.w.as_ref().expect("a writable tree");
+            w.upper_is(&mut w.inos(), md.ino(), self.ino(id));
         }
         if m.kind == Kind::File && node.nlink > 1 {
             self.copy_up_aliases(path, id)?;

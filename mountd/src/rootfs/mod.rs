@@ -18,6 +18,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use fuser::{FileAttr, FileType};
 
 use crate::commit::Journal;
+use crate::inolog::InoLog;
 use crate::layer::LayerData;
 use crate::ns::{Fail, Res};
 use crate::tree::{self, DataRef, Kind, NodeId, Tree};
@@ -35,6 +36,17 @@ pub struct RootFs {
     pub root_ino: u64,
     /// The upper side, for a tag's (writable) rootfs.
     pub w: Option<Work>,
+    /// When it was last used ([`now_secs`]), for prune.rs.
+    pub used: std::sync::atomic::AtomicU64,
+}
+
+/// Seconds since the daemon started: a clock cheap enough for every request.
+pub fn now_secs() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    START
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_secs()
 }
 
 /// The writable side of a rootfs.
@@ -45,18 +57,38 @@ pub struct Work {
     /// snapshot sees no change half made.
     pub lock: tokio::sync::RwLock<()>,
     inos: Mutex<Inos>,
+    /// Where upper inodes given out are written, and this tree's base.
+    log: Option<(Arc<InoLog>, u64)>,
 }
 
 impl Work {
-    pub fn new(upper: Upper, journal: Journal, first_free: u64) -> Self {
+    /// `known`: the upper inodes an earlier daemon gave out (st_ino → ino).
+    pub fn new(
+        upper: Upper,
+        journal: Journal,
+        first_free: u64,
+        log: Option<(Arc<InoLog>, u64)>,
+        known: HashMap<u64, u64>,
+    ) -> Self {
+        let next = known.values().map(|i| i + 1).fold(first_free, u64::max);
         Work {
             upper,
             journal,
             lock: tokio::sync::RwLock::new(()),
             inos: Mutex::new(Inos {
-                next: first_free,
+                next,
+                by_upper: known,
                 ..Inos::default()
             }),
+            log,
+        }
+    }
+
+    /// The upper file `st_ino` is our `ino` from now on.
+    fn upper_is(&self, inos: &mut Inos, st_ino: u64, ino: u64) {
+        inos.by_upper.insert(st_ino, ino);
+        if let Some((log, base)) = &self.log {
+            log.upper(*base, st_ino, ino);
         }
     }
 
@@ -258,6 +290,54 @@ impl RootFs {
         }
     }
 
+    /// Learn again the name of `ino`, one an earlier daemon on this
+    /// connection gave out: a lower node by its path in the tree, an upper
+    /// file by its inode in the upper directory. False if it has none.
+    pub fn relearn(&self, ino: u64) -> bool {
+        let Some(w) = &self.w else {
+            return false;
+        };
+        let upper = w
+            .inos()
+            .by_upper
+            .iter()
+            .find(|(_, &i)| i == ino)
+            .map(|(&s, _)| s);
+        let path = match upper {
+            Some(st_ino) => w.upper.path_of_ino(st_ino),
+            None => self.lower_path(ino),
+        };
+        let Some(path) = path else {
+            return false;
+        };
+        // What is at the path now says whether it is still `ino`.
+        self.find(&path)
+            .is_some_and(|at| self.ino_of(&path, &at) == ino)
+    }
+
+    /// The path of lower node `ino` in the tree.
+    fn lower_path(&self, ino: u64) -> Option<Vec<u8>> {
+        let id = NodeId::try_from(ino.checked_sub(self.base)?).ok()?;
+        if id == tree::ROOT || id as usize >= self.tree.nodes.len() {
+            return None;
+        }
+        let mut names = Vec::new();
+        let mut at = id;
+        while at != tree::ROOT {
+            let n = self.tree.node(at);
+            let (name, _) = self
+                .tree
+                .node(n.parent)
+                .children
+                .iter()
+                .find(|(_, &c)| c == at)?;
+            names.push(name.clone());
+            at = n.parent;
+        }
+        names.reverse();
+        Some(names.join(&b'/'))
+    }
+
     pub fn lower_attr(&self, id: NodeId) -> FileAttr {
         let n = self.tree.node(id);
         // The root's count is not known before the tree is: 1 ("not
@@ -346,7 +426,8 @@ impl RootFs {
         if path.is_empty() {
             return self.root_ino;
         }
-        let mut inos = self.up_inos();
+        let w = self.w.as_ref().expect("a writable tree");
+        let mut inos = w.inos();
         let ino = match seen {
             Seen::Lower(id) => self.ino(id),
             Seen::Upper(st_ino, _) => match inos.by_upper.get(&st_ino) {
@@ -354,7 +435,7 @@ impl RootFs {
                 None => {
                     let i = inos.next;
                     inos.next += 1;
-                    inos.by_upper.insert(st_ino, i);
+                    w.upper_is(&mut inos, st_ino, i);
                     i
                 }
             },

@@ -137,6 +137,15 @@ impl<FS: Filesystem> Session<FS> {
         }
     }
 
+    /// ggfs patch: take over a connection another process initialized (a
+    /// restarted daemon on the /dev/fuse descriptor its supervisor kept):
+    /// the kernel sends INIT once per connection, so none will come.
+    pub fn resume(filesystem: FS, fd: OwnedFd, acl: SessionACL) -> Self {
+        let mut se = Self::from_fd(filesystem, fd, acl);
+        se.initialized = true;
+        se
+    }
+
     /// Run the session loop that receives kernel requests and dispatches them to method
     /// calls into the filesystem. This read-dispatch-loop is non-concurrent to prevent
     /// having multiple buffers (which take up much memory), but the filesystem methods

@@ -1,0 +1,150 @@
+//! Bounded memory in a long-running daemon: a million lookups over many
+//! images, with fewer trees allowed in memory than images walked, keep the
+//! daemon's RSS flat. Trees beyond the limit are dropped and rebuilt on
+//! the next request at the inode numbers they had.
+
+mod common;
+
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
+use common::mount::Mount;
+use common::Distribution;
+
+/// Images walked, files in each, trees the daemon may keep.
+const IMAGES: usize = 12;
+const FILES: usize = 4000;
+const MAX_TREES: usize = 4;
+const LOOKUPS: u64 = 1_000_000;
+/// RSS may grow this much between the first walk and the last.
+const GROWTH_MIB: u64 = 8;
+
+fn tar_of(files: impl Iterator<Item = (String, Vec<u8>)>) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for (name, data) in files {
+        let mut h = tar::Header::new_ustar();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_mtime(1);
+        b.append_data(&mut h, name, &data[..]).unwrap();
+    }
+    b.into_inner().unwrap()
+}
+
+/// `IMAGES` images sharing a layer of `FILES` files in 40 directories,
+/// each with one file of its own on top.
+fn registry_with_images() -> Distribution {
+    let reg = Distribution::start();
+    let dir = common::tempdir();
+    let big = dir.path().join("big.tar");
+    let files = (0..FILES).map(|i| (format!("d{}/f{i}", i % 40), i.to_string().into_bytes()));
+    std::fs::write(&big, tar_of(files)).unwrap();
+    let base = reg.reference("soak/base:v1");
+    common::ggfs(&["append", "-f", big.to_str().unwrap(), "-t", &base]);
+    for i in 0..IMAGES {
+        let own = dir.path().join(format!("own{i}.tar"));
+        std::fs::write(
+            &own,
+            tar_of([(format!("own{i}"), vec![b'x'; i])].into_iter()),
+        )
+        .unwrap();
+        let tag = reg.reference(&format!("soak/img{i}:v1"));
+        common::ggfs(&[
+            "append",
+            "-b",
+            &base,
+            "-f",
+            own.to_str().unwrap(),
+            "-t",
+            &tag,
+        ]);
+    }
+    reg
+}
+
+/// Stat every file below `dir`; the inode numbers seen, summed.
+fn walk(dir: &Path) -> (usize, u64) {
+    let (mut n, mut sum) = (0, 0u64);
+    for d in std::fs::read_dir(dir).unwrap() {
+        let d = d.unwrap().path();
+        if !d.is_dir() {
+            continue;
+        }
+        for f in std::fs::read_dir(&d).unwrap() {
+            let md = std::fs::symlink_metadata(f.unwrap().path()).unwrap();
+            n += 1;
+            sum = sum.wrapping_add(md.ino());
+        }
+    }
+    (n, sum)
+}
+
+fn stat(m: &Mount, name: &str) -> u64 {
+    let s = std::fs::read_to_string(m.path(".ggfs/stats")).unwrap();
+    s.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} "))?.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in stats: {s}"))
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    s.lines()
+        .find_map(|l| {
+            l.strip_prefix("VmRSS:")?
+                .trim()
+                .strip_suffix("kB")?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap()
+}
+
+#[test]
+fn a_million_lookups_over_more_images_than_trees_kept_keep_rss_flat() {
+    let reg = registry_with_images();
+    let limit = MAX_TREES.to_string();
+    let m = Mount::start(
+        reg.addr(),
+        &["--max-trees", &limit, "--fetch-after", "never"],
+    );
+    let dirs: Vec<_> = (0..IMAGES)
+        .map(|i| m.path(&format!("soak/img{i}/v1/rootfs")))
+        .collect();
+    // The first round builds every tree once and says what each holds.
+    let first: Vec<(usize, u64)> = dirs.iter().map(|d| walk(d)).collect();
+    assert!(first.iter().all(|(n, _)| *n == FILES), "{first:?}");
+    let start_rss = rss_kib(m.pid());
+    let start_lookups = stat(&m, "lookups");
+    let mut rounds = 0;
+    while stat(&m, "lookups") - start_lookups < LOOKUPS {
+        for (d, want) in dirs.iter().zip(&first) {
+            // Lookups of a writable tree are cached 1 s: each round asks again.
+            assert_eq!(&walk(d), want, "{} after trees were dropped", d.display());
+        }
+        rounds += 1;
+        assert!(
+            rounds < 200,
+            "{} lookups in 200 rounds",
+            stat(&m, "lookups")
+        );
+    }
+    let end_rss = rss_kib(m.pid());
+    let built = stat(&m, "trees_built");
+    let dropped = stat(&m, "trees_dropped");
+    println!(
+        "{rounds} rounds, {} lookups, trees built {built} dropped {dropped}, \
+         RSS {start_rss} KiB -> {end_rss} KiB",
+        stat(&m, "lookups")
+    );
+    // Trees came and went: more were built than there are images.
+    assert!(
+        dropped > 0 && built > 2 * IMAGES as u64,
+        "built {built} dropped {dropped}"
+    );
+    assert!(
+        end_rss <= start_rss + GROWTH_MIB * 1024,
+        "RSS grew from {start_rss} KiB to {end_rss} KiB"
+    );
+    m.unmount().unwrap();
+}
