@@ -133,19 +133,23 @@ fn ggfs_cached(cache: &std::path::Path, args: &[&str]) -> Command {
     cmd
 }
 
-/// The one upload record in `cache`, as JSON.
+/// The upload records in `cache`, as JSON (every file there, `.lock`s
+/// too, is `0600`).
 fn upload_records(cache: &std::path::Path) -> Vec<serde_json::Value> {
     let Ok(dir) = std::fs::read_dir(cache.join("ggfs/uploads")) else {
         return Vec::new();
     };
-    dir.map(|e| {
+    let mut records = Vec::new();
+    for e in dir {
         let path = e.unwrap().path();
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600, "{}", path.display());
-        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap()
-    })
-    .collect()
+        if path.extension().is_some_and(|x| x == "json") {
+            records.push(serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap());
+        }
+    }
+    records
 }
 
 /// A copy whose target registry was killed -9 after it took 3 PATCH

@@ -77,6 +77,8 @@ struct Session {
     /// The last request found the registry away (no answer, or 5xx): the
     /// session may well live on, so it is kept for a rerun.
     broken_off: bool,
+    /// This process holds the blob's upload lock: it records the session.
+    recorded: bool,
 }
 
 impl Session {
@@ -85,6 +87,7 @@ impl Session {
             loc,
             held: 0,
             broken_off: false,
+            recorded: false,
         }
     }
 }
@@ -263,15 +266,21 @@ impl RegistryRepo {
             digest,
             size,
         };
-        let mut s = match self.resumed(&key, what).await {
+        let claim = self.client().uploads.as_deref().and_then(|r| r.claim(&key));
+        let resumed = match claim {
+            Some(_) => self.resumed(&key, what).await,
+            None => None,
+        };
+        let mut s = match resumed {
             Some(s) => s,
             None => match self.start_upload(None).await? {
                 Started::Session(loc) => Session::new(loc),
                 Started::Mounted => return Ok(()),
             },
         };
+        s.recorded = claim.is_some();
         let result = self.upload_chunked(&mut s, &key, data, what).await;
-        let records = self.client().uploads.as_deref();
+        let records = self.client().uploads.as_deref().filter(|_| s.recorded);
         match &result {
             Ok(()) => records.into_iter().for_each(|r| r.remove(&key)),
             Err(e) if s.broken_off || resumable(e) => {
@@ -329,7 +338,7 @@ impl RegistryRepo {
     /// Record where `s` stands, for a later process (best effort).
     fn remember(&self, key: &Key<'_>, s: &Session) {
         if let Some(records) = self.client().uploads.as_deref() {
-            if self.same_origin(&s.loc) {
+            if s.recorded && self.same_origin(&s.loc) {
                 records.save(key, &s.loc, s.held);
             }
         }

@@ -11,7 +11,10 @@
 //! credential), hence the modes. Nothing read back is trusted: the registry
 //! is asked what the session holds, every byte still goes through the
 //! digest check, and the registry verifies the digest before the blob
-//! appears.
+//! appears. While a process uploads a blob it holds a lock (`flock`) on
+//! the record's `.lock` file: another process uploading the same blob to
+//! the same repository at the same time neither resumes nor records that
+//! session (two writers of one session would break each other's).
 
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
@@ -34,6 +37,9 @@ pub(super) struct Records {
     dir: PathBuf,
 }
 
+/// A held upload lock; released when dropped (the descriptor closes).
+pub(super) struct Claim(#[allow(dead_code)] std::fs::File);
+
 /// Which blob upload a record is for.
 pub(super) struct Key<'a> {
     pub registry: &'a str,
@@ -55,6 +61,24 @@ struct Record {
 impl Records {
     pub(super) fn new(dir: PathBuf) -> Records {
         Records { dir }
+    }
+
+    /// The lock for `key`'s upload, unless another process holds it (or
+    /// there is no directory to keep it in): then `None`, and the upload
+    /// goes on without a record.
+    pub(super) fn claim(&self, key: &Key) -> Option<Claim> {
+        self.make_dir().ok()?;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(self.path(key).with_extension("lock"))
+            .ok()?;
+        use std::os::fd::AsRawFd;
+        // SAFETY: flock on a descriptor this File owns; no memory involved.
+        let locked = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0;
+        locked.then_some(Claim(f))
     }
 
     fn path(&self, key: &Key) -> PathBuf {
@@ -189,6 +213,18 @@ mod tests {
         assert!(records.load(&other).is_none());
         records.remove(&key(&d));
         assert!(records.load(&key(&d)).is_none());
+    }
+
+    #[test]
+    fn one_claim_per_blob_upload_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let records = Records::new(dir.path().to_path_buf());
+        let (a, b) = (Digest::of(b"a"), Digest::of(b"b"));
+        let first = records.claim(&key(&a)).expect("free");
+        assert!(records.claim(&key(&a)).is_none(), "claimed twice");
+        assert!(records.claim(&key(&b)).is_some(), "another blob is free");
+        drop(first);
+        assert!(records.claim(&key(&a)).is_some(), "released on drop");
     }
 
     #[test]
