@@ -250,9 +250,13 @@ impl BrokenOff {
 
     /// The target is the source's image, blobs verified, no record left.
     fn assert_whole(&self) {
+        let left: Vec<_> = std::fs::read_dir(self.work.path().join("ggfs/uploads"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         assert!(
-            upload_records(self.work.path()).is_empty(),
-            "record left after success"
+            left.is_empty(),
+            "record or lock left after success: {left:?}"
         );
         common::ggfs(&["validate", &self.target()]);
         assert_eq!(

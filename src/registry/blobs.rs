@@ -314,14 +314,14 @@ impl RegistryRepo {
             }
             Ok((held, _)) => {
                 tracing::debug!(%what, held, "recorded upload session is odd; starting afresh");
-                records.remove(key);
+                records.forget(key);
                 None
             }
             Err(e) => {
                 tracing::debug!(%what, error = %e, "recorded upload session not resumed");
                 // Still there when the registry is only away for now.
                 if !resumable(&e) {
-                    records.remove(key);
+                    records.forget(key);
                 }
                 None
             }

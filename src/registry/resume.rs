@@ -68,17 +68,23 @@ impl Records {
     /// goes on without a record.
     pub(super) fn claim(&self, key: &Key) -> Option<Claim> {
         self.make_dir().ok()?;
+        let path = self.path(key).with_extension("lock");
         let f = std::fs::OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(false)
             .mode(0o600)
-            .open(self.path(key).with_extension("lock"))
+            .open(&path)
             .ok()?;
         use std::os::fd::AsRawFd;
+        use std::os::unix::fs::MetadataExt;
         // SAFETY: flock on a descriptor this File owns; no memory involved.
         let locked = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0;
-        locked.then_some(Claim(f))
+        // The holder removes the lock file when done: a lock taken on the
+        // file it removed is no claim (the path names another by now).
+        let ino = |m: std::fs::Metadata| (m.dev(), m.ino());
+        let current = f.metadata().ok().map(ino) == std::fs::metadata(&path).ok().map(ino);
+        (locked && current).then_some(Claim(f))
     }
 
     fn path(&self, key: &Key) -> PathBuf {
@@ -122,8 +128,17 @@ impl Records {
         }
     }
 
-    pub(super) fn remove(&self, key: &Key) {
+    /// Forget `key`'s record (its session is no good), keeping the lock.
+    pub(super) fn forget(&self, key: &Key) {
         let _ = std::fs::remove_file(self.path(key));
+    }
+
+    /// The upload is over: its record goes, and its lock file (call with
+    /// the claim held, as the last thing done under it).
+    pub(super) fn remove(&self, key: &Key) {
+        let path = self.path(key);
+        let _ = std::fs::remove_file(&path);
+        let _ = std::fs::remove_file(path.with_extension("lock"));
     }
 
     fn write(&self, path: &Path, r: &Record) -> std::io::Result<()> {
@@ -224,7 +239,13 @@ mod tests {
         assert!(records.claim(&key(&a)).is_none(), "claimed twice");
         assert!(records.claim(&key(&b)).is_some(), "another blob is free");
         drop(first);
-        assert!(records.claim(&key(&a)).is_some(), "released on drop");
+        let again = records.claim(&key(&a)).expect("released on drop");
+        // Done: the lock file goes with the record, and a later upload
+        // claims afresh.
+        records.remove(&key(&a));
+        assert!(!records.path(&key(&a)).with_extension("lock").exists());
+        drop(again);
+        assert!(records.claim(&key(&a)).is_some());
     }
 
     #[test]
