@@ -279,11 +279,14 @@ impl RegistryRepo {
             },
         };
         s.recorded = claim.is_some();
+        // Recorded before the first chunk too: a session kept after a
+        // failure is worth a record even if it holds nothing yet.
+        self.remember(&key, &s);
         let result = self.upload_chunked(&mut s, &key, data, what).await;
         let records = self.client().uploads.as_deref().filter(|_| s.recorded);
         match &result {
             Ok(()) => records.into_iter().for_each(|r| r.remove(&key)),
-            Err(e) if s.broken_off || resumable(e) => {
+            Err(e) if s.recorded && (s.broken_off || resumable(e)) => {
                 tracing::info!(%what, held = s.held, error = %e, "upload broken off; kept for a rerun");
             }
             Err(_) => {
