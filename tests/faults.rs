@@ -87,6 +87,273 @@ fn copy_killed_mid_push_resumes_without_resending() {
     );
 }
 
+/// Upload chunk size of the resume test: its big layer is several chunks.
+const CHUNK: usize = 1 << 20;
+const BIG: usize = 5 * CHUNK + 12_345;
+
+/// `f/big:v1` on `reg`: two small layers and one of `BIG` bytes (plus
+/// its tar headers). Copy uploads blobs in digest order, so it is rebuilt
+/// until some small blob sorts before the big one: those are in the
+/// target when the big one breaks off. Returns the big layer's digest
+/// and every blob's (digest, size), config included.
+fn big_layer_image(reg: &Distribution) -> (String, Vec<(String, u64)>) {
+    for seed in 0..20 {
+        let work = common::tempdir();
+        let mut args = vec!["append".to_string()];
+        for (i, len) in [100_000, 100_000, BIG].into_iter().enumerate() {
+            let dir = work.path().join(format!("l{i}"));
+            std::fs::create_dir(&dir).unwrap();
+            let data = common::pseudo_random(len, 1000 * seed + i as u64);
+            std::fs::write(dir.join("data"), data).unwrap();
+            args.extend(["-f".into(), dir.display().to_string()]);
+        }
+        args.extend(["--layer-format", "none", "-t"].map(String::from));
+        args.push(reg.reference("f/big:v1"));
+        common::ggfs(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        let m: serde_json::Value =
+            serde_json::from_str(&common::ggfs(&["manifest", &reg.reference("f/big:v1")])).unwrap();
+        let desc = |d: &serde_json::Value| {
+            let digest = d["digest"].as_str().unwrap().to_string();
+            (digest, d["size"].as_u64().unwrap())
+        };
+        let mut blobs: Vec<_> = m["layers"].as_array().unwrap().iter().map(desc).collect();
+        let big = blobs[2].0.clone();
+        blobs.push(desc(&m["config"]));
+        if blobs.iter().any(|(d, _)| *d < big) {
+            return (big, blobs);
+        }
+    }
+    panic!("20 builds all sorted the big layer first");
+}
+
+/// `ggfs` with its cache (and so its upload records) in `cache`.
+fn ggfs_cached(cache: &std::path::Path, args: &[&str]) -> Command {
+    let mut cmd = Command::new(common::ggfs_bin());
+    cmd.env("XDG_CACHE_HOME", cache).args(args);
+    cmd
+}
+
+/// The upload records in `cache`, as JSON (every file there, `.lock`s
+/// too, is `0600`).
+fn upload_records(cache: &std::path::Path) -> Vec<serde_json::Value> {
+    let Ok(dir) = std::fs::read_dir(cache.join("ggfs/uploads")) else {
+        return Vec::new();
+    };
+    let mut records = Vec::new();
+    for e in dir {
+        let path = e.unwrap().path();
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{}", path.display());
+        if path.extension().is_some_and(|x| x == "json") {
+            records.push(serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap());
+        }
+    }
+    records
+}
+
+/// A copy whose target registry was killed -9 after it took 3 PATCH
+/// chunks of the big layer, then restarted on the same storage.
+struct BrokenOff {
+    src: Distribution,
+    dst: Distribution,
+    proxy: CountingProxy,
+    big: String,
+    blobs: Vec<(String, u64)>,
+    /// The cache dir (upload records) both runs use.
+    work: tempfile::TempDir,
+    /// Blobs the target held before the rerun.
+    present: Vec<String>,
+}
+
+impl BrokenOff {
+    fn target(&self) -> String {
+        format!("{}/f/big:v1", self.proxy.addr())
+    }
+
+    /// `ggfs copy -j 1` of the image to the target, 1 MiB chunks.
+    fn copy(&self) -> Command {
+        let (chunk, source) = (CHUNK.to_string(), self.src.reference("f/big:v1"));
+        let args = ["--upload-chunk-size", &chunk, "copy", "-j", "1", &source];
+        let mut cmd = ggfs_cached(self.work.path(), &args);
+        cmd.arg(self.target());
+        cmd
+    }
+
+    fn start() -> BrokenOff {
+        let src = Distribution::start();
+        let (big, blobs) = big_layer_image(&src);
+        let dst = Distribution::start();
+        let proxy = CountingProxy::start(dst.addr());
+        let mut b = BrokenOff {
+            src,
+            dst,
+            proxy,
+            big,
+            blobs,
+            work: common::tempdir(),
+            present: Vec::new(),
+        };
+        b.proxy.hold_after("PATCH", 3);
+        let mut copy = b
+            .copy()
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let t0 = Instant::now();
+        while !b.proxy.holding() {
+            assert!(t0.elapsed() < Duration::from_secs(120), "no 4th PATCH");
+            assert!(copy.try_wait().unwrap().is_none(), "copy ended early");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        b.dst.kill();
+        b.proxy.release();
+        let out = copy.wait_with_output().unwrap();
+        assert!(
+            !out.status.success(),
+            "copy succeeded with the registry killed"
+        );
+        b.dst.restart();
+        let dst = b.dst.addr().to_string();
+        b.present = b
+            .blobs
+            .iter()
+            .map(|(d, _)| d.clone())
+            .filter(|d| {
+                common::http_get(&dst, &format!("/v2/f/big/blobs/{d}"))
+                    .unwrap()
+                    .0
+                    == 200
+            })
+            .collect();
+        b
+    }
+
+    /// Run the copy again, through a freshly counted proxy.
+    fn rerun(&self) -> Vec<common::ProxyRequest> {
+        self.proxy.reset();
+        common::run(&mut self.copy());
+        self.proxy.requests()
+    }
+
+    /// No blob the target held before the rerun went again.
+    fn assert_present_not_sent(&self, requests: &[common::ProxyRequest]) {
+        for d in &self.present {
+            let hex = d.trim_start_matches("sha256:");
+            let sent = requests.iter().filter(|r| {
+                r.path.contains(hex) && matches!(r.method.as_str(), "PUT" | "PATCH" | "POST")
+            });
+            assert_eq!(sent.count(), 0, "{d} was already there: {requests:?}");
+        }
+    }
+
+    /// The target is the source's image, blobs verified, no record left.
+    fn assert_whole(&self) {
+        let left: Vec<_> = std::fs::read_dir(self.work.path().join("ggfs/uploads"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert!(
+            left.is_empty(),
+            "record or lock left after success: {left:?}"
+        );
+        common::ggfs(&["validate", &self.target()]);
+        assert_eq!(
+            common::ggfs(&["digest", &self.target()]),
+            common::ggfs(&["digest", &self.src.reference("f/big:v1")])
+        );
+    }
+}
+
+/// The target registry killed -9 after it took 3 PATCH chunks of a
+/// chunked upload: the copy fails, the session is recorded (0600, its
+/// offset, no credential), and the rerun, on the restarted registry, asks
+/// the session what it holds and PATCHes on from byte 3 MiB with no new
+/// session for that blob, sending less than the blob; blobs already in the
+/// target are not sent again. The target's image is the source's, whole.
+#[test]
+fn chunked_upload_killed_mid_blob_resumes_from_the_registry_offset() {
+    let b = BrokenOff::start();
+    let records = upload_records(b.work.path());
+    assert_eq!(records.len(), 1, "{records:?}");
+    assert_eq!(records[0]["digest"], b.big.as_str());
+    assert_eq!(records[0]["held"], 3 * CHUNK as u64);
+    let text = records[0].to_string().to_ascii_lowercase();
+    assert!(
+        !text.contains("authorization") && !text.contains("token"),
+        "{text}"
+    );
+    // -j 1 in digest order: exactly the blobs before the big one landed.
+    for (d, _) in &b.blobs {
+        assert_eq!(
+            b.present.contains(d),
+            *d < b.big,
+            "{d} (big layer {})",
+            b.big
+        );
+    }
+
+    let requests = b.rerun();
+    b.assert_present_not_sent(&requests);
+    let patches: Vec<_> = requests.iter().filter(|r| r.method == "PATCH").collect();
+    let first = patches.first().and_then(|r| r.content_range.clone());
+    let want = format!("{}-{}", 3 * CHUNK, 4 * CHUNK - 1);
+    assert_eq!(first.as_deref(), Some(&*want));
+    assert_eq!(patches.len(), 3, "{patches:?}"); // 3 MiB held of 5 MiB and a bit
+    let posts = requests.iter().filter(|r| r.method == "POST").count();
+    let absent_small = b.blobs.len() - b.present.len() - 1;
+    assert_eq!(
+        posts, absent_small,
+        "a new session was opened for the big layer"
+    );
+    let up = b.proxy.bytes_up();
+    println!(
+        "rerun: {} PATCHes from {first:?}, {posts} POSTs, {up} bytes up",
+        patches.len()
+    );
+    let small: u64 = b
+        .blobs
+        .iter()
+        .filter(|(d, _)| *d != b.big)
+        .map(|(_, s)| s)
+        .sum();
+    assert!(
+        up < (BIG - 3 * CHUNK) as u64 + small + 65_536,
+        "the rerun sent {up} bytes"
+    );
+    assert!(
+        up < BIG as u64,
+        "the rerun sent {up} bytes, the blob is {BIG}"
+    );
+    b.assert_whole();
+}
+
+/// The recorded session gone from the registry (its upload directory
+/// removed while the registry was down): the rerun is told so (404) and
+/// starts that blob afresh, from byte 0 in a new session; the image is
+/// still whole.
+#[test]
+fn a_recorded_upload_the_registry_lost_starts_afresh() {
+    let b = BrokenOff::start();
+    assert_eq!(upload_records(b.work.path()).len(), 1);
+    let uploads = b
+        .dst
+        .storage()
+        .join("docker/registry/v2/repositories/f/big/_uploads");
+    assert!(uploads.is_dir(), "{}", uploads.display());
+    std::fs::remove_dir_all(&uploads).unwrap();
+
+    let requests = b.rerun();
+    b.assert_present_not_sent(&requests);
+    let first = requests.iter().find(|r| r.method == "PATCH");
+    let first = first.and_then(|r| r.content_range.as_deref());
+    assert_eq!(first, Some(&*format!("0-{}", CHUNK - 1)), "{requests:?}");
+    let posts = requests.iter().filter(|r| r.method == "POST").count();
+    assert_eq!(posts, b.blobs.len() - b.present.len(), "{requests:?}");
+    b.assert_whole();
+}
+
 /// An eStargz image of `files` (name, bytes) pushed as `image`.
 fn estargz_image(reg: &Distribution, image: &str, files: &[(&str, Vec<u8>)]) {
     let work = common::tempdir();

@@ -211,7 +211,8 @@ fn proxy_counts_bytes_and_requests() {
         vec![ProxyRequest {
             method: "GET".into(),
             path: path.clone(),
-            range: None
+            range: None,
+            content_range: None,
         }]
     );
 

@@ -147,6 +147,177 @@ fn crafted_layer_stays_inside_the_image() {
     );
 }
 
+/// Two layers by Python's tarfile: `argv[1]` (lower) holds `etc/passwd`,
+/// `link -> /etc` and `rel -> etc`; `argv[2]` (upper) hardlinks through
+/// symlinks (of its own and of the lower layer) and out of the image, a
+/// file beneath the lower relative symlink, a directory named in invalid
+/// UTF-8, and a path of 5 KiB (over PATH_MAX).
+const CRAFT_LINKS: &str = r#"
+import io, sys, tarfile
+def layer(path, entries):
+    t = tarfile.open(path, "w", format=tarfile.PAX_FORMAT)
+    for name, kind, arg in entries:
+        i = tarfile.TarInfo(name)
+        i.type, i.mode, i.mtime = kind, 0o644, 1700000000
+        data = arg.encode() if kind == tarfile.REGTYPE else b""
+        i.linkname = "" if kind == tarfile.REGTYPE else arg
+        i.size = len(data)
+        t.addfile(i, io.BytesIO(data) if data else None)
+    t.close()
+F, D, S, H = tarfile.REGTYPE, tarfile.DIRTYPE, tarfile.SYMTYPE, tarfile.LNKTYPE
+layer(sys.argv[1], [("etc", D, ""), ("etc/passwd", F, "image passwd\n"),
+                    ("link", S, "/etc"), ("rel", S, "etc")])
+layer(sys.argv[2], [
+    ("hl_abs", H, "/etc/shadow"),
+    ("hl_sym", H, "link/passwd"),
+    ("s2", S, "/etc"),
+    ("hl_s2", H, "s2/passwd"),
+    ("rel/sneak", F, "beneath rel\n"),
+    ("bad-\udcfe", D, ""),
+    ("bad-\udcfe/inner", F, "inner\n"),
+    ("/".join(["e" * 200] * 25) + "/long", F, "long\n"),
+])
+"#;
+
+/// Reads `rel` below `root` one component at a time (openat), as a path
+/// over PATH_MAX cannot be opened whole; `None` if any step fails.
+fn read_deep(root: &Path, rel: &str) -> Option<Vec<u8>> {
+    const PY: &str = r#"
+import os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY)
+parts = sys.argv[2].split("/")
+for p in parts[:-1]:
+    fd = os.open(p, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+f = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW, dir_fd=fd)
+sys.stdout.buffer.write(os.read(f, 1 << 20))
+"#;
+    let out = Command::new("python3")
+        .args(["-c", PY])
+        .arg(root)
+        .arg(rel)
+        .output()
+        .unwrap();
+    out.status.success().then_some(out.stdout)
+}
+
+/// Every member of the tar at `path`: (name, type, link name), from Python.
+fn tar_members(path: &Path) -> Vec<(Vec<u8>, String, Vec<u8>)> {
+    const PY: &str = r#"
+import sys, tarfile
+for m in tarfile.open(sys.argv[1], encoding="utf-8", errors="surrogateescape"):
+    enc = lambda s: s.encode("utf-8", "surrogateescape").hex()
+    print(enc(m.name), m.type.decode(), enc(m.linkname))
+"#;
+    let listing = run(Command::new("python3").args(["-c", PY]).arg(path));
+    let unhex = |h: &str| {
+        (0..h.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&h[i..i + 2], 16).unwrap())
+            .collect()
+    };
+    listing
+        .lines()
+        .map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            (
+                unhex(f[0]),
+                f[1].to_string(),
+                unhex(f.get(2).unwrap_or(&"")),
+            )
+        })
+        .collect()
+}
+
+/// Hardlinks through symlinks (the layer's own, a lower layer's) and out
+/// of the image, a file beneath a lower layer's relative symlink, a
+/// directory named in invalid UTF-8 and a 5 KiB path: the mount shows
+/// none of the escaping links and serves the rest inside the image;
+/// `ggfs export` writes no member beneath a symlink and no hardlink but to
+/// a member before it, and GNU tar extracting it links nothing of the host.
+#[test]
+fn links_through_symlinks_and_long_names_stay_inside() {
+    let reg = Distribution::start();
+    let work = common::tempdir();
+    let w = work.path();
+    let (lower, upper) = (w.join("lower.tar"), w.join("upper.tar"));
+    run(Command::new("python3")
+        .args(["-c", CRAFT_LINKS])
+        .args([&lower, &upper]));
+    let image = reg.reference("hostile/links:t");
+    let (l, u) = (lower.to_str().unwrap(), upper.to_str().unwrap());
+    ggfs(&["append", "-f", l, "-f", u, "-t", &image]);
+    let long = vec!["e".repeat(200); 25].join("/") + "/long";
+
+    let m = Mount::start(reg.addr(), &[]);
+    let rootfs = m.path("hostile/links/t/rootfs");
+    for name in ["hl_abs", "hl_sym", "hl_s2"] {
+        let got = std::fs::symlink_metadata(rootfs.join(name));
+        assert!(got.is_err(), "{name} is in the mount: {got:?}");
+    }
+    assert_eq!(read(&rootfs.join("etc/passwd")).unwrap(), b"image passwd\n");
+    // Beneath the lower layer's `rel -> etc`: `rel` became a directory.
+    assert_eq!(read(&rootfs.join("rel/sneak")).unwrap(), b"beneath rel\n");
+    assert!(!rootfs.join("etc/sneak").exists());
+    let bad = rootfs.join(std::ffi::OsStr::from_bytes(b"bad-\xfe/inner"));
+    assert_eq!(read(&bad).unwrap(), b"inner\n");
+    assert_eq!(read_deep(&rootfs, &long).as_deref(), Some(&b"long\n"[..]));
+    assert!(m.pid_alive(), "{}", m.log());
+    drop(m);
+
+    let out = w.join("export.tar");
+    ggfs(&["export", &image, out.to_str().unwrap()]);
+    let members = tar_members(&out);
+    let mut seen: Vec<&[u8]> = Vec::new();
+    for (name, kind, link) in &members {
+        let shown = String::from_utf8_lossy(name);
+        for s in ["link/", "s2/"] {
+            assert!(
+                !name.starts_with(s.as_bytes()),
+                "member beneath a symlink: {shown}"
+            );
+        }
+        if kind == "1" {
+            assert!(
+                seen.contains(&link.as_slice()),
+                "{shown} links to {link:?}, not a member"
+            );
+        }
+        seen.push(name);
+    }
+    for want in [&b"rel/sneak"[..], b"bad-\xfe/inner", long.as_bytes()] {
+        assert!(
+            seen.contains(&want),
+            "{} not exported",
+            String::from_utf8_lossy(want)
+        );
+    }
+
+    let sandbox = w.join("sandbox/root");
+    std::fs::create_dir_all(&sandbox).unwrap();
+    let _ = Command::new("tar")
+        .arg("-xf")
+        .arg(&out)
+        .arg("-C")
+        .arg(&sandbox)
+        .status()
+        .unwrap();
+    let outside: Vec<_> = std::fs::read_dir(w.join("sandbox"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(outside, ["root"]);
+    // GNU tar makes a hardlink member through whatever symlink its path
+    // crosses: none of the host's files may come out linked in.
+    let same = run(Command::new("find").arg(&sandbox).args([
+        "-samefile",
+        "/etc/passwd",
+        "-o",
+        "-samefile",
+        "/etc/shadow",
+    ]));
+    assert_eq!(same.trim(), "", "host files hardlinked by the extraction");
+}
+
 /// A layer cut short (its blob's digest is of the cut bytes, so the
 /// registry takes it): validate and export fail naming the layer, the
 /// mount answers EIO for what is missing, serves what is there, and lives.
@@ -337,9 +508,10 @@ fn count_tree(dir: &Path) -> (u64, u64) {
 /// A layer of a million tiny entries (1000 directories of 1000 empty
 /// files: a 512 MiB tar, a few MiB gzipped): the mount answers, a walk by
 /// readdir counts every one of them, and the daemon's peak memory stays
-/// under 1 KiB per entry (plus 64 MiB): memory grows with the entries the
-/// layer has, not without bound per entry. (A million is what the issue
-/// asks for; the walk takes seconds here.)
+/// under 768 bytes per entry (plus 64 MiB): 727 MiB measured, where it
+/// peaked at 909 MiB while each plain layer kept a copy of its entries
+/// beside its index and the tree. (A million is what the issue asks for;
+/// the walk takes seconds here.)
 #[test]
 fn million_entries_list_right_in_bounded_memory() {
     const DIRS: usize = 1000;
@@ -372,7 +544,8 @@ fn million_entries_list_right_in_bounded_memory() {
     });
     assert_eq!(top, PER_DIR);
     let hwm = vm_hwm(m.pid());
-    let bound = ENTRIES * 1024 + (64 << 20);
+    eprintln!("daemon VmHWM {} MiB for {ENTRIES} entries", hwm >> 20);
+    let bound = ENTRIES * 768 + (64 << 20);
     assert!(
         hwm <= bound,
         "daemon peaked at {} MiB for {ENTRIES} entries (bound {} MiB)",

@@ -243,12 +243,9 @@ pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
 }
 
 /// `$XDG_CACHE_HOME/ggfs`, else `~/.cache/ggfs`.
+/// (The CLI keeps its upload records there too.)
 pub fn default_dir() -> PathBuf {
-    if let Some(x) = std::env::var_os("XDG_CACHE_HOME").filter(|x| !x.is_empty()) {
-        return PathBuf::from(x).join("ggfs");
-    }
-    let home = std::env::var_os("HOME").unwrap_or_else(|| "/tmp".into());
-    PathBuf::from(home).join(".cache").join("ggfs")
+    ggfs::registry::default_cache_dir()
 }
 
 #[cfg(test)]

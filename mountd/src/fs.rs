@@ -830,7 +830,7 @@ impl Inner {
                 .await?;
                 let layers = opened.clone();
                 let tree = tokio::task::spawn_blocking(move || {
-                    Tree::build(layers.iter().map(|l| l.entries()))
+                    Tree::build_with(layers.iter().map(|l| || l.entries()))
                 })
                 .await
                 .map_err(|e| Fail::new(libc::EIO, e.to_string()))?;

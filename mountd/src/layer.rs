@@ -49,8 +49,9 @@ const CACHE_MAGIC: &[u8; 8] = b"GGFSMNT2";
 #[async_trait]
 pub trait LayerData: Send + Sync {
     fn digest(&self) -> &Digest;
-    /// Entries in the layer's order.
-    fn entries(&self) -> &[Entry];
+    /// Entries in the layer's order, made again on each call where the
+    /// layer does not keep them (only building the tree needs them).
+    fn entries(&self) -> Box<dyn Iterator<Item = Entry> + '_>;
     /// Up to `len` bytes of entry `entry`'s contents at `offset`.
     async fn read(&self, entry: usize, offset: u64, len: u32) -> Result<Bytes>;
     /// Write entry `entry`'s contents to `out` (at 0) from the cache alone,
@@ -90,7 +91,17 @@ fn from_cache(b: &[u8], layer: &Layer, c: Compression) -> Result<(LayerIndexFile
     Ok((f, verified == 1))
 }
 
+/// The index entries the tree shows (each converted, then dropped).
+fn which_of(f: &LayerIndexFile) -> Vec<usize> {
+    let entries = f.index.entries.iter().enumerate();
+    entries
+        .filter(|(_, t)| convert(t).is_some())
+        .map(|(i, _)| i)
+        .collect()
+}
+
 /// Entries the tree shows, and the index entry each one is.
+#[cfg(test)]
 fn entries_of(f: &LayerIndexFile) -> (Vec<Entry>, Vec<usize>) {
     let mut entries = Vec::new();
     let mut which = Vec::new();
@@ -108,8 +119,10 @@ fn entries_of(f: &LayerIndexFile) -> (Vec<Entry>, Vec<usize>) {
 pub struct PlainLayer {
     digest: Digest,
     file: Arc<LayerIndexFile>,
-    entries: Vec<Entry>,
-    /// Index into `file.index.entries` of each of `entries`.
+    /// Index into `file.index.entries` of each entry the tree shows. The
+    /// entries themselves are not kept but made from the index as the tree
+    /// is built: a copy of every entry took a third of the memory of a
+    /// layer of a million files.
     which: Vec<usize>,
     tar: Mutex<Option<Arc<std::fs::File>>>,
     blocks: Arc<Blocks>,
@@ -124,8 +137,11 @@ impl LayerData for PlainLayer {
         &self.digest
     }
 
-    fn entries(&self) -> &[Entry] {
-        &self.entries
+    fn entries(&self) -> Box<dyn Iterator<Item = Entry> + '_> {
+        // Each of `which` converted when the layer was opened, so it does
+        // again, the same (and without logging: that was for the others).
+        let index = &self.file.index.entries;
+        Box::new(self.which.iter().filter_map(|&i| convert(&index[i])))
     }
 
     async fn read(&self, entry: usize, offset: u64, len: u32) -> Result<Bytes> {
@@ -621,7 +637,7 @@ impl Layers {
                 }
             },
         };
-        let (entries, which) = entries_of(&file);
+        let which = which_of(&file);
         let audit = (!verified).then(|| Arc::new(Audit::new(file.blocks.len(), compression)));
         let file = Arc::new(file);
         Ok(Arc::new(PlainLayer {
@@ -633,7 +649,6 @@ impl Layers {
                 flights: SingleFlight::default(),
             }),
             file,
-            entries,
             which,
             tar: Mutex::new(None),
             kind,

@@ -457,8 +457,8 @@ impl LayerData for TocLayer {
         &self.digest
     }
 
-    fn entries(&self) -> &[Entry] {
-        &self.entries
+    fn entries(&self) -> Box<dyn Iterator<Item = Entry> + '_> {
+        Box::new(self.entries.iter().cloned())
     }
 
     async fn read(&self, entry: usize, offset: u64, len: u32) -> Result<Bytes> {

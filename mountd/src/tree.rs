@@ -128,10 +128,28 @@ impl Tree {
     }
 
     /// Build the merged tree from layers, bottom first.
+    #[cfg(test)]
     pub fn build<'a>(layers: impl IntoIterator<Item = &'a [Entry]>) -> Tree {
         let mut t = Tree::new();
         for (i, entries) in layers.into_iter().enumerate() {
             t.apply(i, entries);
+        }
+        t.finish();
+        t
+    }
+
+    /// [`Tree::build`] from layers whose entries are made on demand: each
+    /// of `layers` gives an iterator over its entries, asked for twice
+    /// (whiteouts first, then the rest), so no layer's entries need to be
+    /// held as a whole while the tree is built.
+    pub fn build_with<I, E>(layers: impl IntoIterator<Item = impl Fn() -> I>) -> Tree
+    where
+        I: Iterator<Item = E>,
+        E: std::borrow::Borrow<Entry>,
+    {
+        let mut t = Tree::new();
+        for (i, entries) in layers.into_iter().enumerate() {
+            t.apply_with(i, entries);
         }
         t.finish();
         t
@@ -178,8 +196,19 @@ impl Tree {
 
     /// Apply one layer: its whiteouts act on the layers below it only, so
     /// they go first, then its entries in order.
+    #[cfg(test)]
     pub fn apply(&mut self, layer: usize, entries: &[Entry]) {
-        for e in entries {
+        self.apply_with(layer, || entries.iter());
+    }
+
+    /// [`Tree::apply`] over `entries()`, called twice.
+    fn apply_with<I, E>(&mut self, layer: usize, entries: impl Fn() -> I)
+    where
+        I: Iterator<Item = E>,
+        E: std::borrow::Borrow<Entry>,
+    {
+        for e in entries() {
+            let e = e.borrow();
             let (parent, base) = split(&e.path);
             let Some(dir) = self.resolve(parent) else {
                 continue;
@@ -194,7 +223,8 @@ impl Tree {
             }
         }
         let first_new = self.nodes.len() as NodeId;
-        for (i, e) in entries.iter().enumerate() {
+        for (i, e) in entries().enumerate() {
+            let e = e.borrow();
             let (_, base) = split(&e.path);
             if base.starts_with(WHITEOUT) {
                 continue;

@@ -87,6 +87,10 @@ pub struct Global {
     /// download that stopped moving) before it fails.
     #[arg(long, global = true, default_value_t = 30)]
     pub timeout: u64,
+    /// Blobs up to this many bytes are uploaded in one PUT, larger ones in
+    /// PATCH chunks of this size (an interrupted one is resumed by a rerun).
+    #[arg(long, global = true, value_name = "BYTES", default_value_t = ggfs::registry::DEFAULT_CHUNK_SIZE)]
+    pub upload_chunk_size: usize,
     /// Log HTTP traffic and decisions to stderr (credentials are never logged).
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
@@ -268,8 +272,12 @@ impl Ctx {
         for file in &self.global.pull_secrets {
             keychain.pull_secrets.extend(ggfs::pull_secret::read(file)?);
         }
+        // Chunked uploads broken off (registry gone, Ctrl-C) are recorded
+        // there, so rerunning the command goes on from what the registry holds.
         let client = Client::builder(opts)
             .keychain(keychain)
+            .chunk_size(self.global.upload_chunk_size)
+            .resume_uploads(ggfs::registry::default_upload_dir())
             .build()
             .context("creating the registry client")?;
         Ok(self.client.get_or_init(|| client).clone())

@@ -9,6 +9,7 @@ use reqwest::header::{CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, LOCATION, RAN
 use reqwest::{Method, StatusCode};
 use url::Url;
 
+use super::resume::Key;
 use super::transport::{http_err, Resp};
 use super::RegistryRepo;
 use crate::digest::Digest;
@@ -65,6 +66,47 @@ impl Resume {
             }
         }
     }
+}
+
+/// An upload session in progress.
+struct Session {
+    /// Where the next request goes (each answer names the next URL).
+    loc: Url,
+    /// Bytes the registry confirmed it holds.
+    held: u64,
+    /// The last request found the registry away (no answer, or 5xx): the
+    /// session may well live on, so it is kept for a rerun.
+    broken_off: bool,
+    /// This process holds the blob's upload lock: it records the session.
+    recorded: bool,
+}
+
+impl Session {
+    fn new(loc: Url) -> Session {
+        Session {
+            loc,
+            held: 0,
+            broken_off: false,
+            recorded: false,
+        }
+    }
+}
+
+/// Failures that say nothing against the session: the registry or the
+/// source went away (connection, stall, I/O), not a refusal or bad bytes.
+fn resumable(e: &Error) -> bool {
+    matches!(
+        e,
+        Error::Http { .. } | Error::Stalled { .. } | Error::Io { .. }
+    )
+}
+
+/// `chunk` without its first `*skip` bytes (fewer if shorter), counting
+/// them off `skip`.
+fn drop_front(mut chunk: Bytes, skip: &mut u64) -> Bytes {
+    let n = (*skip).min(chunk.len() as u64);
+    *skip -= n;
+    chunk.split_off(n as usize)
 }
 
 /// What POST /blobs/uploads/ gave us.
@@ -191,19 +233,118 @@ impl RegistryRepo {
     pub async fn upload_blob(&self, digest: &Digest, size: u64, data: ByteStream) -> Result<()> {
         let what = self.blob_what(digest);
         let data = verify_stream(data, digest.clone(), Some(size));
+        if size > self.client().chunk_size as u64 {
+            return self.upload_resumable(digest, size, data, &what).await;
+        }
         let Started::Session(loc) = self.start_upload(None).await? else {
             return Ok(());
         };
-        let result = if size <= self.client().chunk_size as u64 {
-            self.upload_monolithic(loc.clone(), digest, data, &what)
-                .await
-        } else {
-            self.upload_chunked(loc.clone(), digest, data, &what).await
-        };
+        let result = self
+            .upload_monolithic(loc.clone(), digest, data, &what)
+            .await;
         if result.is_err() {
             self.cancel_upload(loc).await;
         }
         result
+    }
+
+    /// A chunked upload, going on from the session an earlier run left
+    /// when the registry still holds it. A session broken off by the
+    /// registry (or the source) going away is kept, and recorded, for a
+    /// rerun; one the registry refused, or whose bytes failed
+    /// verification, is cancelled.
+    async fn upload_resumable(
+        &self,
+        digest: &Digest,
+        size: u64,
+        data: ByteStream,
+        what: &str,
+    ) -> Result<()> {
+        let key = Key {
+            registry: self.registry(),
+            repository: self.name(),
+            digest,
+            size,
+        };
+        let claim = self.client().uploads.as_deref().and_then(|r| r.claim(&key));
+        let resumed = match claim {
+            Some(_) => self.resumed(&key, what).await,
+            None => None,
+        };
+        let mut s = match resumed {
+            Some(s) => s,
+            None => match self.start_upload(None).await? {
+                Started::Session(loc) => Session::new(loc),
+                Started::Mounted => return Ok(()),
+            },
+        };
+        s.recorded = claim.is_some();
+        // Recorded before the first chunk too: a session kept after a
+        // failure is worth a record even if it holds nothing yet.
+        self.remember(&key, &s);
+        let result = self.upload_chunked(&mut s, &key, data, what).await;
+        let records = self.client().uploads.as_deref().filter(|_| s.recorded);
+        match &result {
+            Ok(()) => records.into_iter().for_each(|r| r.remove(&key)),
+            Err(e) if s.recorded && (s.broken_off || resumable(e)) => {
+                tracing::info!(%what, held = s.held, error = %e, "upload broken off; kept for a rerun");
+            }
+            Err(_) => {
+                self.cancel_upload(s.loc.clone()).await;
+                records.into_iter().for_each(|r| r.remove(&key));
+            }
+        }
+        result
+    }
+
+    /// The session recorded for `key`, if the registry still has it: how
+    /// much it holds is asked, not taken from the record. Unknown (404) or
+    /// anything odd: `None`, start afresh.
+    async fn resumed(&self, key: &Key<'_>, what: &str) -> Option<Session> {
+        let records = self.client().uploads.as_deref()?;
+        let (loc, recorded) = records.load(key)?;
+        let progress = match self.same_origin(&loc) {
+            true => self.upload_progress(&loc, what).await,
+            false => Err(self.registry_error(format!("{what}: recorded upload at {loc}"))),
+        };
+        match progress {
+            Ok((held, next)) if held <= key.size && self.same_origin(&next) => {
+                tracing::info!(%what, held, recorded, "resuming the upload an earlier run left");
+                Some(Session {
+                    held,
+                    ..Session::new(next)
+                })
+            }
+            Ok((held, _)) => {
+                tracing::debug!(%what, held, "recorded upload session is odd; starting afresh");
+                records.forget(key);
+                None
+            }
+            Err(e) => {
+                tracing::debug!(%what, error = %e, "recorded upload session not resumed");
+                // Still there when the registry is only away for now.
+                if !resumable(&e) {
+                    records.forget(key);
+                }
+                None
+            }
+        }
+    }
+
+    /// Only a session on the registry's own host is recorded or resumed: a
+    /// record naming another would send our credentials there.
+    fn same_origin(&self, loc: &Url) -> bool {
+        self.url("blobs/uploads/")
+            .is_ok_and(|base| base.origin() == loc.origin())
+    }
+
+    /// Record where `s` stands, for a later process (best effort).
+    fn remember(&self, key: &Key<'_>, s: &Session) {
+        if let Some(records) = self.client().uploads.as_deref() {
+            if s.recorded && self.same_origin(&s.loc) {
+                records.save(key, &s.loc, s.held);
+            }
+        }
     }
 
     async fn upload_monolithic(
@@ -220,28 +361,33 @@ impl RegistryRepo {
         self.finish_upload(loc, digest, buf.freeze()).await
     }
 
+    /// PATCH `data` from `s.held` on. The bytes the session already holds
+    /// are read and dropped: `data` is digest-verified as a whole, so they
+    /// are still hashed.
     async fn upload_chunked(
         &self,
-        mut loc: Url,
-        digest: &Digest,
+        s: &mut Session,
+        key: &Key<'_>,
         mut data: ByteStream,
         what: &str,
     ) -> Result<()> {
         let chunk_size = self.client().chunk_size;
         let mut buf = BytesMut::with_capacity(chunk_size);
-        let mut offset = 0u64;
+        let mut skip = s.held;
         while let Some(chunk) = data.next().await {
-            buf.extend_from_slice(&chunk.map_err(|e| from_io(what, e))?);
+            let chunk = drop_front(chunk.map_err(|e| from_io(what, e))?, &mut skip);
+            buf.extend_from_slice(&chunk);
             while buf.len() >= chunk_size {
                 let part = buf.split_to(chunk_size).freeze();
-                loc = self.patch(loc, offset, part, what).await?;
-                offset += chunk_size as u64;
+                self.patch(s, part, what).await?;
+                self.remember(key, s);
             }
         }
         if !buf.is_empty() {
-            loc = self.patch(loc, offset, buf.freeze(), what).await?;
+            self.patch(s, buf.freeze(), what).await?;
         }
-        self.finish_upload(loc, digest, Bytes::new()).await
+        self.finish_upload(s.loc.clone(), key.digest, Bytes::new())
+            .await
     }
 
     /// POST to open an upload session, or (with `mount`) to mount a blob
@@ -299,25 +445,33 @@ impl RegistryRepo {
             .map_err(|e| Error::invalid(format!("{what}: Location {loc:?}"), e.to_string()))
     }
 
-    /// Send one chunk. PATCH is not blindly resent (it appends), so after a
-    /// 5xx or a broken connection the session is asked how much it holds:
-    /// nothing of this chunk → resend; all of it → go on; else give up.
-    async fn patch(&self, mut loc: Url, offset: u64, part: Bytes, what: &str) -> Result<Url> {
-        let end = offset + part.len() as u64 - 1;
+    /// Send one chunk at `s.held`. PATCH is not blindly resent (it
+    /// appends), so after a 5xx or a broken connection the session is
+    /// asked how much it holds: nothing of this chunk → resend; all of it →
+    /// go on; else give up. `s.broken_off` says whether the registry was
+    /// away (no answer, 5xx) when it gave up.
+    async fn patch(&self, s: &mut Session, part: Bytes, what: &str) -> Result<()> {
+        let (offset, end) = (s.held, s.held + part.len() as u64 - 1);
         let mut attempt = 0;
         loop {
             attempt += 1;
             let req = self
-                .push(Method::PATCH, loc.clone())
+                .push(Method::PATCH, s.loc.clone())
                 .header(CONTENT_TYPE, OCTET_STREAM)
                 .header(CONTENT_RANGE, &format!("{offset}-{end}"))
                 .body(part.clone());
-            let failure = match self.t().send(&req).await {
+            let sent = self.t().send(&req).await;
+            s.broken_off = match &sent {
+                Ok(resp) => resp.status().is_server_error(),
+                Err(e) => resumable(e),
+            };
+            let failure = match sent {
                 Ok(resp) if resp.status() == StatusCode::ACCEPTED => {
                     self.check_range_end(&resp, end, what)?;
-                    return self.location(&resp, what);
+                    (s.loc, s.held) = (self.location(&resp, what)?, end + 1);
+                    return Ok(());
                 }
-                Ok(resp) if resp.status().is_server_error() && attempt <= PATCH_RETRIES => {
+                Ok(resp) if s.broken_off && attempt <= PATCH_RETRIES => {
                     self.status_error(what, resp).await
                 }
                 Ok(resp) => return Err(self.status_error(what, resp).await),
@@ -325,14 +479,16 @@ impl RegistryRepo {
                 Err(e) => return Err(e),
             };
             tracing::debug!(error = %failure, offset, "chunk upload failed; checking the session");
-            let (held, next) = self.upload_progress(&loc, what).await?;
+            let (held, next) = self.upload_progress(&s.loc, what).await?;
             if held == end + 1 {
-                return Ok(next);
+                (s.loc, s.held) = (next, held);
+                return Ok(());
             }
             if held != offset {
+                s.broken_off = false;
                 return Err(self.registry_error(format!("{what}: after a failed chunk at {offset} the session holds {held} bytes ({failure})")));
             }
-            loc = next;
+            s.loc = next;
         }
     }
 

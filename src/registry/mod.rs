@@ -28,6 +28,7 @@
 mod blobs;
 mod list;
 mod manifests;
+mod resume;
 mod transport;
 
 use std::sync::Arc;
@@ -87,11 +88,28 @@ impl Default for ClientOptions {
     }
 }
 
+/// ggfs's cache directory: `$XDG_CACHE_HOME/ggfs`, else `~/.cache/ggfs`
+/// (the mount's default `--cache-dir`).
+pub fn default_cache_dir() -> std::path::PathBuf {
+    if let Some(x) = std::env::var_os("XDG_CACHE_HOME").filter(|x| !x.is_empty()) {
+        return std::path::PathBuf::from(x).join("ggfs");
+    }
+    let home = std::env::var_os("HOME").unwrap_or_else(|| "/tmp".into());
+    std::path::PathBuf::from(home).join(".cache").join("ggfs")
+}
+
+/// Where the CLI remembers upload sessions: `uploads/` in
+/// [`default_cache_dir`].
+pub fn default_upload_dir() -> std::path::PathBuf {
+    default_cache_dir().join("uploads")
+}
+
 /// A registry client; cheap to clone (state is shared).
 #[derive(Clone)]
 pub struct Client {
     t: Arc<Transport>,
     chunk_size: usize,
+    uploads: Option<Arc<resume::Records>>,
 }
 
 /// Options beyond [`ClientOptions`]: keychain, retries, chunk size.
@@ -100,6 +118,7 @@ pub struct ClientBuilder {
     keychain: Option<Keychain>,
     retry: RetryPolicy,
     chunk_size: usize,
+    uploads: Option<std::path::PathBuf>,
 }
 
 impl ClientBuilder {
@@ -116,6 +135,14 @@ impl ClientBuilder {
     /// Upload chunk size (and the monolithic-upload threshold).
     pub fn chunk_size(mut self, n: usize) -> Self {
         self.chunk_size = n.max(1);
+        self
+    }
+    /// Remember chunked upload sessions in `dir` (made `0700`; see
+    /// [`default_upload_dir`]), so that an upload broken off by the
+    /// registry (or this process) going away goes on, in a later process,
+    /// from the bytes the registry holds. Off by default.
+    pub fn resume_uploads(mut self, dir: std::path::PathBuf) -> Self {
+        self.uploads = Some(dir);
         self
     }
     /// Read the CA files and make the client.
@@ -151,6 +178,7 @@ impl ClientBuilder {
         Ok(Client {
             t: Arc::new(t),
             chunk_size: self.chunk_size,
+            uploads: self.uploads.map(|d| Arc::new(resume::Records::new(d))),
         })
     }
 }
@@ -168,6 +196,7 @@ impl Client {
             keychain: None,
             retry: RetryPolicy::default(),
             chunk_size: DEFAULT_CHUNK_SIZE,
+            uploads: None,
         }
     }
 

@@ -17,6 +17,8 @@ pub struct ProxyRequest {
     pub path: String,
     /// The `Range` header, if any (`bytes=0-99`).
     pub range: Option<String>,
+    /// The `Content-Range` header, if any (a PATCH's `0-99`).
+    pub content_range: Option<String>,
 }
 
 #[derive(Default)]
@@ -24,6 +26,8 @@ struct Stats {
     down: AtomicU64,
     up: AtomicU64,
     requests: Mutex<Vec<ProxyRequest>>,
+    /// See [`CountingProxy::hold_after`].
+    hold: Mutex<Option<(String, usize)>>,
 }
 
 pub struct CountingProxy {
@@ -128,6 +132,25 @@ impl CountingProxy {
         self.stats.requests.lock().unwrap().len()
     }
 
+    /// From the request after the `n`th `method` one on, nothing more
+    /// reaches upstream (the client waits for an answer that never comes)
+    /// until [`Self::release`]. Clients send a chunked upload's PATCHes one
+    /// at a time, so once the next one is held, upstream has answered
+    /// exactly `n`: a registry killed then holds exactly their bytes.
+    pub fn hold_after(&self, method: &str, n: usize) {
+        *self.stats.hold.lock().unwrap() = Some((method.to_string(), n));
+    }
+
+    /// True once a request is being held back by [`Self::hold_after`].
+    pub fn holding(&self) -> bool {
+        self.stats.holding()
+    }
+
+    /// Forward everything again (requests held so far stay lost).
+    pub fn release(&self) {
+        *self.stats.hold.lock().unwrap() = None;
+    }
+
     /// Zeroes the byte counters and forgets the requests seen.
     pub fn reset(&self) {
         self.stats.down.store(0, Ordering::SeqCst);
@@ -141,6 +164,17 @@ impl Drop for CountingProxy {
         self.stop.store(true, Ordering::SeqCst);
         // Wake the accept loop so it sees the flag.
         let _ = TcpStream::connect(&self.addr);
+    }
+}
+
+impl Stats {
+    fn holding(&self) -> bool {
+        let hold = self.hold.lock().unwrap();
+        let Some((method, n)) = hold.as_ref() else {
+            return false;
+        };
+        let requests = self.requests.lock().unwrap();
+        requests.iter().filter(|r| &r.method == method).count() > *n
     }
 }
 
@@ -242,6 +276,10 @@ fn pump_up(mut from: TcpStream, mut to: Out, stats: &Stats) {
             break;
         }
         parser.feed(&buf[..n], &stats.requests);
+        if stats.holding() {
+            // Swallow this request and all that follow on this connection.
+            continue;
+        }
         if !to.send(&buf[..n]) {
             break;
         }
@@ -339,7 +377,8 @@ fn start_request(head: &[u8], log: &Mutex<Vec<ProxyRequest>>) -> State {
     let mut first = lines.next().unwrap_or("").split(' ');
     let method = first.next().unwrap_or("").to_string();
     let path = first.next().unwrap_or("").to_string();
-    let (mut range, mut length, mut chunked) = (None, 0u64, false);
+    let (mut range, mut content_range) = (None, None);
+    let (mut length, mut chunked) = (0u64, false);
     for line in lines {
         let Some((name, value)) = line.split_once(':') else {
             continue;
@@ -347,6 +386,7 @@ fn start_request(head: &[u8], log: &Mutex<Vec<ProxyRequest>>) -> State {
         let value = value.trim();
         match name.trim().to_ascii_lowercase().as_str() {
             "range" => range = Some(value.to_string()),
+            "content-range" => content_range = Some(value.to_string()),
             "content-length" => length = value.parse().unwrap_or(0),
             "transfer-encoding" => chunked = value.to_ascii_lowercase().contains("chunked"),
             _ => {}
@@ -356,6 +396,7 @@ fn start_request(head: &[u8], log: &Mutex<Vec<ProxyRequest>>) -> State {
         method,
         path,
         range,
+        content_range,
     });
     if chunked {
         State::ChunkSize(Vec::new())
