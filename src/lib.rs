@@ -80,11 +80,11 @@
 //! ## Read one file out of a remote image, lazily
 //!
 //! An eStargz layer carries a table of contents at its end:
-//! [`estargz::open`] fetches it with Range requests (the last 16 KiB or
+//! [`estargz::open`](formats::estargz::open) fetches it with Range requests (the last 16 KiB or
 //! more, so all of a layer as small as this one), and
-//! [`Toc::read`](estargz::Toc::read) fetches only the chunks of the file
+//! [`Toc::read`](formats::estargz::Toc::read) fetches only the chunks of the file
 //! asked for, so a large layer is never downloaded whole.
-//! ([`zstd_chunked::open`] does the same for zstd:chunked.)
+//! ([`zstd_chunked::open`](formats::zstd_chunked::open) does the same for zstd:chunked.)
 //!
 //! ```
 //! # use std::sync::Arc;
@@ -105,7 +105,8 @@
 //! # let layer = mutate::layer_from_dir_as(dir.path(), &LayerOptions::new(LayerFormat::Estargz), &PlainDir)?;
 //! # let image = mutate::append(&mutate::empty(&Platform::host())?, vec![layer])?;
 //! # copy(image.source.clone(), image.digest().as_str(), app.clone(), Some("v1"), &CopyOptions::default()).await?;
-//! use ggfs::{estargz, image, Digest};
+//! use ggfs::formats::estargz;
+//! use ggfs::{image, Digest};
 //!
 //! // `app` is the repository pushed to as above; its `v1` holds one
 //! // eStargz layer with hello.txt in it.
@@ -131,11 +132,10 @@ pub mod compose;
 pub mod copy;
 pub mod digest;
 pub mod error;
-pub mod estargz;
 pub mod export;
 pub mod flatten;
+pub mod formats;
 pub mod image;
-pub mod layerindex;
 pub mod layout;
 pub mod manifest;
 pub mod mutate;
@@ -148,13 +148,9 @@ pub mod registry;
 #[cfg(feature = "server")]
 pub mod server;
 pub mod tarball;
-pub mod tarindex;
-pub mod toc_writer;
 // Shared by the two binaries (`ggfs`, `ggfs-mountd`), not library API.
 #[doc(hidden)]
 pub mod usage;
-pub mod zran;
-pub mod zstd_chunked;
 
 pub use digest::Digest;
 pub use error::{Error, Result};

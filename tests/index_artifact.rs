@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use common::mount::{within, Mount};
 use common::{CountingProxy, Distribution};
-use ggfs::layerindex::{self, LayerIndexFile};
+use ggfs::formats::layerindex::{self, LayerIndexFile};
 use ggfs::manifest::{Compression, Parsed};
 use ggfs::registry::{Client, ClientOptions};
 

@@ -43,7 +43,7 @@ pub struct Args {
     #[arg(long, num_args = 1..)]
     prefetch: Vec<String>,
     /// eStargz / zstd:chunked: largest uncompressed chunk of a file, in bytes.
-    #[arg(long, default_value_t = ggfs::toc_writer::DEFAULT_CHUNK_SIZE)]
+    #[arg(long, default_value_t = ggfs::formats::toc_writer::DEFAULT_CHUNK_SIZE)]
     chunk_size: u64,
 }
 

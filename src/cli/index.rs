@@ -9,8 +9,8 @@ use anyhow::{bail, Context as _, Result};
 use clap::Subcommand;
 use futures::TryStreamExt;
 use ggfs::digest::Digest;
+use ggfs::formats::layerindex::{self, LayerIndexFile};
 use ggfs::image::{fetch, Artifact, Image, Layer, Source};
-use ggfs::layerindex::{self, LayerIndexFile};
 use ggfs::manifest::{media, RawManifest};
 use serde_json::{json, Value};
 

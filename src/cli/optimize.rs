@@ -1,5 +1,5 @@
 use anyhow::Result;
-use ggfs::toc_writer::{TocFormat, TocOptions, DEFAULT_CHUNK_SIZE};
+use ggfs::formats::toc_writer::{TocFormat, TocOptions, DEFAULT_CHUNK_SIZE};
 
 use super::Ctx;
 

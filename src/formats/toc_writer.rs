@@ -32,11 +32,11 @@ use serde::Serialize;
 
 use crate::digest::{Digest, Hasher, HashingWriter};
 use crate::error::{Error, Result};
-use crate::estargz::{
+use crate::formats::estargz::{
     footer_bytes, normalize_name, NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK, TOC_DIGEST_ANNOTATION,
     TOC_TAR_NAME, UNCOMPRESSED_SIZE_ANNOTATION,
 };
-use crate::zstd_chunked::{
+use crate::formats::zstd_chunked::{
     GITHUB_MANIFEST_CHECKSUM_ANNOTATION, GITHUB_MANIFEST_POSITION_ANNOTATION,
     MANIFEST_CHECKSUM_ANNOTATION, MANIFEST_POSITION_ANNOTATION,
 };
@@ -742,7 +742,7 @@ fn compress_unit(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::estargz::{self, EntryType, Toc};
+    use crate::formats::estargz::{self, EntryType, Toc};
     use crate::manifest::Compression;
     use bytes::Bytes;
     use std::collections::HashMap;
@@ -795,10 +795,10 @@ mod tests {
                 .unwrap(),
             TocFormat::ZstdChunked => {
                 // By annotation, then by footer alone.
-                let t = crate::zstd_chunked::open(&src, &w.digest, w.size, Some(&ann))
+                let t = crate::formats::zstd_chunked::open(&src, &w.digest, w.size, Some(&ann))
                     .await
                     .unwrap();
-                crate::zstd_chunked::open(&src, &w.digest, w.size, None)
+                crate::formats::zstd_chunked::open(&src, &w.digest, w.size, None)
                     .await
                     .unwrap();
                 t

@@ -19,11 +19,11 @@ use bytes::Bytes;
 use crate::attach;
 use crate::digest::{Digest, Hasher};
 use crate::error::{from_io, Error, Result};
+use crate::formats::tarindex::{self, LayerIndex};
+use crate::formats::zran::{seal, unseal, Dec, Enc};
+use crate::formats::{estargz, zstd_chunked};
 use crate::image::{bytes_stream, Sink, Source};
 use crate::manifest::{Compression, Descriptor, Parsed, RawManifest};
-use crate::tarindex::{self, LayerIndex};
-use crate::zran::{seal, unseal, Dec, Enc};
-use crate::{estargz, zstd_chunked};
 
 /// `artifactType` of the referrer, and media type of each index blob in it.
 pub const ARTIFACT_TYPE: &str = "application/vnd.ggfs.layer-index.v1";
