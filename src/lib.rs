@@ -15,9 +15,9 @@
 //! ```
 //! use std::sync::Arc;
 //! use ggfs::auth::Keychain;
-//! use ggfs::copy::{copy, CopyOptions};
-//! use ggfs::manifest::Compression;
-//! use ggfs::mutate;
+//! use ggfs::image::copy::{copy, CopyOptions};
+//! use ggfs::image::manifest::Compression;
+//! use ggfs::image::mutate;
 //! use ggfs::registry::{Client, ClientOptions};
 //! use ggfs::server::{Server, Storage};
 //! use ggfs::{Platform, Repository};
@@ -50,8 +50,8 @@
 //! ```
 //! # use std::sync::Arc;
 //! # use ggfs::auth::Keychain;
-//! # use ggfs::copy::{copy, CopyOptions};
-//! # use ggfs::mutate::{self, LayerFormat, LayerOptions, PlainDir};
+//! # use ggfs::image::copy::{copy, CopyOptions};
+//! # use ggfs::image::mutate::{self, LayerFormat, LayerOptions, PlainDir};
 //! # use ggfs::registry::{Client, ClientOptions};
 //! # use ggfs::server::{Server, Storage};
 //! # use ggfs::{Platform, Repository};
@@ -89,8 +89,8 @@
 //! ```
 //! # use std::sync::Arc;
 //! # use ggfs::auth::Keychain;
-//! # use ggfs::copy::{copy, CopyOptions};
-//! # use ggfs::mutate::{self, LayerFormat, LayerOptions, PlainDir};
+//! # use ggfs::image::copy::{copy, CopyOptions};
+//! # use ggfs::image::mutate::{self, LayerFormat, LayerOptions, PlainDir};
 //! # use ggfs::registry::{Client, ClientOptions};
 //! # use ggfs::server::{Server, Storage};
 //! # use ggfs::{Platform, Repository};
@@ -126,33 +126,22 @@
 
 #![warn(missing_docs)]
 
-pub mod attach;
 pub mod auth;
-pub mod compose;
-pub mod copy;
 pub mod digest;
 pub mod error;
-pub mod export;
-pub mod flatten;
 pub mod formats;
 pub mod image;
-pub mod layout;
-pub mod manifest;
-pub mod mutate;
-pub mod optimize;
 #[cfg(feature = "pull-secret")]
 pub mod pull_secret;
-pub mod rebase;
 pub mod reference;
 pub mod registry;
 #[cfg(feature = "server")]
 pub mod server;
-pub mod tarball;
 // Shared by the two binaries (`ggfs`, `ggfs-mountd`), not library API.
 #[doc(hidden)]
 pub mod usage;
 
 pub use digest::Digest;
 pub use error::{Error, Result};
-pub use manifest::{Platform, RawManifest};
+pub use image::manifest::{Platform, RawManifest};
 pub use reference::{Reference, Repository};

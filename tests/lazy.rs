@@ -20,8 +20,8 @@ use ggfs::formats::estargz::{self, EntryType, Toc};
 use ggfs::formats::tarindex::{self, LayerIndex, TarKind};
 use ggfs::formats::zran::{GzipIndex, GzipIndexBuilder};
 use ggfs::formats::zstd_chunked;
+use ggfs::image::manifest::{Compression, RawManifest};
 use ggfs::image::{ByteStream, Source};
-use ggfs::manifest::{Compression, RawManifest};
 use ggfs::registry::{Client, ClientOptions, RegistryRepo};
 use ggfs::{Digest, Repository};
 

@@ -14,7 +14,7 @@ use ggfs::formats::layerindex::LayerIndexFile;
 use ggfs::formats::tarindex;
 use ggfs::formats::toc_writer::{self, TocFormat, TocOptions};
 use ggfs::formats::zran::GzipIndexBuilder;
-use ggfs::manifest::Compression;
+use ggfs::image::manifest::Compression;
 use ggfs::Digest;
 
 fn put(target: &str, name: &str, bytes: &[u8]) {

@@ -29,8 +29,8 @@ use bytes::{Bytes, BytesMut};
 use futures::{StreamExt, TryStreamExt};
 use ggfs::formats::layerindex::{self, LayerIndexFile, MAX_READ};
 use ggfs::formats::tarindex::{TarEntry, TarKind};
+use ggfs::image::manifest::{self, Compression, Descriptor, ImageIndex};
 use ggfs::image::{Layer, Source};
-use ggfs::manifest::{self, Compression, Descriptor, ImageIndex};
 use ggfs::{Digest, Error, RawManifest, Result};
 use tokio::sync::OnceCell;
 
@@ -896,14 +896,14 @@ mod tests {
         assert_eq!(entries[0].meta.mode, 0o640);
         let saved = std::fs::read(cache.path(cache::Kind::Index, &d)).unwrap();
         let desc = serde_json::json!({
-            "mediaType": ggfs::manifest::media::OCI_LAYER_GZIP,
+            "mediaType": ggfs::image::manifest::media::OCI_LAYER_GZIP,
             "digest": d, "size": blob.len(),
         });
         let layer = Layer {
             digest: d.clone(),
             descriptor: serde_json::from_value(desc).unwrap(),
             diff_id: None,
-            source: Arc::new(ggfs::layout::Layout::create(dir.path().join("l")).unwrap()),
+            source: Arc::new(ggfs::image::layout::Layout::create(dir.path().join("l")).unwrap()),
         };
         let (back, verified) = from_cache(&saved, &layer, Compression::Gzip).unwrap();
         assert!(verified);

@@ -13,8 +13,8 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use ggfs::formats::estargz::{self, Chunk, EntryType, Toc, TocEntry};
 use ggfs::formats::zstd_chunked;
+use ggfs::image::manifest::Compression;
 use ggfs::image::{Layer, Source};
-use ggfs::manifest::Compression;
 use ggfs::{Digest, Error, Result};
 use tokio::sync::OnceCell;
 

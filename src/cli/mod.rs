@@ -5,8 +5,8 @@ use std::sync::{Arc, OnceLock};
 
 use anyhow::{Context as _, Result};
 use clap::{Args, Parser, Subcommand};
+use ggfs::image::manifest::RawManifest;
 use ggfs::image::{fetch_image, Image, Sink, Source};
-use ggfs::manifest::RawManifest;
 use ggfs::registry::{Client, ClientOptions, RegistryRepo};
 use ggfs::{Platform, Reference};
 
@@ -297,13 +297,13 @@ impl Ctx {
     pub async fn manifest(&self, location: &str) -> Result<RawManifest> {
         let (src, reference) = self.source(location).await?;
         let platform = self.global.platform.as_ref();
-        Ok(ggfs::copy::manifest_for(src.as_ref(), &reference, platform).await?)
+        Ok(ggfs::image::copy::manifest_for(src.as_ref(), &reference, platform).await?)
     }
 
     /// Copy options from the global flags, `jobs` blobs at a time, with
     /// progress on a terminal.
-    pub fn copy_options(&self, jobs: usize) -> ggfs::copy::CopyOptions {
-        ggfs::copy::CopyOptions {
+    pub fn copy_options(&self, jobs: usize) -> ggfs::image::copy::CopyOptions {
+        ggfs::image::copy::CopyOptions {
             platform: self.global.platform.clone(),
             jobs,
             progress: progress::reporter(),

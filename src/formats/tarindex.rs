@@ -21,7 +21,7 @@ use bytes::Bytes;
 
 use crate::error::{from_io, Error, Result};
 use crate::formats::zran::{self, Dec, Enc, GzipIndex, GzipIndexBuilder};
-use crate::manifest::Compression;
+use crate::image::manifest::Compression;
 
 const MAGIC: &[u8; 8] = b"GGFSLIDX";
 const VERSION: u32 = 1;

@@ -39,8 +39,8 @@ use reqwest::{Method, StatusCode};
 use crate::auth::{self, Credential, Keychain};
 use crate::digest::Digest;
 use crate::error::{Error, Result};
+use crate::image::manifest::RawManifest;
 use crate::image::{ByteStream, Sink, Source};
-use crate::manifest::RawManifest;
 use crate::reference::Repository;
 
 pub use list::Page;

@@ -15,7 +15,7 @@
 use super::super::{blob_digest, take_u64};
 use ggfs::formats::layerindex::LayerIndexFile;
 use ggfs::formats::tarindex::LayerIndex;
-use ggfs::manifest::Compression;
+use ggfs::image::manifest::Compression;
 use ggfs::Digest;
 
 /// One input.

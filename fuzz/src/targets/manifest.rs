@@ -5,7 +5,7 @@
 
 use bytes::Bytes;
 use ggfs::formats::layerindex;
-use ggfs::manifest::{self, media, Compression, ImageConfiguration, Parsed, Platform};
+use ggfs::image::manifest::{self, media, Compression, ImageConfiguration, Parsed, Platform};
 use ggfs::{Digest, RawManifest};
 
 const CONTENT_TYPES: [Option<&str>; 6] = [

@@ -7,7 +7,7 @@
 
 use super::super::fetcher;
 use ggfs::formats::tarindex::{self, LayerIndex, TarKind};
-use ggfs::manifest::Compression;
+use ggfs::image::manifest::Compression;
 
 /// One input.
 pub fn run(data: &[u8]) {

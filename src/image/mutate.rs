@@ -21,8 +21,8 @@ use serde_json::{json, Map, Value};
 use crate::digest::{Digest, HashingWriter};
 use crate::error::{Error, Result};
 use crate::formats::toc_writer::{TocFormat, TocOptions};
+use crate::image::manifest::{media, Compression, Platform, RawManifest};
 use crate::image::{bytes_stream, file_stream, read_file_range, ByteStream, Image, Source};
-use crate::manifest::{media, Compression, Platform, RawManifest};
 
 /// A layer built locally: its compressed blob in a temporary file (removed
 /// when the last handle goes), with digest and DiffID computed while writing.

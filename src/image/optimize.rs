@@ -16,14 +16,14 @@ use std::collections::HashSet;
 use futures::{StreamExt, TryStreamExt};
 use serde_json::json;
 
-use crate::compose::{self, Composed, Part};
 use crate::error::{Error, Result};
 use crate::formats::estargz::{normalize_name, TOC_DIGEST_ANNOTATION};
 use crate::formats::toc_writer::{TocFormat, TocOptions};
 use crate::formats::zstd_chunked::MANIFEST_CHECKSUM_ANNOTATION;
+use crate::image::compose::{self, Composed, Part};
+use crate::image::manifest::{media, Compression};
+use crate::image::mutate::{self, LocalLayer};
 use crate::image::{is_layer_media_type, Image, Layer};
-use crate::manifest::{media, Compression};
-use crate::mutate::{self, LocalLayer};
 
 /// Layers converted at once.
 const IN_FLIGHT: usize = 2;
@@ -138,7 +138,7 @@ fn in_format(layer: &Layer, format: TocFormat) -> bool {
 async fn convert(layer: Layer, o: TocOptions) -> Result<(LocalLayer, Vec<String>)> {
     let what = format!("converting layer {}", layer.digest);
     tokio::task::spawn_blocking(move || {
-        let reader = crate::export::layer_reader(&layer)?;
+        let reader = crate::image::export::layer_reader(&layer)?;
         let tar = mutate::layer_from_reader(reader, Compression::None)?;
         if let Some(want) = layer.diff_id.as_ref().filter(|d| **d != tar.diff_id) {
             return Err(Error::DigestMismatch {
