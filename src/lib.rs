@@ -14,7 +14,7 @@
 //!
 //! ```
 //! use std::sync::Arc;
-//! use ggfs::auth::Keychain;
+//! use ggfs::registry::auth::Keychain;
 //! use ggfs::image::copy::{copy, CopyOptions};
 //! use ggfs::image::manifest::Compression;
 //! use ggfs::image::mutate;
@@ -49,7 +49,7 @@
 //!
 //! ```
 //! # use std::sync::Arc;
-//! # use ggfs::auth::Keychain;
+//! # use ggfs::registry::auth::Keychain;
 //! # use ggfs::image::copy::{copy, CopyOptions};
 //! # use ggfs::image::mutate::{self, LayerFormat, LayerOptions, PlainDir};
 //! # use ggfs::registry::{Client, ClientOptions};
@@ -88,7 +88,7 @@
 //!
 //! ```
 //! # use std::sync::Arc;
-//! # use ggfs::auth::Keychain;
+//! # use ggfs::registry::auth::Keychain;
 //! # use ggfs::image::copy::{copy, CopyOptions};
 //! # use ggfs::image::mutate::{self, LayerFormat, LayerOptions, PlainDir};
 //! # use ggfs::registry::{Client, ClientOptions};
@@ -126,13 +126,10 @@
 
 #![warn(missing_docs)]
 
-pub mod auth;
 pub mod digest;
 pub mod error;
 pub mod formats;
 pub mod image;
-#[cfg(feature = "pull-secret")]
-pub mod pull_secret;
 pub mod reference;
 pub mod registry;
 #[cfg(feature = "server")]

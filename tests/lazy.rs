@@ -14,7 +14,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use ggfs::auth::Keychain;
 use ggfs::error::Error;
 use ggfs::formats::estargz::{self, EntryType, Toc};
 use ggfs::formats::tarindex::{self, LayerIndex, TarKind};
@@ -22,6 +21,7 @@ use ggfs::formats::zran::{GzipIndex, GzipIndexBuilder};
 use ggfs::formats::zstd_chunked;
 use ggfs::image::manifest::{Compression, RawManifest};
 use ggfs::image::{ByteStream, Source};
+use ggfs::registry::auth::Keychain;
 use ggfs::registry::{Client, ClientOptions, RegistryRepo};
 use ggfs::{Digest, Repository};
 

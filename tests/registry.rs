@@ -10,11 +10,11 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::StreamExt;
-use ggfs::auth::Keychain;
 use ggfs::digest::Hasher;
 use ggfs::error::Error;
 use ggfs::image::manifest::{media, RawManifest};
 use ggfs::image::{self, ByteStream, Sink, Source};
+use ggfs::registry::auth::Keychain;
 use ggfs::registry::{Client, ClientOptions, RegistryRepo, RetryPolicy};
 use ggfs::Digest;
 

@@ -61,7 +61,7 @@ impl LibRegistry {
         insecure: bool,
         stall: std::time::Duration,
         tls: (Vec<std::path::PathBuf>, bool),
-        keychain: ggfs::auth::Keychain,
+        keychain: ggfs::registry::auth::Keychain,
     ) -> Result<Arc<Self>> {
         let opts = ClientOptions {
             insecure: if insecure {

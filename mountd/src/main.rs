@@ -570,9 +570,11 @@ fn serve(args: &MountArgs, ready: &mut Ready) -> Result<()> {
         tracing::warn!("--insecure-skip-tls-verify: TLS certificates are not verified");
     }
     let tls = (args.ca_files.clone(), args.insecure_skip_tls_verify);
-    let mut keychain = ggfs::auth::Keychain::from_env();
+    let mut keychain = ggfs::registry::auth::Keychain::from_env();
     for file in &args.pull_secrets {
-        keychain.pull_secrets.extend(ggfs::pull_secret::read(file)?);
+        keychain
+            .pull_secrets
+            .extend(ggfs::registry::auth::pull_secret::read(file)?);
     }
     let reg = backend::LibRegistry::new(host, insecure, stall, tls, keychain)?;
     let reg_name = backend::Registry::name(reg.as_ref());

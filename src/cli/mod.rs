@@ -264,9 +264,11 @@ impl Ctx {
                 "ggfs: warning: --insecure-skip-tls-verify: TLS certificates are not verified"
             );
         }
-        let mut keychain = ggfs::auth::Keychain::from_env();
+        let mut keychain = ggfs::registry::auth::Keychain::from_env();
         for file in &self.global.pull_secrets {
-            keychain.pull_secrets.extend(ggfs::pull_secret::read(file)?);
+            keychain
+                .pull_secrets
+                .extend(ggfs::registry::auth::pull_secret::read(file)?);
         }
         let client = Client::builder(opts)
             .keychain(keychain)

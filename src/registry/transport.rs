@@ -15,8 +15,8 @@ use reqwest::{Method, StatusCode};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use url::Url;
 
-use crate::auth::{self, Challenge, Credential, Keychain, Token};
 use crate::error::{Error, Result};
+use crate::registry::auth::{self, Challenge, Credential, Keychain, Token};
 
 /// How hard to retry transient failures (408, 429, 5xx, connection errors).
 #[derive(Clone, Debug)]
