@@ -1,8 +1,10 @@
 //! Bearer tokens: asking a challenge's token realm for one (docker's GET
-//! with Basic auth, or an OAuth2 POST), and when to stop using it. The
-//! cache of tokens by registry and scope set is the registry transport's.
+//! with Basic auth, or an OAuth2 POST), when to stop using it, and the
+//! client's cache of them by registry and scope set.
 
+use std::collections::HashMap;
 use std::fmt;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use serde::Deserialize;
@@ -37,6 +39,37 @@ impl Token {
     /// True until `expires`.
     pub fn is_fresh(&self) -> bool {
         Instant::now() < self.expires
+    }
+}
+
+/// Bearer tokens by registry and scope set (the key: the registry, and the
+/// sorted scopes joined by spaces). A map, not a TTL cache crate: each
+/// token's lifetime is the server's `expires_in` ([`Token::is_fresh`]), a 401
+/// drops it, and the keys are few (one per registry and scope set).
+#[derive(Default)]
+pub(crate) struct TokenCache(Mutex<HashMap<(String, String), Token>>);
+
+impl TokenCache {
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), Token>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The token cached under `key`, while it is fresh.
+    pub(crate) fn fresh(&self, key: &(String, String)) -> Option<String> {
+        let map = self.map();
+        map.get(key)
+            .filter(|t| t.is_fresh())
+            .map(|t| t.token.clone())
+    }
+
+    /// Keep `token` under `key`, replacing any before it.
+    pub(crate) fn insert(&self, key: (String, String), token: Token) {
+        self.map().insert(key, token);
+    }
+
+    /// Drop the token under `key` (the registry refused it).
+    pub(crate) fn forget(&self, key: &(String, String)) {
+        self.map().remove(key);
     }
 }
 
