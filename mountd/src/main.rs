@@ -52,6 +52,8 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+// These doc comments are clap's help text, shown as written: `host[:port]` is no link.
+#[allow(rustdoc::broken_intra_doc_links)]
 #[allow(clippy::large_enum_variant)] // parsed once
 enum Cmd {
     /// Mount REGISTRY (host[:port]) at MOUNTPOINT.
@@ -64,6 +66,7 @@ enum Cmd {
 }
 
 #[derive(clap::Args, Clone)]
+#[allow(rustdoc::broken_intra_doc_links)] // clap's help text, as `Cmd`'s
 struct MountArgs {
     /// Registry host[:port] (loopback registries are spoken to over HTTP).
     registry: String,
