@@ -995,3 +995,70 @@ fn sixteen_parallel_readers_get_the_right_bytes() {
         .unwrap();
     assert!(hwm < 64 << 10, "daemon peak RSS {} MiB", hwm >> 10);
 }
+
+// ---------------------------------------------------------------------------
+// `blobs/<digest>` of a plain layer whose rootfs is in use is read by Range
+// from the blob's verified 1 MiB blocks: a read in its middle fetches a
+// block or two, not the whole blob first; read whole, it is the blob.
+// ---------------------------------------------------------------------------
+
+fn blob_fetched(m: &Mount, digest: &str) -> u64 {
+    let stats = std::fs::read_to_string(m.path(".ggfs/stats")).unwrap();
+    stats
+        .lines()
+        .find_map(|l| {
+            let rest = l.strip_prefix(&format!("blob {digest} "))?;
+            let f = rest.split(' ').skip_while(|w| *w != "fetched").nth(1)?;
+            f.parse().ok()
+        })
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_plain_layers_blob_in_use_is_read_by_range() {
+    let reg = Distribution::start();
+    let dir = common::tempdir();
+    let tree = dir.path().join("tree");
+    std::fs::create_dir_all(&tree).unwrap();
+    std::fs::write(tree.join("big"), common::pseudo_random(6 << 20, 7)).unwrap();
+    let dst = reg.reference("range/blob:v1");
+    common::ggfs(&[
+        "append",
+        "--insecure",
+        "-f",
+        tree.to_str().unwrap(),
+        "-t",
+        &dst,
+    ]);
+    let m = Mount::start(reg.addr(), &[]);
+    // The first read of the layer streams it once (its index and blocks).
+    let _ = std::fs::read(m.path("range/blob/v1/rootfs/big")).unwrap();
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(m.path("range/blob/v1/manifest.json")).unwrap())
+            .unwrap();
+    let layer = manifest["layers"][0]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let size = manifest["layers"][0]["size"].as_u64().unwrap();
+    let blob = std::fs::read(reg.blob_path(&layer)).unwrap();
+    assert!(
+        size > 5 << 20,
+        "the layer is {size} bytes: too small to tell"
+    );
+    let before = blob_fetched(&m, &layer);
+    let f = std::fs::File::open(m.path(&format!("range/blob/v1/blobs/{layer}"))).unwrap();
+    let mut buf = vec![0u8; 100];
+    f.read_exact_at(&mut buf, 3 << 20).unwrap();
+    assert_eq!(buf, blob[3 << 20..(3 << 20) + 100]);
+    let fetched = blob_fetched(&m, &layer) - before;
+    assert!(
+        fetched > 0 && fetched <= 2 << 20,
+        "a 100-byte read of the blob fetched {fetched} of its {size} bytes"
+    );
+    let whole = std::fs::read(m.path(&format!("range/blob/v1/blobs/{layer}"))).unwrap();
+    assert!(
+        whole == blob,
+        "blobs/{layer} read whole differs from the registry's blob"
+    );
+}

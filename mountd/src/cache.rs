@@ -27,6 +27,9 @@ pub enum Kind {
     Index,
     /// The footer and TOC byte ranges of an eStargz / zstd:chunked layer.
     Toc,
+    /// A big file's bytes, copied from the cached tar or chunks that hold
+    /// them, for FUSE passthrough (keyed by its layer and entry).
+    File,
 }
 
 impl Kind {
@@ -37,6 +40,7 @@ impl Kind {
             Kind::Chunk => "chunks",
             Kind::Index => "index",
             Kind::Toc => "toc",
+            Kind::File => "files",
         }
     }
 }
@@ -187,7 +191,7 @@ fn private(root: &Path) -> Result<()> {
 /// not yet pushed, and their journals) is not the cache's to count or evict.
 fn files(root: &Path) -> Vec<(PathBuf, u64, SystemTime)> {
     let mut out = Vec::new();
-    let mut stack: Vec<PathBuf> = ["blobs", "tar", "chunks", "index", "toc"]
+    let mut stack: Vec<PathBuf> = ["blobs", "tar", "chunks", "index", "toc", "files"]
         .iter()
         .map(|k| root.join(k))
         .collect();

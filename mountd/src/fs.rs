@@ -290,6 +290,10 @@ pub struct Inner {
     pub(crate) uid: u32,
     pub(crate) gid: u32,
     pub(crate) start: SystemTime,
+    /// Set once the kernel agreed to FUSE passthrough (fuse.rs `init`).
+    pub(crate) passthrough: std::sync::OnceLock<crate::passthrough::Passthrough>,
+    /// The /dev/fuse connection, for passthrough's backing files.
+    pub(crate) dev: std::sync::OnceLock<std::os::fd::OwnedFd>,
 }
 
 impl Inner {
@@ -321,6 +325,8 @@ impl Inner {
             uid: unsafe { libc::getuid() },
             gid: unsafe { libc::getgid() },
             start: SystemTime::now(),
+            passthrough: std::sync::OnceLock::new(),
+            dev: std::sync::OnceLock::new(),
         }
     }
 }
@@ -958,8 +964,19 @@ impl Inner {
                 if offset >= *len {
                     return Ok(Bytes::new());
                 }
-                let file = self.blob_file(repo, d, *len).await?;
                 let n = (size as u64).min(len - offset) as usize;
+                // A plain layer in use has its blob's block digests: its
+                // bytes come by Range, not with the whole blob first.
+                let layer = self.layers.opened(d);
+                if let Some(l) = layer.filter(|_| !self.cache.path(cache::Kind::Blob, d).exists()) {
+                    if let Some(b) = l.blob_range(offset, n as u64).await.map_err(|e| {
+                        tracing::error!("blob {d}: {e}");
+                        Fail::from(e)
+                    })? {
+                        return Ok(b);
+                    }
+                }
+                let file = self.blob_file(repo, d, *len).await?;
                 let d = d.clone();
                 tokio::task::spawn_blocking(move || {
                     let mut buf = vec![0u8; n];

@@ -3,6 +3,7 @@
 //! there: a read waiting on the network never holds up another request.
 
 use std::ffi::OsStr;
+use std::os::fd::AsFd;
 use std::os::unix::ffi::OsStrExt;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -133,6 +134,18 @@ pub(crate) type Entries = Vec<(u64, fuser::FileType, std::ffi::OsString)>;
 const FOPEN_NOFLUSH: u32 = 1 << 5;
 
 /// Flags for an open: no FLUSH unless an edit is applied at close.
+/// Reply to an open; one for reading a big lower file on its copy in the
+/// cache when passthrough takes it (no page cache of ours beside it).
+fn opened(fs: &Inner, ino: u64, fh: u64, flags: u32, write: bool, reply: ReplyOpen) {
+    match (!write).then(|| fs.open_backed(ino, fh)).flatten() {
+        Some(id) => {
+            fs.ns.stats.passthrough_open();
+            reply.opened_passthrough(fh, FOPEN_NOFLUSH, id)
+        }
+        None => reply.opened(fh, open_flags(fs, fh, flags)),
+    }
+}
+
 fn open_flags(fs: &Inner, fh: u64, flags: u32) -> u32 {
     match fs.handle(fh).as_deref() {
         Some(Handle::Edit(_) | Handle::Ctl(_)) => flags,
@@ -212,6 +225,16 @@ impl Filesystem for Fs {
         // A symlink's target never changes in place (a new one is a new
         // inode): the kernel may keep what READLINK said.
         let _ = config.add_capabilities(fuser::consts::FUSE_CACHE_SYMLINKS);
+        // Big lower files whose bytes are cached are read by the kernel
+        // from their copy (passthrough.rs); one level of stacking below us.
+        if let Some(dev) = self.inner.dev.get() {
+            if config.enable_passthrough(1).is_ok() {
+                match crate::passthrough::Passthrough::new(dev.as_fd()) {
+                    Ok(pt) => drop(self.inner.passthrough.set(pt)),
+                    Err(e) => tracing::warn!("passthrough: {e}"),
+                }
+            }
+        }
         Ok(())
     }
 
@@ -287,6 +310,11 @@ impl Filesystem for Fs {
     fn open(&mut self, req: &Request<'_>, ino: u64, flags: i32, reply: ReplyOpen) {
         self.revived(ino);
         let write = flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0;
+        if write && self.inner.passthrough().is_some_and(|p| p.backed(ino)) {
+            // The kernel takes no other open beside a passthrough one.
+            let f = Fail::new(libc::ETXTBSY, "open for reading from the cache's copy");
+            return reply.error(self.inner.failed("open for writing", f));
+        }
         let now = match self.inner.built_writable(ino) {
             Some(r) if !write => Some(self.inner.open_read(&r, ino)),
             Some(_) => self.inner.open_write_now(ino, flags),
@@ -294,17 +322,17 @@ impl Filesystem for Fs {
         };
         if let Some(res) = now {
             return match res {
-                Ok((fh, fl)) => reply.opened(fh, open_flags(&self.inner, fh, fl)),
+                Ok((fh, fl)) => opened(&self.inner, ino, fh, fl, write, reply),
                 Err(f) => reply.error(self.inner.failed("open", f)),
             };
         }
         // An image's read-only tree: nothing to prepare.
         if let (Ok(Node::Tree(..)), false) = (self.inner.node(ino), write) {
-            return reply.opened(0, FOPEN_KEEP_CACHE | FOPEN_NOFLUSH);
+            return opened(&self.inner, ino, 0, FOPEN_KEEP_CACHE, false, reply);
         }
         let work = move |fs: Arc<Inner>| async move {
             match fs.open(ino, flags).await {
-                Ok((fh, fl)) => reply.opened(fh, open_flags(&fs, fh, fl)),
+                Ok((fh, fl)) => opened(&fs, ino, fh, fl, write, reply),
                 Err(f) => reply.error(fs.failed("open", f)),
             }
         };
@@ -344,13 +372,18 @@ impl Filesystem for Fs {
     fn release(
         &mut self,
         _req: &Request<'_>,
-        _ino: u64,
+        ino: u64,
         fh: u64,
         _flags: i32,
         _lock_owner: Option<u64>,
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        if let Some(lower) = self.inner.release_backed(ino, fh) {
+            let inner = self.inner.clone();
+            self.rt
+                .spawn_blocking(move || inner.make_content_file(&lower));
+        }
         self.inner.release(fh);
         reply.ok();
     }

@@ -205,6 +205,7 @@ impl Inner {
         offset: u64,
         size: u32,
     ) -> Res<Bytes> {
+        self.ns.stats.read();
         let layer = &r.layers[d.layer];
         layer.read(d.entry, offset, size).await.map_err(|e| {
             tracing::error!("read of layer {}: {e}", layer.digest());

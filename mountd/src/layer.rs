@@ -53,6 +53,17 @@ pub trait LayerData: Send + Sync {
     fn entries(&self) -> &[Entry];
     /// Up to `len` bytes of entry `entry`'s contents at `offset`.
     async fn read(&self, entry: usize, offset: u64, len: u32) -> Result<Bytes>;
+    /// Write entry `entry`'s contents to `out` (at 0) from the cache alone,
+    /// never fetching: `Ok(false)` when some of them are not there. On a
+    /// blocking thread; for FUSE passthrough.
+    fn local_copy(&self, _entry: usize, _out: &std::fs::File) -> Result<bool> {
+        Ok(false)
+    }
+    /// `len` bytes of the blob itself at `at`, each checked before it is
+    /// served, when the layer knows how (`None`: it does not).
+    async fn blob_range(&self, _at: u64, _len: u64) -> Result<Option<Bytes>> {
+        Ok(None)
+    }
 }
 
 /// The image a layer is opened for: where its index artifact may be found
@@ -145,6 +156,33 @@ impl LayerData for PlainLayer {
             .await;
         }
         self.read_remote(at, n).await
+    }
+
+    /// From the blob's verified blocks (and the block cache).
+    async fn blob_range(&self, at: u64, len: u64) -> Result<Option<Bytes>> {
+        let bs = self.file.block_size;
+        let end = (at + len).min(self.file.size);
+        if at >= end {
+            return Ok(Some(Bytes::new()));
+        }
+        let (first, last) = (at / bs, end.div_ceil(bs));
+        let blocks = futures::future::try_join_all((first..last).map(|b| self.blocks.get(b)));
+        let mut span = BytesMut::new();
+        blocks.await?.iter().for_each(|b| span.extend_from_slice(b));
+        slice_span(&span.freeze(), first * bs, at, end - at, &self.digest).map(Some)
+    }
+
+    fn local_copy(&self, entry: usize, out: &std::fs::File) -> Result<bool> {
+        let t = self
+            .which
+            .get(entry)
+            .and_then(|&i| self.file.index.entries.get(i));
+        let (Some(t), Some(tar)) = (t, self.local_tar()) else {
+            return Ok(false);
+        };
+        crate::passthrough::copy_range(&tar, t.offset, out, 0, t.size)
+            .map_err(|e| Error::io(format!("cached tar of layer {}", self.digest), e))?;
+        Ok(true)
     }
 }
 
@@ -483,6 +521,13 @@ pub fn store(cache: &Cache, kind: cache::Kind, d: &Digest, bytes: &[u8]) {
     }
 }
 
+/// [`store`] on a blocking thread, not waited for: a reader has its bytes
+/// before their write and fsync.
+pub fn store_later(cache: &Arc<Cache>, kind: cache::Kind, d: &Digest, bytes: &Bytes) {
+    let (cache, d, bytes) = (cache.clone(), d.clone(), bytes.clone());
+    tokio::task::spawn_blocking(move || store(&cache, kind, &d, &bytes));
+}
+
 type OpenCell = Arc<OnceCell<Arc<dyn LayerData>>>;
 /// Index blobs the image's index artifacts list: (layer digest, blob).
 type Listed = Arc<Vec<(Digest, Descriptor)>>;
@@ -524,6 +569,12 @@ impl Layers {
         cell.get_or_try_init(|| self.open_uncached(layer, origin))
             .await
             .cloned()
+    }
+
+    /// Layer `digest`, if it is open.
+    pub fn opened(&self, digest: &Digest) -> Option<Arc<dyn LayerData>> {
+        let open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        open.get(digest)?.get().cloned()
     }
 
     /// Forget the open layers nothing else holds (prune.rs): the next

@@ -121,7 +121,9 @@ pub async fn open(layer: &Layer, cache: Arc<Cache>, when: When) -> Result<Option
         _ => return Ok(None),
     };
     if toc.verified {
-        rec.save(&cache, &layer.digest);
+        // Its write and fsync are not the first read's to wait for.
+        let (c, d) = (cache.clone(), layer.digest.clone());
+        tokio::task::spawn_blocking(move || rec.save(&c, &d));
     }
     if !toc.verified {
         tracing::warn!(
@@ -334,7 +336,9 @@ impl TocLayer {
             .flights
             .run(c.blob_offset, || async {
                 let bytes = self.toc.read_chunk(self.source.as_ref(), c).await?;
-                self.store(c, &bytes);
+                if let Some(d) = &c.digest {
+                    crate::layer::store_later(&self.cache, cache::Kind::Chunk, d, &bytes);
+                }
                 Ok(bytes)
             })
             .await
@@ -490,5 +494,31 @@ impl LayerData for TocLayer {
             ));
         }
         Ok(Bytes::from(out))
+    }
+
+    fn local_copy(&self, entry: usize, out: &std::fs::File) -> Result<bool> {
+        let Some(&ti) = self.toc_index.get(entry) else {
+            return Ok(false);
+        };
+        let ti = self.toc.resolve(ti)?;
+        let size = self.toc.entry(ti)?.size;
+        let io = |e| Error::io(format!("cached chunks of layer {}", self.digest), e);
+        // Zero chunks stay holes of the file this makes as long as it is.
+        out.set_len(size).map_err(io)?;
+        for c in self.toc.chunks_for_range(ti, 0, size) {
+            if c.zeros {
+                continue;
+            }
+            let Some(path) = c
+                .digest
+                .as_ref()
+                .and_then(|d| self.cache.get(cache::Kind::Chunk, d))
+            else {
+                return Ok(false);
+            };
+            let chunk = std::fs::File::open(path).map_err(io)?;
+            crate::passthrough::copy_range(&chunk, 0, out, c.file_offset, c.size).map_err(io)?;
+        }
+        Ok(true)
     }
 }

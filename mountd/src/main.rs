@@ -18,6 +18,7 @@ mod inolog;
 mod layer;
 mod lazy;
 mod ns;
+mod passthrough;
 mod prune;
 mod rootfs;
 mod stats;
@@ -132,6 +133,11 @@ struct MountArgs {
     /// cache when next used.
     #[arg(long, default_value_t = 16)]
     max_trees: usize,
+    /// Serve every read through this daemon, never with FUSE passthrough
+    /// (by default, a lower file of 1 MiB or more whose bytes are all in
+    /// the cache is read by the kernel straight from its copy there).
+    #[arg(long)]
+    no_passthrough: bool,
     /// Write the daemon's log here (appending).
     #[arg(long)]
     log: Option<PathBuf>,
@@ -299,6 +305,9 @@ fn child_args(a: &MountArgs, ready: Option<i32>) -> Vec<OsString> {
         v.push("--allow-delete".into());
     }
     v.push(format!("--fetch-after={}", a.fetch_after).into());
+    if a.no_passthrough {
+        v.push("--no-passthrough".into());
+    }
     v.push(format!("--max-trees={}", a.max_trees).into());
     if a.push_index {
         v.push("--push-index".into());
@@ -622,6 +631,12 @@ fn serve(args: &MountArgs, ready: &mut Ready) -> Result<()> {
     rt.spawn(prune::run(inner.clone(), limits));
     let options = mount_options(&args.options)?;
     let mut session = session(args, filesystem, &options)?;
+    if !args.no_passthrough {
+        // Taken up in `init` if the kernel offers passthrough.
+        if let Ok(dev) = session.as_fd().try_clone_to_owned() {
+            let _ = inner.dev.set(dev);
+        }
+    }
     let mut unmounter = session.unmount_callable();
     let (tx, rx) = std::sync::mpsc::channel::<&'static str>();
     let tx2 = tx.clone();

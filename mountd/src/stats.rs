@@ -30,6 +30,10 @@ pub struct Stats {
     lookups: AtomicU64,
     trees_built: AtomicU64,
     trees_dropped: AtomicU64,
+    /// READs of an image's files answered, and opens passed through to the cache's copy (the
+    /// kernel reads those itself: no READ comes here).
+    reads: AtomicU64,
+    passthrough_opens: AtomicU64,
     blobs: Mutex<BTreeMap<Digest, BlobStat>>,
 }
 
@@ -44,6 +48,14 @@ impl Stats {
 
     pub fn lookup(&self) {
         self.lookups.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn read(&self) {
+        self.reads.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn passthrough_open(&self) {
+        self.passthrough_opens.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn tree_built(&self) {
@@ -90,6 +102,9 @@ impl Stats {
         let _ = writeln!(out, "trees_built {built}");
         let dropped = self.trees_dropped.load(Ordering::Relaxed);
         let _ = writeln!(out, "trees_dropped {dropped}");
+        let _ = writeln!(out, "lower_reads {}", self.reads.load(Ordering::Relaxed));
+        let pt = self.passthrough_opens.load(Ordering::Relaxed);
+        let _ = writeln!(out, "passthrough_opens {pt}");
         for (d, b) in blobs.iter().filter(|(_, b)| b.requests > 0) {
             let size = b.size.map_or("-".to_string(), |s| s.to_string());
             let pct = match b.size {

@@ -142,22 +142,21 @@ px_sequence() {
 # --- ggfs -------------------------------------------------------------------
 
 # mount_cold ADDR NAME: a mount with the (new, empty) cache $WORK/cache-NAME;
-# seconds the mount command took. No commits: nothing here may push.
+# prints when the mount command started and ended. No commits: nothing here may push.
 mount_cold() {
     local t0 t1
     t0=$(now)
     "$GGFS" mount "$1" "$MNT" --cache-dir "$WORK/cache-$2" --commit-delay manual \
         --log "$WORK/logs/$2.mountd.log" || { note "$2: ggfs mount failed"; return 1; }
     t1=$(now)
-    secs "$t0" "$t1"
+    echo "$t0 $t1" # the subtraction (bc) waits until the timed work is done
 }
-# The daemon's ERROR/WARN lines, less fuser's "Unmount failed: Invalid argument"
-# (its own unmount, after `ggfs unmount` has already unmounted; logged every time).
+# The daemon's ERROR/WARN lines.
 unmount_and_check() { # NAME
     local bad
     "$GGFS" unmount "$MNT" >/dev/null 2>&1 || { note "$1: ggfs unmount failed"; unmount_mnt; }
     bad=$(grep -E ' (ERROR|WARN) ' "$WORK/logs/$1.mountd.log" 2>/dev/null |
-        grep -v 'Unmount failed: Invalid argument' | head -3 | tr '\n' ' ' || true)
+        head -3 | tr '\n' ' ' || true)
     if [[ -n $bad ]]; then note "$1: daemon log: $bad"; fi
 }
 
@@ -182,7 +181,7 @@ ggfs_run() {
     esac
     t1=$(now)
     rec "$kind-$link-ggfs" "$(secs "$t0" "$t1")"
-    if [[ $kind == first ]]; then rec "mount-$link-ggfs" "$m"; fi
+    if [[ $kind == first ]]; then rec "mount-$link-ggfs" "$(secs ${m% *} ${m#* })"; fi
     if ((st != 0)); then
         note "$name: exit status $st$( [[ $kind == tree ]] && echo ": $(head -3 "$WORK/tar.err" | tr '\n' ' ')")$( [[ $kind == chroot ]] && echo ": $(head -3 "$WORK/chroot.err" | tr '\n' ' ')")"
     fi
@@ -220,8 +219,14 @@ warm() {
     t0=$(now); tar -cf - -C "$U" . 2>/dev/null | wc -c >/dev/null; t1=$(now); rec warm-tar-native "$(secs "$t0" "$t1")"
     F=$MNT/bench/big/v1/rootfs/blob.bin
     cat "$F" >/dev/null; cat "$WORK/big/blob.bin" >/dev/null # fetch / warm both
-    t0=$(now); cat "$F" >/dev/null; t1=$(now); rec seq-warm-ggfs "$(secs "$t0" "$t1")"
-    t0=$(now); cat "$WORK/big/blob.bin" >/dev/null; t1=$(now); rec seq-warm-native "$(secs "$t0" "$t1")"
+    # Once its first reader is gone the daemon copies a cached big file for
+    # passthrough, in the background; then one read warms the copy.
+    sleep 2; cat "$F" >/dev/null
+    # Ten reads each: one takes ~5 ms here, as long as starting cat and date.
+    t0=$(now); for _ in {1..10}; do cat "$F"; done >/dev/null; t1=$(now)
+    rec seq-warm-ggfs "$(echo "($t1 - $t0) / 10" | bc -l)"
+    t0=$(now); for _ in {1..10}; do cat "$WORK/big/blob.bin"; done >/dev/null; t1=$(now)
+    rec seq-warm-native "$(echo "($t1 - $t0) / 10" | bc -l)"
     # Page cache dropped on both sides: ggfs reads its disk cache, native its file.
     sync; echo 3 >/proc/sys/vm/drop_caches
     t0=$(now); cat "$F" >/dev/null; t1=$(now); rec seq-dropped-ggfs "$(secs "$t0" "$t1")"
@@ -334,7 +339,7 @@ echo "|---|---|---|---|"
 wrow() { printf '| %s | %s s | %s s | %.2f× |\n' "$1" "$(f3 "$(m "$2-ggfs")")" "$(f3 "$(m "$2-native")")" "$(echo "$(m "$2-ggfs") / $(m "$2-native")" | bc -l)"; }
 wrow "\`find rootfs | wc -l\` ($(cat "$WORK/find.ggfs") entries)" warm-find
 wrow '`tar -cf - rootfs | wc -c`' warm-tar
-wrow 'sequential read of a 50 MB file, page cache warm' seq-warm
+wrow 'sequential read of a 50 MB file, page cache warm (mean of 10)' seq-warm
 wrow 'the same after `drop_caches` (ggfs: its disk cache; native: the file on disk)' seq-dropped
 echo
 tb_g=$(m tarbytes-lo-ggfs); tb_b=$(m tarbytes-lo-base)

@@ -41,8 +41,10 @@ pub struct Args {
     /// The command, comma-separated.
     #[arg(long)]
     cmd: Option<String>,
+    /// The working directory the image's processes start in.
     #[arg(short = 'w', long)]
     workdir: Option<String>,
+    /// The user they run as: USER, UID, USER:GROUP or UID:GID.
     #[arg(short = 'u', long)]
     user: Option<String>,
     /// Ports to expose, PORT[/tcp|udp|sctp] (repeatable or comma-separated;

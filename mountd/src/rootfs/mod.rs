@@ -403,8 +403,13 @@ impl RootFs {
         if name.starts_with(WHITEOUT) {
             return None;
         }
-        if let Some(md) = self.up().lstat(path) {
-            return Some(At::Upper(md));
+        // Before the first change there is no upper to look in: a stat
+        // per open and per attribute of an untouched tree saved.
+        let w = self.w.as_ref().expect("a writable tree");
+        if w.journal.materialized() {
+            if let Some(md) = self.up().lstat(path) {
+                return Some(At::Upper(md));
+            }
         }
         self.lower_at(path).map(At::Lower)
     }

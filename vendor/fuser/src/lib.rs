@@ -156,12 +156,19 @@ pub struct KernelConfig {
     max_write: u32,
     #[cfg(feature = "abi-7-23")]
     time_gran: Duration,
+    // ggfs patch: the high capability bits (7.36) and passthrough's depth.
+    capabilities2: u32,
+    pub(crate) requested2: u32,
+    pub(crate) max_stack_depth: u32,
 }
 
 impl KernelConfig {
-    fn new(capabilities: u32, max_readahead: u32) -> Self {
+    fn new(capabilities: u32, capabilities2: u32, max_readahead: u32) -> Self {
         Self {
             capabilities,
+            capabilities2,
+            requested2: 0,
+            max_stack_depth: 0,
             requested: default_init_flags(capabilities),
             max_readahead,
             max_max_readahead: max_readahead,
@@ -231,6 +238,22 @@ impl KernelConfig {
         let previous = self.max_readahead;
         self.max_readahead = value;
         Ok(previous)
+    }
+
+    /// ggfs patch: ask for FUSE passthrough (7.40, Linux 6.9+): files opened
+    /// with [`ReplyOpen::opened_passthrough`] are read and written by the
+    /// kernel from a backing file. `max_stack_depth` (1 or 2) is how many
+    /// stacked file systems may lie below this one. `Err(())` when the
+    /// kernel does not offer it.
+    pub fn enable_passthrough(&mut self, max_stack_depth: u32) -> Result<(), ()> {
+        use crate::ll::fuse_abi::{FUSE_INIT_EXT, FUSE_PASSTHROUGH2};
+        if self.capabilities & FUSE_INIT_EXT == 0 || self.capabilities2 & FUSE_PASSTHROUGH2 == 0 {
+            return Err(());
+        }
+        self.requested |= FUSE_INIT_EXT;
+        self.requested2 |= FUSE_PASSTHROUGH2;
+        self.max_stack_depth = max_stack_depth;
+        Ok(())
     }
 
     /// Add a set of capabilities.

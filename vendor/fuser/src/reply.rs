@@ -287,6 +287,20 @@ impl ReplyOpen {
             .send_ll(&ll::Response::new_open(ll::FileHandle(fh), flags))
     }
 
+    /// ggfs patch: reply that the kernel reads (and writes) this file from
+    /// the backing file registered as `backing_id` (see
+    /// [`crate::KernelConfig::enable_passthrough`]); `flags` gets
+    /// `FOPEN_PASSTHROUGH` added and may hold only `FOPEN_NOFLUSH` or
+    /// `FOPEN_DIRECT_IO` beside it.
+    pub fn opened_passthrough(self, fh: u64, flags: u32, backing_id: u32) {
+        let flags = flags | crate::ll::fuse_abi::FOPEN_PASSTHROUGH;
+        self.reply.send_ll(&ll::Response::new_open_backed(
+            ll::FileHandle(fh),
+            flags,
+            backing_id,
+        ))
+    }
+
     /// Reply to a request with the given error code
     pub fn error(self, err: c_int) {
         self.reply.error(err);

@@ -153,7 +153,7 @@ impl<'a> Request<'a> {
                 se.proto_major = v.major();
                 se.proto_minor = v.minor();
 
-                let mut config = KernelConfig::new(x.capabilities(), x.max_readahead());
+                let mut config = KernelConfig::new(x.capabilities(), x.capabilities2(), x.max_readahead());
                 // Call filesystem init method and give it a chance to return an error
                 se.filesystem
                     .init(self, &mut config)

@@ -867,6 +867,21 @@ pub struct fuse_init_in {
     pub flags: u32,
 }
 
+/// ggfs patch: the first field of the init request's extension (7.36+,
+/// sent when `flags` has `FUSE_INIT_EXT`): the high 32 capability bits.
+#[repr(C)]
+#[derive(Debug, FromBytes, KnownLayout, Immutable)]
+pub struct fuse_init_in_ext {
+    pub flags2: u32,
+}
+
+/// ggfs patch: `flags` bit saying `flags2` fields follow (7.36).
+pub const FUSE_INIT_EXT: u32 = 1 << 30;
+/// ggfs patch: `flags2` bit of `FUSE_PASSTHROUGH` (1 << 37, 7.40).
+pub const FUSE_PASSTHROUGH2: u32 = 1 << (37 - 32);
+/// ggfs patch: `open_flags` bit: reads and writes go to the backing file.
+pub const FOPEN_PASSTHROUGH: u32 = 1 << 7;
+
 #[repr(C)]
 #[derive(Debug, IntoBytes, KnownLayout, Immutable)]
 pub struct fuse_init_out {

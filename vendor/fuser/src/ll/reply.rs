@@ -120,10 +120,16 @@ impl<'a> Response<'a> {
 
     // TODO: Could flags be more strongly typed?
     pub(crate) fn new_open(fh: FileHandle, flags: u32) -> Self {
+        Self::new_open_backed(fh, flags, 0)
+    }
+
+    /// ggfs patch: an open reply naming a backing file (passthrough, 7.40:
+    /// `backing_id` is where older versions had padding).
+    pub(crate) fn new_open_backed(fh: FileHandle, flags: u32, backing_id: u32) -> Self {
         let r = abi::fuse_open_out {
             fh: fh.into(),
             open_flags: flags,
-            padding: 0,
+            padding: backing_id,
         };
         Self::from_struct(&r)
     }

@@ -971,11 +971,16 @@ mod op {
     pub struct Init<'a> {
         header: &'a fuse_in_header,
         arg: &'a fuse_init_in,
+        flags2: u32,
     }
     impl_request!(Init<'a>);
     impl<'a> Init<'a> {
         pub fn capabilities(&self) -> u32 {
             self.arg.flags
+        }
+        /// ggfs patch: the high 32 capability bits (0 before 7.36).
+        pub fn capabilities2(&self) -> u32 {
+            self.flags2
         }
         pub fn max_readahead(&self) -> u32 {
             self.arg.max_readahead
@@ -1005,8 +1010,19 @@ mod op {
                 max_pages: config.max_pages(),
                 #[cfg(feature = "abi-7-28")]
                 unused2: 0,
+                // ggfs patch: flags2 and max_stack_depth (7.36, 7.40)
+                // lie where older versions had reserved words.
                 #[cfg(feature = "abi-7-28")]
-                reserved: [0; 8],
+                reserved: [
+                    self.flags2 & config.requested2,
+                    config.max_stack_depth,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                ],
             };
             Response::new_data(init.as_bytes())
         }
@@ -1753,10 +1769,19 @@ mod op {
                 header,
                 arg: data.fetch()?,
             }),
-            fuse_opcode::FUSE_INIT => Operation::Init(Init {
-                header,
-                arg: data.fetch()?,
-            }),
+            fuse_opcode::FUSE_INIT => {
+                let arg: &fuse_init_in = data.fetch()?;
+                // ggfs patch: the high capability bits, when sent.
+                let flags2 = match arg.flags & FUSE_INIT_EXT {
+                    0 => 0,
+                    _ => data.fetch::<fuse_init_in_ext>().map_or(0, |e| e.flags2),
+                };
+                Operation::Init(Init {
+                    header,
+                    arg,
+                    flags2,
+                })
+            }
             fuse_opcode::FUSE_OPENDIR => Operation::OpenDir(OpenDir {
                 header,
                 arg: data.fetch()?,

@@ -68,6 +68,10 @@ impl Drop for Mount {
                 // Linux always returns EPERM for non-root users.  We have to let the
                 // library go through the setuid-root "fusermount -u" to unmount.
                 fuse_unmount_pure(&self.mountpoint)
+            } else if err.raw_os_error() == Some(libc::EINVAL) {
+                // ggfs patch: EINVAL is "not a mount point (any more)":
+                // unmounted already (ggfs unmount, then this at drop).
+                debug!("Unmount: {:?} was unmounted already", self.mountpoint)
             } else {
                 error!("Unmount failed: {}", err)
             }
