@@ -292,7 +292,7 @@ impl Inner {
             // Whole on disk before it has its name: a crash leaves no
             // short copy for a later mount to trust.
             f.sync_data().map_err(io)?;
-            std::fs::rename(&tmp, &path).map_err(io)?;
+            std::fs::rename(&tmp, path).map_err(io)?;
             Ok(true)
         })();
         match made {
