@@ -14,10 +14,10 @@
 //!
 //! ```
 //! use std::sync::Arc;
-//! use ggfs::auth::Keychain;
-//! use ggfs::copy::{copy, CopyOptions};
-//! use ggfs::manifest::Compression;
-//! use ggfs::mutate;
+//! use ggfs::registry::auth::Keychain;
+//! use ggfs::image::copy::{copy, CopyOptions};
+//! use ggfs::image::manifest::Compression;
+//! use ggfs::image::mutate;
 //! use ggfs::registry::{Client, ClientOptions};
 //! use ggfs::server::{Server, Storage};
 //! use ggfs::{Platform, Repository};
@@ -49,9 +49,9 @@
 //!
 //! ```
 //! # use std::sync::Arc;
-//! # use ggfs::auth::Keychain;
-//! # use ggfs::copy::{copy, CopyOptions};
-//! # use ggfs::mutate::{self, LayerFormat, LayerOptions, PlainDir};
+//! # use ggfs::registry::auth::Keychain;
+//! # use ggfs::image::copy::{copy, CopyOptions};
+//! # use ggfs::image::mutate::{self, LayerFormat, LayerOptions, PlainDir};
 //! # use ggfs::registry::{Client, ClientOptions};
 //! # use ggfs::server::{Server, Storage};
 //! # use ggfs::{Platform, Repository};
@@ -80,17 +80,17 @@
 //! ## Read one file out of a remote image, lazily
 //!
 //! An eStargz layer carries a table of contents at its end:
-//! [`estargz::open`] fetches it with Range requests (the last 16 KiB or
+//! [`estargz::open`](formats::estargz::open) fetches it with Range requests (the last 16 KiB or
 //! more, so all of a layer as small as this one), and
-//! [`Toc::read`](estargz::Toc::read) fetches only the chunks of the file
+//! [`Toc::read`](formats::estargz::Toc::read) fetches only the chunks of the file
 //! asked for, so a large layer is never downloaded whole.
-//! ([`zstd_chunked::open`] does the same for zstd:chunked.)
+//! ([`zstd_chunked::open`](formats::zstd_chunked::open) does the same for zstd:chunked.)
 //!
 //! ```
 //! # use std::sync::Arc;
-//! # use ggfs::auth::Keychain;
-//! # use ggfs::copy::{copy, CopyOptions};
-//! # use ggfs::mutate::{self, LayerFormat, LayerOptions, PlainDir};
+//! # use ggfs::registry::auth::Keychain;
+//! # use ggfs::image::copy::{copy, CopyOptions};
+//! # use ggfs::image::mutate::{self, LayerFormat, LayerOptions, PlainDir};
 //! # use ggfs::registry::{Client, ClientOptions};
 //! # use ggfs::server::{Server, Storage};
 //! # use ggfs::{Platform, Repository};
@@ -105,7 +105,8 @@
 //! # let layer = mutate::layer_from_dir_as(dir.path(), &LayerOptions::new(LayerFormat::Estargz), &PlainDir)?;
 //! # let image = mutate::append(&mutate::empty(&Platform::host())?, vec![layer])?;
 //! # copy(image.source.clone(), image.digest().as_str(), app.clone(), Some("v1"), &CopyOptions::default()).await?;
-//! use ggfs::{estargz, image, Digest};
+//! use ggfs::formats::estargz;
+//! use ggfs::{image, Digest};
 //!
 //! // `app` is the repository pushed to as above; its `v1` holds one
 //! // eStargz layer with hello.txt in it.
@@ -125,38 +126,19 @@
 
 #![warn(missing_docs)]
 
-pub mod attach;
-pub mod auth;
-pub mod compose;
-pub mod copy;
 pub mod digest;
 pub mod error;
-pub mod estargz;
-pub mod export;
-pub mod flatten;
+pub mod formats;
 pub mod image;
-pub mod layerindex;
-pub mod layout;
-pub mod manifest;
-pub mod mutate;
-pub mod optimize;
-#[cfg(feature = "pull-secret")]
-pub mod pull_secret;
-pub mod rebase;
 pub mod reference;
 pub mod registry;
 #[cfg(feature = "server")]
 pub mod server;
-pub mod tarball;
-pub mod tarindex;
-pub mod toc_writer;
 // Shared by the two binaries (`ggfs`, `ggfs-mountd`), not library API.
 #[doc(hidden)]
 pub mod usage;
-pub mod zran;
-pub mod zstd_chunked;
 
 pub use digest::Digest;
 pub use error::{Error, Result};
-pub use manifest::{Platform, RawManifest};
+pub use image::manifest::{Platform, RawManifest};
 pub use reference::{Reference, Repository};

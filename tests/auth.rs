@@ -7,10 +7,10 @@ use std::path::Path;
 use std::time::Duration;
 
 use base64::Engine;
-use ggfs::auth::{self, Credential, Keychain};
 use ggfs::error::Error;
+use ggfs::image::manifest::RawManifest;
 use ggfs::image::{self, Sink, Source};
-use ggfs::manifest::RawManifest;
+use ggfs::registry::auth::{self, Credential, Keychain};
 use ggfs::registry::{Client, ClientOptions, RegistryRepo};
 use ggfs::Digest;
 

@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 
 use common::mount::{within, Mount};
 use common::{CountingProxy, Distribution};
-use ggfs::layerindex::{self, LayerIndexFile};
-use ggfs::manifest::{Compression, Parsed};
+use ggfs::formats::layerindex::{self, LayerIndexFile};
+use ggfs::image::manifest::{Compression, Parsed};
 use ggfs::registry::{Client, ClientOptions};
 
 const SMALL: &[u8] = b"hello index artifact\n";
@@ -79,7 +79,7 @@ fn push_edited_index(reg: &Distribution, repo: &str, tag: &str, edit: fn(&mut La
             panic!("not an image")
         };
         let desc = &m.layers()[0];
-        let digest = ggfs::manifest::digest_of(desc).unwrap();
+        let digest = ggfs::image::manifest::digest_of(desc).unwrap();
         let blob = std::fs::read(reg.blob_path(digest.as_str())).unwrap();
         let mut f = LayerIndexFile::build(
             &blob[..],

@@ -14,15 +14,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use ggfs::auth::Keychain;
 use ggfs::error::Error;
-use ggfs::estargz::{self, EntryType, Toc};
+use ggfs::formats::estargz::{self, EntryType, Toc};
+use ggfs::formats::tarindex::{self, LayerIndex, TarKind};
+use ggfs::formats::zran::{GzipIndex, GzipIndexBuilder};
+use ggfs::formats::zstd_chunked;
+use ggfs::image::manifest::{Compression, RawManifest};
 use ggfs::image::{ByteStream, Source};
-use ggfs::manifest::{Compression, RawManifest};
+use ggfs::registry::auth::Keychain;
 use ggfs::registry::{Client, ClientOptions, RegistryRepo};
-use ggfs::tarindex::{self, LayerIndex, TarKind};
-use ggfs::zran::{GzipIndex, GzipIndexBuilder};
-use ggfs::zstd_chunked;
 use ggfs::{Digest, Repository};
 
 use common::{

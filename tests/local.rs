@@ -14,11 +14,12 @@ use common::{
     fixture_rootfs, multilayer_image, run, tempdir, umoci_image, umoci_unpack, untar,
     MULTILAYER_TAG,
 };
-use ggfs::copy::{copy, CopyOptions};
+use ggfs::image::copy::{copy, CopyOptions};
+use ggfs::image::layout::Layout;
+use ggfs::image::manifest::Compression;
+use ggfs::image::{export, mutate, tarball};
 use ggfs::image::{fetch_image, read_blob, Image, Sink, Source};
-use ggfs::layout::Layout;
-use ggfs::manifest::Compression;
-use ggfs::{export, mutate, tarball, Digest};
+use ggfs::Digest;
 
 /// Trees are compared with mtimes: every tool here keeps them.
 const WITH_MTIME: bool = true;

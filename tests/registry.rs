@@ -10,11 +10,11 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::StreamExt;
-use ggfs::auth::Keychain;
 use ggfs::digest::Hasher;
 use ggfs::error::Error;
+use ggfs::image::manifest::{media, RawManifest};
 use ggfs::image::{self, ByteStream, Sink, Source};
-use ggfs::manifest::{media, RawManifest};
+use ggfs::registry::auth::Keychain;
 use ggfs::registry::{Client, ClientOptions, RegistryRepo, RetryPolicy};
 use ggfs::Digest;
 
@@ -315,7 +315,7 @@ fn artifact(kind: &str, empty: &Digest, subject: &RawManifest) -> serde_json::Va
     })
 }
 
-fn referrer_digests(index: &ggfs::manifest::ImageIndex) -> Vec<String> {
+fn referrer_digests(index: &ggfs::image::manifest::ImageIndex) -> Vec<String> {
     index
         .manifests()
         .iter()

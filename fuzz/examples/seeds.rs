@@ -1,6 +1,6 @@
 //! Writes the seed corpora in fuzz/corpus/<target>/ from real inputs: blobs
 //! made by ggfs's own writers (eStargz and zstd:chunked by
-//! `ggfs::toc_writer`, tar indexes, zran checkpoints and layer-index files
+//! `ggfs::formats::toc_writer`, tar indexes, zran checkpoints and layer-index files
 //! by the builders the mount uses), WWW-Authenticate headers as registries
 //! send them, and small real manifests. Run from fuzz/:
 //!
@@ -10,11 +10,11 @@ use std::fs;
 use std::io::Write;
 use std::path::Path;
 
-use ggfs::layerindex::LayerIndexFile;
-use ggfs::manifest::Compression;
-use ggfs::tarindex;
-use ggfs::toc_writer::{self, TocFormat, TocOptions};
-use ggfs::zran::GzipIndexBuilder;
+use ggfs::formats::layerindex::LayerIndexFile;
+use ggfs::formats::tarindex;
+use ggfs::formats::toc_writer::{self, TocFormat, TocOptions};
+use ggfs::formats::zran::GzipIndexBuilder;
+use ggfs::image::manifest::Compression;
 use ggfs::Digest;
 
 fn put(target: &str, name: &str, bytes: &[u8]) {

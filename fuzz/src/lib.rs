@@ -3,7 +3,7 @@
 
 use bytes::Bytes;
 use futures::executor::block_on;
-use ggfs::estargz::{EntryType, Toc};
+use ggfs::formats::estargz::{EntryType, Toc};
 use ggfs::image::{ByteStream, Source};
 use ggfs::{Digest, Error, RawManifest, Result};
 

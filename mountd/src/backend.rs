@@ -40,7 +40,11 @@ pub trait Registry: Send + Sync {
     async fn delete(&self, repo: &str, reference: &str) -> Result<()>;
 
     /// The referrers of `subject` in `repo` (referrers API or its tag fallback).
-    async fn referrers(&self, repo: &str, subject: &Digest) -> Result<ggfs::manifest::ImageIndex>;
+    async fn referrers(
+        &self,
+        repo: &str,
+        subject: &Digest,
+    ) -> Result<ggfs::image::manifest::ImageIndex>;
 }
 
 /// The registry through the library's client (auth from the docker
@@ -57,7 +61,7 @@ impl LibRegistry {
         insecure: bool,
         stall: std::time::Duration,
         tls: (Vec<std::path::PathBuf>, bool),
-        keychain: ggfs::auth::Keychain,
+        keychain: ggfs::registry::auth::Keychain,
     ) -> Result<Arc<Self>> {
         let opts = ClientOptions {
             insecure: if insecure {
@@ -132,7 +136,11 @@ impl Registry for LibRegistry {
         self.repo(repo)?.delete(reference).await
     }
 
-    async fn referrers(&self, repo: &str, subject: &Digest) -> Result<ggfs::manifest::ImageIndex> {
+    async fn referrers(
+        &self,
+        repo: &str,
+        subject: &Digest,
+    ) -> Result<ggfs::image::manifest::ImageIndex> {
         self.repo(repo)?.referrers(subject, None).await
     }
 }

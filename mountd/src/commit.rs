@@ -16,8 +16,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ggfs::copy::CopyOptions;
-use ggfs::mutate::{self, DirHooks, LayerFormat, LayerOptions, LocalLayer};
+use ggfs::image::copy::CopyOptions;
+use ggfs::image::mutate::{self, DirHooks, LayerFormat, LayerOptions, LocalLayer};
 use ggfs::Digest;
 use serde::{Deserialize, Serialize};
 
@@ -560,7 +560,7 @@ async fn push_image(
         mutate::append_with_history(&base, vec![layer], "ggfs commit", req.message.as_deref())?;
     let sink = inner.ns.sink(&s.repo)?;
     let d = image.digest().to_string();
-    ggfs::copy::copy(
+    ggfs::image::copy::copy(
         image.source.clone(),
         &d,
         sink,

@@ -10,7 +10,7 @@ use std::sync::Mutex;
 
 use bytes::Bytes;
 use ggfs::image::bytes_stream;
-use ggfs::manifest::Parsed;
+use ggfs::image::manifest::Parsed;
 use ggfs::{Digest, RawManifest};
 use serde_json::Value;
 
@@ -201,17 +201,22 @@ impl Inner {
         let io = |err: ggfs::Error| Fail::new(libc::EIO, format!("{what}: {err}"));
         let art = self.ns.artifact(&e.repo, subject).await?;
         let sink = self.ns.sink(&e.repo).map_err(io)?;
-        let empty = Bytes::from_static(ggfs::attach::EMPTY);
-        ggfs::attach::put_if_missing(sink.as_ref(), &Digest::of(&empty), empty)
+        let empty = Bytes::from_static(ggfs::image::attach::EMPTY);
+        ggfs::image::attach::put_if_missing(sink.as_ref(), &Digest::of(&empty), empty)
             .await
             .map_err(io)?;
         let (digest, size) = (Digest::of(&bytes), bytes.len() as u64);
-        ggfs::attach::put_if_missing(sink.as_ref(), &digest, bytes.into())
+        ggfs::image::attach::put_if_missing(sink.as_ref(), &digest, bytes.into())
             .await
             .map_err(io)?;
-        let layer = ggfs::attach::file_layer(FILE_MEDIA_TYPE, &digest, size, Some(name));
-        let raw = ggfs::attach::manifest(art.raw(), ARTIFACT_TYPE, vec![layer], Default::default())
-            .map_err(io)?;
+        let layer = ggfs::image::attach::file_layer(FILE_MEDIA_TYPE, &digest, size, Some(name));
+        let raw = ggfs::image::attach::manifest(
+            art.raw(),
+            ARTIFACT_TYPE,
+            vec![layer],
+            Default::default(),
+        )
+        .map_err(io)?;
         sink.put_manifest(&raw, None).await.map_err(io)?;
         self.ns.forget_referrers(&e.repo, subject);
         tracing::info!("{what}: {}", raw.digest);
@@ -275,7 +280,8 @@ impl Inner {
             Parsed::Index(i) => (Vec::new(), i.manifests().clone()),
         };
         for desc in blobs {
-            let d = ggfs::manifest::digest_of(&desc).map_err(|err| invalid(err.to_string()))?;
+            let d =
+                ggfs::image::manifest::digest_of(&desc).map_err(|err| invalid(err.to_string()))?;
             if sink.has_blob(&d).await.map_err(io)? || self.mount_from_known(repo, &d).await {
                 continue;
             }
@@ -285,7 +291,8 @@ impl Inner {
             ));
         }
         for desc in children {
-            let d = ggfs::manifest::digest_of(&desc).map_err(|err| invalid(err.to_string()))?;
+            let d =
+                ggfs::image::manifest::digest_of(&desc).map_err(|err| invalid(err.to_string()))?;
             if self
                 .ns
                 .tag_digest(repo, d.as_str())

@@ -13,7 +13,7 @@ use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
-use ggfs::estargz::{Chunk, Toc};
+use ggfs::formats::estargz::{Chunk, Toc};
 use tokio::sync::watch;
 
 /// Compressed bytes asked for in one background request (more when one

@@ -611,7 +611,7 @@ impl Inner {
                 let cfg = image.manifest.config();
                 let descs = std::iter::once(cfg).chain(image.manifest.layers().iter());
                 for desc in descs {
-                    if let Ok(bd) = ggfs::manifest::digest_of(desc) {
+                    if let Ok(bd) = ggfs::image::manifest::digest_of(desc) {
                         let name = bd.to_string();
                         if !out.iter().any(|(n, _)| *n == name) {
                             out.push((name, Key::Blob(repo.clone(), bd, desc.size())));

@@ -2,7 +2,7 @@
 //! regular file's bytes.
 //!
 //! eStargz and zstd:chunked layers are read lazily (see `lazy`). A plain
-//! layer (tar, tar+gzip, tar+zstd) needs its index (`ggfs::layerindex`: the
+//! layer (tar, tar+gzip, tar+zstd) needs its index (`ggfs::formats::layerindex`: the
 //! tar index with gzip checkpoints / zstd frame starts, and the sha256 of
 //! every 1 MiB block of the blob). It comes from the cache, else from an
 //! index artifact among the image's referrers, else from a first pass
@@ -27,10 +27,10 @@ use std::sync::{Arc, Mutex, OnceLock};
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use futures::{StreamExt, TryStreamExt};
+use ggfs::formats::layerindex::{self, LayerIndexFile, MAX_READ};
+use ggfs::formats::tarindex::{TarEntry, TarKind};
+use ggfs::image::manifest::{self, Compression, Descriptor, ImageIndex};
 use ggfs::image::{Layer, Source};
-use ggfs::layerindex::{self, LayerIndexFile, MAX_READ};
-use ggfs::manifest::{self, Compression, Descriptor, ImageIndex};
-use ggfs::tarindex::{TarEntry, TarKind};
 use ggfs::{Digest, Error, RawManifest, Result};
 use tokio::sync::OnceCell;
 
@@ -962,14 +962,14 @@ mod tests {
         assert_eq!(entries[0].meta.mode, 0o640);
         let saved = std::fs::read(cache.path(cache::Kind::Index, &d)).unwrap();
         let desc = serde_json::json!({
-            "mediaType": ggfs::manifest::media::OCI_LAYER_GZIP,
+            "mediaType": ggfs::image::manifest::media::OCI_LAYER_GZIP,
             "digest": d, "size": blob.len(),
         });
         let layer = Layer {
             digest: d.clone(),
             descriptor: serde_json::from_value(desc).unwrap(),
             diff_id: None,
-            source: Arc::new(ggfs::layout::Layout::create(dir.path().join("l")).unwrap()),
+            source: Arc::new(ggfs::image::layout::Layout::create(dir.path().join("l")).unwrap()),
         };
         let (back, verified) = from_cache(&saved, &layer, Compression::Gzip).unwrap();
         assert!(verified);

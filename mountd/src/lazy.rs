@@ -11,10 +11,11 @@ use std::sync::{Arc, Mutex, Weak};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use ggfs::estargz::{self, Chunk, EntryType, Toc, TocEntry};
+use ggfs::formats::estargz::{self, Chunk, EntryType, Toc, TocEntry};
+use ggfs::formats::zstd_chunked;
+use ggfs::image::manifest::Compression;
 use ggfs::image::{Layer, Source};
-use ggfs::manifest::Compression;
-use ggfs::{zstd_chunked, Digest, Error, Result};
+use ggfs::{Digest, Error, Result};
 use tokio::sync::OnceCell;
 
 use crate::cache::{self, Cache};

@@ -53,6 +53,8 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+// These doc comments are clap's help text, shown as written: `host[:port]` is no link.
+#[allow(rustdoc::broken_intra_doc_links)]
 #[allow(clippy::large_enum_variant)] // parsed once
 enum Cmd {
     /// Mount REGISTRY (host[:port]) at MOUNTPOINT.
@@ -65,6 +67,7 @@ enum Cmd {
 }
 
 #[derive(clap::Args, Clone)]
+#[allow(rustdoc::broken_intra_doc_links)] // clap's help text, as `Cmd`'s
 struct MountArgs {
     /// Registry host[:port] (loopback registries are spoken to over HTTP).
     registry: String,
@@ -579,9 +582,11 @@ fn serve(args: &MountArgs, ready: &mut Ready) -> Result<()> {
         tracing::warn!("--insecure-skip-tls-verify: TLS certificates are not verified");
     }
     let tls = (args.ca_files.clone(), args.insecure_skip_tls_verify);
-    let mut keychain = ggfs::auth::Keychain::from_env();
+    let mut keychain = ggfs::registry::auth::Keychain::from_env();
     for file in &args.pull_secrets {
-        keychain.pull_secrets.extend(ggfs::pull_secret::read(file)?);
+        keychain
+            .pull_secrets
+            .extend(ggfs::registry::auth::pull_secret::read(file)?);
     }
     let reg = backend::LibRegistry::new(host, insecure, stall, tls, keychain)?;
     let reg_name = backend::Registry::name(reg.as_ref());

@@ -10,8 +10,8 @@ use std::hash::Hash;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use ggfs::image::manifest::{self, Platform};
 use ggfs::image::{Artifact, Image, Layer, Source};
-use ggfs::manifest::{self, Platform};
 use ggfs::{Digest, Error, RawManifest};
 use tokio::sync::OnceCell;
 
@@ -439,7 +439,7 @@ impl Namespace {
 /// One directory per index entry, named after its platform
 /// (`linux-arm64-v8`); entries without one are named by digest.
 pub fn platform_dirs(
-    index: &ggfs::manifest::ImageIndex,
+    index: &ggfs::image::manifest::ImageIndex,
     only: Option<&Platform>,
 ) -> Vec<(String, Digest)> {
     let mut out: Vec<(String, Digest)> = Vec::new();

@@ -1,9 +1,9 @@
 use std::path::PathBuf;
 
 use anyhow::{Context as _, Result};
-use ggfs::copy::CopyOptions;
+use ggfs::image::copy::CopyOptions;
+use ggfs::image::mutate::{self, LayerFormat, LayerOptions};
 use ggfs::image::Image;
-use ggfs::mutate::{self, LayerFormat, LayerOptions};
 
 use super::Ctx;
 
@@ -43,7 +43,7 @@ pub struct Args {
     #[arg(long, num_args = 1..)]
     prefetch: Vec<String>,
     /// eStargz / zstd:chunked: largest uncompressed chunk of a file, in bytes.
-    #[arg(long, default_value_t = ggfs::toc_writer::DEFAULT_CHUNK_SIZE)]
+    #[arg(long, default_value_t = ggfs::formats::toc_writer::DEFAULT_CHUNK_SIZE)]
     chunk_size: u64,
 }
 
@@ -112,7 +112,7 @@ pub async fn push(ctx: &Ctx, image: &Image, target: &str) -> Result<()> {
     };
     // The mutated image's source serves its own manifest by digest.
     let digest = image.digest().to_string();
-    ggfs::copy::copy(image.source.clone(), &digest, sink, tag.as_deref(), &opts)
+    ggfs::image::copy::copy(image.source.clone(), &digest, sink, tag.as_deref(), &opts)
         .await
         .with_context(|| format!("pushing to {target}"))?;
     // A registry's image by digest; for a layout or tarball, the digest.

@@ -3,8 +3,8 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context as _, Result};
 use bytes::Bytes;
-use ggfs::attach;
 use ggfs::digest::Hasher;
+use ggfs::image::attach;
 use ggfs::image::Sink;
 use ggfs::Digest;
 
@@ -35,7 +35,7 @@ pub async fn run(ctx: &Ctx, a: Args) -> Result<()> {
     let r = super::parse_ref(&a.image)?;
     let repo = ctx.repo(&r)?;
     let platform = ctx.global.platform.as_ref();
-    let subject = ggfs::copy::manifest_for(&repo, &r.identifier(), platform).await?;
+    let subject = ggfs::image::copy::manifest_for(&repo, &r.identifier(), platform).await?;
     let empty = Bytes::from_static(attach::EMPTY);
     attach::put_if_missing(&repo, &Digest::of(&empty), empty).await?;
     let mut layers = Vec::new();

@@ -62,12 +62,13 @@ pub async fn run(ctx: &Ctx, cmd: Command) -> Result<()> {
             };
             let registry = ggfs::reference::normalize_registry(&registry);
             let stored =
-                ggfs::auth::login_with(&ctx.client()?, &registry, &username, &password).await?;
+                ggfs::registry::auth::login_with(&ctx.client()?, &registry, &username, &password)
+                    .await?;
             eprintln!("logged in to {registry} (credentials stored in {stored})");
         }
         Command::Logout { registry } => {
             let registry = ggfs::reference::normalize_registry(&registry);
-            if ggfs::auth::logout(&registry)? {
+            if ggfs::registry::auth::logout(&registry)? {
                 eprintln!("logged out of {registry}");
             } else {
                 eprintln!("not logged in to {registry}");
@@ -81,7 +82,10 @@ pub async fn run(ctx: &Ctx, cmd: Command) -> Result<()> {
         } => token(ctx, &repo, push, &mounts, header).await?,
         Command::Get { registry } => {
             let registry = ggfs::reference::normalize_registry(&registry);
-            println!("{}", serde_json::to_string(&ggfs::auth::get(&registry)?)?);
+            println!(
+                "{}",
+                serde_json::to_string(&ggfs::registry::auth::get(&registry)?)?
+            );
         }
     }
     Ok(())

@@ -2,7 +2,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context as _, Result};
 use futures::{StreamExt, TryStreamExt};
-use ggfs::copy::CopyOptions;
+use ggfs::image::copy::CopyOptions;
 use ggfs::image::Source;
 use ggfs::registry::RegistryRepo;
 use ggfs::Repository;
@@ -45,7 +45,7 @@ pub async fn run(ctx: &Ctx, a: Args) -> Result<()> {
         eprintln!("{} exists, not overwritten (--no-clobber)", a.dst);
         return Ok(());
     }
-    let report = ggfs::copy::copy(src, &reference, dst, tag.as_deref(), &opts)
+    let report = ggfs::image::copy::copy(src, &reference, dst, tag.as_deref(), &opts)
         .await
         .with_context(|| format!("copying {} to {}", a.src, a.dst))?;
     tracing::info!(?report, "copied");
@@ -65,7 +65,7 @@ async fn copy_all_tags(ctx: &Ctx, a: &Args, opts: &CopyOptions) -> Result<()> {
             continue;
         }
         let src: Arc<dyn Source> = src_repo.clone();
-        ggfs::copy::copy(src, &tag, dst_repo.clone(), Some(&tag), opts)
+        ggfs::image::copy::copy(src, &tag, dst_repo.clone(), Some(&tag), opts)
             .await
             .with_context(|| format!("copying {}:{tag}", src_repo.repository()))?;
     }
@@ -79,7 +79,7 @@ async fn tag_exists(ctx: &Ctx, dst: &str) -> Result<bool> {
             .head_manifest(&r.identifier())
             .await?
             .is_some()),
-        Location::Layout { tag: Some(t), dir } => match ggfs::layout::Layout::open(&dir) {
+        Location::Layout { tag: Some(t), dir } => match ggfs::image::layout::Layout::open(&dir) {
             Ok(l) => Ok(l.manifest(&t).await.is_ok()),
             Err(_) => Ok(false),
         },
@@ -219,7 +219,7 @@ async fn copy_image(t: Task, opts: &CopyOptions) -> Result<usize> {
         None => (t.digest.as_str(), '@'),
     };
     let src: Arc<dyn Source> = t.src.clone();
-    ggfs::copy::copy(src, t.digest.as_str(), t.dst.clone(), first, opts)
+    ggfs::image::copy::copy(src, t.digest.as_str(), t.dst.clone(), first, opts)
         .await
         .with_context(|| {
             format!("copying {src_name}{sep}{reference} to {dst_name}{sep}{reference}")

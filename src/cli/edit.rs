@@ -7,8 +7,8 @@ use std::io::{IsTerminal, Read, Write};
 use anyhow::{bail, Context as _, Result};
 use bytes::Bytes;
 use clap::Subcommand;
-use ggfs::manifest::{Parsed, RawManifest};
-use ggfs::mutate;
+use ggfs::image::manifest::{Parsed, RawManifest};
+use ggfs::image::mutate;
 use serde_json::Value;
 
 use super::Ctx;
@@ -43,7 +43,7 @@ pub async fn run(ctx: &Ctx, c: Command) -> Result<()> {
 async fn config(ctx: &Ctx, a: Args) -> Result<()> {
     let image = ctx.image(&a.image).await?;
     let edited = new_document(&image.config, "config")?;
-    serde_json::from_slice::<ggfs::manifest::ImageConfiguration>(&edited)
+    serde_json::from_slice::<ggfs::image::manifest::ImageConfiguration>(&edited)
         .map_err(|e| anyhow::anyhow!("the new config is not an image config: {e}"))?;
     let image = mutate::replace_config(&image, edited)?;
     super::append::push(ctx, &image, &target(&a, image.digest())?).await
@@ -67,7 +67,7 @@ async fn manifest(ctx: &Ctx, a: Args) -> Result<()> {
             let blobs = std::iter::once(("config", m.config()))
                 .chain(m.layers().iter().map(|l| ("layer", l)));
             for (what, desc) in blobs {
-                let digest = ggfs::manifest::digest_of(desc)?;
+                let digest = ggfs::image::manifest::digest_of(desc)?;
                 if repo.head_blob(&digest).await?.is_none() {
                     bail!(
                         "the new manifest names {what} {digest}, which {} does not have",
@@ -78,7 +78,7 @@ async fn manifest(ctx: &Ctx, a: Args) -> Result<()> {
         }
         Parsed::Index(i) => {
             for desc in i.manifests() {
-                let digest = ggfs::manifest::digest_of(desc)?;
+                let digest = ggfs::image::manifest::digest_of(desc)?;
                 if repo.head_manifest(digest.as_str()).await?.is_none() {
                     bail!(
                         "the new index names manifest {digest}, which {} does not have",

@@ -37,7 +37,7 @@ pub async fn run(ctx: &Ctx, a: Args) -> Result<()> {
 }
 
 async fn flatten(image: &ggfs::image::Image, out: impl Write + Send + 'static) -> Result<()> {
-    let mut out = ggfs::export::flatten(image, out).await?;
+    let mut out = ggfs::image::export::flatten(image, out).await?;
     out.flush()?;
     Ok(())
 }

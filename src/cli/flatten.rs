@@ -1,5 +1,5 @@
 use anyhow::Result;
-use ggfs::manifest::Compression;
+use ggfs::image::manifest::Compression;
 
 use super::Ctx;
 
@@ -23,7 +23,7 @@ pub struct Args {
 pub async fn run(ctx: &Ctx, a: Args) -> Result<()> {
     let target = a.tag.as_deref().unwrap_or(&a.image);
     super::rewrite::run(ctx, &a.image, target, "flattening", |img| async move {
-        ggfs::flatten::flatten(&img, Compression::Gzip, CREATED_BY).await
+        ggfs::image::flatten::flatten(&img, Compression::Gzip, CREATED_BY).await
     })
     .await
 }

@@ -3,7 +3,7 @@
 use std::collections::BTreeSet;
 
 use anyhow::{bail, Context as _, Result};
-use ggfs::manifest::media;
+use ggfs::image::manifest::media;
 use ggfs::registry::RegistryRepo;
 use ggfs::{Digest, Repository};
 
@@ -65,7 +65,7 @@ async fn unreachable(r: &RegistryRepo) -> Result<Vec<Digest>> {
             .await
             .with_context(|| format!("reading index {repo}@{d}"))?;
         for child in index.index()?.manifests() {
-            todo.push(ggfs::manifest::digest_of(child)?);
+            todo.push(ggfs::image::manifest::digest_of(child)?);
         }
     }
     Ok(all.into_keys().filter(|d| !reached.contains(d)).collect())

@@ -9,9 +9,9 @@ use anyhow::{bail, Context as _, Result};
 use clap::Subcommand;
 use futures::TryStreamExt;
 use ggfs::digest::Digest;
+use ggfs::formats::layerindex::{self, LayerIndexFile};
+use ggfs::image::manifest::{media, RawManifest};
 use ggfs::image::{fetch, Artifact, Image, Layer, Source};
-use ggfs::layerindex::{self, LayerIndexFile};
-use ggfs::manifest::{media, RawManifest};
 use serde_json::{json, Value};
 
 use super::{Ctx, Location};
@@ -392,7 +392,7 @@ async fn push_index(
         if target_repo.is_some() && child.source.repository() == target_repo.as_ref() {
             continue; // an index of this repository: its children are here
         }
-        ggfs::copy::copy(
+        ggfs::image::copy::copy(
             child.source.clone(),
             digest.as_str(),
             sink.clone(),

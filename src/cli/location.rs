@@ -47,7 +47,7 @@ impl Location {
         match self {
             Location::Registry(r) => Ok((Arc::new(ctx.repo(r)?), r.identifier())),
             Location::Layout { dir, tag } => {
-                let layout = ggfs::layout::Layout::open(dir)?;
+                let layout = ggfs::image::layout::Layout::open(dir)?;
                 let reference = match tag {
                     Some(t) => t.clone(),
                     None => only_entry(&layout)?,
@@ -56,7 +56,7 @@ impl Location {
             }
             Location::Tarball(path) => {
                 // "" names the only image of a one-image tarball.
-                Ok((ggfs::tarball::open(path)?, String::new()))
+                Ok((ggfs::image::tarball::open(path)?, String::new()))
             }
         }
     }
@@ -64,9 +64,10 @@ impl Location {
     pub async fn open_sink(&self, ctx: &Ctx) -> Result<(Arc<dyn Sink>, Option<String>)> {
         match self {
             Location::Registry(r) => Ok((Arc::new(ctx.repo(r)?), r.tag.clone())),
-            Location::Layout { dir, tag } => {
-                Ok((Arc::new(ggfs::layout::Layout::create(dir)?), tag.clone()))
-            }
+            Location::Layout { dir, tag } => Ok((
+                Arc::new(ggfs::image::layout::Layout::create(dir)?),
+                tag.clone(),
+            )),
             Location::Tarball(path) => bail!(
                 "{}: writing a tarball is done by `ggfs pull --format tarball`",
                 path.display()
@@ -76,7 +77,7 @@ impl Location {
 }
 
 /// The digest of a layout's only image, for `oci:DIR` without a tag.
-fn only_entry(layout: &ggfs::layout::Layout) -> Result<String> {
+fn only_entry(layout: &ggfs::image::layout::Layout) -> Result<String> {
     match layout.entries()?.as_slice() {
         [one] => Ok(one.digest.to_string()),
         [] => bail!("{}: the layout holds no image", layout.label()),

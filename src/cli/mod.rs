@@ -5,8 +5,8 @@ use std::sync::{Arc, OnceLock};
 
 use anyhow::{Context as _, Result};
 use clap::{Args, Parser, Subcommand};
+use ggfs::image::manifest::RawManifest;
 use ggfs::image::{fetch_image, Image, Sink, Source};
-use ggfs::manifest::RawManifest;
 use ggfs::registry::{Client, ClientOptions, RegistryRepo};
 use ggfs::{Platform, Reference};
 
@@ -268,9 +268,11 @@ impl Ctx {
                 "ggfs: warning: --insecure-skip-tls-verify: TLS certificates are not verified"
             );
         }
-        let mut keychain = ggfs::auth::Keychain::from_env();
+        let mut keychain = ggfs::registry::auth::Keychain::from_env();
         for file in &self.global.pull_secrets {
-            keychain.pull_secrets.extend(ggfs::pull_secret::read(file)?);
+            keychain
+                .pull_secrets
+                .extend(ggfs::registry::auth::pull_secret::read(file)?);
         }
         // Chunked uploads broken off (registry gone, Ctrl-C) are recorded
         // there, so rerunning the command goes on from what the registry holds.
@@ -305,13 +307,13 @@ impl Ctx {
     pub async fn manifest(&self, location: &str) -> Result<RawManifest> {
         let (src, reference) = self.source(location).await?;
         let platform = self.global.platform.as_ref();
-        Ok(ggfs::copy::manifest_for(src.as_ref(), &reference, platform).await?)
+        Ok(ggfs::image::copy::manifest_for(src.as_ref(), &reference, platform).await?)
     }
 
     /// Copy options from the global flags, `jobs` blobs at a time, with
     /// progress on a terminal.
-    pub fn copy_options(&self, jobs: usize) -> ggfs::copy::CopyOptions {
-        ggfs::copy::CopyOptions {
+    pub fn copy_options(&self, jobs: usize) -> ggfs::image::copy::CopyOptions {
+        ggfs::image::copy::CopyOptions {
             platform: self.global.platform.clone(),
             jobs,
             progress: progress::reporter(),

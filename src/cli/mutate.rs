@@ -2,7 +2,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context as _, Result};
-use ggfs::mutate::{self, ConfigEdits, LayerFormat, LayerOptions};
+use ggfs::image::mutate::{self, ConfigEdits, LayerFormat, LayerOptions};
 use ggfs::Platform;
 
 use super::Ctx;
@@ -116,10 +116,10 @@ async fn write_tarball(image: &ggfs::image::Image, out: &str, tag: &str) -> Resu
         _ => Vec::new(),
     };
     let dest = match path {
-        "-" => ggfs::tarball::Dest::Stdout,
-        p => ggfs::tarball::Dest::Path(p.into()),
+        "-" => ggfs::image::tarball::Dest::Stdout,
+        p => ggfs::image::tarball::Dest::Path(p.into()),
     };
-    ggfs::tarball::write_to(image, dest, &tags)
+    ggfs::image::tarball::write_to(image, dest, &tags)
         .await
         .with_context(|| format!("writing {path}"))?;
     if path != "-" {

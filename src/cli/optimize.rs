@@ -1,5 +1,5 @@
 use anyhow::Result;
-use ggfs::toc_writer::{TocFormat, TocOptions, DEFAULT_CHUNK_SIZE};
+use ggfs::formats::toc_writer::{TocFormat, TocOptions, DEFAULT_CHUNK_SIZE};
 
 use super::Ctx;
 
@@ -46,7 +46,7 @@ pub async fn run(ctx: &Ctx, a: Args) -> Result<()> {
     opts.prefetch = a.prefetch.clone();
     let opts = &opts;
     super::rewrite::run(ctx, &a.image, target, "optimizing", |img| async move {
-        let done = ggfs::optimize::optimize(&img, opts).await?;
+        let done = ggfs::image::optimize::optimize(&img, opts).await?;
         tracing::info!(
             "image {}: {} of {} layers converted",
             img.digest(),

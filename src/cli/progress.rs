@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::io::IsTerminal;
 use std::sync::{Arc, Mutex};
 
-use ggfs::copy::{BlobOutcome, Progress, Quiet};
+use ggfs::image::copy::{BlobOutcome, Progress, Quiet};
 use ggfs::Digest;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 

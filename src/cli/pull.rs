@@ -35,12 +35,12 @@ pub async fn run(ctx: &Ctx, a: Args) -> Result<()> {
 }
 
 async fn pull_oci(ctx: &Ctx, a: &Args) -> Result<()> {
-    let layout = Arc::new(ggfs::layout::Layout::create(&a.path)?);
+    let layout = Arc::new(ggfs::image::layout::Layout::create(&a.path)?);
     let opts = ctx.copy_options(a.jobs);
     for image in &a.images {
         let r = super::parse_ref(image)?;
         let src = Arc::new(ctx.repo(&r)?);
-        ggfs::copy::copy(
+        ggfs::image::copy::copy(
             src,
             &r.identifier(),
             layout.clone(),
@@ -79,11 +79,11 @@ async fn pull_tarball(ctx: &Ctx, a: &Args) -> Result<()> {
         }
     }
     let dest = if a.path.as_os_str() == "-" {
-        ggfs::tarball::Dest::Stdout
+        ggfs::image::tarball::Dest::Stdout
     } else {
-        ggfs::tarball::Dest::Path(a.path.clone())
+        ggfs::image::tarball::Dest::Path(a.path.clone())
     };
-    ggfs::tarball::write_all_to(&images, dest)
+    ggfs::image::tarball::write_all_to(&images, dest)
         .await
         .with_context(|| format!("writing {}", a.path.display()))?;
     Ok(())

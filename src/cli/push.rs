@@ -1,7 +1,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Context as _, Result};
-use ggfs::manifest::Compression;
+use ggfs::image::manifest::Compression;
 
 use super::Ctx;
 
@@ -25,7 +25,7 @@ pub async fn run(ctx: &Ctx, a: Args) -> Result<()> {
         let (source, reference) = ctx.source(&src).await?;
         let (sink, tag) = ctx.sink(&a.image).await?;
         let opts = ctx.copy_options(a.jobs);
-        let report = ggfs::copy::copy(source, &reference, sink, tag.as_deref(), &opts)
+        let report = ggfs::image::copy::copy(source, &reference, sink, tag.as_deref(), &opts)
             .await
             .with_context(|| format!("pushing {} to {}", a.path.display(), a.image))?;
         let r = super::parse_ref(&a.image)?;
@@ -37,7 +37,7 @@ pub async fn run(ctx: &Ctx, a: Args) -> Result<()> {
     let src = format!("docker-archive:{}", a.path.display());
     let image = ctx.image(&src).await?;
     let pushing = || format!("pushing {} to {}", a.path.display(), a.image);
-    let composed = ggfs::compose::compress_plain_layers(&image, Compression::Gzip, a.jobs)
+    let composed = ggfs::image::compose::compress_plain_layers(&image, Compression::Gzip, a.jobs)
         .await
         .with_context(pushing)?;
     let (sink, tag) = ctx.sink(&a.image).await?;
@@ -46,7 +46,8 @@ pub async fn run(ctx: &Ctx, a: Args) -> Result<()> {
         Some(c) => c.push(sink, tag.as_deref(), &opts).await,
         None => {
             let digest = image.digest().to_string();
-            ggfs::copy::copy(image.source.clone(), &digest, sink, tag.as_deref(), &opts).await
+            ggfs::image::copy::copy(image.source.clone(), &digest, sink, tag.as_deref(), &opts)
+                .await
         }
     }
     .with_context(pushing)?;

@@ -1,5 +1,5 @@
 use anyhow::{bail, Context as _, Result};
-use ggfs::rebase::{BASE_DIGEST, BASE_NAME};
+use ggfs::image::rebase::{BASE_DIGEST, BASE_NAME};
 
 use super::{Ctx, Location};
 
@@ -81,7 +81,7 @@ pub async fn run(ctx: &Ctx, a: Args) -> Result<()> {
         Location::Registry(r) => Some(r.to_string()),
         _ => None,
     };
-    let rebased = ggfs::rebase::rebase(&image, &old, &new, recorded.as_deref())
+    let rebased = ggfs::image::rebase::rebase(&image, &old, &new, recorded.as_deref())
         .with_context(|| format!("rebasing {} from {old_name} onto {new_name}", a.image))?;
     let target = a.tag.as_deref().unwrap_or(&a.image);
     let (sink, tag) = ctx.sink(target).await?;

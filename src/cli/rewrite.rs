@@ -5,10 +5,10 @@ use std::future::Future;
 use std::sync::Arc;
 
 use anyhow::{bail, Context as _, Result};
-use ggfs::compose::Composed;
-use ggfs::copy::CopyOptions;
+use ggfs::image::compose::Composed;
+use ggfs::image::copy::CopyOptions;
+use ggfs::image::manifest::{media, RawManifest};
 use ggfs::image::{Artifact, Image, Index, Sink};
-use ggfs::manifest::{media, RawManifest};
 use serde_json::json;
 
 use super::{Ctx, Location};
@@ -87,7 +87,7 @@ where
             .all(|l| ggfs::image::is_layer_media_type(&l.media_type()))
         {
             let digest = img.digest().to_string();
-            ggfs::copy::copy(img.source.clone(), &digest, sink.clone(), None, opts).await?;
+            ggfs::image::copy::copy(img.source.clone(), &digest, sink.clone(), None, opts).await?;
             continue;
         }
         let new = f(img.clone())

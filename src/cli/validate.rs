@@ -26,7 +26,7 @@ pub async fn run(ctx: &Ctx, a: Args) -> Result<()> {
     for layer in layers {
         let l = layer.clone();
         let diff_id = tokio::task::spawn_blocking(move || -> ggfs::Result<_> {
-            let reader = ggfs::export::layer_reader(&l)?;
+            let reader = ggfs::image::export::layer_reader(&l)?;
             Hasher::read_all(reader)
                 .map(Hasher::finish)
                 .map_err(|e| ggfs::error::from_io(format!("layer {}", l.digest), e))

@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 use super::{check_reference, RegistryRepo};
 use crate::digest::Digest;
 use crate::error::{Error, Result};
-use crate::manifest::{media, ImageIndex, RawManifest, MAX_MANIFEST_SIZE};
+use crate::image::manifest::{media, ImageIndex, RawManifest, MAX_MANIFEST_SIZE};
 
 impl RegistryRepo {
     fn manifest_what(&self, reference: &str) -> String {

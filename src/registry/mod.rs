@@ -25,6 +25,7 @@
 //! client.ping(reg).await?; client.check_credential(reg, &cred).await?;
 //! ```
 
+pub mod auth;
 mod blobs;
 mod list;
 mod manifests;
@@ -37,12 +38,12 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use reqwest::{Method, StatusCode};
 
-use crate::auth::{self, Credential, Keychain};
 use crate::digest::Digest;
 use crate::error::{Error, Result};
+use crate::image::manifest::RawManifest;
 use crate::image::{ByteStream, Sink, Source};
-use crate::manifest::RawManifest;
 use crate::reference::Repository;
+use auth::{Credential, Keychain};
 
 pub use list::Page;
 pub use manifests::referrers_tag;

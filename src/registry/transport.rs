@@ -15,8 +15,8 @@ use reqwest::{Method, StatusCode};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use url::Url;
 
-use crate::auth::{self, Challenge, Credential, Keychain, Token};
 use crate::error::{Error, Result};
+use crate::registry::auth::{self, Challenge, Credential, Keychain, TokenCache};
 
 /// How hard to retry transient failures (408, 429, 5xx, connection errors).
 #[derive(Clone, Debug)]
@@ -189,10 +189,8 @@ pub(crate) struct Transport {
     retry: RetryPolicy,
     stall: Duration,
     challenges: Mutex<HashMap<String, Challenge>>,
-    /// Bearer tokens by registry and scope set. A map, not a TTL cache crate:
-    /// each token's lifetime is the server's `expires_in` ([`Token::is_fresh`]),
-    /// a 401 drops it, and the keys are few (one per registry and scope set).
-    tokens: Mutex<HashMap<(String, String), Token>>,
+    /// Bearer tokens by registry and scope set.
+    tokens: TokenCache,
     creds: Mutex<CredCache>,
 }
 
@@ -230,7 +228,7 @@ impl Transport {
             retry,
             stall,
             challenges: Mutex::new(HashMap::new()),
-            tokens: Mutex::new(HashMap::new()),
+            tokens: TokenCache::default(),
             creds: Mutex::new(HashMap::new()),
         })
     }
@@ -430,7 +428,7 @@ impl Transport {
     }
 
     fn forget_token(&self, req: &Req) {
-        lock(&self.tokens).remove(&Self::token_key(req));
+        self.tokens.forget(&Self::token_key(req));
     }
 
     /// The credential configured for the request's registry (cached).
@@ -463,8 +461,8 @@ impl Transport {
         let extra = fresh.map(Challenge::scopes).unwrap_or_default();
         let key = Self::token_key(req);
         if fresh.is_none() {
-            if let Some(t) = lock(&self.tokens).get(&key).filter(|t| t.is_fresh()) {
-                return Ok(Some(format!("Bearer {}", t.token)));
+            if let Some(t) = self.tokens.fresh(&key) {
+                return Ok(Some(format!("Bearer {t}")));
             }
         }
         let scopes = Self::scope_set(req, &extra);
@@ -479,7 +477,7 @@ impl Transport {
         )
         .await?;
         let header = format!("Bearer {}", token.token);
-        lock(&self.tokens).insert(key, token);
+        self.tokens.insert(key, token);
         Ok(Some(header))
     }
 

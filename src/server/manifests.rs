@@ -12,7 +12,7 @@ use super::error::{ApiError, ApiResult};
 use super::store::{ManifestRecord, Store};
 use super::{header_value, DIGEST_HEADER};
 use crate::digest::Digest;
-use crate::manifest::{media, MAX_MANIFEST_SIZE};
+use crate::image::manifest::{media, MAX_MANIFEST_SIZE};
 
 /// A manifest reference from a URL: a tag or a digest.
 pub enum Ref {

@@ -3,8 +3,8 @@
 
 use bytes::Bytes;
 use ggfs::error::Error;
+use ggfs::image::manifest::{media, RawManifest};
 use ggfs::image::{ByteStream, Sink};
-use ggfs::manifest::{media, RawManifest};
 use ggfs::registry::{Client, RegistryRepo};
 use ggfs::{Digest, Repository};
 

@@ -1,8 +1,8 @@
-//! `WWW-Authenticate` headers (`ggfs::auth::parse_challenges`). What parses
+//! `WWW-Authenticate` headers (`ggfs::registry::auth::parse_challenges`). What parses
 //! is lower-cased where it must be, and re-serialized (every value quoted
 //! and escaped) parses to the same challenges.
 
-use ggfs::auth::{parse_challenges, pick_challenge, Challenge};
+use ggfs::registry::auth::{parse_challenges, pick_challenge, Challenge};
 
 fn quote(v: &str) -> String {
     let mut out = String::from("\"");

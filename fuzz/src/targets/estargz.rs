@@ -7,7 +7,7 @@
 use super::super::{blob_digest, check_toc, Mem};
 use bytes::Bytes;
 use futures::executor::block_on;
-use ggfs::estargz;
+use ggfs::formats::estargz;
 
 /// One input.
 pub fn run(data: &[u8]) {

@@ -13,9 +13,9 @@
 //! blob exactly.
 
 use super::super::{blob_digest, take_u64};
-use ggfs::layerindex::LayerIndexFile;
-use ggfs::manifest::Compression;
-use ggfs::tarindex::LayerIndex;
+use ggfs::formats::layerindex::LayerIndexFile;
+use ggfs::formats::tarindex::LayerIndex;
+use ggfs::image::manifest::Compression;
 use ggfs::Digest;
 
 /// One input.

@@ -4,8 +4,9 @@
 //! and `ImageConfiguration`. What parses serializes and parses back equal.
 
 use bytes::Bytes;
-use ggfs::manifest::{self, media, Compression, ImageConfiguration, Parsed, Platform};
-use ggfs::{layerindex, Digest, RawManifest};
+use ggfs::formats::layerindex;
+use ggfs::image::manifest::{self, media, Compression, ImageConfiguration, Parsed, Platform};
+use ggfs::{Digest, RawManifest};
 
 const CONTENT_TYPES: [Option<&str>; 6] = [
     None,

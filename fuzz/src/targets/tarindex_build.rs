@@ -6,8 +6,8 @@
 //! random access from the blob is the bytes the streaming pass saw.
 
 use super::super::fetcher;
-use ggfs::manifest::Compression;
-use ggfs::tarindex::{self, LayerIndex, TarKind};
+use ggfs::formats::tarindex::{self, LayerIndex, TarKind};
+use ggfs::image::manifest::Compression;
 
 /// One input.
 pub fn run(data: &[u8]) {

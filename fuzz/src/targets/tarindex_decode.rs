@@ -4,7 +4,7 @@
 //! every entry's data inside the layer and reads that stay in bounds.
 
 use super::super::fetcher;
-use ggfs::tarindex::LayerIndex;
+use ggfs::formats::tarindex::LayerIndex;
 
 /// One input.
 pub fn run(data: &[u8]) {

@@ -8,7 +8,7 @@
 //! (u16 LE), compressed stream.
 
 use super::super::{fetcher, take_u64};
-use ggfs::zran::GzipIndex;
+use ggfs::formats::zran::GzipIndex;
 
 /// One input.
 pub fn run(data: &[u8]) {

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use super::super::{blob_digest, check_toc, Mem};
 use bytes::Bytes;
 use futures::executor::block_on;
-use ggfs::zstd_chunked::{self, MANIFEST_POSITION_ANNOTATION};
+use ggfs::formats::zstd_chunked::{self, MANIFEST_POSITION_ANNOTATION};
 
 /// One input.
 pub fn run(data: &[u8]) {

@@ -20,9 +20,9 @@ use serde_json::{json, Map, Value};
 
 use crate::digest::{Digest, HashingWriter};
 use crate::error::{Error, Result};
+use crate::formats::toc_writer::{TocFormat, TocOptions};
+use crate::image::manifest::{media, Compression, Platform, RawManifest};
 use crate::image::{bytes_stream, file_stream, read_file_range, ByteStream, Image, Source};
-use crate::manifest::{media, Compression, Platform, RawManifest};
-use crate::toc_writer::{TocFormat, TocOptions};
 
 /// A layer built locally: its compressed blob in a temporary file (removed
 /// when the last handle goes), with digest and DiffID computed while writing.
@@ -280,7 +280,7 @@ fn toc_layer(tar: &LocalLayer, format: TocFormat, opts: &LayerOptions) -> Result
 /// Re-encode an uncompressed tar layer as `o` says, with the prefetch files
 /// it put first.
 pub fn toc_layer_with(tar: &LocalLayer, o: &TocOptions) -> Result<(LocalLayer, Vec<String>)> {
-    let w = crate::toc_writer::write(tar.path(), o)?;
+    let w = crate::formats::toc_writer::write(tar.path(), o)?;
     let layer = LocalLayer {
         digest: w.digest,
         diff_id: w.diff_id,

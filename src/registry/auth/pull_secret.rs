@@ -12,7 +12,7 @@ use base64::Engine as _;
 use serde::Deserialize as _;
 use serde_json::Value;
 
-use crate::auth::PullSecret;
+use crate::registry::auth::PullSecret;
 use crate::{Error, Result};
 
 fn bad(file: &Path, why: impl Into<String>) -> Error {

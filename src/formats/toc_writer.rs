@@ -1,7 +1,7 @@
 //! Writing layers with a TOC: eStargz (gzip members) and zstd:chunked (zstd
 //! frames), from an uncompressed tar.
 //!
-//! The input tar (the deterministic stream [`crate::mutate`] writes, or any
+//! The input tar (the deterministic stream [`crate::image::mutate`] writes, or any
 //! tar) is indexed entry by entry, then cut into compression units: a new
 //! unit starts at each regular file's payload and every `chunk_size` bytes
 //! inside it; tar headers (and the padding of the payload before them) go in
@@ -32,11 +32,11 @@ use serde::Serialize;
 
 use crate::digest::{Digest, Hasher, HashingWriter};
 use crate::error::{Error, Result};
-use crate::estargz::{
+use crate::formats::estargz::{
     footer_bytes, normalize_name, NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK, TOC_DIGEST_ANNOTATION,
     TOC_TAR_NAME, UNCOMPRESSED_SIZE_ANNOTATION,
 };
-use crate::zstd_chunked::{
+use crate::formats::zstd_chunked::{
     GITHUB_MANIFEST_CHECKSUM_ANNOTATION, GITHUB_MANIFEST_POSITION_ANNOTATION,
     MANIFEST_CHECKSUM_ANNOTATION, MANIFEST_POSITION_ANNOTATION,
 };
@@ -742,8 +742,8 @@ fn compress_unit(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::estargz::{self, EntryType, Toc};
-    use crate::manifest::Compression;
+    use crate::formats::estargz::{self, EntryType, Toc};
+    use crate::image::manifest::Compression;
     use bytes::Bytes;
     use std::collections::HashMap;
     use std::io::Read;
@@ -795,10 +795,10 @@ mod tests {
                 .unwrap(),
             TocFormat::ZstdChunked => {
                 // By annotation, then by footer alone.
-                let t = crate::zstd_chunked::open(&src, &w.digest, w.size, Some(&ann))
+                let t = crate::formats::zstd_chunked::open(&src, &w.digest, w.size, Some(&ann))
                     .await
                     .unwrap();
-                crate::zstd_chunked::open(&src, &w.digest, w.size, None)
+                crate::formats::zstd_chunked::open(&src, &w.digest, w.size, None)
                     .await
                     .unwrap();
                 t
@@ -810,7 +810,7 @@ mod tests {
 
     async fn round_trip(format: TocFormat, prefetch: &[&str]) -> Toc {
         let (d, files) = tree();
-        let tar = crate::mutate::layer_from_dir(d.path(), Compression::None).unwrap();
+        let tar = crate::image::mutate::layer_from_dir(d.path(), Compression::None).unwrap();
         let mut o = TocOptions::new(format);
         o.chunk_size = 1000;
         o.prefetch = prefetch.iter().map(|s| s.to_string()).collect();
@@ -930,7 +930,7 @@ mod tests {
     #[test]
     fn diff_id_and_size_annotation() {
         let (d, _) = tree();
-        let tar = crate::mutate::layer_from_dir(d.path(), Compression::None).unwrap();
+        let tar = crate::image::mutate::layer_from_dir(d.path(), Compression::None).unwrap();
         for f in [TocFormat::Estargz, TocFormat::ZstdChunked] {
             let w = write(tar.path(), &TocOptions::new(f)).unwrap();
             let blob = std::fs::read(&w.tmp).unwrap();

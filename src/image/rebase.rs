@@ -9,10 +9,10 @@
 
 use serde_json::{json, Value};
 
-use crate::compose::{self, Composed, Part};
 use crate::error::{Error, Result};
+use crate::image::compose::{self, Composed, Part};
+use crate::image::manifest::media;
 use crate::image::Image;
-use crate::manifest::media;
 
 /// Annotations naming an image's base (OCI image spec).
 pub const BASE_NAME: &str = "org.opencontainers.image.base.name";
@@ -115,8 +115,8 @@ pub fn rebase(image: &Image, old: &Image, new: &Image, new_name: Option<&str>) -
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::manifest::Compression;
-    use crate::mutate;
+    use crate::image::manifest::Compression;
+    use crate::image::mutate;
 
     fn layer(files: &[(&str, &str)]) -> mutate::LocalLayer {
         let d = tempfile::tempdir().unwrap();

@@ -24,9 +24,9 @@ use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
 use crate::digest::{Digest, Hasher};
 use crate::error::{from_io, Error, Result};
+use crate::image::layout::{CONTAINERD_NAME, REF_NAME};
+use crate::image::manifest::{media, Compression, RawManifest};
 use crate::image::{file_stream, read_file_range, ByteStream, Image, Source, MAX_CONFIG_SIZE};
-use crate::layout::{CONTAINERD_NAME, REF_NAME};
-use crate::manifest::{media, Compression, RawManifest};
 use crate::reference::Reference;
 
 /// Symlink hops followed inside the tar (old docker save links shared layers).
@@ -559,7 +559,7 @@ pub fn open(path: impl AsRef<Path>) -> Result<Arc<Tarball>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mutate;
+    use crate::image::mutate;
 
     #[tokio::test]
     async fn write_then_read_back() {

@@ -17,8 +17,8 @@ use serde_json::{json, Value};
 
 use crate::digest::{BlobWriter, Digest};
 use crate::error::{from_io, Error, Result};
+use crate::image::manifest::{media, RawManifest, MAX_MANIFEST_SIZE};
 use crate::image::{file_stream, read_file_range, ByteStream, Sink, Source};
-use crate::manifest::{media, RawManifest, MAX_MANIFEST_SIZE};
 
 /// The annotation that names an index.json entry (the "tag").
 pub const REF_NAME: &str = "org.opencontainers.image.ref.name";

@@ -8,8 +8,8 @@ use futures::{StreamExt, TryStreamExt};
 
 use crate::digest::Digest;
 use crate::error::{Error, Result};
+use crate::image::manifest::{self, Parsed, Platform, RawManifest};
 use crate::image::{self, ByteStream, Sink, Source};
-use crate::manifest::{self, Parsed, Platform, RawManifest};
 
 /// What happened to one blob, for progress reporting and for tests that
 /// check a copy within one registry moved no bytes.

@@ -1,6 +1,6 @@
 //! `flatten`: an image's layers squashed into one, as `crane flatten` does.
 //!
-//! The merged tree is what [`crate::export`] writes (whiteouts applied, upper
+//! The merged tree is what [`crate::image::export`] writes (whiteouts applied, upper
 //! layers winning); it streams through a bounded in-memory pipe straight
 //! into a layer writer, so only the compressed result touches the disk. The
 //! config keeps everything but the layer list: `rootfs.diff_ids` is the one
@@ -12,11 +12,11 @@ use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 
 use serde_json::{json, Value};
 
-use crate::compose::{self, Composed, Part};
 use crate::error::{Error, Result};
+use crate::image::compose::{self, Composed, Part};
+use crate::image::manifest::Compression;
+use crate::image::mutate::{self, LocalLayer};
 use crate::image::Image;
-use crate::manifest::Compression;
-use crate::mutate::{self, LocalLayer};
 
 /// Chunks in flight between the export and the layer writer.
 const PIPE_CHUNKS: usize = 4;
@@ -46,7 +46,7 @@ pub async fn flatten(
         })
         .collect();
     history.push(json!({
-        "created": crate::mutate::now_rfc3339(),
+        "created": crate::image::mutate::now_rfc3339(),
         "created_by": created_by,
         "comment": format!("flattened {count} layers of {}", image.digest()),
     }));
@@ -66,10 +66,10 @@ async fn merged_layer(image: &Image, compression: Compression) -> Result<LocalLa
     let export = tokio::task::spawn_blocking(move || {
         let open = |i: usize| {
             let l = &layers[i];
-            Ok((l.digest.to_string(), crate::export::layer_reader(l)?))
+            Ok((l.digest.to_string(), crate::image::export::layer_reader(l)?))
         };
         let out = BufWriter::with_capacity(CHUNK, PipeWriter(tx));
-        let out = crate::export::flatten_layers(layers.len(), open, out)?;
+        let out = crate::image::export::flatten_layers(layers.len(), open, out)?;
         out.into_inner()
             .map_err(|e| Error::io("writing the flattened layer", e.into_error()))?;
         Ok::<_, Error>(())
@@ -173,7 +173,7 @@ mod tests {
 
         let l = layers[0].clone();
         let names = tokio::task::spawn_blocking(move || {
-            let mut ar = tar::Archive::new(crate::export::layer_reader(&l).unwrap());
+            let mut ar = tar::Archive::new(crate::image::export::layer_reader(&l).unwrap());
             let mut out = Vec::new();
             for e in ar.entries().unwrap() {
                 let mut e = e.unwrap();

@@ -2,6 +2,32 @@
 //! a [`Source`] serves manifests and blobs (a registry repository, an OCI
 //! layout, a docker-save tarball, local files); a [`Sink`] accepts them.
 //! [`Image`], [`Index`] and [`Layer`] are cheap views that fetch on demand.
+//!
+//! Beside the views, this module holds what an image is made of and what is
+//! done with one:
+//!
+//! - [`manifest`]: manifests, indexes, platforms and media types.
+//! - Sources and sinks other than a registry: [`layout`] (OCI image-layout
+//!   directories) and [`tarball`] (`docker save` tarballs).
+//! - Functional mutations, each giving a new image: [`mutate`] (layers from
+//!   directories and tars, append, config and annotation edits), [`flatten`],
+//!   [`rebase`], [`optimize`] (re-encode layers as eStargz or zstd:chunked)
+//!   and [`attach`] (artifacts referring to an image); [`compose`] serves
+//!   the blobs of an image assembled from several sources.
+//! - Moving images: [`copy`] (any source to any sink) and [`export`] (the
+//!   merged filesystem as one tar).
+
+pub mod attach;
+pub mod compose;
+pub mod copy;
+pub mod export;
+pub mod flatten;
+pub mod layout;
+pub mod manifest;
+pub mod mutate;
+pub mod optimize;
+pub mod rebase;
+pub mod tarball;
 
 use std::io;
 use std::pin::Pin;
@@ -13,11 +39,11 @@ use futures::{Stream, StreamExt};
 
 use crate::digest::{Digest, Hasher};
 use crate::error::{Error, Result};
-use crate::manifest::{
-    self, media, Compression, Descriptor, ImageConfiguration, ImageIndex, ImageManifest, Parsed,
+use crate::reference::Repository;
+use manifest::{
+    media, Compression, Descriptor, ImageConfiguration, ImageIndex, ImageManifest, Parsed,
     Platform, RawManifest,
 };
-use crate::reference::Repository;
 
 /// A stream of blob bytes.
 pub type ByteStream = Pin<Box<dyn Stream<Item = io::Result<Bytes>> + Send>>;
@@ -444,7 +470,7 @@ pub(crate) mod testing {
         fn name(&self) -> String {
             "mem".into()
         }
-        async fn manifest(&self, r: &str) -> Result<crate::manifest::RawManifest> {
+        async fn manifest(&self, r: &str) -> Result<crate::image::manifest::RawManifest> {
             Err(Error::NotFound(r.into()))
         }
         async fn blob(&self, _: &Digest) -> Result<crate::image::ByteStream> {

@@ -11,12 +11,12 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use serde_json::{json, Value};
 
-use crate::copy::{self, BlobOutcome, CopyOptions, CopyReport};
 use crate::digest::Digest;
 use crate::error::{Error, Result};
+use crate::image::copy::{self, BlobOutcome, CopyOptions, CopyReport};
+use crate::image::manifest::{self, Compression, RawManifest};
+use crate::image::mutate::LocalLayer;
 use crate::image::{bytes_stream, file_stream, read_file_range, ByteStream, Image, Sink, Source};
-use crate::manifest::{self, Compression, RawManifest};
-use crate::mutate::LocalLayer;
 
 /// Where a blob of a composed image comes from.
 #[derive(Clone)]
@@ -284,8 +284,8 @@ pub async fn compress_plain_layers(
                 let what = format!("compressing layer {}", layer.digest);
                 let l = layer.clone();
                 let built = tokio::task::spawn_blocking(move || {
-                    let reader = crate::export::layer_reader(&l)?;
-                    crate::mutate::layer_from_reader(reader, compression)
+                    let reader = crate::image::export::layer_reader(&l)?;
+                    crate::image::mutate::layer_from_reader(reader, compression)
                 })
                 .await
                 .map_err(|e| Error::invalid(&what, e.to_string()))??;

@@ -4,7 +4,7 @@
 //!
 //! Each layer is fetched (its digest verified), decompressed into a
 //! temporary tar (its DiffID verified against the config) and written by
-//! [`crate::toc_writer`]. Layers already in the wanted format are kept as
+//! [`crate::formats::toc_writer`]. Layers already in the wanted format are kept as
 //! they are unless prefetch files are asked for. Two layers are in flight
 //! at once, so one downloads while the other is compressed. The config
 //! changes only in `rootfs.diff_ids` (a TOC layer's tar is not the
@@ -16,14 +16,14 @@ use std::collections::HashSet;
 use futures::{StreamExt, TryStreamExt};
 use serde_json::json;
 
-use crate::compose::{self, Composed, Part};
 use crate::error::{Error, Result};
-use crate::estargz::{normalize_name, TOC_DIGEST_ANNOTATION};
+use crate::formats::estargz::{normalize_name, TOC_DIGEST_ANNOTATION};
+use crate::formats::toc_writer::{TocFormat, TocOptions};
+use crate::formats::zstd_chunked::MANIFEST_CHECKSUM_ANNOTATION;
+use crate::image::compose::{self, Composed, Part};
+use crate::image::manifest::{media, Compression};
+use crate::image::mutate::{self, LocalLayer};
 use crate::image::{is_layer_media_type, Image, Layer};
-use crate::manifest::{media, Compression};
-use crate::mutate::{self, LocalLayer};
-use crate::toc_writer::{TocFormat, TocOptions};
-use crate::zstd_chunked::MANIFEST_CHECKSUM_ANNOTATION;
 
 /// Layers converted at once.
 const IN_FLIGHT: usize = 2;
@@ -138,7 +138,7 @@ fn in_format(layer: &Layer, format: TocFormat) -> bool {
 async fn convert(layer: Layer, o: TocOptions) -> Result<(LocalLayer, Vec<String>)> {
     let what = format!("converting layer {}", layer.digest);
     tokio::task::spawn_blocking(move || {
-        let reader = crate::export::layer_reader(&layer)?;
+        let reader = crate::image::export::layer_reader(&layer)?;
         let tar = mutate::layer_from_reader(reader, Compression::None)?;
         if let Some(want) = layer.diff_id.as_ref().filter(|d| **d != tar.diff_id) {
             return Err(Error::DigestMismatch {

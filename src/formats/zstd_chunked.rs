@@ -2,7 +2,7 @@
 //! is its own zstd frame; the TOC ("manifest", the eStargz JSON shape) is a
 //! zstd frame inside a skippable frame near the end, located by a footer or
 //! by layer annotations. The TOC model and chunk reads are
-//! [`crate::estargz::Toc`]'s, with [`ChunkCompression::Zstd`].
+//! [`crate::formats::estargz::Toc`]'s, with [`ChunkCompression::Zstd`].
 //!
 //! Two footers exist: ctr-remote's (48 bytes: skippable-frame header + 40
 //! bytes: manifest offset, compressed and uncompressed length, type, magic
@@ -14,7 +14,7 @@ use std::io::Read;
 
 use crate::digest::Digest;
 use crate::error::{Error, Result};
-use crate::estargz::{ChunkCompression, Toc, MAX_TOC_SIZE, TOC_DIGEST_ANNOTATION};
+use crate::formats::estargz::{ChunkCompression, Toc, MAX_TOC_SIZE, TOC_DIGEST_ANNOTATION};
 use crate::image::Source;
 
 /// Descriptor annotation: `offset:length:uncompressed:type` of the TOC (containers/storage).

@@ -16,14 +16,14 @@ use std::io::{self, Read, Write};
 
 use bytes::Bytes;
 
-use crate::attach;
 use crate::digest::{Digest, Hasher};
 use crate::error::{from_io, Error, Result};
+use crate::formats::tarindex::{self, LayerIndex};
+use crate::formats::zran::{seal, unseal, Dec, Enc};
+use crate::formats::{estargz, zstd_chunked};
+use crate::image::attach;
+use crate::image::manifest::{Compression, Descriptor, Parsed, RawManifest};
 use crate::image::{bytes_stream, Sink, Source};
-use crate::manifest::{Compression, Descriptor, Parsed, RawManifest};
-use crate::tarindex::{self, LayerIndex};
-use crate::zran::{seal, unseal, Dec, Enc};
-use crate::{estargz, zstd_chunked};
 
 /// `artifactType` of the referrer, and media type of each index blob in it.
 pub const ARTIFACT_TYPE: &str = "application/vnd.ggfs.layer-index.v1";
@@ -283,7 +283,7 @@ pub async fn fetch(
     size: u64,
     compression: Compression,
 ) -> Result<LayerIndexFile> {
-    let digest = crate::manifest::digest_of(blob)?;
+    let digest = crate::image::manifest::digest_of(blob)?;
     if blob.size() > MAX_FILE_SIZE {
         return Err(Error::TooLarge {
             what: format!("layer index {digest}"),
@@ -530,7 +530,7 @@ mod tests {
             }
             serde_json::from_value(v).unwrap()
         };
-        use crate::manifest::media;
+        use crate::image::manifest::media;
         assert!(is_plain(&desc(media::OCI_LAYER_GZIP, None)));
         assert!(is_plain(&desc(media::DOCKER_LAYER_GZIP, Some(("x", "y")))));
         assert!(!is_plain(&desc(

@@ -20,8 +20,8 @@ use std::io::{self, BufReader, Read, Write};
 use bytes::Bytes;
 
 use crate::error::{from_io, Error, Result};
-use crate::manifest::Compression;
-use crate::zran::{self, Dec, Enc, GzipIndex, GzipIndexBuilder};
+use crate::formats::zran::{self, Dec, Enc, GzipIndex, GzipIndexBuilder};
+use crate::image::manifest::Compression;
 
 const MAGIC: &[u8; 8] = b"GGFSLIDX";
 const VERSION: u32 = 1;

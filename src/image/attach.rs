@@ -11,8 +11,8 @@ use serde_json::{json, Value};
 
 use crate::digest::Digest;
 use crate::error::{Error, Result};
+use crate::image::manifest::{media, RawManifest};
 use crate::image::{bytes_stream, Sink};
-use crate::manifest::{media, RawManifest};
 
 /// The OCI empty JSON blob (`{}`), the config of every artifact made here.
 pub const EMPTY: &[u8] = b"{}";
