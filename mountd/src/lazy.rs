@@ -379,24 +379,40 @@ impl TocLayer {
         });
     }
 
-    /// One segment: fetched in one request unless the cache has all of
-    /// it; each chunk verified and cached off the async workers.
+    /// One segment: what the cache lacks of it, one request per run of
+    /// missing chunks (one, unless a killed fetch left part of it), each
+    /// chunk verified and cached off the async workers.
     async fn fetch_segment(self: &Arc<Self>, s: usize) -> Result<()> {
         let _inflight = self.rest.begin(s);
-        let range = self.rest.segments[s].clone();
         let me = self.clone();
-        let r = range.clone();
-        let missing = blocking(move || {
-            Ok(me.rest.chunks[r].iter().any(|c| {
-                c.digest
-                    .as_ref()
-                    .is_some_and(|d| !me.cache.path(cache::Kind::Chunk, d).exists())
-            }))
-        })
-        .await?;
-        if !missing {
-            return Ok(());
+        let range = self.rest.segments[s].clone();
+        let runs = blocking(move || Ok(me.missing_runs(range))).await?;
+        for run in runs {
+            self.fetch_run(run).await?;
         }
+        Ok(())
+    }
+
+    /// The runs of consecutive chunks of `range` the cache does not hold.
+    fn missing_runs(&self, range: std::ops::Range<usize>) -> Vec<std::ops::Range<usize>> {
+        let mut runs: Vec<std::ops::Range<usize>> = Vec::new();
+        for i in range {
+            let c = &self.rest.chunks[i];
+            let missing = c
+                .digest
+                .as_ref()
+                .is_some_and(|d| !self.cache.path(cache::Kind::Chunk, d).exists());
+            match runs.last_mut() {
+                Some(r) if missing && r.end == i => r.end = i + 1,
+                _ if missing => runs.push(i..i + 1),
+                _ => {}
+            }
+        }
+        runs
+    }
+
+    /// Fetch chunks `range` of the rest in one request and cache them.
+    async fn fetch_run(self: &Arc<Self>, range: std::ops::Range<usize>) -> Result<()> {
         let chunks = &self.rest.chunks[range.clone()];
         let start = chunks.iter().map(|c| c.blob_offset).min().unwrap_or(0);
         let end = chunks.iter().map(|c| c.blob_end).max().unwrap_or(start);
