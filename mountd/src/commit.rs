@@ -21,10 +21,10 @@ use ggfs::image::mutate::{self, DirHooks, LayerFormat, LayerOptions, LocalLayer}
 use ggfs::Digest;
 use serde::{Deserialize, Serialize};
 
-use crate::fs::Inner;
-use crate::layer::LayerData;
-use crate::rootfs::{Data, RootFs};
-use crate::tree::Meta;
+use crate::lower::layer::LayerData;
+use crate::lower::tree::Meta;
+use crate::namespace::fs::Inner;
+use crate::upper::rootfs::{Data, RootFs};
 use crate::upper::{self, Upper, OPAQUE, ORIGIN, PRIVATE, WHITEOUT};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -292,7 +292,7 @@ impl Journal {
 
 fn save(dir: &Path, saved: &Saved) -> io::Result<()> {
     let bytes = serde_json::to_vec_pretty(saved).map_err(io::Error::other)?;
-    crate::layer::write_atomic(&dir.join("state.json"), &bytes).map_err(io::Error::other)
+    crate::lower::layer::write_atomic(&dir.join("state.json"), &bytes).map_err(io::Error::other)
 }
 
 /// What `ggfs commit` asks for.
@@ -511,7 +511,7 @@ async fn replace_child(
 ) -> ggfs::Result<ggfs::RawManifest> {
     let raw = inner.ns.source(repo).manifest(index.as_str()).await?;
     let parsed = raw.index()?;
-    let old = crate::ns::platform_dirs(&parsed, None)
+    let old = crate::namespace::platform_dirs(&parsed, None)
         .into_iter()
         .find(|(name, _)| name == platform)
         .map(|(_, d)| d)

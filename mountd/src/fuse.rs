@@ -15,11 +15,11 @@ use fuser::{
     ReplyStatfs, ReplyWrite, ReplyXattr, Request,
 };
 
-use crate::cache::Cache;
-use crate::fs::{Inner, Key, Node, LONG, SHORT, WRITABLE_TTL};
 use crate::handles::Handle;
-use crate::ns::{Fail, Namespace, Res};
-use crate::rootfs::{RootFs, SetAttr};
+use crate::lower::cache::Cache;
+use crate::namespace::fs::{Inner, Key, Node, LONG, SHORT, WRITABLE_TTL};
+use crate::namespace::{Fail, Namespace, Res};
+use crate::upper::rootfs::{RootFs, SetAttr};
 
 pub struct Fs {
     inner: Arc<Inner>,
@@ -35,7 +35,7 @@ impl Fs {
     pub fn new(
         ns: Namespace,
         cache: Arc<Cache>,
-        takeover: crate::fs::Takeover,
+        takeover: crate::namespace::fs::Takeover,
         rt: tokio::runtime::Handle,
     ) -> Self {
         Fs {
@@ -229,7 +229,7 @@ impl Filesystem for Fs {
         // from their copy (passthrough.rs); one level of stacking below us.
         if let Some(dev) = self.inner.dev.get() {
             if config.enable_passthrough(1).is_ok() {
-                match crate::passthrough::Passthrough::new(dev.as_fd()) {
+                match crate::lower::passthrough::Passthrough::new(dev.as_fd()) {
                     Ok(pt) => drop(self.inner.passthrough.set(pt)),
                     Err(e) => tracing::warn!("passthrough: {e}"),
                 }

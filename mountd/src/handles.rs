@@ -8,10 +8,10 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use fuser::consts::{FOPEN_DIRECT_IO, FOPEN_KEEP_CACHE};
 
-use crate::fs::{slice, Inner, Key, Node};
-use crate::ns::{Fail, Res};
-use crate::rootfs::{io_fail, Data, RootFs};
-use crate::tree::{self, DataRef};
+use crate::lower::tree::{self, DataRef};
+use crate::namespace::fs::{slice, Inner, Key, Node};
+use crate::namespace::{Fail, Res};
+use crate::upper::rootfs::{io_fail, Data, RootFs};
 
 /// An open file.
 pub enum Handle {
@@ -22,7 +22,7 @@ pub enum Handle {
     /// `.ggfs/ctl`: the reply to the request written.
     Ctl(Arc<Mutex<Vec<u8>>>),
     /// A tag's manifest.json or config.json being written.
-    Edit(crate::edit::Edit),
+    Edit(crate::namespace::edit::Edit),
 }
 
 impl Inner {

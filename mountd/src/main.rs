@@ -7,25 +7,17 @@
 //! SIGINT/SIGTERM unmount cleanly. `ggfs-mountd unmount MOUNTPOINT` undoes it.
 
 mod backend;
-mod cache;
 mod commit;
-mod edit;
-mod fetch;
-mod fs;
 mod fuse;
 mod handles;
-mod inolog;
-mod layer;
-mod lazy;
-mod ns;
-mod passthrough;
-mod prune;
-mod rootfs;
+mod lower;
+mod namespace;
 mod stats;
 mod supervise;
-mod tree;
 mod upper;
-mod work;
+
+use lower::{cache, fetch};
+use namespace::{self as ns, fs, inolog, prune};
 
 use std::ffi::OsString;
 use std::io::{Read, Write};

@@ -12,7 +12,7 @@ use futures::StreamExt;
 use ggfs::image::{ByteStream, Source};
 use ggfs::{Digest, RawManifest, Result};
 
-use crate::cache::Cache;
+use crate::lower::cache::Cache;
 
 #[derive(Default, Clone)]
 struct BlobStat {

@@ -34,10 +34,10 @@ use ggfs::image::{Layer, Source};
 use ggfs::{Digest, Error, RawManifest, Result};
 use tokio::sync::OnceCell;
 
-use crate::cache::{self, Cache};
-use crate::lazy::SingleFlight;
-use crate::ns::{Memo, Namespace};
-use crate::tree::{self, Entry, Kind, Meta};
+use crate::lower::cache::{self, Cache};
+use crate::lower::lazy::SingleFlight;
+use crate::lower::tree::{self, Entry, Kind, Meta};
+use crate::namespace::{Memo, Namespace};
 
 /// Cached index files: this magic, then 1 if this machine built the index
 /// from the verified blob (0: from an artifact, not yet audited), then the
@@ -196,7 +196,7 @@ impl LayerData for PlainLayer {
         let (Some(t), Some(tar)) = (t, self.local_tar()) else {
             return Ok(false);
         };
-        crate::passthrough::copy_range(&tar, t.offset, out, 0, t.size)
+        crate::lower::passthrough::copy_range(&tar, t.offset, out, 0, t.size)
             .map_err(|e| Error::io(format!("cached tar of layer {}", self.digest), e))?;
         Ok(true)
     }
@@ -552,7 +552,7 @@ type Listed = Arc<Vec<(Digest, Descriptor)>>;
 pub struct Layers {
     cache: Arc<Cache>,
     /// When lazily read layers are fetched whole in the background.
-    when: crate::fetch::When,
+    when: crate::lower::fetch::When,
     open: Mutex<HashMap<Digest, OpenCell>>,
     /// Push the index of a layer a first pass verified as an artifact of
     /// the image (mount option --push-index).
@@ -561,7 +561,7 @@ pub struct Layers {
 }
 
 impl Layers {
-    pub fn new(cache: Arc<Cache>, when: crate::fetch::When) -> Self {
+    pub fn new(cache: Arc<Cache>, when: crate::lower::fetch::When) -> Self {
         Layers {
             cache,
             when,
@@ -607,7 +607,7 @@ impl Layers {
         layer: &Layer,
         origin: Option<&Origin<'_>>,
     ) -> Result<Arc<dyn LayerData>> {
-        match crate::lazy::open(layer, self.cache.clone(), self.when).await {
+        match crate::lower::lazy::open(layer, self.cache.clone(), self.when).await {
             Ok(Some(l)) => return Ok(l),
             Ok(None) => {}
             // The whole-blob path below verifies everything it serves.
@@ -711,7 +711,7 @@ impl Layers {
 
     /// Every index blob the image's index artifacts list, newest artifact
     /// first (memoized per image as its referrers are).
-    async fn listed(&self, o: &Origin<'_>) -> Result<Listed, crate::ns::Fail> {
+    async fn listed(&self, o: &Origin<'_>) -> Result<Listed, crate::namespace::Fail> {
         let key = (o.repo.to_string(), o.image.digest.clone());
         self.artifacts
             .get(&key, o.ns.tag_ttl, o.ns.neg_ttl, || async {

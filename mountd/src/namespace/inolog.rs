@@ -19,7 +19,7 @@ use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::sync::Mutex;
 
-use crate::fs::Key;
+use crate::namespace::fs::Key;
 
 pub struct InoLog {
     file: Mutex<File>,

@@ -4,6 +4,11 @@
 //! `neg_ttl` so probing shells do not flood the registry; anything addressed
 //! by digest lives as long as the process.
 
+pub mod edit;
+pub mod fs;
+pub mod inolog;
+pub mod prune;
+
 use std::collections::HashMap;
 use std::future::Future;
 use std::hash::Hash;
@@ -16,7 +21,7 @@ use ggfs::{Digest, Error, RawManifest};
 use tokio::sync::OnceCell;
 
 use crate::backend::Registry;
-use crate::cache::{self, Cache};
+use crate::lower::cache::{self, Cache};
 use crate::stats::{CountingSource, Stats};
 
 /// A failure as the filesystem reports it: an errno and a message for the log.
@@ -196,7 +201,7 @@ pub struct Namespace {
     /// `rmdir REPO/TAG` deletes the tag (mount option --allow-delete).
     pub allow_delete: bool,
     /// When a lazily read layer is fetched whole in the background.
-    pub fetch_rest: crate::fetch::When,
+    pub fetch_rest: crate::lower::fetch::When,
     catalog: Memo<(), Option<Arc<Vec<String>>>>,
     tags: Memo<String, Arc<Vec<String>>>,
     resolved: Memo<(String, String), Digest>,
@@ -221,7 +226,7 @@ impl Namespace {
             neg_ttl: Duration::from_secs(5),
             platform: None,
             allow_delete: false,
-            fetch_rest: crate::fetch::When::After(crate::fetch::DEFAULT_AFTER),
+            fetch_rest: crate::lower::fetch::When::After(crate::lower::fetch::DEFAULT_AFTER),
             catalog: Memo::default(),
             tags: Memo::default(),
             resolved: Memo::default(),
@@ -417,7 +422,7 @@ impl Namespace {
                 if let Ok(d) = manifest::digest_of(cfg) {
                     self.stats.note_size(&d, cfg.size());
                     // Verified by Image::load: keep it for the next mount.
-                    crate::layer::store(&self.cache, cache::Kind::Blob, &d, &image.config);
+                    crate::lower::layer::store(&self.cache, cache::Kind::Blob, &d, &image.config);
                 }
                 for l in &layers {
                     self.stats.note_size(&l.digest, l.size());
@@ -521,7 +526,7 @@ impl Source for CachingSource {
             }
         }
         let m = self.inner.manifest(reference).await?;
-        crate::layer::store(&self.cache, cache::Kind::Blob, &m.digest, &m.bytes);
+        crate::lower::layer::store(&self.cache, cache::Kind::Blob, &m.digest, &m.bytes);
         Ok(m)
     }
 

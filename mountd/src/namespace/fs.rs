@@ -19,14 +19,14 @@ use fuser::{FileAttr, FileType};
 use ggfs::image::is_layer_media_type;
 use ggfs::{Digest, Error};
 
-use crate::cache::{self, Cache};
 use crate::commit as journal;
 use crate::handles::Handle;
-use crate::inolog::{InoLog, Replayed};
-use crate::layer::Layers;
-use crate::ns::{children_of, valid_component, Art, Fail, Memo, Namespace, Res};
-use crate::rootfs::RootFs;
-use crate::tree::{self, NodeId, Tree};
+use crate::lower::cache::{self, Cache};
+use crate::lower::layer::Layers;
+use crate::lower::tree::{self, NodeId, Tree};
+use crate::namespace::inolog::{InoLog, Replayed};
+use crate::namespace::{children_of, valid_component, Art, Fail, Memo, Namespace, Res};
+use crate::upper::rootfs::RootFs;
 
 /// Inodes at and above this belong to merged rootfs trees.
 const TREE_BASE: u64 = 1 << 40;
@@ -247,7 +247,7 @@ impl Inodes {
         }
         let (base, r) = self.trees.range(..=ino).next_back()?;
         r.used.store(
-            crate::rootfs::now_secs(),
+            crate::upper::rootfs::now_secs(),
             std::sync::atomic::Ordering::Relaxed,
         );
         if r.w.is_some() {
@@ -291,7 +291,7 @@ pub struct Inner {
     pub(crate) gid: u32,
     pub(crate) start: SystemTime,
     /// Set once the kernel agreed to FUSE passthrough (fuse.rs `init`).
-    pub(crate) passthrough: std::sync::OnceLock<crate::passthrough::Passthrough>,
+    pub(crate) passthrough: std::sync::OnceLock<crate::lower::passthrough::Passthrough>,
     /// The /dev/fuse connection, for passthrough's backing files.
     pub(crate) dev: std::sync::OnceLock<std::os::fd::OwnedFd>,
 }
@@ -462,14 +462,14 @@ impl Inner {
                 // fetched just to be listed.
                 return Ok(match self.rootfs.peek(&(repo.clone(), d.clone())) {
                     Some(r) => (LONG, r.lower_attr(tree::ROOT)),
-                    None => (LONG, crate::rootfs::root_attr(ino)),
+                    None => (LONG, crate::upper::rootfs::root_attr(ino)),
                 });
             }
             Key::WRootfs(repo, tag, d) => {
                 let key = (repo.clone(), tag.clone(), d.clone());
                 return Ok(match self.wrootfs.peek(&key) {
                     Some(r) => (WRITABLE_TTL, r.getattr(r.root_ino)?),
-                    None => (WRITABLE_TTL, crate::rootfs::root_attr(ino)),
+                    None => (WRITABLE_TTL, crate::upper::rootfs::root_attr(ino)),
                 });
             }
             Key::Status => {
@@ -819,7 +819,7 @@ impl Inner {
                     }
                     ok
                 });
-                let origin = crate::layer::Origin {
+                let origin = crate::lower::layer::Origin {
                     ns: &self.ns,
                     repo,
                     image: &image.raw,
@@ -846,7 +846,7 @@ impl Inner {
                     base,
                     root_ino,
                     w: None,
-                    used: crate::rootfs::now_secs().into(),
+                    used: crate::upper::rootfs::now_secs().into(),
                 });
                 inodes.trees.insert(base, r.clone());
                 Ok(r)
@@ -858,7 +858,7 @@ impl Inner {
     async fn warm(&self, layers: Vec<ggfs::image::Layer>) {
         let opening = layers
             .iter()
-            .filter(|l| crate::lazy::is_lazy(l))
+            .filter(|l| crate::lower::lazy::is_lazy(l))
             .map(|l| self.layers.open(l, None));
         futures::future::join_all(opening).await;
     }
@@ -925,7 +925,7 @@ impl Inner {
             let n = r.tree.node(id);
             out.push((r.ino(n.parent), FileType::Directory, "..".into()));
             for (name, &c) in &n.children {
-                let kind = crate::rootfs::file_type(&r.tree.node(c).meta.kind);
+                let kind = crate::upper::rootfs::file_type(&r.tree.node(c).meta.kind);
                 out.push((r.ino(c), kind, OsString::from_vec(name.to_vec())));
             }
             return Ok(out);

@@ -14,8 +14,8 @@ use ggfs::image::manifest::Parsed;
 use ggfs::{Digest, RawManifest};
 use serde_json::Value;
 
-use crate::fs::{Inner, Key};
-use crate::ns::{Fail, Res};
+use crate::namespace::fs::{Inner, Key};
+use crate::namespace::{Fail, Res};
 
 /// An open `manifest.json` or `config.json` of a tag being written.
 pub struct Edit {

@@ -13,8 +13,8 @@ use fuser::FileAttr;
 use futures::StreamExt;
 
 use super::{check_name, io_fail, At, Data, RootFs, Seen, SetAttr, Work};
-use crate::ns::{Fail, Res};
-use crate::tree::{self, Kind, NodeId};
+use crate::lower::tree::{self, Kind, NodeId};
+use crate::namespace::{Fail, Res};
 use crate::upper::{self, join, split, OPAQUE, ORIGIN, PRIVATE};
 
 impl RootFs {

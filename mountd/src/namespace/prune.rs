@@ -14,8 +14,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::fs::{Inner, Key};
-use crate::rootfs::RootFs;
+use crate::namespace::fs::{Inner, Key};
+use crate::upper::rootfs::RootFs;
 
 /// How many merged trees a daemon keeps, and for how long unused.
 #[derive(Clone, Copy, Debug)]
@@ -48,7 +48,7 @@ pub async fn run(fs: Arc<Inner>, limits: Limits) {
 impl Inner {
     /// Drop the trees least recently used beyond `limits`: how many went.
     pub fn prune(&self, limits: Limits) -> usize {
-        let now = crate::rootfs::now_secs();
+        let now = crate::upper::rootfs::now_secs();
         let mut by_use: Vec<(u64, Arc<RootFs>)> = {
             let inodes = self.lock();
             inodes

@@ -18,10 +18,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use fuser::{FileAttr, FileType};
 
 use crate::commit::Journal;
-use crate::inolog::InoLog;
-use crate::layer::LayerData;
-use crate::ns::{Fail, Res};
-use crate::tree::{self, DataRef, Kind, NodeId, Tree};
+use crate::lower::layer::LayerData;
+use crate::lower::tree::{self, DataRef, Kind, NodeId, Tree};
+use crate::namespace::inolog::InoLog;
+use crate::namespace::{Fail, Res};
 use crate::upper::{self, join, split, Upper, WHITEOUT};
 
 mod change;

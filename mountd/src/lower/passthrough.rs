@@ -200,11 +200,11 @@ use std::sync::Arc;
 
 use ggfs::Digest;
 
-use crate::cache::Kind;
-use crate::fs::{Inner, Node};
 use crate::handles::Handle;
-use crate::rootfs::RootFs;
-use crate::tree::DataRef;
+use crate::lower::cache::Kind;
+use crate::lower::tree::DataRef;
+use crate::namespace::fs::{Inner, Node};
+use crate::upper::rootfs::RootFs;
 
 /// A big lower file: its tree, its bytes, its size.
 pub struct Lower(Arc<RootFs>, DataRef, u64);

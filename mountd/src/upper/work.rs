@@ -8,9 +8,9 @@ use fuser::FileAttr;
 use ggfs::Digest;
 
 use crate::commit::{self as journal, Journal};
-use crate::fs::{Inner, Key, Node, FOREVER};
-use crate::ns::{Fail, Res};
-use crate::rootfs::{RootFs, SetAttr, Work, WRITABLE_RANGE};
+use crate::namespace::fs::{Inner, Key, Node, FOREVER};
+use crate::namespace::{Fail, Res};
+use crate::upper::rootfs::{RootFs, SetAttr, Work, WRITABLE_RANGE};
 use crate::upper::Upper;
 
 impl Inner {
@@ -45,7 +45,7 @@ impl Inner {
                     base: b,
                     root_ino,
                     w: Some(work),
-                    used: crate::rootfs::now_secs().into(),
+                    used: crate::upper::rootfs::now_secs().into(),
                 });
                 inodes.trees.insert(b, r.clone());
                 drop(inodes);
@@ -188,7 +188,7 @@ impl Inner {
         };
         let index = self.ns.resolve(repo, t).await?;
         match &*self.ns.artifact(repo, &index).await? {
-            crate::ns::Art::Index { children, .. } => children
+            crate::namespace::Art::Index { children, .. } => children
                 .iter()
                 .find(|(name, _)| name == platform)
                 .map(|(_, d)| d.clone())
@@ -258,8 +258,8 @@ impl Inner {
                 Some(crate::handles::Handle::Upper(f, _)) => {
                     let md = f
                         .metadata()
-                        .map_err(|e| crate::rootfs::io_fail("fstat", e))?;
-                    Ok(crate::rootfs::attr_of(ino, &md))
+                        .map_err(|e| crate::upper::rootfs::io_fail("fstat", e))?;
+                    Ok(crate::upper::rootfs::attr_of(ino, &md))
                 }
                 _ => Err(e),
             },

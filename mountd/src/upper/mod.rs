@@ -11,6 +11,9 @@
 //! an upper entry wins over a whiteout of the same name, so a whiteout is
 //! made before the entry it replaces goes.
 
+pub mod rootfs;
+pub mod work;
+
 use std::ffi::{CString, OsStr};
 use std::io;
 use std::os::unix::ffi::OsStrExt;
@@ -18,7 +21,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::tree::{Kind, Meta};
+use crate::lower::tree::{Kind, Meta};
 
 pub const WHITEOUT: &[u8] = b".wh.";
 pub const OPAQUE: &[u8] = b".wh..wh..opq";

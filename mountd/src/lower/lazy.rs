@@ -18,10 +18,10 @@ use ggfs::image::{Layer, Source};
 use ggfs::{Digest, Error, Result};
 use tokio::sync::OnceCell;
 
-use crate::cache::{self, Cache};
-use crate::fetch::{self, Rest, When};
-use crate::layer::{blocking, LayerData};
-use crate::tree::{self, Entry, Kind, Meta};
+use crate::lower::cache::{self, Cache};
+use crate::lower::fetch::{self, Rest, When};
+use crate::lower::layer::{blocking, LayerData};
+use crate::lower::tree::{self, Entry, Kind, Meta};
 
 /// Files the eStargz format adds to the tar; not part of the image's tree.
 const HIDDEN: [&str; 3] = [
@@ -205,7 +205,7 @@ impl Recorder {
             out.extend_from_slice(b);
         }
         let path = cache.path(cache::Kind::Toc, digest);
-        match crate::layer::write_atomic(&path, &out) {
+        match crate::lower::layer::write_atomic(&path, &out) {
             Ok(()) => cache.added(out.len() as u64),
             Err(e) => tracing::warn!("caching the TOC of layer {digest}: {e}"),
         }
@@ -337,7 +337,7 @@ impl TocLayer {
             .run(c.blob_offset, || async {
                 let bytes = self.toc.read_chunk(self.source.as_ref(), c).await?;
                 if let Some(d) = &c.digest {
-                    crate::layer::store_later(&self.cache, cache::Kind::Chunk, d, &bytes);
+                    crate::lower::layer::store_later(&self.cache, cache::Kind::Chunk, d, &bytes);
                 }
                 Ok(bytes)
             })
@@ -441,7 +441,7 @@ impl TocLayer {
     /// Keep a verified chunk in the cache (best effort).
     fn store(&self, c: &Chunk, bytes: &[u8]) {
         if let Some(d) = &c.digest {
-            crate::layer::store(&self.cache, cache::Kind::Chunk, d, bytes);
+            crate::lower::layer::store(&self.cache, cache::Kind::Chunk, d, bytes);
         }
     }
 
@@ -533,7 +533,8 @@ impl LayerData for TocLayer {
                 return Ok(false);
             };
             let chunk = std::fs::File::open(path).map_err(io)?;
-            crate::passthrough::copy_range(&chunk, 0, out, c.file_offset, c.size).map_err(io)?;
+            crate::lower::passthrough::copy_range(&chunk, 0, out, c.file_offset, c.size)
+                .map_err(io)?;
         }
         Ok(true)
     }
