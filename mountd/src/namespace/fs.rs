@@ -1,6 +1,8 @@
 //! What the mount shows, by inode: the namespace (repositories, tags,
-//! manifests, ...) and the rootfs trees under it. The kernel-facing side is
-//! `fuse`; open files are `handles`; writable trees are `work`.
+//! manifests, ...) and the rootfs trees under it. What directories list and
+//! names resolve to is `lookup`, the bytes of the namespace's files `files`.
+//! The kernel-facing side is `fuse`; open files are `handles`; writable
+//! trees are `upper::work`.
 //!
 //! Inodes: namespace nodes (repositories, tags, manifests, ...) are keyed by
 //! what they show, so one digest's content always has one inode; each merged
@@ -9,7 +11,6 @@
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
-use std::os::unix::fs::FileExt;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -17,15 +18,15 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use fuser::{FileAttr, FileType};
 use ggfs::image::is_layer_media_type;
-use ggfs::{Digest, Error};
+use ggfs::Digest;
 
 use crate::commit as journal;
 use crate::handles::Handle;
-use crate::lower::cache::{self, Cache};
+use crate::lower::cache::Cache;
 use crate::lower::layer::Layers;
 use crate::lower::tree::{self, NodeId, Tree};
 use crate::namespace::inolog::{InoLog, Replayed};
-use crate::namespace::{children_of, valid_component, Art, Fail, Memo, Namespace, Res};
+use crate::namespace::{Art, Fail, Memo, Namespace, Res};
 use crate::upper::rootfs::RootFs;
 
 /// Inodes at and above this belong to merged rootfs trees.
@@ -331,7 +332,7 @@ impl Inner {
     }
 }
 
-fn join(repo: &str, name: &str) -> String {
+pub(crate) fn join(repo: &str, name: &str) -> String {
     if repo.is_empty() {
         name.to_string()
     } else {
@@ -506,299 +507,6 @@ impl Inner {
         })
     }
 
-    /// An image's or index's entries. A tag's `rootfs` is writable, and so
-    /// is that of each platform of an index a tag points at.
-    pub(crate) fn entries(&self, key: &Key, repo: &str, art: &Art) -> Vec<(String, Key)> {
-        let mut out = Self::art_entries(repo, art);
-        let tag = match key {
-            Key::Tag(_, tag) => tag.clone(),
-            Key::TagChild(_, tag, name, _) => format!("{tag}/{name}"),
-            _ => return out,
-        };
-        for (name, k) in out.iter_mut() {
-            match k {
-                Key::Manifest(r, d) if matches!(key, Key::Tag(..)) => {
-                    *k = Key::TagManifest(r.clone(), tag.clone(), d.clone());
-                }
-                Key::Config(r, d) if matches!(key, Key::Tag(..)) => {
-                    *k = Key::TagConfig(r.clone(), tag.clone(), d.clone());
-                }
-                Key::Rootfs(r, d) => {
-                    let base = self.work_base(r, &tag).unwrap_or_else(|| d.clone());
-                    *k = Key::WRootfs(r.clone(), tag.clone(), base);
-                }
-                Key::Art(r, child) if matches!(key, Key::Tag(..)) => {
-                    *k = Key::TagChild(r.clone(), tag.clone(), name.clone(), child.clone());
-                }
-                _ => {}
-            }
-        }
-        out
-    }
-
-    pub(crate) fn art_entries(repo: &str, art: &Art) -> Vec<(String, Key)> {
-        let r = repo.to_string();
-        let d = art.raw().digest.clone();
-        let mut out = vec![
-            ("manifest.json".into(), Key::Manifest(r.clone(), d.clone())),
-            ("digest".into(), Key::DigestFile(r.clone(), d.clone())),
-            ("referrers".into(), Key::Referrers(r.clone(), d.clone())),
-        ];
-        match art {
-            Art::Image { .. } => {
-                out.push(("config.json".into(), Key::Config(r.clone(), d.clone())));
-                out.push(("blobs".into(), Key::Blobs(r.clone(), d.clone())));
-                out.push(("rootfs".into(), Key::Rootfs(r, d)));
-            }
-            Art::Index { children, .. } => {
-                for (name, child) in children {
-                    out.push((name.clone(), Key::Art(r.clone(), child.clone())));
-                }
-            }
-        }
-        out
-    }
-
-    /// The entries of a namespace directory.
-    pub(crate) async fn list(&self, key: &Key) -> Res<Vec<(String, Key)>> {
-        if let Some((repo, d)) = self.art_digest(key).await? {
-            let art = self.ns.artifact(&repo, &d).await?;
-            let mut out = self.entries(key, &repo, &art);
-            if let Key::Tag(repo, tag) = key {
-                // A tag that is also a child repository's name: the image's
-                // own entries win, the repository's children follow.
-                let path = join(repo, tag);
-                if valid_component(tag) && self.may_be_repo(&path).await {
-                    for (n, k) in self.list_repo(&path).await {
-                        if !out.iter().any(|(o, _)| *o == n) {
-                            out.push((n, k));
-                        }
-                    }
-                }
-            }
-            return Ok(out);
-        }
-        match key {
-            Key::Root => {
-                let mut out = vec![(".ggfs".to_string(), Key::Meta)];
-                out.extend(self.list_repo("").await);
-                Ok(out)
-            }
-            Key::Repo(path) => Ok(self.list_repo(path).await),
-            Key::Referrers(repo, d) => {
-                let refs = self.ns.referrers(repo, d).await?;
-                let mut out = vec![(
-                    "index.json".to_string(),
-                    Key::ReferrersIndex(repo.clone(), d.clone()),
-                )];
-                for r in &refs.digests {
-                    out.push((r.to_string(), Key::Art(repo.clone(), r.clone())));
-                }
-                Ok(out)
-            }
-            Key::NewTag(repo, tag) => Ok(vec![(
-                "manifest.json".into(),
-                Key::NewManifest(repo.clone(), tag.clone()),
-            )]),
-            Key::Meta => Ok(vec![
-                ("ctl".into(), Key::Ctl),
-                ("stats".into(), Key::Stats),
-                ("status".into(), Key::Status),
-            ]),
-            Key::Blobs(repo, d) => {
-                let image = self.image(repo, d).await?;
-                let mut out = Vec::new();
-                let cfg = image.manifest.config();
-                let descs = std::iter::once(cfg).chain(image.manifest.layers().iter());
-                for desc in descs {
-                    if let Ok(bd) = ggfs::image::manifest::digest_of(desc) {
-                        let name = bd.to_string();
-                        if !out.iter().any(|(n, _)| *n == name) {
-                            out.push((name, Key::Blob(repo.clone(), bd, desc.size())));
-                        }
-                    }
-                }
-                Ok(out)
-            }
-            _ => Err(Fail::new(libc::ENOTDIR, "not a directory")),
-        }
-    }
-
-    /// Child repository names below `path` according to the catalog.
-    pub(crate) async fn repo_children(&self, path: &str) -> Vec<String> {
-        match self.ns.catalog().await {
-            Ok(Some(cat)) => children_of(&cat, path),
-            _ => Vec::new(),
-        }
-    }
-
-    /// Whether `path` may be a repository or a prefix of one: per the
-    /// catalog, or always when the registry does not list its catalog.
-    pub(crate) async fn may_be_repo(&self, path: &str) -> bool {
-        match self.ns.catalog().await {
-            Ok(Some(cat)) => {
-                let prefix = format!("{path}/");
-                cat.iter().any(|r| r == path || r.starts_with(&prefix))
-            }
-            _ => true,
-        }
-    }
-
-    /// Whether `path` itself may be a repository (not only a prefix of
-    /// some): per the catalog, or always when there is none.
-    pub(crate) async fn may_be_repo_itself(&self, path: &str) -> bool {
-        if path.is_empty() {
-            return false;
-        }
-        let prefix = format!("{path}/");
-        match self.ns.catalog().await {
-            Ok(Some(cat)) if cat.iter().any(|r| r == path) => true,
-            // A known prefix; anything else may have been pushed since.
-            Ok(Some(cat)) => !cat.iter().any(|r| r.starts_with(&prefix)),
-            _ => true,
-        }
-    }
-
-    /// Tags first; child repositories whose name is also a tag are shadowed.
-    pub(crate) async fn list_repo(&self, path: &str) -> Vec<(String, Key)> {
-        let mut out: Vec<(String, Key)> = Vec::new();
-        if !path.is_empty() {
-            if let Ok(tags) = self.ns.tags(path).await {
-                for t in tags.iter() {
-                    out.push((t.clone(), Key::Tag(path.to_string(), t.clone())));
-                }
-            }
-        }
-        for t in self.new_tags(path) {
-            if !out.iter().any(|(n, _)| *n == t) {
-                out.push((t.clone(), Key::NewTag(path.to_string(), t)));
-            }
-        }
-        for c in self.repo_children(path).await {
-            if !out.iter().any(|(n, _)| *n == c) {
-                out.push((c.clone(), Key::Repo(join(path, &c))));
-            }
-        }
-        out
-    }
-
-    /// Look `name` up in a namespace directory.
-    pub(crate) async fn lookup_ns(&self, key: &Key, name: &str) -> Res<Node> {
-        if let Key::Rootfs(repo, d) = key {
-            let r = self.build_rootfs(repo, d).await?;
-            let id = r
-                .tree
-                .child(tree::ROOT, name.as_bytes())
-                .ok_or_else(|| Fail::noent(name))?;
-            return Ok(Node::Tree(r, id));
-        }
-        if let Key::WRootfs(repo, tag, d) = key {
-            let r = self.wrootfs(repo, tag, d).await?;
-            let attr = r.lookup(r.root_ino, name.as_bytes())?;
-            return Ok(Node::W(r, attr.ino));
-        }
-        if let Some((repo, d)) = self.art_digest(key).await? {
-            let art = match name {
-                // Its lazy layers open (footer, TOC) while the config loads.
-                "rootfs" => {
-                    let warm = self.warm(self.ns.seeded_layers(&repo, &d));
-                    tokio::join!(self.ns.artifact(&repo, &d), warm).0
-                }
-                _ => self.ns.artifact(&repo, &d).await,
-            }?;
-            if let Some((_, k)) = self
-                .entries(key, &repo, &art)
-                .into_iter()
-                .find(|(n, _)| n == name)
-            {
-                return Ok(Node::Ns(k));
-            }
-            return match key {
-                Key::Tag(repo, tag)
-                    if valid_component(tag) && self.may_be_repo(&join(repo, tag)).await =>
-                {
-                    self.lookup_repo(&join(repo, tag), name).await
-                }
-                _ => Err(Fail::noent(name)),
-            };
-        }
-        match key {
-            Key::Root if name == ".ggfs" => Ok(Node::Ns(Key::Meta)),
-            Key::Root => self.lookup_child_repo("", name).await,
-            Key::Referrers(..) => self
-                .list(key)
-                .await?
-                .into_iter()
-                .find(|(n, _)| n == name)
-                .map(|(_, k)| Node::Ns(k))
-                .ok_or_else(|| Fail::noent(name)),
-            Key::NewTag(repo, tag) if name == "manifest.json" => {
-                Ok(Node::Ns(Key::NewManifest(repo.clone(), tag.clone())))
-            }
-            Key::Meta if name == "stats" => Ok(Node::Ns(Key::Stats)),
-            Key::Meta if name == "status" => Ok(Node::Ns(Key::Status)),
-            Key::Meta if name == "ctl" => Ok(Node::Ns(Key::Ctl)),
-            Key::Repo(path) => self.lookup_repo(path, name).await,
-            Key::Blobs(..) => self
-                .list(key)
-                .await?
-                .into_iter()
-                .find(|(n, _)| n == name)
-                .map(|(_, k)| Node::Ns(k))
-                .ok_or_else(|| Fail::noent(name)),
-            _ if key.is_dir() => Err(Fail::noent(name)),
-            _ => Err(Fail::new(libc::ENOTDIR, "not a directory")),
-        }
-    }
-
-    pub(crate) async fn lookup_repo(&self, path: &str, name: &str) -> Res<Node> {
-        if name.starts_with("sha256:") {
-            let d = Digest::parse(name).map_err(|_| Fail::noent(name))?;
-            self.ns.artifact(path, &d).await?;
-            return Ok(Node::Ns(Key::Art(path.to_string(), d)));
-        }
-        // A tag is looked up by its manifest, which is wanted next anyway:
-        // one request, and no listing of the repository's tags.
-        if ggfs::reference::is_valid_tag(name) && self.may_be_repo_itself(path).await {
-            match self.ns.resolve(path, name).await {
-                Ok(_) => return Ok(Node::Ns(Key::Tag(path.to_string(), name.to_string()))),
-                // A registry that does not answer is no sign the name is a prefix.
-                Err(f) if f.errno == libc::ETIMEDOUT => return Err(f),
-                // Nor is one that answered with what we refuse (a manifest
-                // over the size limit, not JSON, not the digest it claims):
-                // that tag is broken, say so rather than hide it.
-                Err(f) if f.errno == libc::EIO => {
-                    tracing::warn!("{path}:{name}: {}", f.msg);
-                    return Err(f);
-                }
-                Err(_) => {}
-            }
-        }
-        if self.new_tags(path).iter().any(|t| t == name) {
-            return Ok(Node::Ns(Key::NewTag(path.to_string(), name.to_string())));
-        }
-        self.lookup_child_repo(path, name).await
-    }
-
-    /// A child repository (or repository prefix). Listed ones exist; an
-    /// unlisted one exists when it has tags, or when the registry keeps its
-    /// catalog to itself (a prefix cannot be told from nothing then).
-    pub(crate) async fn lookup_child_repo(&self, path: &str, name: &str) -> Res<Node> {
-        if !valid_component(name) {
-            return Err(Fail::noent(name));
-        }
-        let child = join(path, name);
-        let listed = match self.ns.catalog().await {
-            Ok(Some(cat)) => Some(children_of(&cat, path).iter().any(|c| c == name)),
-            Err(f) if f.errno == libc::ETIMEDOUT => return Err(f),
-            _ => None,
-        };
-        if listed == Some(true) || self.ns.tags(&child).await.is_ok() || listed.is_none() {
-            return Ok(Node::Ns(Key::Repo(child)));
-        }
-        Err(Fail::noent(name))
-    }
-
     /// Fetch and merge an image's layers (once per image and process).
     pub(crate) async fn build_rootfs(&self, repo: &str, d: &Digest) -> Res<Arc<RootFs>> {
         let key = (repo.to_string(), d.clone());
@@ -855,7 +563,7 @@ impl Inner {
     }
 
     /// Open the lazily read ones of `layers`; plain layers wait for a read.
-    async fn warm(&self, layers: Vec<ggfs::image::Layer>) {
+    pub(crate) async fn warm(&self, layers: Vec<ggfs::image::Layer>) {
         let opening = layers
             .iter()
             .filter(|l| crate::lower::lazy::is_lazy(l))
@@ -941,134 +649,6 @@ impl Inner {
             out.push((self.ino(k), kind, name.into()));
         }
         Ok(out)
-    }
-
-    pub(crate) async fn read_ns(&self, key: &Key, offset: u64, size: u32) -> Res<Bytes> {
-        if let Some(plain) = key.plain() {
-            return Box::pin(self.read_ns(&plain, offset, size)).await;
-        }
-        match key {
-            Key::NewManifest(..) | Key::Attaching(..) => Ok(Bytes::new()),
-            Key::ReferrersIndex(repo, d) => {
-                Ok(slice(&self.ns.referrers(repo, d).await?.json, offset, size))
-            }
-            Key::Manifest(repo, d) => {
-                let art = self.ns.artifact(repo, d).await?;
-                Ok(slice(&art.raw().bytes, offset, size))
-            }
-            Key::Config(repo, d) => Ok(slice(&self.image(repo, d).await?.config, offset, size)),
-            Key::DigestFile(_, d) => Ok(slice(format!("{d}\n").as_bytes(), offset, size)),
-            Key::Stats => Ok(slice(self.stats().as_bytes(), offset, size)),
-            Key::Status => Ok(slice(self.status().as_bytes(), offset, size)),
-            Key::Blob(repo, d, len) => {
-                if offset >= *len {
-                    return Ok(Bytes::new());
-                }
-                let n = (size as u64).min(len - offset) as usize;
-                // A plain layer in use has its blob's block digests: its
-                // bytes come by Range, not with the whole blob first.
-                let layer = self.layers.opened(d);
-                if let Some(l) = layer.filter(|_| !self.cache.path(cache::Kind::Blob, d).exists()) {
-                    if let Some(b) = l.blob_range(offset, n as u64).await.map_err(|e| {
-                        tracing::error!("blob {d}: {e}");
-                        Fail::from(e)
-                    })? {
-                        return Ok(b);
-                    }
-                }
-                let file = self.blob_file(repo, d, *len).await?;
-                let d = d.clone();
-                tokio::task::spawn_blocking(move || {
-                    let mut buf = vec![0u8; n];
-                    file.read_exact_at(&mut buf, offset)
-                        .map_err(|e| Fail::new(libc::EIO, format!("cached blob {d}: {e}")))?;
-                    Ok(Bytes::from(buf))
-                })
-                .await
-                .map_err(|e| Fail::new(libc::EIO, e.to_string()))?
-            }
-            _ => Err(Fail::new(libc::EISDIR, "is a directory")),
-        }
-    }
-
-    /// A whole blob in the cache, downloaded and verified on first use.
-    pub(crate) async fn blob_file(
-        &self,
-        repo: &str,
-        d: &Digest,
-        size: u64,
-    ) -> Res<Arc<std::fs::File>> {
-        // Held briefly: an evicted blob's space is freed once readers move on.
-        self.blobs
-            .get(d, Duration::from_secs(30), self.ns.neg_ttl, || async {
-                let path = match self.cache.get(cache::Kind::Blob, d) {
-                    Some(p) => p,
-                    None => self.download(repo, d, size).await.inspect_err(|e| {
-                        tracing::error!("blob {d}: {e}");
-                    })?,
-                };
-                let f = std::fs::File::open(&path)
-                    .map_err(|e| Error::io(path.display().to_string(), e))?;
-                Ok(Arc::new(f))
-            })
-            .await
-    }
-
-    pub(crate) async fn download(
-        &self,
-        repo: &str,
-        d: &Digest,
-        size: u64,
-    ) -> ggfs::Result<std::path::PathBuf> {
-        use futures::StreamExt;
-        use std::io::Write;
-        let dest = self.cache.path(cache::Kind::Blob, d);
-        let mut w = ggfs::digest::BlobWriter::create(&dest, d.clone(), Some(size))?;
-        let mut stream = self.ns.source(repo).blob(d).await?;
-        while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|e| ggfs::error::from_io(format!("blob {d}"), e))?;
-            // The disk write (and hash) off the async worker.
-            tokio::task::block_in_place(|| w.write_all(&chunk))
-                .map_err(|e| Error::io(dest.display().to_string(), e))?;
-        }
-        let path = tokio::task::spawn_blocking(move || w.commit())
-            .await
-            .map_err(|e| Error::io("commit task", std::io::Error::other(e)))??;
-        self.cache.added(size);
-        Ok(path)
-    }
-
-    pub async fn readlink(&self, ino: u64) -> Res<Bytes> {
-        if let Some(r) = self.writable(ino).await? {
-            return Ok(Bytes::from(r.readlink(ino)?));
-        }
-        match self.node(ino)? {
-            Node::Tree(r, id) if r.tree.node(id).meta.kind == tree::Kind::Symlink => {
-                Ok(Bytes::copy_from_slice(&r.tree.node(id).meta.link))
-            }
-            _ => Err(Fail::new(libc::EINVAL, "not a symlink")),
-        }
-    }
-
-    pub async fn xattrs(&self, ino: u64) -> Res<Vec<(Vec<u8>, Vec<u8>)>> {
-        // rootfs/ itself keeps implicit metadata, without xattrs: `ls -l`
-        // of a tag asks for them, and that fetches no layer.
-        let unbuilt = match self.node(ino)? {
-            Node::Ns(Key::Rootfs(..)) => true,
-            Node::Ns(Key::WRootfs(repo, tag, d)) => self.wrootfs.peek(&(repo, tag, d)).is_none(),
-            _ => false,
-        };
-        if unbuilt {
-            return Ok(Vec::new());
-        }
-        if let Some(r) = self.writable(ino).await? {
-            return r.xattrs(ino);
-        }
-        let node = self.node(ino)?;
-        Ok(match self.tree_node(&node).await? {
-            Some((r, id)) => r.tree.node(id).meta.xattrs.clone(),
-            None => Vec::new(),
-        })
     }
 
     /// Log a failure; its errno, for the reply.

@@ -5,8 +5,10 @@
 //! by digest lives as long as the process.
 
 pub mod edit;
+mod files;
 pub mod fs;
 pub mod inolog;
+mod lookup;
 pub mod prune;
 
 use std::collections::HashMap;
