@@ -423,8 +423,10 @@ impl Namespace {
                 let cfg = image.manifest.config();
                 if let Ok(d) = manifest::digest_of(cfg) {
                     self.stats.note_size(&d, cfg.size());
-                    // Verified by Image::load: keep it for the next mount.
-                    crate::lower::layer::store(&self.cache, cache::Kind::Blob, &d, &image.config);
+                    // Verified by Image::load: keep it for the next mount
+                    // (its write and fsync not waited for).
+                    let config = bytes::Bytes::copy_from_slice(&image.config);
+                    crate::lower::layer::store_later(&self.cache, cache::Kind::Blob, &d, &config);
                 }
                 for l in &layers {
                     self.stats.note_size(&l.digest, l.size());
@@ -528,7 +530,9 @@ impl Source for CachingSource {
             }
         }
         let m = self.inner.manifest(reference).await?;
-        crate::lower::layer::store(&self.cache, cache::Kind::Blob, &m.digest, &m.bytes);
+        // The lookup that asked does not wait for its write and fsync.
+        let bytes = bytes::Bytes::copy_from_slice(&m.bytes);
+        crate::lower::layer::store_later(&self.cache, cache::Kind::Blob, &m.digest, &bytes);
         Ok(m)
     }
 
