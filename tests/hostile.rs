@@ -6,7 +6,7 @@
 mod common;
 
 use std::os::unix::ffi::OsStrExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::mount::{within, Mount};
@@ -127,20 +127,7 @@ fn crafted_layer_stays_inside_the_image() {
         );
         assert_ne!(name, "hl", "a hardlink out of the image was kept");
     }
-    let sandbox = w.join("sandbox/root");
-    std::fs::create_dir_all(&sandbox).unwrap();
-    let _ = Command::new("tar")
-        .arg("-xf")
-        .arg(&out)
-        .arg("-C")
-        .arg(&sandbox)
-        .status()
-        .unwrap();
-    let outside: Vec<_> = std::fs::read_dir(w.join("sandbox"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name())
-        .collect();
-    assert_eq!(outside, ["root"]);
+    let sandbox = extract_in_sandbox(w, &out);
     assert_eq!(
         std::fs::read(sandbox.join("etc/passwd")).unwrap(),
         b"image passwd\n"
@@ -292,20 +279,7 @@ fn links_through_symlinks_and_long_names_stay_inside() {
         );
     }
 
-    let sandbox = w.join("sandbox/root");
-    std::fs::create_dir_all(&sandbox).unwrap();
-    let _ = Command::new("tar")
-        .arg("-xf")
-        .arg(&out)
-        .arg("-C")
-        .arg(&sandbox)
-        .status()
-        .unwrap();
-    let outside: Vec<_> = std::fs::read_dir(w.join("sandbox"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name())
-        .collect();
-    assert_eq!(outside, ["root"]);
+    let sandbox = extract_in_sandbox(w, &out);
     // GNU tar makes a hardlink member through whatever symlink its path
     // crosses: none of the host's files may come out linked in.
     let same = run(Command::new("find").arg(&sandbox).args([
@@ -688,4 +662,24 @@ fn wait_rusage(child: std::process::Child) -> (std::process::ExitStatus, u64) {
         std::process::ExitStatus::from_raw(status),
         usage.ru_maxrss as u64 * 1024,
     )
+}
+
+/// GNU tar extracts `tar` into `w/sandbox/root`: nothing may land beside
+/// `root` (a member that climbed out); the extracted root.
+fn extract_in_sandbox(w: &Path, tar: &Path) -> PathBuf {
+    let sandbox = w.join("sandbox/root");
+    std::fs::create_dir_all(&sandbox).unwrap();
+    let _ = Command::new("tar")
+        .arg("-xf")
+        .arg(tar)
+        .arg("-C")
+        .arg(&sandbox)
+        .status()
+        .unwrap();
+    let outside: Vec<_> = std::fs::read_dir(w.join("sandbox"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(outside, ["root"]);
+    sandbox
 }
