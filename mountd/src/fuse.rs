@@ -227,7 +227,11 @@ impl Filesystem for Fs {
         let _ = config.add_capabilities(fuser::consts::FUSE_CACHE_SYMLINKS);
         // Big lower files whose bytes are cached are read by the kernel
         // from their copy (passthrough.rs); one level of stacking below us.
-        if let Some(dev) = self.inner.dev.get() {
+        // Registering a backing file takes CAP_SYS_ADMIN: without root the
+        // copies would only take space.
+        // SAFETY: geteuid has no preconditions.
+        let root = unsafe { libc::geteuid() } == 0;
+        if let Some(dev) = self.inner.dev.get().filter(|_| root) {
             if config.enable_passthrough(1).is_ok() {
                 match crate::lower::passthrough::Passthrough::new(dev.as_fd()) {
                     Ok(pt) => drop(self.inner.passthrough.set(pt)),
