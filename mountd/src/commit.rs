@@ -614,7 +614,7 @@ impl DirHooks for Hooks<'_> {
         let Some(origin) = xattr::get(full, ORIGIN)? else {
             return Ok(None);
         };
-        let Data::Lower(d) = self
+        let Data::Lower(d, _) = self
             .r
             .origin_data(&origin)
             .map_err(|f| io::Error::other(f.msg.to_string()))?

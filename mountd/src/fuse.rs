@@ -73,10 +73,12 @@ impl Fs {
 }
 
 impl Fs {
-    /// A restarted daemon takes up an inode its predecessor gave out
-    /// before serving a request that names it. On this thread: requests
+    /// A request naming `ino` arrived: the mount is busy (passthrough's
+    /// copies wait), and a restarted daemon takes up an inode its
+    /// predecessor gave out before serving it. On this thread: requests
     /// wait, as they did while no daemon was there.
-    fn revived(&self, ino: u64) {
+    fn arrive(&self, ino: u64) {
+        self.inner.copies.busy();
         if !self.inner.stale(ino) {
             return;
         }
@@ -254,7 +256,7 @@ impl Filesystem for Fs {
     }
 
     fn lookup(&mut self, req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEntry) {
-        self.revived(parent);
+        self.arrive(parent);
         self.inner.ns.stats.lookup();
         // In a built writable tree everything is local: answer here.
         if let Some(r) = self.inner.built_writable(parent) {
@@ -277,7 +279,7 @@ impl Filesystem for Fs {
     }
 
     fn getattr(&mut self, req: &Request<'_>, ino: u64, fh: Option<u64>, reply: ReplyAttr) {
-        self.revived(ino);
+        self.arrive(ino);
         if let Some(r) = self.inner.built_writable(ino) {
             return match self.inner.getattr_w(&r, ino, fh) {
                 Ok(attr) => reply.attr(&WRITABLE_TTL, &attr),
@@ -296,7 +298,7 @@ impl Filesystem for Fs {
     }
 
     fn readlink(&mut self, req: &Request<'_>, ino: u64, reply: ReplyData) {
-        self.revived(ino);
+        self.arrive(ino);
         if let Some(r) = self.inner.built_writable(ino) {
             return match r.readlink(ino) {
                 Ok(b) => reply.data(&b),
@@ -312,7 +314,7 @@ impl Filesystem for Fs {
     }
 
     fn open(&mut self, req: &Request<'_>, ino: u64, flags: i32, reply: ReplyOpen) {
-        self.revived(ino);
+        self.arrive(ino);
         let write = flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0;
         if write && self.inner.passthrough().is_some_and(|p| p.backed(ino)) {
             // The kernel takes no other open beside a passthrough one.
@@ -358,7 +360,7 @@ impl Filesystem for Fs {
         _lock_owner: Option<u64>,
         reply: ReplyData,
     ) {
-        self.revived(ino);
+        self.arrive(ino);
         if let Some(Handle::Upper(f, _)) = self.inner.handle(fh).as_deref() {
             return match crate::handles::read_at(f, offset.max(0) as u64, size) {
                 Ok(b) => reply.data(&b),
@@ -383,11 +385,7 @@ impl Filesystem for Fs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        if let Some(lower) = self.inner.release_backed(ino, fh) {
-            let inner = self.inner.clone();
-            self.rt
-                .spawn_blocking(move || inner.make_content_file(&lower));
-        }
+        self.inner.release_backed(ino, fh);
         self.inner.release(fh);
         reply.ok();
     }
@@ -410,7 +408,7 @@ impl Filesystem for Fs {
     }
 
     fn opendir(&mut self, _req: &Request<'_>, ino: u64, _flags: i32, reply: ReplyOpen) {
-        self.revived(ino);
+        self.arrive(ino);
         // A directory under a digest never changes, and one of a writable
         // tree changes only through this mount (the kernel drops its cached
         // listing when it does): the kernel may keep listings, so a second
@@ -454,7 +452,7 @@ impl Filesystem for Fs {
         offset: i64,
         reply: ReplyDirectory,
     ) {
-        self.revived(ino);
+        self.arrive(ino);
         if let Some(e) = taken_listing(&self.inner, fh, offset) {
             return dir_reply(&self.inner, Ok(e), offset, reply);
         }
@@ -484,7 +482,7 @@ impl Filesystem for Fs {
         size: u32,
         reply: ReplyXattr,
     ) {
-        self.revived(ino);
+        self.arrive(ino);
         let name = name.as_bytes().to_vec();
         if let Some(r) = self.inner.built_writable(ino) {
             return match r.xattrs(ino) {
@@ -507,7 +505,7 @@ impl Filesystem for Fs {
     }
 
     fn listxattr(&mut self, req: &Request<'_>, ino: u64, size: u32, reply: ReplyXattr) {
-        self.revived(ino);
+        self.arrive(ino);
         if let Some(r) = self.inner.built_writable(ino) {
             return names_reply(r.xattrs(ino), size, reply);
         }
@@ -517,7 +515,7 @@ impl Filesystem for Fs {
     }
 
     fn access(&mut self, _req: &Request<'_>, ino: u64, mask: i32, reply: ReplyEmpty) {
-        self.revived(ino);
+        self.arrive(ino);
         let writable = matches!(
             self.inner.node(ino),
             Ok(Node::W(..) | Node::Ns(Key::WRootfs(..) | Key::Ctl))
@@ -549,7 +547,7 @@ impl Filesystem for Fs {
         _flags: Option<u32>,
         reply: ReplyAttr,
     ) {
-        self.revived(ino);
+        self.arrive(ino);
         let a = SetAttr {
             mode,
             uid,
@@ -585,7 +583,7 @@ impl Filesystem for Fs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
-        self.revived(parent);
+        self.arrive(parent);
         let (name, uid, gid) = (name.as_bytes().to_vec(), req.uid(), req.gid());
         self.change(
             parent,
@@ -603,7 +601,7 @@ impl Filesystem for Fs {
         umask: u32,
         reply: ReplyEntry,
     ) {
-        self.revived(parent);
+        self.arrive(parent);
         if let Ok(Node::Ns(Key::Repo(repo))) = self.inner.node(parent) {
             // REPO/NEWTAG: a tag to write a manifest into.
             let name = name.to_string_lossy().into_owned();
@@ -627,7 +625,7 @@ impl Filesystem for Fs {
     }
 
     fn unlink(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEmpty) {
-        self.revived(parent);
+        self.arrive(parent);
         let name = name.as_bytes().to_vec();
         self.change(
             parent,
@@ -637,7 +635,7 @@ impl Filesystem for Fs {
     }
 
     fn rmdir(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEmpty) {
-        self.revived(parent);
+        self.arrive(parent);
         if let Ok(Node::Ns(Key::Repo(repo))) = self.inner.node(parent) {
             // A tag made with mkdir and never written just goes.
             let tag = name.to_string_lossy().into_owned();
@@ -665,7 +663,7 @@ impl Filesystem for Fs {
         target: &std::path::Path,
         reply: ReplyEntry,
     ) {
-        self.revived(parent);
+        self.arrive(parent);
         let (name, uid, gid) = (link_name.as_bytes().to_vec(), req.uid(), req.gid());
         let target = target.to_path_buf();
         self.change(
@@ -685,8 +683,8 @@ impl Filesystem for Fs {
         flags: u32,
         reply: ReplyEmpty,
     ) {
-        self.revived(parent);
-        self.revived(newparent);
+        self.arrive(parent);
+        self.arrive(newparent);
         let (name, newname) = (name.as_bytes().to_vec(), newname.as_bytes().to_vec());
         let op = move |r: &RootFs| r.rename(parent, &name, newparent, &newname, flags);
         let same = |a: Option<Arc<RootFs>>, b: Option<Arc<RootFs>>| match (a, b) {
@@ -731,8 +729,8 @@ impl Filesystem for Fs {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        self.revived(ino);
-        self.revived(newparent);
+        self.arrive(ino);
+        self.arrive(newparent);
         let newname = newname.as_bytes().to_vec();
         self.change(
             ino,
@@ -753,7 +751,7 @@ impl Filesystem for Fs {
         _lock_owner: Option<u64>,
         reply: ReplyWrite,
     ) {
-        self.revived(ino);
+        self.arrive(ino);
         let kill = write_flags & FUSE_WRITE_KILL_SUIDGID != 0;
         if let Some(res) = self.inner.write_now(fh, offset.max(0) as u64, data, kill) {
             return match res {
@@ -780,7 +778,7 @@ impl Filesystem for Fs {
         _flags: i32,
         reply: fuser::ReplyCreate,
     ) {
-        self.revived(parent);
+        self.arrive(parent);
         if let Ok(Node::Ns(Key::Referrers(repo, subject))) = self.inner.node(parent) {
             // A file copied into referrers/ is attached at close.
             let (key, edit) = self
@@ -810,7 +808,7 @@ impl Filesystem for Fs {
     }
 
     fn fsync(&mut self, _req: &Request<'_>, ino: u64, fh: u64, _datasync: bool, reply: ReplyEmpty) {
-        self.revived(ino);
+        self.arrive(ino);
         self.spawn(|fs| async move {
             let r = fs.fsync(ino, fh).await;
             empty_reply(&fs, "fsync", r, reply)
@@ -825,7 +823,7 @@ impl Filesystem for Fs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        self.revived(ino);
+        self.arrive(ino);
         self.spawn(|fs| async move {
             let r = match fs.writable(ino).await {
                 Ok(Some(r)) => r.sync_names(ino),
@@ -846,7 +844,7 @@ impl Filesystem for Fs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        self.revived(ino);
+        self.arrive(ino);
         self.spawn(|fs| async move {
             let r = fs.fallocate(ino, fh, offset, length, mode).await;
             empty_reply(&fs, "fallocate", r, reply)
@@ -863,7 +861,7 @@ impl Filesystem for Fs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        self.revived(ino);
+        self.arrive(ino);
         let (name, value) = (name.as_bytes().to_vec(), value.to_vec());
         self.change(
             ino,
@@ -873,7 +871,7 @@ impl Filesystem for Fs {
     }
 
     fn removexattr(&mut self, _req: &Request<'_>, ino: u64, name: &OsStr, reply: ReplyEmpty) {
-        self.revived(ino);
+        self.arrive(ino);
         let name = name.as_bytes().to_vec();
         self.change(
             ino,

@@ -17,8 +17,8 @@ use crate::upper::rootfs::{io_fail, Data, RootFs};
 pub enum Handle {
     /// Its upper copy.
     Upper(Arc<std::fs::File>, Arc<RootFs>),
-    /// Its bytes in a lower layer.
-    Lower(Arc<RootFs>, DataRef),
+    /// Its bytes in a lower layer, and their length.
+    Lower(Arc<RootFs>, DataRef, u64),
     /// `.ggfs/ctl`: the reply to the request written.
     Ctl(Arc<Mutex<Vec<u8>>>),
     /// A tag's manifest.json or config.json being written.
@@ -95,8 +95,8 @@ impl Inner {
     pub(crate) fn open_read(&self, r: &Arc<RootFs>, ino: u64) -> Res<(u64, u32)> {
         Ok(match r.data_for_read(ino)? {
             Data::Upper(f) => (self.add_handle(Handle::Upper(Arc::new(f), r.clone())), 0),
-            Data::Lower(d) => (
-                self.add_handle(Handle::Lower(r.clone(), d)),
+            Data::Lower(d, size) => (
+                self.add_handle(Handle::Lower(r.clone(), d, size)),
                 FOPEN_KEEP_CACHE,
             ),
         })
@@ -159,7 +159,7 @@ impl Inner {
         if let Some(h) = self.handle_or_reopen(ino, fh, false).await? {
             return match &*h {
                 Handle::Upper(f, _) => read_at(f, offset, size),
-                Handle::Lower(r, d) => self.read_lower(r, *d, offset, size).await,
+                Handle::Lower(r, d, _) => self.read_lower(r, *d, offset, size).await,
                 Handle::Ctl(reply) => {
                     let reply = reply.lock().unwrap_or_else(|p| p.into_inner());
                     Ok(slice(&reply, offset, size))

@@ -98,12 +98,18 @@ impl Cache {
 
     /// The cached file, if present, marked as recently used.
     pub fn get(&self, kind: Kind, digest: &Digest) -> Option<PathBuf> {
-        let path = self.path(kind, digest);
-        match std::fs::File::options().write(true).open(&path) {
+        self.open_file(kind, digest)
+            .map(|_| self.path(kind, digest))
+    }
+
+    /// [`Cache::get`], the file opened for reading.
+    pub fn open_file(&self, kind: Kind, digest: &Digest) -> Option<std::fs::File> {
+        match std::fs::File::open(self.path(kind, digest)) {
             Ok(f) => {
+                // Its owner may set the time on a read-only descriptor.
                 let _ = f.set_modified(SystemTime::now());
                 self.hits.fetch_add(1, Ordering::Relaxed);
-                Some(path)
+                Some(f)
             }
             Err(_) => {
                 self.misses.fetch_add(1, Ordering::Relaxed);

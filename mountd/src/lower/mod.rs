@@ -3,8 +3,10 @@
 //! eStargz and zstd:chunked ones by their TOC and chunks (`lazy`), the rest
 //! of a layer fetched in the background (`fetch`), the merged tree of an
 //! image's layers (`tree`), the disk cache they share (`cache`), and FUSE
-//! passthrough of cached big files (`passthrough`).
+//! passthrough of cached big files (`passthrough`: the kernel side;
+//! `backing`: which opens go that way, and the copies they read).
 
+pub mod backing;
 pub mod cache;
 pub mod fetch;
 pub mod layer;

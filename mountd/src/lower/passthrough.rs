@@ -48,8 +48,6 @@ pub enum Open {
 pub struct Passthrough {
     dev: OwnedFd,
     inodes: Mutex<HashMap<u64, Mode>>,
-    /// Copies being made: one at a time per file.
-    making: Mutex<std::collections::HashSet<Digest>>,
 }
 
 impl Passthrough {
@@ -58,7 +56,6 @@ impl Passthrough {
         Ok(Passthrough {
             dev: dev.try_clone_to_owned()?,
             inodes: Mutex::default(),
-            making: Mutex::default(),
         })
     }
 
@@ -194,125 +191,4 @@ fn copy_buffered(src: &File, at: u64, out: &File, out_at: u64, len: u64) -> io::
         done += n as u64;
     }
     Ok(())
-}
-
-use std::sync::Arc;
-
-use ggfs::Digest;
-
-use crate::handles::Handle;
-use crate::lower::cache::Kind;
-use crate::lower::tree::DataRef;
-use crate::namespace::fs::{Inner, Node};
-use crate::upper::rootfs::RootFs;
-
-/// A big lower file: its tree, its bytes, its size.
-pub struct Lower(Arc<RootFs>, DataRef, u64);
-
-impl Inner {
-    /// The passthrough of this connection, when the kernel agreed to it.
-    pub(crate) fn passthrough(&self) -> Option<&Passthrough> {
-        self.passthrough.get()
-    }
-
-    /// `ino` (open as `fh`) when it is a lower file open for reading.
-    pub(crate) fn lower_read(&self, ino: u64, fh: u64) -> Option<Lower> {
-        self.passthrough()?;
-        let lower = match self.handle(fh).as_deref() {
-            Some(Handle::Lower(r, d)) => {
-                let size = r.getattr(ino).ok()?.size;
-                Lower(r.clone(), *d, size)
-            }
-            Some(_) => return None,
-            None => match self.node(ino).ok()? {
-                Node::Tree(r, id) => {
-                    let n = r.tree.node(id);
-                    Lower(r.clone(), n.data?, n.meta.size)
-                }
-                _ => return None,
-            },
-        };
-        Some(lower)
-    }
-
-    /// Count an open of `ino` (open as `fh`) if it is a big lower file:
-    /// `Some(backing id)` when the kernel is to read it from its copy in
-    /// the cache.
-    pub(crate) fn open_backed(&self, ino: u64, fh: u64) -> Option<u32> {
-        let lower = self.lower_read(ino, fh).filter(|l| l.2 >= MIN_SIZE)?;
-        match self.passthrough()?.open(ino, || self.content_file(&lower)) {
-            Open::Backed(id) => Some(id),
-            Open::Served => None,
-        }
-    }
-
-    /// Before open `fh` of `ino` goes: after the last one this daemon
-    /// served, the file, for [`Inner::make_content_file`] (in the
-    /// background), so the next open is passed through.
-    pub(crate) fn release_backed(&self, ino: u64, fh: u64) -> Option<Lower> {
-        let lower = self.lower_read(ino, fh)?;
-        self.passthrough()?.release(ino).then_some(lower)
-    }
-
-    /// The cache's copy of `lower`'s bytes, if it has one of the right size.
-    fn content_file(&self, lower: &Lower) -> Option<File> {
-        let path = self.cache.get(Kind::File, &content_key(lower))?;
-        let f = File::open(path).ok()?;
-        (f.metadata().ok()?.len() == lower.2).then_some(f)
-    }
-
-    /// Copy `lower`'s bytes into the cache, when it holds them all (never
-    /// fetching); blocking.
-    pub(crate) fn make_content_file(&self, lower: &Lower) {
-        // A second copy of a file this big would crowd out the rest.
-        if lower.2 > self.cache.limit() / 8 {
-            return;
-        }
-        let key = content_key(lower);
-        let path = self.cache.path(Kind::File, &key);
-        let Some(pt) = self.passthrough() else { return };
-        if path.exists() || !lock(&pt.making).insert(key.clone()) {
-            return;
-        }
-        self.copy_content(lower, &key, &path);
-        lock(&pt.making).remove(&key);
-    }
-
-    fn copy_content(&self, lower: &Lower, key: &Digest, path: &std::path::Path) {
-        // `.tmp-`: what a crash leaves, the cache's walk removes.
-        let tmp = path.with_file_name(format!(".tmp-{}.{}", key.hex(), std::process::id()));
-        let layer = &lower.0.layers[lower.1.layer];
-        let made = (|| -> ggfs::Result<bool> {
-            let io = |e| ggfs::Error::io(format!("cache file {}", tmp.display()), e);
-            std::fs::create_dir_all(path.parent().expect("cache path")).map_err(io)?;
-            let f = File::create(&tmp).map_err(io)?;
-            if !layer.local_copy(lower.1.entry, &f)? {
-                return Ok(false);
-            }
-            // Whole on disk before it has its name: a crash leaves no
-            // short copy for a later mount to trust.
-            f.sync_data().map_err(io)?;
-            std::fs::rename(&tmp, path).map_err(io)?;
-            Ok(true)
-        })();
-        match made {
-            Ok(true) => return self.cache.added(lower.2),
-            Ok(false) => {}
-            Err(e) => tracing::warn!(
-                "passthrough copy of a file of layer {}: {e}",
-                layer.digest()
-            ),
-        }
-        let _ = std::fs::remove_file(&tmp);
-    }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// The cache key of a lower file's copy: its layer and entry.
-fn content_key(lower: &Lower) -> Digest {
-    let layer = lower.0.layers[lower.1.layer].digest();
-    Digest::of(format!("{layer}#{}", lower.1.entry).as_bytes())
 }

@@ -293,6 +293,8 @@ pub struct Inner {
     pub(crate) start: SystemTime,
     /// Set once the kernel agreed to FUSE passthrough (fuse.rs `init`).
     pub(crate) passthrough: std::sync::OnceLock<crate::lower::passthrough::Passthrough>,
+    /// Passthrough's copies, made when the mount is quiet.
+    pub(crate) copies: Arc<crate::lower::backing::Copies>,
     /// The /dev/fuse connection, for passthrough's backing files.
     pub(crate) dev: std::sync::OnceLock<std::os::fd::OwnedFd>,
 }
@@ -327,6 +329,7 @@ impl Inner {
             gid: unsafe { libc::getgid() },
             start: SystemTime::now(),
             passthrough: std::sync::OnceLock::new(),
+            copies: Arc::default(),
             dev: std::sync::OnceLock::new(),
         }
     }

@@ -139,14 +139,9 @@ impl RootFs {
         let Some(origin) = u.origin(path) else {
             return Ok(());
         };
-        let Data::Lower(data) = self.origin_data(&origin)? else {
+        let Data::Lower(data, size) = self.origin_data(&origin)? else {
             unreachable!("origin_data gives lower data")
         };
-        let size = self
-            .tree
-            .node(self.tree.resolve(&origin).unwrap_or(0))
-            .meta
-            .size;
         let full = u.path(path);
         let fail = |e| io_fail(format!("copy-up of {}", full.display()), e);
         let file = std::fs::OpenOptions::new()

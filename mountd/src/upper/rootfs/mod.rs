@@ -200,7 +200,8 @@ pub struct SetAttr {
 /// Where an open file's bytes come from.
 pub enum Data {
     Upper(std::fs::File),
-    Lower(DataRef),
+    /// Its bytes in a layer, and how many there are.
+    Lower(DataRef, u64),
 }
 
 pub fn io_fail(what: impl std::fmt::Display, e: io::Error) -> Fail {
@@ -615,10 +616,9 @@ impl RootFs {
     }
 
     fn lower_data(&self, id: NodeId) -> Res<Data> {
-        self.tree
-            .node(id)
-            .data
-            .map(Data::Lower)
+        let node = self.tree.node(id);
+        node.data
+            .map(|d| Data::Lower(d, node.meta.size))
             .ok_or_else(|| Fail::new(libc::EISDIR, "not a regular file"))
     }
 
