@@ -17,7 +17,7 @@
 //! use ggfs::registry::auth::Keychain;
 //! use ggfs::image::copy::{copy, CopyOptions};
 //! use ggfs::image::manifest::Compression;
-//! use ggfs::image::mutate;
+//! use ggfs::image::{mutate, newlayer};
 //! use ggfs::registry::{Client, ClientOptions};
 //! use ggfs::server::{Server, Storage};
 //! use ggfs::{Platform, Repository};
@@ -34,7 +34,7 @@
 //! // A gzip layer holding hello.txt, on top of an empty image.
 //! let dir = tempfile::tempdir()?;
 //! std::fs::write(dir.path().join("hello.txt"), "hello\n")?;
-//! let layer = mutate::layer_from_dir(dir.path(), Compression::Gzip)?;
+//! let layer = newlayer::layer_from_dir(dir.path(), Compression::Gzip)?;
 //! let image = mutate::append(&mutate::empty(&Platform::host())?, vec![layer])?;
 //! assert_eq!(image.layers()?.len(), 1);
 //!
@@ -51,7 +51,8 @@
 //! # use std::sync::Arc;
 //! # use ggfs::registry::auth::Keychain;
 //! # use ggfs::image::copy::{copy, CopyOptions};
-//! # use ggfs::image::mutate::{self, LayerFormat, LayerOptions, PlainDir};
+//! # use ggfs::image::mutate;
+//! # use ggfs::image::newlayer::{self, LayerFormat, LayerOptions, PlainDir};
 //! # use ggfs::registry::{Client, ClientOptions};
 //! # use ggfs::server::{Server, Storage};
 //! # use ggfs::{Platform, Repository};
@@ -63,7 +64,7 @@
 //! # let app = Arc::new(client.repo(&repo("app")?));
 //! # let dir = tempfile::tempdir()?;
 //! # std::fs::write(dir.path().join("hello.txt"), "hello\n")?;
-//! # let layer = mutate::layer_from_dir_as(dir.path(), &LayerOptions::new(LayerFormat::Gzip), &PlainDir)?;
+//! # let layer = newlayer::layer_from_dir_as(dir.path(), &LayerOptions::new(LayerFormat::Gzip), &PlainDir)?;
 //! # let image = mutate::append(&mutate::empty(&Platform::host())?, vec![layer])?;
 //! # copy(image.source.clone(), image.digest().as_str(), app.clone(), Some("v1"), &CopyOptions::default()).await?;
 //! // `client` as above; `repo(name)` parses `<server>/<name>`; `app:v1` is pushed.
@@ -90,7 +91,8 @@
 //! # use std::sync::Arc;
 //! # use ggfs::registry::auth::Keychain;
 //! # use ggfs::image::copy::{copy, CopyOptions};
-//! # use ggfs::image::mutate::{self, LayerFormat, LayerOptions, PlainDir};
+//! # use ggfs::image::mutate;
+//! # use ggfs::image::newlayer::{self, LayerFormat, LayerOptions, PlainDir};
 //! # use ggfs::registry::{Client, ClientOptions};
 //! # use ggfs::server::{Server, Storage};
 //! # use ggfs::{Platform, Repository};
@@ -102,7 +104,7 @@
 //! # let app = Arc::new(client.repo(&repo("app")?));
 //! # let dir = tempfile::tempdir()?;
 //! # std::fs::write(dir.path().join("hello.txt"), "hello\n")?;
-//! # let layer = mutate::layer_from_dir_as(dir.path(), &LayerOptions::new(LayerFormat::Estargz), &PlainDir)?;
+//! # let layer = newlayer::layer_from_dir_as(dir.path(), &LayerOptions::new(LayerFormat::Estargz), &PlainDir)?;
 //! # let image = mutate::append(&mutate::empty(&Platform::host())?, vec![layer])?;
 //! # copy(image.source.clone(), image.digest().as_str(), app.clone(), Some("v1"), &CopyOptions::default()).await?;
 //! use ggfs::formats::estargz;

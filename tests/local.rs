@@ -17,7 +17,7 @@ use common::{
 use ggfs::image::copy::{copy, CopyOptions};
 use ggfs::image::layout::Layout;
 use ggfs::image::manifest::Compression;
-use ggfs::image::{export, mutate, tarball};
+use ggfs::image::{export, mutate, newlayer, tarball};
 use ggfs::image::{fetch_image, read_blob, Image, Sink, Source};
 use ggfs::Digest;
 
@@ -26,7 +26,7 @@ const WITH_MTIME: bool = true;
 
 /// An image of one gzip layer made from `dir`.
 fn image_of_dir(dir: &Path) -> Image {
-    let layer = mutate::layer_from_dir(dir, Compression::Gzip).unwrap();
+    let layer = newlayer::layer_from_dir(dir, Compression::Gzip).unwrap();
     let base = mutate::empty(&"linux/amd64".parse().unwrap()).unwrap();
     mutate::append(&base, vec![layer]).unwrap()
 }
@@ -234,7 +234,7 @@ async fn flatten_with_hardlinks_and_whiteouts_matches_umoci() {
     let mut image = image_of_dir(fixture_rootfs());
     // umoci 0.4 reads no zstd: gzip and plain tar here.
     for (dir, c) in [(&l2, Compression::Gzip), (&l3, Compression::None)] {
-        let layer = mutate::layer_from_dir(dir, c).unwrap();
+        let layer = newlayer::layer_from_dir(dir, c).unwrap();
         image = mutate::append(&image, vec![layer]).unwrap();
     }
     let layout = t.path().join("oci");
@@ -264,7 +264,7 @@ async fn appended_layer_shows_in_umoci_unpack() {
         "extra",
         &[("added/file", "appended\n"), ("etc/hostname", "changed\n")],
     );
-    let layer = mutate::layer_from_dir(&extra, Compression::Gzip).unwrap();
+    let layer = newlayer::layer_from_dir(&extra, Compression::Gzip).unwrap();
     let edits = mutate::ConfigEdits {
         env: vec![("GGFS".into(), "1".into())],
         ..Default::default()
@@ -378,7 +378,7 @@ async fn overlayfs_style_deletions_become_whiteouts() {
         .args(["-n", "trusted.overlay.opaque", "-v", "y"])
         .arg(upper.join("opq")));
     let mut image = image_of_dir(&base);
-    let layer = mutate::layer_from_dir(&upper, Compression::Gzip).unwrap();
+    let layer = newlayer::layer_from_dir(&upper, Compression::Gzip).unwrap();
     image = mutate::append(&image, vec![layer]).unwrap();
 
     let ours = t.path().join("ours");
@@ -425,8 +425,8 @@ async fn untagged_copy_is_listed_for_skopeo() {
 #[tokio::test(flavor = "multi_thread")]
 async fn export_notices_corruption_after_the_end_of_archive() {
     let t = tempdir();
-    let layer =
-        mutate::layer_from_dir(tree(t.path(), "src", &[("f", "x\n")]), Compression::None).unwrap();
+    let layer = newlayer::layer_from_dir(tree(t.path(), "src", &[("f", "x\n")]), Compression::None)
+        .unwrap();
     let base = mutate::empty(&"linux/amd64".parse().unwrap()).unwrap();
     let image = mutate::append(&base, vec![layer.clone()]).unwrap();
     let layout = t.path().join("oci");

@@ -17,7 +17,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ggfs::image::copy::CopyOptions;
-use ggfs::image::mutate::{self, DirHooks, LayerFormat, LayerOptions, LocalLayer};
+use ggfs::image::mutate;
+use ggfs::image::newlayer::{self, DirHooks, LayerFormat, LayerOptions, LocalLayer};
 use ggfs::Digest;
 use serde::{Deserialize, Serialize};
 
@@ -580,7 +581,7 @@ fn build_layer(
 ) -> ggfs::Result<LocalLayer> {
     let upper = &r.w.as_ref().expect("writable").upper;
     let hooks = Hooks { r, upper, rt };
-    mutate::layer_from_dir_as(upper.root(), &LayerOptions::new(format), &hooks)
+    newlayer::layer_from_dir_as(upper.root(), &LayerOptions::new(format), &hooks)
 }
 
 struct Hooks<'a> {

@@ -2,7 +2,8 @@ use std::path::PathBuf;
 
 use anyhow::{Context as _, Result};
 use ggfs::image::copy::CopyOptions;
-use ggfs::image::mutate::{self, LayerFormat, LayerOptions};
+use ggfs::image::mutate;
+use ggfs::image::newlayer::{self, LayerFormat, LayerOptions};
 use ggfs::image::Image;
 
 use super::Ctx;
@@ -86,15 +87,15 @@ pub async fn build_layers(
     paths: Vec<PathBuf>,
     opts: LayerOptions,
     what: &'static str,
-) -> Result<Vec<mutate::LocalLayer>> {
+) -> Result<Vec<newlayer::LocalLayer>> {
     tokio::task::spawn_blocking(move || {
         paths
             .iter()
             .map(|p| {
                 let layer = if p.is_dir() {
-                    mutate::layer_from_dir_as(p, &opts, &mutate::PlainDir)
+                    newlayer::layer_from_dir_as(p, &opts, &newlayer::PlainDir)
                 } else {
-                    mutate::layer_from_tar_as(p, &opts)
+                    newlayer::layer_from_tar_as(p, &opts)
                 };
                 layer.with_context(|| format!("{what} {}", p.display()))
             })

@@ -2,7 +2,8 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context as _, Result};
-use ggfs::image::mutate::{self, ConfigEdits, LayerFormat, LayerOptions};
+use ggfs::image::mutate::{self, ConfigEdits};
+use ggfs::image::newlayer::{LayerFormat, LayerOptions};
 use ggfs::Platform;
 
 use super::Ctx;

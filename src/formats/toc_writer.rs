@@ -810,7 +810,7 @@ mod tests {
 
     async fn round_trip(format: TocFormat, prefetch: &[&str]) -> Toc {
         let (d, files) = tree();
-        let tar = crate::image::mutate::layer_from_dir(d.path(), Compression::None).unwrap();
+        let tar = crate::image::newlayer::layer_from_dir(d.path(), Compression::None).unwrap();
         let mut o = TocOptions::new(format);
         o.chunk_size = 1000;
         o.prefetch = prefetch.iter().map(|s| s.to_string()).collect();
@@ -930,7 +930,7 @@ mod tests {
     #[test]
     fn diff_id_and_size_annotation() {
         let (d, _) = tree();
-        let tar = crate::image::mutate::layer_from_dir(d.path(), Compression::None).unwrap();
+        let tar = crate::image::newlayer::layer_from_dir(d.path(), Compression::None).unwrap();
         for f in [TocFormat::Estargz, TocFormat::ZstdChunked] {
             let w = write(tar.path(), &TocOptions::new(f)).unwrap();
             let blob = std::fs::read(&w.tmp).unwrap();

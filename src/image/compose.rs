@@ -15,7 +15,7 @@ use crate::digest::Digest;
 use crate::error::{Error, Result};
 use crate::image::copy::{self, BlobOutcome, CopyOptions, CopyReport};
 use crate::image::manifest::{self, Compression, RawManifest};
-use crate::image::mutate::LocalLayer;
+use crate::image::newlayer::LocalLayer;
 use crate::image::{bytes_stream, file_stream, read_file_range, ByteStream, Image, Sink, Source};
 
 /// Where a blob of a composed image comes from.
@@ -285,7 +285,7 @@ pub async fn compress_plain_layers(
                 let l = layer.clone();
                 let built = tokio::task::spawn_blocking(move || {
                     let reader = crate::image::export::layer_reader(&l)?;
-                    crate::image::mutate::layer_from_reader(reader, compression)
+                    crate::image::newlayer::layer_from_reader(reader, compression)
                 })
                 .await
                 .map_err(|e| Error::invalid(&what, e.to_string()))??;

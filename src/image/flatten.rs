@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 use crate::error::{Error, Result};
 use crate::image::compose::{self, Composed, Part};
 use crate::image::manifest::Compression;
-use crate::image::mutate::{self, LocalLayer};
+use crate::image::newlayer::{self, LocalLayer};
 use crate::image::Image;
 
 /// Chunks in flight between the export and the layer writer.
@@ -80,7 +80,7 @@ async fn merged_layer(image: &Image, compression: Compression) -> Result<LocalLa
             chunk: Vec::new(),
             pos: 0,
         };
-        mutate::layer_from_reader(reader, compression)
+        newlayer::layer_from_reader(reader, compression)
     });
     let (exported, built) = tokio::join!(export, build);
     let panicked = |e: tokio::task::JoinError| Error::invalid(&what, e.to_string());
@@ -140,6 +140,7 @@ impl Read for PipeReader {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::image::mutate;
 
     #[tokio::test(flavor = "multi_thread")]
     async fn two_layers_become_one_with_history_kept() {
@@ -151,8 +152,8 @@ mod tests {
         std::fs::write(a.join("gone"), "x").unwrap();
         std::fs::write(b.join("f"), "two").unwrap();
         std::fs::write(b.join(".wh.gone"), "").unwrap();
-        let la = mutate::layer_from_dir(&a, Compression::Gzip).unwrap();
-        let lb = mutate::layer_from_dir(&b, Compression::Gzip).unwrap();
+        let la = newlayer::layer_from_dir(&a, Compression::Gzip).unwrap();
+        let lb = newlayer::layer_from_dir(&b, Compression::Gzip).unwrap();
         let base = mutate::empty(&"linux/amd64".parse().unwrap()).unwrap();
         let img = mutate::append(&base, vec![la, lb]).unwrap();
 

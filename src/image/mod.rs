@@ -25,6 +25,7 @@ pub mod flatten;
 pub mod layout;
 pub mod manifest;
 pub mod mutate;
+pub mod newlayer;
 pub mod optimize;
 pub mod rebase;
 pub mod tarball;

@@ -22,7 +22,7 @@ use crate::formats::toc_writer::{TocFormat, TocOptions};
 use crate::formats::zstd_chunked::MANIFEST_CHECKSUM_ANNOTATION;
 use crate::image::compose::{self, Composed, Part};
 use crate::image::manifest::{media, Compression};
-use crate::image::mutate::{self, LocalLayer};
+use crate::image::newlayer::{self, LocalLayer};
 use crate::image::{is_layer_media_type, Image, Layer};
 
 /// Layers converted at once.
@@ -139,14 +139,14 @@ async fn convert(layer: Layer, o: TocOptions) -> Result<(LocalLayer, Vec<String>
     let what = format!("converting layer {}", layer.digest);
     tokio::task::spawn_blocking(move || {
         let reader = crate::image::export::layer_reader(&layer)?;
-        let tar = mutate::layer_from_reader(reader, Compression::None)?;
+        let tar = newlayer::layer_from_reader(reader, Compression::None)?;
         if let Some(want) = layer.diff_id.as_ref().filter(|d| **d != tar.diff_id) {
             return Err(Error::DigestMismatch {
                 expected: want.clone(),
                 actual: tar.diff_id,
             });
         }
-        mutate::toc_layer_with(&tar, &o)
+        newlayer::toc_layer_with(&tar, &o)
     })
     .await
     .map_err(|e| Error::invalid(&what, e.to_string()))?

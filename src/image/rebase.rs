@@ -116,14 +116,14 @@ pub fn rebase(image: &Image, old: &Image, new: &Image, new_name: Option<&str>) -
 mod tests {
     use super::*;
     use crate::image::manifest::Compression;
-    use crate::image::mutate;
+    use crate::image::{mutate, newlayer};
 
-    fn layer(files: &[(&str, &str)]) -> mutate::LocalLayer {
+    fn layer(files: &[(&str, &str)]) -> newlayer::LocalLayer {
         let d = tempfile::tempdir().unwrap();
         for (p, c) in files {
             std::fs::write(d.path().join(p), c).unwrap();
         }
-        mutate::layer_from_dir(d.path(), Compression::Gzip).unwrap()
+        newlayer::layer_from_dir(d.path(), Compression::Gzip).unwrap()
     }
 
     #[test]

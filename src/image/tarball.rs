@@ -559,7 +559,7 @@ pub fn open(path: impl AsRef<Path>) -> Result<Arc<Tarball>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::image::mutate;
+    use crate::image::{mutate, newlayer};
 
     #[tokio::test]
     async fn write_then_read_back() {
@@ -567,7 +567,7 @@ mod tests {
         let root = d.path().join("root");
         std::fs::create_dir(&root).unwrap();
         std::fs::write(root.join("f"), "data").unwrap();
-        let layer = mutate::layer_from_dir(&root, Compression::Gzip).unwrap();
+        let layer = newlayer::layer_from_dir(&root, Compression::Gzip).unwrap();
         let base = mutate::empty(&"linux/amd64".parse().unwrap()).unwrap();
         let img = mutate::append(&base, vec![layer.clone()]).unwrap();
 
