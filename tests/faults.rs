@@ -3,7 +3,11 @@
 //! command once the registry is back finishes the job without sending the
 //! blobs that already landed; the result is the source's image, whole. A
 //! registry killed under a mount: an error for what needs it, the right
-//! bytes once it is back. A full cache disk: reads still right.
+//! bytes once it is back. A full cache disk: reads still right. A registry
+//! answering 503 to everything: the CLI and a mount give up after the
+//! retry policy's tries, with an error naming it, the status and the
+//! retries. A source registry killed mid-copy: the copy fails naming it,
+//! no tag moves, and the rerun sends only the blobs still missing.
 
 mod common;
 
@@ -451,4 +455,287 @@ fn full_cache_disk_still_serves_right_bytes() {
             );
         }
     }
+}
+
+/// Tries one request gets before its error is final (the CLI's and the
+/// daemon's policy).
+fn tries() -> usize {
+    ggfs::registry::RetryPolicy::default().attempts as usize
+}
+
+/// `ggfs args…` that must end within 60 s (it may fail): its output.
+fn ggfs_within(what: &str, args: &[&str]) -> std::process::Output {
+    let mut cmd = Command::new(common::ggfs_bin());
+    cmd.args(args).stdin(Stdio::null());
+    common::mount::within(60, what, move || cmd.output().unwrap())
+}
+
+/// The one-line stderr of a failed run, which has no panic in it.
+fn failure(out: &std::process::Output) -> String {
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "succeeded: {err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "not one line: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+    err
+}
+
+/// A small one-layer image pushed as `image`.
+fn small_image(reg: &Distribution, image: &str, seed: u64) {
+    let work = common::tempdir();
+    std::fs::write(
+        work.path().join("data"),
+        common::pseudo_random(10_000, seed),
+    )
+    .unwrap();
+    let dir = work.path().display().to_string();
+    common::ggfs(&["append", "-f", &dir, "-t", &reg.reference(image)]);
+}
+
+/// A registry that answers every request 503 (its backend is gone): the
+/// CLI gives up after the retry policy's tries, no more, with one line
+/// naming the registry, the status and the retries; a copy from it leaves
+/// the target's tag where it was.
+#[test]
+fn a_registry_answering_503_fails_the_cli_after_bounded_retries() {
+    let bad = common::Unavailable::start();
+    let source = bad.reference("f/app:v1");
+    let manifest_path = "/v2/f/app/manifests/v1";
+
+    let err = failure(&ggfs_within(
+        "manifest of a 503 registry",
+        &["manifest", &source],
+    ));
+    println!("manifest: {err}");
+    for want in [bad.addr(), "503", "UNAVAILABLE: backend registry is down"] {
+        assert!(err.contains(want), "{want:?} not in: {err}");
+    }
+    assert!(err.contains(&format!("tried {} times", tries())), "{err}");
+    let seen = bad.requests();
+    assert_eq!(seen.len(), tries(), "{seen:?}");
+    assert!(seen.iter().all(|r| r.path == manifest_path), "{seen:?}");
+
+    let dst = Distribution::start();
+    small_image(&dst, "x:y", 7);
+    let before = common::ggfs(&["digest", &dst.reference("x:y")]);
+    let proxy = CountingProxy::start(dst.addr());
+    bad.reset();
+    let target = format!("{}/x:y", proxy.addr());
+    let err = failure(&ggfs_within(
+        "copy from a 503 registry",
+        &["copy", &source, &target],
+    ));
+    println!("copy: {err}");
+    assert!(err.contains(bad.addr()) && err.contains("503"), "{err}");
+    assert!(err.contains(&format!("tried {} times", tries())), "{err}");
+    let seen = bad.requests();
+    assert_eq!(seen.len(), tries(), "{seen:?}");
+    assert!(seen.iter().all(|r| r.path == manifest_path), "{seen:?}");
+    let writes: Vec<_> = proxy
+        .requests()
+        .into_iter()
+        .filter(|r| !matches!(r.method.as_str(), "GET" | "HEAD"))
+        .collect();
+    assert!(writes.is_empty(), "the target was written to: {writes:?}");
+    assert_eq!(common::ggfs(&["digest", &dst.reference("x:y")]), before);
+}
+
+/// A mount of a registry whose backend is gone (its `/v2/` answers, all
+/// else is 503): a tag's manifest.json fails with EIO (not a hang, not
+/// ENOENT: the tag may well exist), and the daemon's log names the
+/// registry and the status. A registry answering 503 to `/v2/` too is not
+/// mounted at all: one line naming it and the status.
+#[test]
+fn a_registry_answering_503_under_a_mount_is_eio() {
+    let bad = common::Unavailable::start_answering_ping();
+    let m = common::mount::Mount::start(bad.addr(), &[]);
+    bad.reset();
+    let p = m.path("f/app/v1/manifest.json");
+    let t0 = Instant::now();
+    let e = read(&p).expect_err("manifest.json of a 503 registry");
+    assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}\n{}", m.log());
+    let seen = bad.requests();
+    println!("{} requests in {:?}: {seen:?}", seen.len(), t0.elapsed());
+    // Each request the lookup made was tried as the policy says, no more.
+    let mut paths: Vec<&str> = seen.iter().map(|r| r.path.as_str()).collect();
+    paths.sort();
+    for p in &paths {
+        let n = paths.iter().filter(|q| q == &p).count();
+        assert!(n <= tries(), "{p} asked {n} times: {seen:?}");
+    }
+    let tag = paths
+        .iter()
+        .filter(|q| **q == "/v2/f/manifests/app")
+        .count();
+    assert_eq!(tag, tries(), "{seen:?}");
+    assert!(seen.len() <= 3 * tries(), "{seen:?}");
+    let log = m.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains(bad.addr()) && l.contains("503")),
+        "{log}"
+    );
+    assert!(m.pid_alive());
+
+    let down = common::Unavailable::start();
+    let work = common::tempdir();
+    let mp = work.path().join("mp");
+    std::fs::create_dir(&mp).unwrap();
+    let args = ["mount", down.addr(), mp.to_str().unwrap(), "--insecure"];
+    let args: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_ref()).collect();
+    let t0 = Instant::now();
+    let out = common::mount::run_mountd(&args, &[]);
+    let err = failure(&out);
+    println!("mount in {:?}: {err}", t0.elapsed());
+    assert!(err.contains(down.addr()) && err.contains("503"), "{err}");
+    assert!(err.contains(&format!("tried {} times", tries())), "{err}");
+    assert_eq!(err.matches(down.addr()).count(), 1, "{err}");
+    assert!(!common::mount::is_mounted(&mp));
+    // The ping, and the catalog asked for beside it.
+    let seen = down.requests();
+    let pings = seen.iter().filter(|r| r.path == "/v2/").count();
+    assert_eq!(pings, tries(), "{seen:?}");
+    assert!(seen.len() <= 2 * tries(), "{seen:?}");
+}
+
+/// The SOURCE registry killed -9 while a copy is half-way through its
+/// blobs: the copy fails naming the source, the target's tag does not
+/// exist (no partial image tagged), and once the source is back on the
+/// same storage the rerun finishes without sending again the blobs that
+/// landed; the target's manifest is the source's byte for byte and its
+/// blobs verify.
+#[test]
+fn source_killed_mid_copy_resumes_without_resending() {
+    let mut src = Distribution::start();
+    three_layer_image(&src, "f/app:v1");
+    let src_proxy = CountingProxy::start(src.addr());
+    let dst = Distribution::start();
+    let dst_proxy = CountingProxy::start(dst.addr());
+    let (source, target) = (
+        format!("{}/f/app:v1", src_proxy.addr()),
+        format!("{}/f/app:v1", dst_proxy.addr()),
+    );
+    let raw = common::skopeo_raw(&format!("docker://{}", src.reference("f/app:v1")));
+    let m: serde_json::Value = serde_json::from_str(&raw).unwrap();
+    let blobs: Vec<(String, u64)> = m["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .chain([&m["config"]])
+        .map(|d| {
+            (
+                d["digest"].as_str().unwrap().to_string(),
+                d["size"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+
+    // One blob at a time; kill the source once a layer and a half went
+    // up to the target: the first layer is in, the second under way.
+    let mut copy = Command::new(common::ggfs_bin())
+        .args(["copy", "-j", "1", &source, &target])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while dst_proxy.bytes_up() < (LAYER + LAYER / 2) as u64 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "copy never got going"
+        );
+        assert!(
+            copy.try_wait().unwrap().is_none(),
+            "copy ended before the kill"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    src.kill();
+    let down = src_proxy.bytes_down();
+    let out = common::mount::within(60, "the copy with its source killed", move || {
+        copy.wait_with_output().unwrap()
+    });
+    let err = failure(&out);
+    println!("killed after {down} bytes down from the source: {err}");
+    assert!(
+        err.contains(src_proxy.addr()),
+        "the source is not named: {err}"
+    );
+    assert!(down < (3 * LAYER) as u64, "the source sent it all: {down}");
+    let (code, _) = common::http_get(dst.addr(), "/v2/f/app/manifests/v1").unwrap();
+    assert_eq!(code, 404, "the tag exists though blobs are missing");
+    let present: Vec<&String> = blobs
+        .iter()
+        .map(|(d, _)| d)
+        .filter(|d| {
+            common::http_get(dst.addr(), &format!("/v2/f/app/blobs/{d}"))
+                .unwrap()
+                .0
+                == 200
+        })
+        .collect();
+    assert!(!present.is_empty(), "no blob landed before the kill");
+    assert!(
+        present.len() < blobs.len(),
+        "every blob landed before the kill"
+    );
+
+    src.restart();
+    dst_proxy.reset();
+    common::ggfs(&["copy", "-j", "1", &source, &target]);
+    let requests = dst_proxy.requests();
+    for d in &present {
+        let hex = d.trim_start_matches("sha256:");
+        let sent = requests.iter().filter(|r| {
+            r.path.contains(hex) && matches!(r.method.as_str(), "PUT" | "PATCH" | "POST")
+        });
+        assert_eq!(sent.count(), 0, "{d} was already there: {requests:?}");
+    }
+    let posts = requests.iter().filter(|r| r.method == "POST").count();
+    assert_eq!(posts, blobs.len() - present.len(), "{requests:?}");
+    let absent: u64 = blobs
+        .iter()
+        .filter(|(d, _)| !present.contains(&d))
+        .map(|(_, s)| s)
+        .sum();
+    let up = dst_proxy.bytes_up();
+    println!(
+        "{} of {} blobs present after the kill; rerun: {posts} POSTs, {up} bytes up for {absent} absent",
+        present.len(),
+        blobs.len()
+    );
+    assert!(up < absent + 65_536, "the rerun sent {up} bytes");
+
+    let dst_raw = common::skopeo_raw(&format!("docker://{}", dst.reference("f/app:v1")));
+    assert_eq!(dst_raw, raw, "the target's manifest differs");
+    let work = common::tempdir();
+    let layout = work.path().join("oci");
+    common::skopeo_copy_with(
+        &[
+            "--preserve-digests",
+            "--dest-oci-accept-uncompressed-layers",
+        ],
+        &format!("docker://{}", dst.reference("f/app:v1")),
+        &format!("oci:{}:v1", layout.display()),
+    );
+    // skopeo verified every blob it fetched; check the copies it wrote.
+    let blob = |d: &str| {
+        let path = layout
+            .join("blobs/sha256")
+            .join(d.trim_start_matches("sha256:"));
+        std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    };
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
+    let copied = blob(index["manifests"][0]["digest"].as_str().unwrap());
+    assert_eq!(
+        copied,
+        raw.as_bytes(),
+        "skopeo's copy of the manifest differs"
+    );
+    for (d, size) in &blobs {
+        let bytes = blob(d);
+        assert_eq!(bytes.len() as u64, *size, "{d}");
+        assert_eq!(common::sha256_digest(&bytes), *d);
+    }
+    common::ggfs(&["validate", &target]);
 }

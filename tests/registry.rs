@@ -614,7 +614,10 @@ async fn server_errors_are_retried_then_reported() {
     let msg = err.to_string();
     assert!(matches!(err, Error::Registry { .. }), "{msg}");
     assert!(
-        msg.contains("UNKNOWN: disk on fire") && msg.contains("500") && msg.contains("tags of"),
+        msg.contains("UNKNOWN: disk on fire")
+            && msg.contains("500")
+            && msg.contains("tags of")
+            && msg.contains("(tried 3 times)"),
         "{msg}"
     );
     assert_eq!(s.seen.lock().unwrap().len(), 3, "3 attempts");

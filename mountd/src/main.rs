@@ -691,7 +691,13 @@ fn serve(args: &MountArgs, ready: &mut Ready) -> Result<()> {
 fn ping(reg: &dyn backend::Registry, host: &str, rt: &tokio::runtime::Runtime) -> Result<()> {
     rt.block_on(async { tokio::time::timeout(Duration::from_secs(30), reg.ping()).await })
         .map_err(|_| anyhow!("registry {host} unreachable: no answer to /v2/ within 30s"))?
-        .map_err(|e| anyhow!("registry {host} unreachable: {e}"))
+        .map_err(|e| match e {
+            // Named once, not three times.
+            ggfs::Error::Registry { message, .. } => {
+                anyhow!("registry {host} unreachable: {message}")
+            }
+            e => anyhow!("registry {host} unreachable: {e}"),
+        })
 }
 
 /// What the daemons before this one on the connection gave out.

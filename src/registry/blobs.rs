@@ -171,7 +171,7 @@ impl RegistryRepo {
             }
             _ => return Err(self.status_error(&what, resp).await),
         };
-        let Resp { inner, permit } = resp;
+        let Resp { inner, permit, .. } = resp;
         drop(permit);
         Ok((Box::pin(inner.bytes_stream()), skip))
     }

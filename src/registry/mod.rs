@@ -223,7 +223,7 @@ impl Client {
         if resp.status().is_success() {
             return Ok(());
         }
-        Err(transport::status_error(registry, &format!("registry {registry}"), resp).await)
+        Err(transport::status_error(registry, "API check", resp).await)
     }
 
     /// A bearer token for `scopes` (`repository:NAME:pull`, ...) from
@@ -307,9 +307,7 @@ impl Client {
                 registry,
                 format!("credentials rejected: GET /v2/ answered {}", resp.status()),
             )),
-            _ => {
-                Err(transport::status_error(registry, &format!("registry {registry}"), resp).await)
-            }
+            _ => Err(transport::status_error(registry, "API check", resp).await),
         }
     }
 }

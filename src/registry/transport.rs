@@ -109,6 +109,8 @@ impl Req {
 pub(crate) struct Resp {
     pub inner: reqwest::Response,
     pub permit: Option<OwnedSemaphorePermit>,
+    /// Tries it took (retried 408/429/5xx answers included).
+    pub tries: u32,
 }
 
 impl Resp {
@@ -355,7 +357,11 @@ impl Transport {
                     let status = inner.status();
                     tracing::debug!(method = %req.method, url = %redact_url(url), %status, attempt);
                     if last || !retryable_status(status) || !req.idempotent() {
-                        return Ok(Resp { inner, permit });
+                        return Ok(Resp {
+                            inner,
+                            permit,
+                            tries: attempt,
+                        });
                     }
                     let wait = self.delay(attempt, inner.headers().get(RETRY_AFTER));
                     drop((inner, permit));
@@ -381,12 +387,7 @@ impl Transport {
                     }
                     let transient = e.is_connect() || (req.idempotent() && e.is_request());
                     if last || !transient {
-                        // Retries take seconds: say they happened.
-                        let tries = match attempt {
-                            1 => String::new(),
-                            n => format!(" (tried {n} times)"),
-                        };
-                        let ctx = format!("{} {}{tries}", req.method, redact_url(url));
+                        let ctx = format!("{} {}{}", req.method, redact_url(url), tried(attempt));
                         return Err(http_err(&ctx, e.without_url()));
                     }
                     drop(permit);
@@ -613,10 +614,20 @@ pub(crate) async fn status_error(registry: &str, what: &str, resp: Resp) -> Erro
         });
     }
     let method_path = resp.url().path().to_string();
+    let tries = tried(resp.tries);
     let detail = error_detail(resp).await;
     Error::Registry {
         registry: registry.to_string(),
-        message: format!("{what}: {method_path} answered {status}{detail}"),
+        message: format!("{what}: {method_path} answered {status}{detail}{tries}"),
+    }
+}
+
+/// ` (tried N times)` after more than one try: retries take seconds, so
+/// an error after them says they happened.
+fn tried(tries: u32) -> String {
+    match tries {
+        0 | 1 => String::new(),
+        n => format!(" (tried {n} times)"),
     }
 }
 

@@ -21,7 +21,7 @@ pub use fixtures::{
     fixture_rootfs, fixtures_dir, index_two_platforms, multilayer_image, pseudo_random,
     push_oci_layout, push_oci_layout_v2s2, umoci_image, umoci_image_from, MULTILAYER_TAG,
 };
-pub use proxy::{CountingProxy, ProxyRequest, Wan};
+pub use proxy::{CountingProxy, ProxyRequest, Unavailable, Wan, UNAVAILABLE_BODY};
 pub use registry::{http_get, Distribution, GgfsRegistry};
 pub use token::{TokenOptions, TokenRequest, TokenServer};
 

@@ -406,3 +406,114 @@ fn start_request(head: &[u8], log: &Mutex<Vec<ProxyRequest>>) -> State {
         State::Head(Vec::new())
     }
 }
+
+/// A registry whose backend is gone: a real HTTP/1.1 server on a loopback
+/// port answering every request `503 Service Unavailable` with a
+/// distribution-spec error body (keep-alive, as a proxy in front of a dead
+/// registry would), recording each request it got. Started with
+/// [`Unavailable::start_answering_ping`], it answers `GET /v2/` itself (a
+/// front that is up, its backend down), so a mount of it starts.
+pub struct Unavailable {
+    addr: String,
+    requests: Arc<Mutex<Vec<ProxyRequest>>>,
+    stop: Arc<AtomicBool>,
+}
+
+/// The error body [`Unavailable`] sends.
+pub const UNAVAILABLE_BODY: &str =
+    r#"{"errors":[{"code":"UNAVAILABLE","message":"backend registry is down"}]}"#;
+
+impl Unavailable {
+    pub fn start() -> Unavailable {
+        Self::start_with(false)
+    }
+
+    /// Like [`Self::start`], but `GET /v2/` answers `200 {}`.
+    pub fn start_answering_ping() -> Unavailable {
+        Self::start_with(true)
+    }
+
+    fn start_with(ping: bool) -> Unavailable {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind 503 server");
+        let addr = listener.local_addr().expect("503 server addr").to_string();
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (log, sp) = (requests.clone(), stop.clone());
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if sp.load(Ordering::SeqCst) {
+                    return;
+                }
+                let Ok(conn) = conn else { continue };
+                let log = log.clone();
+                std::thread::spawn(move || answer_503(conn, &log, ping));
+            }
+        });
+        Unavailable {
+            addr,
+            requests,
+            stop,
+        }
+    }
+
+    /// `127.0.0.1:PORT`.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// `127.0.0.1:PORT/<repo_and_tag>`.
+    pub fn reference(&self, repo_and_tag: &str) -> String {
+        format!("{}/{repo_and_tag}", self.addr)
+    }
+
+    /// Requests answered so far, in arrival order.
+    pub fn requests(&self) -> Vec<ProxyRequest> {
+        self.requests.lock().unwrap().clone()
+    }
+
+    /// Forget the requests seen.
+    pub fn reset(&self) {
+        self.requests.lock().unwrap().clear();
+    }
+}
+
+impl Drop for Unavailable {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect(&self.addr);
+    }
+}
+
+/// One 503 per request head on `conn` (a 200 to `GET /v2/` if `ping`),
+/// until the client hangs up.
+fn answer_503(mut conn: TcpStream, log: &Mutex<Vec<ProxyRequest>>, ping: bool) {
+    // Requests of this connection only, so each gets its one answer.
+    let mine = Mutex::new(Vec::new());
+    let mut parser = RequestParser::default();
+    let mut buf = vec![0u8; 64 * 1024];
+    while let Ok(n) = conn.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        parser.feed(&buf[..n], &mine);
+        let new: Vec<ProxyRequest> = std::mem::take(&mut *mine.lock().unwrap());
+        for r in new {
+            let (status, body) = match (r.method.as_str(), r.path.as_str()) {
+                ("GET", "/v2/") if ping => ("200 OK", "{}"),
+                _ => ("503 Service Unavailable", UNAVAILABLE_BODY),
+            };
+            let sent = if r.method == "HEAD" { "" } else { body };
+            log.lock().unwrap().push(r);
+            let answer = format!(
+                "HTTP/1.1 {status}\r\n\
+                 Content-Type: application/json\r\n\
+                 Docker-Distribution-Api-Version: registry/2.0\r\n\
+                 Content-Length: {}\r\n\r\n{sent}",
+                body.len()
+            );
+            if conn.write_all(answer.as_bytes()).is_err() {
+                return;
+            }
+        }
+    }
+}
