@@ -36,7 +36,8 @@ pub struct Args {
     /// Set a manifest annotation, KEY=VALUE (repeatable).
     #[arg(short = 'a', long = "annotation")]
     annotations: Vec<String>,
-    /// The entrypoint, comma-separated.
+    /// The entrypoint, comma-separated; drops the old command (as docker
+    /// and crane do) unless `--cmd` gives a new one.
     #[arg(long)]
     entrypoint: Option<String>,
     /// The command, comma-separated.

@@ -309,6 +309,9 @@ pub fn config(image: &Image, edits: &ConfigEdits) -> Result<Image> {
     }
     if let Some(e) = &edits.entrypoint {
         c.insert("Entrypoint".into(), json!(e));
+        // As docker and crane do: the old Cmd was arguments for the old
+        // entrypoint.
+        c.remove("Cmd");
     }
     if let Some(cmd) = &edits.cmd {
         c.insert("Cmd".into(), json!(cmd));
@@ -445,5 +448,18 @@ mod tests {
         assert_eq!(img4.manifest.annotations().as_ref().unwrap()["k"], "v");
         // Layers still come through the chain of overlays.
         assert!(img4.source.blob_size(&layer.digest).await.unwrap() > 0);
+
+        // A new entrypoint drops the old Cmd, unless a Cmd comes with it.
+        let ep = |cmd: Option<Vec<String>>| ConfigEdits {
+            entrypoint: Some(vec!["/bin/app".into()]),
+            cmd,
+            ..Default::default()
+        };
+        let v: Value = serde_json::from_slice(&config(&img2, &ep(None)).unwrap().config).unwrap();
+        assert_eq!(v["config"]["Entrypoint"], json!(["/bin/app"]));
+        assert!(v["config"].get("Cmd").is_none(), "{v}");
+        let both = config(&img2, &ep(Some(vec!["-v".into()]))).unwrap();
+        let v: Value = serde_json::from_slice(&both.config).unwrap();
+        assert_eq!(v["config"]["Cmd"], json!(["-v"]));
     }
 }
