@@ -5,11 +5,10 @@
 use std::ffi::OsStr;
 use std::os::fd::AsFd;
 use std::os::unix::ffi::OsStrExt;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use fuser::consts::{FOPEN_CACHE_DIR, FOPEN_DIRECT_IO, FOPEN_KEEP_CACHE};
+use fuser::consts::{FOPEN_DIRECT_IO, FOPEN_KEEP_CACHE};
 use fuser::{
     FileAttr, Filesystem, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen,
     ReplyStatfs, ReplyWrite, ReplyXattr, Request,
@@ -170,19 +169,17 @@ fn dir_reply(fs: &Inner, r: Res<Arc<Entries>>, offset: i64, mut reply: ReplyDire
     }
 }
 
-/// The listing open directory `fh` took at its first READDIR, for a later
-/// page (`offset` > 0): pages neither rebuild it nor see it shift.
-fn taken_listing(fs: &Inner, fh: u64, offset: i64) -> Option<Arc<Entries>> {
-    (offset > 0).then(|| lock(&fs.listings).get(&fh).cloned())?
+/// The listing directory `ino` took at its READDIR from offset 0, for a
+/// later page (`offset` > 0): pages neither rebuild it nor see it shift.
+fn taken_listing(fs: &Inner, ino: u64, offset: i64) -> Option<Arc<Entries>> {
+    (offset > 0).then(|| lock(&fs.listings).get(ino))?
 }
 
-/// Keep `entries` as open directory `fh`'s listing (counted in stats).
-fn keep_listing(fs: &Inner, fh: u64, entries: Entries) -> Arc<Entries> {
+/// Keep `entries` as directory `ino`'s listing (counted in stats).
+fn keep_listing(fs: &Inner, ino: u64, entries: Entries) -> Arc<Entries> {
     fs.ns.stats.listing();
     let e = Arc::new(entries);
-    if fh != 0 {
-        lock(&fs.listings).insert(fh, e.clone());
-    }
+    lock(&fs.listings).put(ino, e.clone());
     e
 }
 
@@ -407,61 +404,35 @@ impl Filesystem for Fs {
         });
     }
 
-    fn opendir(&mut self, _req: &Request<'_>, ino: u64, _flags: i32, reply: ReplyOpen) {
-        self.arrive(ino);
-        // A directory under a digest never changes, and one of a writable
-        // tree changes only through this mount (the kernel drops its cached
-        // listing when it does): the kernel may keep listings, so a second
-        // `find` or `ls -R` costs no READDIR at all.
-        let immutable = match self.inner.node(ino) {
-            Ok(Node::Tree(..) | Node::W(..)) => true,
-            Ok(Node::Ns(k)) => !k.mutable(),
-            _ => false,
-        };
-        let flags = if immutable {
-            FOPEN_CACHE_DIR | FOPEN_KEEP_CACHE
-        } else {
-            0
-        };
-        let fh = self.inner.next_fh.fetch_add(1, Ordering::Relaxed);
-        reply.opened(fh, flags);
-    }
-
-    fn releasedir(
-        &mut self,
-        _req: &Request<'_>,
-        _ino: u64,
-        fh: u64,
-        _flags: i32,
-        reply: ReplyEmpty,
-    ) {
-        let mut l = self
-            .inner
-            .listings
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        l.remove(&fh);
-        reply.ok();
+    /// No OPENDIR is needed: the first answer (ENOSYS) tells the kernel
+    /// never to send OPENDIR or RELEASEDIR again on this connection, and
+    /// to keep every directory's listing (FOPEN_KEEP_CACHE|FOPEN_CACHE_DIR
+    /// by default). A warm `find` then costs no request at all. The kernel
+    /// drops a kept listing when this mount changes the directory, or when
+    /// its mtime moves: that of a directory whose registry side can change
+    /// moves each `--tag-ttl` (namespace/fs.rs `attr`).
+    fn opendir(&mut self, _req: &Request<'_>, _ino: u64, _flags: i32, reply: ReplyOpen) {
+        reply.error(libc::ENOSYS);
     }
 
     fn readdir(
         &mut self,
         req: &Request<'_>,
         ino: u64,
-        fh: u64,
+        _fh: u64,
         offset: i64,
         reply: ReplyDirectory,
     ) {
         self.arrive(ino);
-        if let Some(e) = taken_listing(&self.inner, fh, offset) {
+        if let Some(e) = taken_listing(&self.inner, ino, offset) {
             return dir_reply(&self.inner, Ok(e), offset, reply);
         }
         if let Some(r) = self.inner.built_writable(ino) {
-            let res = r.readdir(ino).map(|e| keep_listing(&self.inner, fh, e));
+            let res = r.readdir(ino).map(|e| keep_listing(&self.inner, ino, e));
             return dir_reply(&self.inner, res, offset, reply);
         }
         self.spawn_ro(req, move |fs| async move {
-            let res = fs.readdir(ino).await.map(|e| keep_listing(&fs, fh, e));
+            let res = fs.readdir(ino).await.map(|e| keep_listing(&fs, ino, e));
             dir_reply(&fs, res, offset, reply)
         });
     }

@@ -24,7 +24,8 @@ struct BlobStat {
 #[derive(Default)]
 pub struct Stats {
     requests: AtomicU64,
-    /// Directory listings built (one per opendir that is read, not per page).
+    /// Directory listings built (one per reading the kernel could not answer
+    /// from the listing it keeps, not per page).
     listings: AtomicU64,
     /// LOOKUPs answered, merged trees built and dropped (prune.rs).
     lookups: AtomicU64,

@@ -279,9 +279,9 @@ pub struct Inner {
     /// Changed images an earlier mount left unpushed, until opened.
     pub(crate) recovered: Mutex<HashMap<(String, String), Digest>>,
     pub(crate) handles: Mutex<HashMap<u64, Arc<Handle>>>,
-    /// Open directories' listings, taken at the first READDIR and paged
-    /// from there: a listing is built once per opendir, not per page.
-    pub(crate) listings: Mutex<HashMap<u64, Arc<crate::fuse::Entries>>>,
+    /// Directories' listings, paged from the one a READDIR at offset 0
+    /// took: a listing is built once per reading, not per page.
+    pub(crate) listings: Mutex<super::lookup::Listings>,
     /// Tags made with mkdir, waiting for their manifest: (repository, tag).
     pub(crate) new_tags: Mutex<std::collections::BTreeSet<(String, String)>>,
     pub(crate) next_fh: AtomicU64,
@@ -320,7 +320,7 @@ impl Inner {
             work: Mutex::new(HashMap::new()),
             recovered: Mutex::new(recovered),
             handles: Mutex::new(HashMap::new()),
-            listings: Mutex::new(HashMap::new()),
+            listings: Mutex::default(),
             new_tags: Mutex::new(std::collections::BTreeSet::new()),
             next_fh: AtomicU64::new(fh_base + 1),
             fh_base,
@@ -432,10 +432,15 @@ impl Inner {
             return Ok((SHORT, a));
         }
         match key {
-            Key::NewTag(..) => return Ok((SHORT, self.ns_attr(ino, true, 0))),
+            Key::NewTag(..) => {
+                let mut a = self.ns_attr(ino, true, 0);
+                a.mtime = self.listing_epoch();
+                return Ok((SHORT, a));
+            }
             Key::Referrers(..) => {
                 let mut a = self.ns_attr(ino, true, 0);
                 a.perm = 0o755;
+                a.mtime = self.listing_epoch();
                 return Ok((SHORT, a));
             }
             Key::ReferrersIndex(repo, d) => {
@@ -487,7 +492,22 @@ impl Inner {
             }
             _ => 0,
         };
-        Ok((ttl, self.ns_attr(ino, key.is_dir(), size)))
+        let mut a = self.ns_attr(ino, key.is_dir(), size);
+        if key.mutable() && key.is_dir() {
+            a.mtime = self.listing_epoch();
+        }
+        Ok((ttl, a))
+    }
+
+    /// The mtime of a directory whose registry side can change (the
+    /// catalog, a repository's tags, what a tag names): it moves once per
+    /// `--tag-ttl`, so the kernel, which keeps every listing (fuse.rs
+    /// `opendir`), asks for it again at most that much later.
+    fn listing_epoch(&self) -> SystemTime {
+        let ttl = self.ns.tag_ttl.as_nanos().max(1);
+        let age = self.start.elapsed().unwrap_or_default().as_nanos();
+        let n = (age / ttl) as u32;
+        self.start + self.ns.tag_ttl * n
     }
 
     pub(crate) fn stats(&self) -> String {

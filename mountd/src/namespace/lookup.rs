@@ -301,3 +301,36 @@ impl Inner {
         Err(Fail::noent(name))
     }
 }
+
+/// Directories' listings taken at a READDIR from offset 0, by inode, so
+/// the pages after it neither rebuild the listing nor see it shift. With
+/// no OPENDIR/RELEASEDIR (fuse.rs `opendir`) nothing says when a reader is
+/// done: the last [`Listings::KEEP`] directories listed are kept.
+#[derive(Default)]
+pub(crate) struct Listings {
+    map: std::collections::HashMap<u64, (u64, std::sync::Arc<crate::fuse::Entries>)>,
+    seq: u64,
+}
+
+impl Listings {
+    const KEEP: usize = 64;
+
+    pub(crate) fn get(&self, ino: u64) -> Option<std::sync::Arc<crate::fuse::Entries>> {
+        self.map.get(&ino).map(|(_, e)| e.clone())
+    }
+
+    pub(crate) fn put(&mut self, ino: u64, entries: std::sync::Arc<crate::fuse::Entries>) {
+        self.seq += 1;
+        self.map.insert(ino, (self.seq, entries));
+        if self.map.len() > Self::KEEP {
+            let oldest = self
+                .map
+                .iter()
+                .min_by_key(|(_, (s, _))| *s)
+                .map(|(i, _)| *i);
+            if let Some(i) = oldest {
+                self.map.remove(&i);
+            }
+        }
+    }
+}
