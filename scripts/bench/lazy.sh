@@ -226,9 +226,19 @@ warm() {
     F=$MNT/bench/big/v1/rootfs/blob.bin
     cat "$F" >/dev/null; cat "$WORK/big/blob.bin" >/dev/null # fetch / warm both
     # Once its first reader is gone and the mount has been quiet for 1 s,
-    # the daemon copies a cached big file for passthrough; then one read
-    # warms the copy.
-    sleep 3; cat "$F" >/dev/null
+    # the daemon copies a cached big file for passthrough (after the big
+    # files the cold tar closed): wait until an open of it is passed
+    # through, which also warms the copy.
+    local pt0 pt k=0
+    pt0=$(awk '$1 == "passthrough_opens" {print $2}' "$MNT/.ggfs/stats")
+    # (Each look is a request: 2 s apart, so copies get 1 s of quiet.)
+    while ((k++ < 40)); do
+        sleep 2; cat "$F" >/dev/null
+        pt=$(awk '$1 == "passthrough_opens" {print $2}' "$MNT/.ggfs/stats")
+        ((pt > pt0)) && break
+        pt0=$pt
+    done
+    ((k <= 40)) || note "warm: the 50 MB file was never passed through"
     # One read takes ~3-5 ms, as long as starting a process: read in one
     # process, 1 MiB at a time, 20 times each, alternating.
     python3 - "$F" "$WORK/big/blob.bin" >>"$WORK/results" <<'PY'
