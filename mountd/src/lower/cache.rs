@@ -229,6 +229,82 @@ fn files(root: &Path) -> Vec<(PathBuf, u64, SystemTime)> {
 }
 
 /// Parse `--cache-size`: bytes with an optional K/M/G/T suffix (powers of 1024).
+/// Verified bytes put in the cache together: each written to a temporary
+/// file as it comes, then one `syncfs` makes them all durable before any
+/// of them gets its name, so a crash leaves temporaries (removed by the
+/// cache's walk), never a named file short of its bytes. An fdatasync each
+/// would flush the device once per file: 5,000 times for one eStargz
+/// layer's chunks here (ext4 without a journal).
+pub struct Batch<'a> {
+    cache: &'a Cache,
+    kind: Kind,
+    files: Vec<(tempfile::NamedTempFile, PathBuf, u64)>,
+}
+
+impl Cache {
+    /// A [`Batch`] of files of `kind`.
+    pub fn batch(&self, kind: Kind) -> Batch<'_> {
+        Batch {
+            cache: self,
+            kind,
+            files: Vec::new(),
+        }
+    }
+}
+
+impl Batch<'_> {
+    /// Write `bytes` (checked against `d`) unless the cache has them.
+    pub fn add(&mut self, d: &Digest, bytes: &[u8]) {
+        let path = self.cache.path(self.kind, d);
+        if path.exists() {
+            return;
+        }
+        let written = d.verify(bytes).and_then(|()| {
+            let dir = path.parent().expect("cache path");
+            let io = |e| Error::io(dir.display().to_string(), e);
+            std::fs::create_dir_all(dir).map_err(io)?;
+            let mut tmp = tempfile::Builder::new()
+                .prefix(".tmp-")
+                .tempfile_in(dir)
+                .map_err(io)?;
+            std::io::Write::write_all(&mut tmp, bytes).map_err(io)?;
+            Ok(tmp)
+        });
+        match written {
+            Ok(tmp) => self.files.push((tmp, path, bytes.len() as u64)),
+            Err(e) => tracing::warn!("caching {d}: {e}"),
+        }
+    }
+
+    /// Make what was added durable, then name it (best effort).
+    pub fn commit(self) {
+        if self.files.is_empty() {
+            return;
+        }
+        if let Err(e) = syncfs(&self.cache.root) {
+            // Not known to be on disk: not named (the temporaries go).
+            tracing::warn!("caching {} files: syncfs: {e}", self.files.len());
+            return;
+        }
+        for (tmp, path, len) in self.files {
+            match tmp.persist(&path) {
+                Ok(_) => self.cache.added(len),
+                Err(e) => tracing::warn!("caching {}: {}", path.display(), e.error),
+            }
+        }
+    }
+}
+
+fn syncfs(dir: &Path) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let d = std::fs::File::open(dir)?;
+    // SAFETY: a descriptor we hold.
+    match unsafe { libc::syncfs(d.as_raw_fd()) } {
+        0 => Ok(()),
+        _ => Err(std::io::Error::last_os_error()),
+    }
+}
+
 pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
     let t = s.trim();
     let t = t.strip_suffix(['b', 'B']).unwrap_or(t);

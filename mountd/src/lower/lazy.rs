@@ -422,6 +422,7 @@ impl TocLayer {
             .await?;
         let me = self.clone();
         blocking(move || {
+            let mut batch = me.cache.batch(cache::Kind::Chunk);
             for c in &me.rest.chunks[range] {
                 let Some(d) = c.digest.as_ref() else { continue };
                 if me.cache.path(cache::Kind::Chunk, d).exists() {
@@ -429,20 +430,14 @@ impl TocLayer {
                 }
                 let part = &span[(c.blob_offset - start) as usize..(c.blob_end - start) as usize];
                 match me.toc.decode_chunk(c, part) {
-                    Ok(bytes) => me.store(c, &bytes),
+                    Ok(bytes) => batch.add(d, &bytes),
                     Err(e) => tracing::warn!("background fetch: {e}"),
                 }
             }
+            batch.commit();
             Ok(())
         })
         .await
-    }
-
-    /// Keep a verified chunk in the cache (best effort).
-    fn store(&self, c: &Chunk, bytes: &[u8]) {
-        if let Some(d) = &c.digest {
-            crate::lower::layer::store(&self.cache, cache::Kind::Chunk, d, bytes);
-        }
     }
 
     /// Fetch `[0, end)` of the blob in one request and cache every chunk
@@ -452,18 +447,24 @@ impl TocLayer {
             return Ok(());
         }
         let span = self.source.blob_range(&self.digest, 0, end).await?;
-        for i in 0..self.toc.entries.len() {
-            for c in self.toc.chunks(i) {
-                if c.zeros || c.blob_end > end {
-                    continue;
-                }
-                let part = &span[c.blob_offset as usize..c.blob_end as usize];
-                match self.toc.decode_chunk(c, part) {
-                    Ok(bytes) => self.store(c, &bytes),
-                    Err(e) => tracing::error!("prefetch: {e}"),
+        // The writes (and syncfs) leave the async worker.
+        tokio::task::block_in_place(|| {
+            let mut batch = self.cache.batch(cache::Kind::Chunk);
+            for i in 0..self.toc.entries.len() {
+                for c in self.toc.chunks(i) {
+                    let Some(d) = c.digest.as_ref().filter(|_| !c.zeros && c.blob_end <= end)
+                    else {
+                        continue;
+                    };
+                    let part = &span[c.blob_offset as usize..c.blob_end as usize];
+                    match self.toc.decode_chunk(c, part) {
+                        Ok(bytes) => batch.add(d, &bytes),
+                        Err(e) => tracing::error!("prefetch: {e}"),
+                    }
                 }
             }
-        }
+            batch.commit();
+        });
         Ok(())
     }
 }
