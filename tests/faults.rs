@@ -38,17 +38,11 @@ fn three_layer_image(reg: &Distribution, image: &str) {
     common::ggfs(&args);
 }
 
-#[test]
-fn copy_killed_mid_push_resumes_without_resending() {
-    let src = Distribution::start();
-    three_layer_image(&src, "f/app:v1");
-    let mut dst = Distribution::start();
-    let proxy = CountingProxy::start(dst.addr());
-    let target = format!("{}/f/app:v1", proxy.addr());
-
-    // One blob at a time; kill the registry once the first layer is in.
+/// `ggfs copy -j 1 SRC DST` (one blob at a time), once a layer and a half
+/// has gone up through `proxy`: still running.
+fn copy_until_sent(src: &str, dst: &str, proxy: &CountingProxy) -> std::process::Child {
     let mut copy = Command::new(common::ggfs_bin())
-        .args(["copy", "-j", "1", &src.reference("f/app:v1"), &target])
+        .args(["copy", "-j", "1", src, dst])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -63,8 +57,21 @@ fn copy_killed_mid_push_resumes_without_resending() {
             copy.try_wait().unwrap().is_none(),
             "copy ended before the kill"
         );
-        std::thread::sleep(Duration::from_millis(5));
+        std::thread::sleep(Duration::from_millis(2));
     }
+    copy
+}
+
+#[test]
+fn copy_killed_mid_push_resumes_without_resending() {
+    let src = Distribution::start();
+    three_layer_image(&src, "f/app:v1");
+    let mut dst = Distribution::start();
+    let proxy = CountingProxy::start(dst.addr());
+    let target = format!("{}/f/app:v1", proxy.addr());
+
+    // One blob at a time; kill the registry once the first layer is in.
+    let copy = copy_until_sent(&src.reference("f/app:v1"), &target, &proxy);
     dst.kill();
     let out = copy.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
@@ -631,24 +638,7 @@ fn source_killed_mid_copy_resumes_without_resending() {
 
     // One blob at a time; kill the source once a layer and a half went
     // up to the target: the first layer is in, the second under way.
-    let mut copy = Command::new(common::ggfs_bin())
-        .args(["copy", "-j", "1", &source, &target])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let t0 = Instant::now();
-    while dst_proxy.bytes_up() < (LAYER + LAYER / 2) as u64 {
-        assert!(
-            t0.elapsed() < Duration::from_secs(120),
-            "copy never got going"
-        );
-        assert!(
-            copy.try_wait().unwrap().is_none(),
-            "copy ended before the kill"
-        );
-        std::thread::sleep(Duration::from_millis(2));
-    }
+    let copy = copy_until_sent(&source, &target, &dst_proxy);
     src.kill();
     let down = src_proxy.bytes_down();
     let out = common::mount::within(60, "the copy with its source killed", move || {
