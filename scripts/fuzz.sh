@@ -8,6 +8,9 @@
 #
 #   scripts/fuzz.sh [SECONDS_PER_TARGET] [TARGET...]
 #
+# FUZZ_EXECS=N stops each target after N executions instead (SECONDS_PER_TARGET
+# still caps it): `FUZZ_EXECS=10000000 scripts/fuzz.sh 3600` is the campaign.
+#
 # Installs cargo-afl (and lets it build AFL++) only when missing. Findings
 # stay in fuzz/out/<target>/default/ (crashes/, hangs/, queue/, fuzzer_stats)
 # until the next run of that target.
@@ -61,7 +64,9 @@ for t in "${targets[@]}"; do
   rm -rf "$out"
   mkdir -p "$out"
   echo "fuzz: $t for ${secs}s" >&2
-  if ! cargo afl fuzz -i "$corpus" -o "$out" -V "$secs" -- "fuzz/target/release/$t" \
+  limit=(-V "$secs")
+  if [[ -n ${FUZZ_EXECS:-} ]]; then limit+=(-E "$FUZZ_EXECS"); fi
+  if ! cargo afl fuzz -i "$corpus" -o "$out" "${limit[@]}" -- "fuzz/target/release/$t" \
     >"$out/afl.log" 2>&1; then
     # A seed that crashes stops AFL++ before it fuzzes.
     tail -n 20 "$out/afl.log" >&2
