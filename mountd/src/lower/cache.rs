@@ -229,7 +229,8 @@ fn files(root: &Path) -> Vec<(PathBuf, u64, SystemTime)> {
 }
 
 /// Parse `--cache-size`: bytes with an optional K/M/G/T suffix (powers of 1024).
-/// Verified bytes put in the cache together: each written to a temporary
+/// Bytes already verified against their digests (the callers decode and
+/// check chunks first) put in the cache together: each written to a temporary
 /// file as it comes, then one `syncfs` makes them all durable before any
 /// of them gets its name, so a crash leaves temporaries (removed by the
 /// cache's walk), never a named file short of its bytes. An fdatasync each
@@ -253,13 +254,11 @@ impl Cache {
 }
 
 impl Batch<'_> {
-    /// Write `bytes` (checked against `d`) unless the cache has them.
+    /// Write `bytes`, verified against `d` by the caller (who has checked
+    /// that the cache lacks them): not hashed a second time.
     pub fn add(&mut self, d: &Digest, bytes: &[u8]) {
         let path = self.cache.path(self.kind, d);
-        if path.exists() {
-            return;
-        }
-        let written = d.verify(bytes).and_then(|()| {
+        let written = (|| {
             let dir = path.parent().expect("cache path");
             let io = |e| Error::io(dir.display().to_string(), e);
             std::fs::create_dir_all(dir).map_err(io)?;
@@ -268,8 +267,8 @@ impl Batch<'_> {
                 .tempfile_in(dir)
                 .map_err(io)?;
             std::io::Write::write_all(&mut tmp, bytes).map_err(io)?;
-            Ok(tmp)
-        });
+            Ok::<_, Error>(tmp)
+        })();
         match written {
             Ok(tmp) => self.files.push((tmp, path, bytes.len() as u64)),
             Err(e) => tracing::warn!("caching {d}: {e}"),

@@ -456,6 +456,9 @@ impl TocLayer {
                     else {
                         continue;
                     };
+                    if self.cache.path(cache::Kind::Chunk, d).exists() {
+                        continue;
+                    }
                     let part = &span[c.blob_offset as usize..c.blob_end as usize];
                     match self.toc.decode_chunk(c, part) {
                         Ok(bytes) => batch.add(d, &bytes),

@@ -227,7 +227,7 @@ impl Inner {
         match key {
             Key::Root if name == ".ggfs" => Ok(Node::Ns(Key::Meta)),
             Key::Root => self.lookup_child_repo("", name).await,
-            Key::Referrers(..) => self
+            Key::Referrers(..) | Key::Blobs(..) => self
                 .list(key)
                 .await?
                 .into_iter()
@@ -241,13 +241,6 @@ impl Inner {
             Key::Meta if name == "status" => Ok(Node::Ns(Key::Status)),
             Key::Meta if name == "ctl" => Ok(Node::Ns(Key::Ctl)),
             Key::Repo(path) => self.lookup_repo(path, name).await,
-            Key::Blobs(..) => self
-                .list(key)
-                .await?
-                .into_iter()
-                .find(|(n, _)| n == name)
-                .map(|(_, k)| Node::Ns(k))
-                .ok_or_else(|| Fail::noent(name)),
             _ if key.is_dir() => Err(Fail::noent(name)),
             _ => Err(Fail::new(libc::ENOTDIR, "not a directory")),
         }
