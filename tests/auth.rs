@@ -439,3 +439,51 @@ async fn anonymous_bearer_pulls_but_cannot_push() {
     );
     assert!(msg.contains("no credentials configured"), "{msg}");
 }
+
+/// A credential helper that never answers: the command fails within its
+/// `--timeout` naming the registry and the keychain, instead of hanging
+/// with it (the lookup runs on a blocking thread, under the deadline).
+#[test]
+fn a_hung_credential_helper_fails_within_the_timeout() {
+    use std::os::unix::fs::PermissionsExt;
+    let reg = Distribution::start_htpasswd("alice", "s3cret");
+    let home = common::tempdir();
+    let helper = home.path().join("docker-credential-ggfshang");
+    std::fs::write(&helper, "#!/bin/sh\nexec sleep 60\n").unwrap();
+    std::fs::set_permissions(&helper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let config = serde_json::json!({ "credHelpers": { reg.addr(): "ggfshang" } });
+    std::fs::write(home.path().join("config.json"), config.to_string()).unwrap();
+    let path = format!(
+        "{}:{}",
+        home.path().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let image = format!("{}/private/app:v1", reg.addr());
+    let mut child = std::process::Command::new(common::ggfs_bin())
+        .args(["--timeout", "2", "manifest", &image])
+        .env("DOCKER_CONFIG", home.path())
+        .env("REGISTRY_AUTH_FILE", home.path().join("none.json"))
+        .env("PATH", path)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if std::time::Instant::now() > deadline {
+            child.kill().unwrap();
+            panic!("ggfs waited on the hung helper for 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(!status.success(), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(
+        err.contains(reg.addr()) && err.contains("no answer within 2 s"),
+        "{err}"
+    );
+}

@@ -784,15 +784,29 @@ fn wait_signal(set: &libc::sigset_t) -> Option<&'static str> {
     })
 }
 
-/// Unmount, then wait (up to 10 s) for the daemons serving the mount to exit.
+/// How long `unmount` waits for the daemons to exit: they push pending
+/// commits first, for up to 120 s (see `serve`).
+const EXIT_WAIT: Duration = Duration::from_secs(150);
+
+/// Unmount, then wait for the daemons serving the mount to exit.
 fn unmount(mountpoint: &Path) -> Result<()> {
     if !is_mount_point(mountpoint)? {
         bail!("{} is not mounted", mountpoint.display());
     }
     let pids = daemons_of(mountpoint);
-    unmount_only(mountpoint)?;
-    // The daemon pushes pending commits before it exits.
-    let deadline = std::time::Instant::now() + Duration::from_secs(150);
+    if let Err(e) = unmount_only(mountpoint) {
+        // Busy (a reader stuck in a request, a shell inside): the daemons
+        // do what SIGTERM asks, detach the mount and exit within seconds
+        // whatever is stuck, still pushing pending commits.
+        if !signal(&pids, libc::SIGTERM) {
+            return Err(e);
+        }
+        eprintln!(
+            "ggfs: {} is busy: detaching it (what still uses it fails once its daemon exits)",
+            mountpoint.display()
+        );
+    }
+    let deadline = std::time::Instant::now() + EXIT_WAIT;
     while pids.iter().any(|p| alive(*p)) {
         if std::time::Instant::now() > deadline {
             bail!(
@@ -803,6 +817,15 @@ fn unmount(mountpoint: &Path) -> Result<()> {
         std::thread::sleep(Duration::from_millis(20));
     }
     Ok(())
+}
+
+/// Send `sig` to each of `pids`: whether any got it.
+fn signal(pids: &[u32], sig: i32) -> bool {
+    // SAFETY: a plain kill of processes found by their command line.
+    let sent = pids
+        .iter()
+        .filter(|&&p| unsafe { libc::kill(p as i32, sig) } == 0);
+    sent.count() > 0
 }
 
 /// Pids of ggfs-mountd processes whose command line names `mountpoint`.
@@ -821,6 +844,7 @@ fn daemons_of(mountpoint: &Path) -> Vec<u32> {
             };
             let args: Vec<&[u8]> = cmd.split(|&b| b == 0).collect();
             args.first().is_some_and(|a| a.ends_with(b"ggfs-mountd"))
+                && args.get(1) == Some(&&b"mount"[..])
                 && args
                     .iter()
                     .any(|a| Path::new(std::ffi::OsStr::from_bytes(a)) == canon)

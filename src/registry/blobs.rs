@@ -10,7 +10,7 @@ use reqwest::{Method, StatusCode};
 use url::Url;
 
 use super::resume::Key;
-use super::transport::{http_err, Resp};
+use super::transport::Resp;
 use super::RegistryRepo;
 use crate::digest::Digest;
 use crate::error::{from_io, Error, Result};
@@ -23,13 +23,12 @@ const PATCH_RETRIES: u32 = 3;
 /// Times a broken blob body is resumed before the error is passed on.
 const RESUMES: u32 = 3;
 
-type Body = std::pin::Pin<Box<dyn futures::Stream<Item = reqwest::Result<Bytes>> + Send>>;
-
 /// A blob download that survives broken connections.
 struct Resume {
     repo: RegistryRepo,
     digest: Digest,
-    body: Body,
+    /// The response being read (its `jobs` slot given back).
+    body: Resp,
     /// Bytes handed out so far.
     offset: u64,
     /// Bytes still to drop from the current body before handing any out.
@@ -40,8 +39,10 @@ struct Resume {
 impl Resume {
     async fn next(&mut self) -> io::Result<Option<Bytes>> {
         loop {
-            match self.body.next().await {
-                Some(Ok(mut chunk)) => {
+            let (repo, digest, offset) = (&self.repo, &self.digest, self.offset);
+            let what = || format!("{} at byte {offset}", repo.blob_what(digest));
+            match self.body.chunk(what).await {
+                Ok(Some(mut chunk)) => {
                     let drop = self.skip.min(chunk.len() as u64);
                     self.skip -= drop;
                     let _ = chunk.split_to(drop as usize);
@@ -51,18 +52,17 @@ impl Resume {
                     self.offset += chunk.len() as u64;
                     return Ok(Some(chunk));
                 }
-                None => return Ok(None),
-                Some(Err(e)) if self.resumes < RESUMES => {
+                Ok(None) => return Ok(None),
+                // A stall already waited a whole stall period: no resume
+                // (each would wait as long again); say so now.
+                Err(e) if self.resumes < RESUMES && !matches!(e, Error::Stalled { .. }) => {
                     self.resumes += 1;
                     tracing::debug!(digest = %self.digest, offset = self.offset, error = %e, "blob body broke off; resuming");
                     tokio::time::sleep(std::time::Duration::from_millis(100 << self.resumes)).await;
                     let (body, skip) = self.repo.open_blob(&self.digest, self.offset).await?;
                     (self.body, self.skip) = (body, skip);
                 }
-                Some(Err(e)) => {
-                    let what = self.repo.blob_what(&self.digest);
-                    return Err(http_err(&format!("{what} at byte {}", self.offset), e).into());
-                }
+                Err(e) => return Err(e.into()),
             }
         }
     }
@@ -156,12 +156,12 @@ impl RegistryRepo {
 
     /// GET a blob from `offset`: the body, and how many leading bytes of it
     /// to drop (a registry ignoring Range answers 200 from the start).
-    async fn open_blob(&self, digest: &Digest, offset: u64) -> Result<(Body, u64)> {
+    async fn open_blob(&self, digest: &Digest, offset: u64) -> Result<(Resp, u64)> {
         let mut req = self.pull(Method::GET, self.blob_url(digest)?).redirects();
         if offset > 0 {
             req = req.header(RANGE, &format!("bytes={offset}-"));
         }
-        let resp = self.t().send(&req).await?;
+        let mut resp = self.t().send(&req).await?;
         let what = self.blob_what(digest);
         let skip = match resp.status() {
             StatusCode::OK => offset,
@@ -171,9 +171,8 @@ impl RegistryRepo {
             }
             _ => return Err(self.status_error(&what, resp).await),
         };
-        let Resp { inner, permit, .. } = resp;
-        drop(permit);
-        Ok((Box::pin(inner.bytes_stream()), skip))
+        drop(resp.permit.take());
+        Ok((resp, skip))
     }
 
     /// `len` bytes at `offset`. Accepts 206, or a 200 with the whole blob
@@ -591,7 +590,7 @@ fn content_range_start(v: &str) -> Option<u64> {
 async fn read_window(mut resp: Resp, what: &str, mut skip: u64, len: u64) -> Result<Bytes> {
     let mut out = BytesMut::with_capacity(len.min(64 << 20) as usize);
     while (out.len() as u64) < len {
-        let Some(mut chunk) = resp.inner.chunk().await.map_err(|e| http_err(what, e))? else {
+        let Some(mut chunk) = resp.chunk(|| what.to_string()).await? else {
             break;
         };
         if skip >= chunk.len() as u64 {

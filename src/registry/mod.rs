@@ -256,7 +256,7 @@ impl Client {
                 "the registry asks for Basic credentials, not for bearer tokens",
             ));
         }
-        let cred = self.t.credential(registry, Some(repo))?;
+        let cred = self.t.credential(registry, Some(repo)).await?;
         let allow_http = self.t.scheme(registry) == "http";
         auth::fetch_token(
             &self.t.http,

@@ -111,6 +111,8 @@ pub(crate) struct Resp {
     pub permit: Option<OwnedSemaphorePermit>,
     /// Tries it took (retried 408/429/5xx answers included).
     pub tries: u32,
+    /// The stall deadline, to name a body read that hit it.
+    stall: Duration,
 }
 
 impl Resp {
@@ -133,7 +135,10 @@ impl Resp {
             });
         }
         let mut buf = Vec::new();
-        while let Some(chunk) = self.inner.chunk().await.map_err(|e| http_err(what, e))? {
+        while let Some(chunk) = self
+            .chunk(|| format!("{what} at byte {}", buf.len()))
+            .await?
+        {
             buf.extend_from_slice(&chunk);
             if buf.len() as u64 > limit {
                 return Err(Error::TooLarge {
@@ -145,6 +150,33 @@ impl Resp {
         }
         Ok(Bytes::from(buf))
     }
+
+    /// The next piece of the body, `None` at its end; every read of a
+    /// response body goes through here. reqwest's read timeout restarts
+    /// with each piece (a slow but moving body is not cut), so one that
+    /// fires means nothing came for the whole stall period: the error says
+    /// the server stalled, naming the read `what()`.
+    pub async fn chunk(&mut self, what: impl FnOnce() -> String) -> Result<Option<Bytes>> {
+        self.inner.chunk().await.map_err(|e| match e.is_timeout() {
+            true => stalled(self.inner.url(), what(), self.stall),
+            false => http_err(&what(), e),
+        })
+    }
+}
+
+/// Nothing came from the server at `url` for the stall period `stall`.
+fn stalled(url: &Url, what: String, stall: Duration) -> Error {
+    Error::Stalled {
+        registry: host_port(url),
+        what,
+        secs: stall.as_secs(),
+    }
+}
+
+/// `host[:port]` of `url`, as registries are named.
+fn host_port(url: &Url) -> String {
+    let port = url.port().map(|p| format!(":{p}")).unwrap_or_default();
+    url.host_str().unwrap_or("?").to_string() + &port
 }
 
 pub(crate) fn http_err(context: &str, source: reqwest::Error) -> Error {
@@ -361,6 +393,7 @@ impl Transport {
                             inner,
                             permit,
                             tries: attempt,
+                            stall: self.stall,
                         });
                     }
                     let wait = self.delay(attempt, inner.headers().get(RETRY_AFTER));
@@ -371,17 +404,12 @@ impl Transport {
                     tracing::debug!(method = %req.method, url = %redact_url(url), error = %e, attempt);
                     if e.is_timeout() {
                         // Waited a whole stall period already: say so, now.
-                        return Err(Error::Stalled {
-                            registry: url.host_str().unwrap_or("?").to_string()
-                                + &url.port().map(|p| format!(":{p}")).unwrap_or_default(),
-                            what: format!("{} {}", req.method, redact_url(url)),
-                            secs: self.stall.as_secs(),
-                        });
+                        let what = format!("{} {}", req.method, redact_url(url));
+                        return Err(stalled(url, what, self.stall));
                     }
                     if let Some(problem) = certificate_problem(&e) {
                         return Err(Error::Tls {
-                            registry: url.host_str().unwrap_or("?").to_string()
-                                + &url.port().map(|p| format!(":{p}")).unwrap_or_default(),
+                            registry: host_port(url),
                             problem,
                         });
                     }
@@ -433,12 +461,34 @@ impl Transport {
     }
 
     /// The credential configured for the request's registry (cached).
-    pub fn credential(&self, registry: &str, repo: Option<&str>) -> Result<Option<Credential>> {
+    /// The keychain reads files and may run a credential helper, a process
+    /// that can hang: it runs on a blocking thread, never on the async
+    /// workers that answer other requests, and within the stall deadline.
+    pub async fn credential(
+        &self,
+        registry: &str,
+        repo: Option<&str>,
+    ) -> Result<Option<Credential>> {
         let key = (registry.to_string(), repo.map(str::to_string));
         if let Some(c) = lock(&self.creds).get(&key) {
             return Ok(c.clone());
         }
-        let c = self.keychain.resolve(registry, repo)?;
+        let (keychain, job_key) = (self.keychain.clone(), key.clone());
+        let job =
+            tokio::task::spawn_blocking(move || keychain.resolve(&job_key.0, job_key.1.as_deref()));
+        let c = match tokio::time::timeout(self.stall, job).await {
+            Ok(Ok(found)) => found?,
+            Ok(Err(e)) => return Err(Error::auth(registry, format!("keychain lookup: {e}"))),
+            Err(_) => {
+                return Err(Error::auth(
+                    registry,
+                    format!(
+                        "the keychain (a credential helper?) gave no answer within {} s",
+                        self.stall.as_secs()
+                    ),
+                ))
+            }
+        };
         lock(&self.creds).insert(key, c.clone());
         Ok(c)
     }
@@ -453,7 +503,7 @@ impl Transport {
                 None => return Ok(None),
             },
         };
-        let cred = self.credential(&req.registry, req.repo.as_deref())?;
+        let cred = self.credential(&req.registry, req.repo.as_deref()).await?;
         if challenge.is_basic() {
             return Ok(cred.and_then(|c| c.basic_header()));
         }
@@ -485,7 +535,7 @@ impl Transport {
     async fn auth_error(&self, req: &Req, resp: Resp, what: &str) -> Error {
         let status = resp.status();
         let detail = error_detail(resp).await;
-        let who = match self.credential(&req.registry, req.repo.as_deref()) {
+        let who = match self.credential(&req.registry, req.repo.as_deref()).await {
             Ok(Some(Credential::Basic { username, .. })) => format!(" for user {username:?}"),
             Ok(Some(Credential::IdentityToken { .. })) => {
                 " for the configured identity token".into()
