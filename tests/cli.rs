@@ -270,11 +270,42 @@ fn basic_auth_with_login_and_docker_config() {
         "login with a wrong password succeeded"
     );
 
+    // -p works, with a warning that the password shows in the process list;
+    // --password-stdin, the way to prefer, warns of nothing.
     let mut cmd = Command::new(common::ggfs_bin());
     env(&mut cmd);
-    run(cmd.args(["auth", "login", reg.addr(), "-u", "alice", "-p", "s3cret"]));
+    let out = cmd
+        .args(["auth", "login", reg.addr(), "-u", "alice", "-p", "s3cret"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("warning") && err.contains("process list") && err.contains("--password-stdin"),
+        "{err}"
+    );
     let config = std::fs::read_to_string(cfg.path().join("config.json")).unwrap();
     assert!(config.contains(reg.addr()));
+    let mut cmd = Command::new(common::ggfs_bin());
+    env(&mut cmd);
+    let mut child = cmd
+        .args([
+            "auth",
+            "login",
+            reg.addr(),
+            "-u",
+            "alice",
+            "--password-stdin",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), b"s3cret\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(!err.contains("warning"), "{err}");
 
     let dir = common::tempdir();
     std::fs::write(dir.path().join("f"), "x").unwrap();

@@ -417,6 +417,45 @@ fn registry_killed_under_a_mount_then_back() {
     assert!(m.pid_alive());
 }
 
+/// The registry killed while a read's response is on the wire (a 48 MB file
+/// at 8 MB/s, more than the sockets between them can hold): that read fails
+/// with an error, never short or wrong bytes, and once the registry is back
+/// the same file reads whole.
+#[test]
+fn registry_killed_mid_read_fails_that_read_then_serves_it() {
+    let mut reg = Distribution::start();
+    let big = common::pseudo_random(48 << 20, 7);
+    estargz_image(&reg, "f/inflight:v1", &[("big.bin", big.clone())]);
+    let link = common::Wan {
+        delay: Duration::ZERO,
+        rate: 8_000_000,
+    };
+    let proxy = CountingProxy::start_wan(reg.addr(), link);
+    let m = common::mount::Mount::start(proxy.addr(), &["--fetch-after", "never"]);
+    let file = m.path("f/inflight/v1/rootfs/big.bin");
+    std::fs::metadata(&file).unwrap();
+    proxy.reset();
+    let reader = std::thread::spawn({
+        let file = file.clone();
+        move || std::fs::read(file)
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while proxy.bytes_down() < 2 << 20 {
+        assert!(Instant::now() < deadline, "the read never got under way");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    reg.kill();
+    let got = common::mount::within(120, "the read in flight", move || reader.join().unwrap());
+    let e = got.expect_err("a read whose registry died under it");
+    assert!(
+        matches!(e.raw_os_error(), Some(libc::EIO) | Some(libc::ETIMEDOUT)),
+        "{e}"
+    );
+    reg.restart();
+    assert!(read(&file).unwrap() == big, "wrong bytes after the restart");
+    assert!(m.pid_alive());
+}
+
 /// A cache on a full disk (a 1 MiB tmpfs): reads still return the right
 /// bytes from the network, and what could not be written whole is never
 /// taken from the cache later (a second mount on it reads right too).
