@@ -164,3 +164,57 @@ fn a_million_lookups_over_more_images_than_trees_kept_keep_rss_flat() {
     );
     m.unmount().unwrap();
 }
+
+/// The daemon's table of namespace inodes follows what the kernel holds,
+/// not every name ever looked up: names the kernel forgot (FORGET, here
+/// after `drop_caches`) go once unused for `--forget-after` seconds, and a
+/// name looked up again comes back at a new number, showing the same.
+#[test]
+fn names_the_kernel_forgets_are_dropped_and_found_again() {
+    const TAGS: usize = 200;
+    let reg = Distribution::start();
+    let dir = common::tempdir();
+    let one = dir.path().join("one.tar");
+    std::fs::write(&one, tar_of([("f".to_string(), b"x".to_vec())].into_iter())).unwrap();
+    let first = reg.reference("names/app:t0");
+    common::ggfs(&["append", "-f", one.to_str().unwrap(), "-t", &first]);
+    for i in 1..TAGS {
+        common::ggfs(&["tag", &first, &format!("t{i}")]);
+    }
+    let m = Mount::start(reg.addr(), &["--forget-after", "1"]);
+    // statfs's file count is the daemon's count of namespace inodes.
+    let inodes = || -> u64 {
+        let out = std::process::Command::new("stat")
+            .args(["-f", "-c", "%c"])
+            .arg(m.mp())
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+    };
+    let before = inodes();
+    let tag = |i: usize| m.path(&format!("names/app/t{i}"));
+    let numbers: Vec<u64> = (0..TAGS)
+        .map(|i| std::fs::metadata(tag(i)).unwrap().ino())
+        .collect();
+    let held = inodes();
+    assert!(held >= before + TAGS as u64, "{before} -> {held}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        std::fs::write("/proc/sys/vm/drop_caches", "2").unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        let now = inodes();
+        if now < before + 10 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{now} namespace inodes 60 s after the kernel dropped {TAGS} tags ({before} before them)"
+        );
+    }
+    let again = std::fs::metadata(tag(7)).unwrap().ino();
+    assert_ne!(again, numbers[7], "a forgotten number given out again");
+    assert!(!numbers.contains(&again));
+    let manifest = std::fs::read(tag(7).join("manifest.json")).unwrap();
+    let want = common::ggfs(&["manifest", &reg.reference("names/app:t7")]);
+    assert_eq!(String::from_utf8(manifest).unwrap(), want);
+}

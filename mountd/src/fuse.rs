@@ -117,7 +117,10 @@ impl Fs {
 
 fn lookup_reply(fs: &Inner, r: Res<(Duration, FileAttr)>, reply: ReplyEntry) {
     match r {
-        Ok((ttl, attr)) => reply.entry(&ttl, &attr, 0),
+        Ok((ttl, attr)) => {
+            fs.looked_up(attr.ino);
+            reply.entry(&ttl, &attr, 0)
+        }
         Err(f) if f.errno == libc::ENOENT => {
             // A negative entry: the kernel remembers the miss.
             let mut attr = fs.ns_attr(0, false, 0);
@@ -250,6 +253,10 @@ impl Filesystem for Fs {
         } else {
             reply.forget();
         }
+    }
+
+    fn forget(&mut self, _req: &Request<'_>, ino: u64, nlookup: u64) {
+        self.inner.forget(ino, nlookup);
     }
 
     fn lookup(&mut self, req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEntry) {
@@ -759,6 +766,7 @@ impl Filesystem for Fs {
             let mut attr = self.inner.ns_attr(ino, false, 0);
             attr.perm = 0o644;
             let fh = self.inner.add_handle(Handle::Edit(edit));
+            self.inner.looked_up(ino);
             return reply.created(&SHORT, &attr, 0, fh, FOPEN_DIRECT_IO);
         }
         let (name, uid, gid) = (name.as_bytes().to_vec(), req.uid(), req.gid());

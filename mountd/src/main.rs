@@ -125,6 +125,10 @@ struct MountArgs {
     /// cache when next used.
     #[arg(long, default_value_t = 16)]
     max_trees: usize,
+    /// Seconds a namespace inode (a repository, tag, digest directory…) is
+    /// kept once the kernel has forgotten it (tests set it short).
+    #[arg(long, default_value_t = 600, hide = true)]
+    forget_after: u64,
     /// Serve every read through this daemon, never with FUSE passthrough
     /// (by default, a lower file of 1 MiB or more whose bytes are all in
     /// the cache is read by the kernel straight from its copy there).
@@ -301,6 +305,7 @@ fn child_args(a: &MountArgs, ready: Option<i32>) -> Vec<OsString> {
         v.push("--no-passthrough".into());
     }
     v.push(format!("--max-trees={}", a.max_trees).into());
+    v.push(format!("--forget-after={}", a.forget_after).into());
     if a.push_index {
         v.push("--push-index".into());
     }
@@ -618,6 +623,7 @@ fn serve(args: &MountArgs, ready: &mut Ready) -> Result<()> {
     }
     let limits = prune::Limits {
         trees: args.max_trees,
+        names: Duration::from_secs(args.forget_after),
         ..prune::Limits::default()
     };
     rt.spawn(prune::run(inner.clone(), limits));

@@ -142,8 +142,23 @@ pub(crate) enum Node {
     W(Arc<RootFs>, u64),
 }
 
+/// A namespace inode: its key, how many lookups of it the kernel holds
+/// (decreased by FORGET), and when it was last handed out.
+pub(crate) struct NsIno {
+    key: Key,
+    lookups: u64,
+    used: u64,
+}
+
+/// `NsIno::lookups` of the root and of inodes an earlier daemon handed
+/// out: unknown, so kept until the kernel forgets them.
+const HELD: u64 = u64::MAX;
+
 pub(crate) struct Inodes {
-    pub(crate) keys: Vec<Key>,
+    /// Namespace inodes, numbered from 1 (the root) in the order given out;
+    /// a number is never given out twice.
+    pub(crate) keys: HashMap<u64, NsIno>,
+    next_ns: u64,
     pub(crate) by_key: HashMap<Key, u64>,
     pub(crate) trees: BTreeMap<u64, Arc<RootFs>>,
     pub(crate) next_base: u64,
@@ -162,8 +177,14 @@ pub(crate) struct Inodes {
 
 impl Inodes {
     fn new(log: Option<(Arc<InoLog>, Replayed)>) -> Self {
+        let root = NsIno {
+            key: Key::Root,
+            lookups: HELD,
+            used: 0,
+        };
         let mut i = Inodes {
-            keys: vec![Key::Root],
+            keys: HashMap::from([(1, root)]),
+            next_ns: 2,
             by_key: HashMap::from([(Key::Root, 1)]),
             trees: BTreeMap::new(),
             next_base: TREE_BASE,
@@ -176,8 +197,19 @@ impl Inodes {
         let Some((log, r)) = log else {
             return i;
         };
+        // Numbered as they were given out; forgotten ones stay unused.
         for k in r.keys {
-            i.ino(k);
+            let ino = i.next_ns;
+            i.next_ns += 1;
+            if let Some(k) = k {
+                i.by_key.insert(k.clone(), ino);
+                let held = NsIno {
+                    key: k,
+                    lookups: HELD,
+                    used: 0,
+                };
+                i.keys.insert(ino, held);
+            }
         }
         i.next_base = r
             .trees
@@ -193,16 +225,77 @@ impl Inodes {
     }
 
     pub(crate) fn ino(&mut self, key: Key) -> u64 {
+        let now = crate::upper::rootfs::now_secs();
         if let Some(&i) = self.by_key.get(&key) {
+            if let Some(n) = self.keys.get_mut(&i) {
+                n.used = now;
+            }
             return i;
         }
         if let Some(log) = &self.log {
             log.key(&key);
         }
-        self.keys.push(key.clone());
-        let i = self.keys.len() as u64;
-        self.by_key.insert(key, i);
+        let i = self.next_ns;
+        self.next_ns += 1;
+        self.by_key.insert(key.clone(), i);
+        let n = NsIno {
+            key,
+            lookups: 0,
+            used: now,
+        };
+        self.keys.insert(i, n);
         i
+    }
+
+    /// The kernel was handed namespace inode `ino` in an entry (a LOOKUP,
+    /// MKDIR or CREATE reply): one more lookup it holds.
+    pub(crate) fn looked_up(&mut self, ino: u64) {
+        if let Some(n) = self.keys.get_mut(&ino) {
+            n.lookups = n.lookups.saturating_add(1);
+            n.used = crate::upper::rootfs::now_secs();
+        }
+    }
+
+    /// The kernel dropped `nlookup` lookups of `ino` (FORGET). The number
+    /// goes only in [`Inodes::sweep`], once unused for a while: a LOOKUP
+    /// answered with it may still be on its way to the kernel.
+    pub(crate) fn forget(&mut self, ino: u64, nlookup: u64) {
+        if ino == 1 {
+            return;
+        }
+        if let Some(n) = self.keys.get_mut(&ino) {
+            // An earlier daemon's count is unknown: a FORGET drops it all.
+            n.lookups = match n.lookups {
+                HELD => 0,
+                l => l.saturating_sub(nlookup),
+            };
+            n.used = crate::upper::rootfs::now_secs();
+        }
+    }
+
+    /// Drop the namespace inodes the kernel holds no lookup of and that
+    /// were not handed out for `idle` seconds: how many went. A name
+    /// looked up again later gets a new number.
+    pub(crate) fn sweep(&mut self, idle: u64) -> usize {
+        let now = crate::upper::rootfs::now_secs();
+        let gone: Vec<u64> = self
+            .keys
+            .iter()
+            .filter(|(_, n)| n.lookups == 0 && now.saturating_sub(n.used) >= idle)
+            .map(|(&i, _)| i)
+            .collect();
+        for i in &gone {
+            let Some(n) = self.keys.remove(i) else {
+                continue;
+            };
+            if self.by_key.get(&n.key) == Some(i) {
+                self.by_key.remove(&n.key);
+            }
+            if let Some(log) = &self.log {
+                log.forgot(*i);
+            }
+        }
+        gone.len()
     }
 
     /// The base of the tree for `key` with `span` inodes: the one it was
@@ -240,11 +333,7 @@ impl Inodes {
 
     pub(crate) fn get(&self, ino: u64) -> Option<Node> {
         if ino < TREE_BASE {
-            return self
-                .keys
-                .get((ino as usize).checked_sub(1)?)
-                .cloned()
-                .map(Node::Ns);
+            return self.keys.get(&ino).map(|n| Node::Ns(n.key.clone()));
         }
         let (base, r) = self.trees.range(..=ino).next_back()?;
         r.used.store(
@@ -356,6 +445,20 @@ impl Inner {
 
     pub(crate) fn ino(&self, key: Key) -> u64 {
         self.lock().ino(key)
+    }
+
+    /// See [`Inodes::looked_up`]; inodes of trees are not counted.
+    pub(crate) fn looked_up(&self, ino: u64) {
+        if ino != 0 && ino < TREE_BASE {
+            self.lock().looked_up(ino);
+        }
+    }
+
+    /// See [`Inodes::forget`]; trees go by prune.rs instead.
+    pub(crate) fn forget(&self, ino: u64, nlookup: u64) {
+        if ino < TREE_BASE {
+            self.lock().forget(ino, nlookup);
+        }
     }
 
     /// Whether `ino` is one an earlier daemon on this connection gave
@@ -687,5 +790,34 @@ impl Inner {
             libc::EROFS | libc::EPERM => tracing::info!("{what} refused: {}", f.msg),
             _ => tracing::warn!("{what}: {}", f.msg),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_the_kernel_forgot_go_and_come_back_with_new_numbers() {
+        let mut i = Inodes::new(None);
+        let repo = || Key::Repo("a".into());
+        let a = i.ino(repo());
+        i.looked_up(a);
+        i.looked_up(a);
+        i.forget(a, 1);
+        assert_eq!(i.sweep(0), 0, "one lookup still held");
+        i.forget(a, 1);
+        // Forgotten, but kept while it may still be on its way in a reply.
+        assert_eq!(i.sweep(600), 0);
+        assert_eq!(i.sweep(0), 1);
+        assert!(i.get(a).is_none());
+        let again = i.ino(repo());
+        assert!(again > a, "a number is never given out twice");
+        // Listed only (never in an entry): goes once idle too.
+        let listed = i.ino(Key::Tag("a".into(), "t".into()));
+        assert_eq!(i.sweep(0), 2, "{again} and {listed}");
+        i.forget(1, 5);
+        assert_eq!(i.sweep(0), 0);
+        assert!(matches!(i.get(1), Some(Node::Ns(Key::Root))));
     }
 }

@@ -5,7 +5,8 @@
 //!
 //! One line per number given out, written (one write(2), no fsync: the
 //! memfd outlives the process) before the reply that hands it out:
-//! - `K <key>`: namespace key; its inode is 1 + the count of K lines before.
+//! - `K <key>`: namespace key; its inode is 2 + the count of K lines before.
+//! - `F <ino>`: that namespace inode was forgotten (its number stays used).
 //! - `T <base> <end> <key>`: a rootfs tree (key: `Rootfs` or `WRootfs`)
 //!   has inodes `base..end`.
 //! - `U <base> <st_ino> <ino>`: in the writable tree at `base`, the upper
@@ -28,8 +29,9 @@ pub struct InoLog {
 /// What an earlier daemon on this connection gave out.
 #[derive(Default)]
 pub struct Replayed {
-    /// Namespace keys in inode order, from inode 2 (1 is the root).
-    pub keys: Vec<Key>,
+    /// Namespace keys in inode order, from inode 2 (1 is the root);
+    /// `None` where forgotten.
+    pub keys: Vec<Option<Key>>,
     /// Trees by base: (end, key).
     pub trees: BTreeMap<u64, (u64, Key)>,
     /// Upper inodes of writable trees, by base: st_ino → ino.
@@ -63,6 +65,10 @@ impl InoLog {
         self.line(format!("K {}\n", json(k)));
     }
 
+    pub fn forgot(&self, ino: u64) {
+        self.line(format!("F {ino}\n"));
+    }
+
     pub fn tree(&self, base: u64, end: u64, k: &Key) {
         self.line(format!("T {base} {end} {}\n", json(k)));
     }
@@ -92,8 +98,12 @@ fn apply(r: &mut Replayed, l: &str) -> bool {
     let mut f = l.splitn(4, ' ');
     match f.next() {
         Some("K") => match serde_json::from_str(l.get(2..).unwrap_or("")) {
-            Ok(k) => r.keys.push(k),
+            Ok(k) => r.keys.push(Some(k)),
             Err(_) => return false,
+        },
+        Some("F") => match num(f.next()).and_then(|i| i.checked_sub(2)) {
+            Some(i) if (i as usize) < r.keys.len() => r.keys[i as usize] = None,
+            _ => return false,
         },
         Some("T") => {
             let (Some(b), Some(e), Some(k)) = (num(f.next()), num(f.next()), f.next()) else {
@@ -144,13 +154,20 @@ mod tests {
         );
         log.upper(1 << 40, 77, (1 << 40) + 9);
         log.key(&Key::Tag("a".into(), "t".into()));
+        // Forgotten, then named again: a new number, the old one unused.
+        log.forgot(2);
+        log.key(&Key::Repo("a b\nc".into()));
         drop(log);
         let mut g = f.try_clone().unwrap();
         g.write_all(b"K {\"Tag\":[\"x\"").unwrap();
         let (_, r) = InoLog::open(f).unwrap();
         assert_eq!(
             r.keys,
-            vec![Key::Repo("a b\nc".into()), Key::Tag("a".into(), "t".into())]
+            vec![
+                None,
+                Some(Key::Tag("a".into(), "t".into())),
+                Some(Key::Repo("a b\nc".into()))
+            ]
         );
         assert_eq!(
             r.trees[&(1 << 40)],

@@ -22,6 +22,9 @@ use crate::upper::rootfs::RootFs;
 pub struct Limits {
     pub trees: usize,
     pub idle: Duration,
+    /// How long a namespace inode the kernel has forgotten (or never held:
+    /// a name only listed) is kept before it goes.
+    pub names: Duration,
 }
 
 impl Default for Limits {
@@ -29,18 +32,27 @@ impl Default for Limits {
         Limits {
             trees: 16,
             idle: Duration::from_secs(300),
+            names: Duration::from_secs(600),
         }
     }
 }
 
-/// Prune every second, for the life of the daemon.
+/// Prune every second, for the life of the daemon; sweep forgotten names
+/// as often as their idle time allows, at most every 10 s.
 pub async fn run(fs: Arc<Inner>, limits: Limits) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
-    loop {
+    let sweep_every = limits.names.as_secs().clamp(1, 10);
+    for n in 1u64.. {
         tick.tick().await;
         let dropped = fs.prune(limits);
         if dropped > 0 {
             tracing::debug!("dropped {dropped} unused trees");
+        }
+        if n % sweep_every == 0 {
+            let forgotten = fs.lock().sweep(limits.names.as_secs());
+            if forgotten > 0 {
+                tracing::debug!("forgot {forgotten} namespace inodes");
+            }
         }
     }
 }

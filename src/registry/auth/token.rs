@@ -298,7 +298,13 @@ pub(crate) async fn read_capped(
     limit: usize,
 ) -> std::result::Result<Vec<u8>, String> {
     let mut buf = Vec::new();
-    while let Some(chunk) = resp.chunk().await.map_err(|e| e.to_string())? {
+    // The client's read timeout restarts with each piece: one that fires
+    // means the token server stopped sending for the whole stall period.
+    let failed = |e: reqwest::Error| match e.is_timeout() {
+        true => "stalled: no bytes of the body within --timeout".to_string(),
+        false => e.to_string(),
+    };
+    while let Some(chunk) = resp.chunk().await.map_err(failed)? {
         buf.extend_from_slice(&chunk);
         if buf.len() > limit {
             return Err(format!("body over {limit} bytes"));
