@@ -197,19 +197,16 @@ impl Inodes {
         let Some((log, r)) = log else {
             return i;
         };
-        // Numbered as they were given out; forgotten ones stay unused.
-        for k in r.keys {
-            let ino = i.next_ns;
-            i.next_ns += 1;
-            if let Some(k) = k {
-                i.by_key.insert(k.clone(), ino);
-                let held = NsIno {
-                    key: k,
-                    lookups: HELD,
-                    used: 0,
-                };
-                i.keys.insert(ino, held);
-            }
+        // At the numbers they were given; forgotten ones stay unused.
+        i.next_ns = r.next.max(2);
+        for (ino, key) in r.keys {
+            i.by_key.insert(key.clone(), ino);
+            let held = NsIno {
+                key,
+                lookups: HELD,
+                used: 0,
+            };
+            i.keys.insert(ino, held);
         }
         i.next_base = r
             .trees
@@ -295,7 +292,24 @@ impl Inodes {
                 log.forgot(*i);
             }
         }
+        self.compact_log();
         gone.len()
+    }
+
+    /// Compact the inode log once names forgotten and looked up again
+    /// have made it much bigger than what holds now.
+    fn compact_log(&self) {
+        let Some(log) = self
+            .log
+            .as_ref()
+            .filter(|l| l.wants_compacting(self.keys.len()))
+        else {
+            return;
+        };
+        let keys = self.keys.iter().filter(|(&i, _)| i != 1);
+        if let Err(e) = log.compact(keys.map(|(&i, n)| (i, &n.key)), self.next_ns) {
+            tracing::warn!("inode log: compacting: {e}");
+        }
     }
 
     /// The base of the tree for `key` with `span` inodes: the one it was
@@ -819,5 +833,32 @@ mod tests {
         i.forget(1, 5);
         assert_eq!(i.sweep(0), 0);
         assert!(matches!(i.get(1), Some(Node::Ns(Key::Root))));
+    }
+
+    #[test]
+    fn a_sweep_compacts_a_log_grown_by_forgotten_names() {
+        use std::os::fd::FromRawFd;
+        let fd = unsafe { libc::memfd_create(c"t".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0);
+        let f = unsafe { std::fs::File::from_raw_fd(fd) };
+        let open = |f: &std::fs::File| {
+            let (log, r) = InoLog::open(f.try_clone().unwrap()).unwrap();
+            (Arc::new(log), r)
+        };
+        let mut i = Inodes::new(Some(open(&f)));
+        let name = |n: u64| Key::Repo(format!("a/repository/with/a/longer/name/{n:08}"));
+        // Each name listed once, never looked up: ~60 bytes of log each.
+        for n in 0..80_000 {
+            i.ino(name(n));
+        }
+        let kept = i.ino(Key::Stats);
+        i.looked_up(kept);
+        assert_eq!(i.sweep(0), 80_000);
+        let (_, r) = open(&f);
+        assert_eq!(r.keys, BTreeMap::from([(kept, Key::Stats)]));
+        assert_eq!(r.next, kept + 1);
+        use std::os::fd::AsRawFd;
+        let data = unsafe { libc::lseek(f.as_raw_fd(), 0, libc::SEEK_DATA) };
+        assert!(data > 4 << 20, "the log's first 4 MiB were freed: {data}");
     }
 }
