@@ -487,3 +487,41 @@ fn a_hung_credential_helper_fails_within_the_timeout() {
         "{err}"
     );
 }
+
+/// A private repository on a registry that lets anonymous clients pull
+/// the public ones: a mount without credentials reads the public image,
+/// and the private one answers `EACCES`: the registry's refusal reaches
+/// the reader as such, not as a missing file or an I/O error.
+#[test]
+fn a_refused_repository_is_eacces_in_the_mount() {
+    let ts = TokenServer::start_with(TokenOptions {
+        anonymous_pull: true,
+        private: vec!["private/app".into()],
+        ..TokenOptions::default()
+    });
+    let reg = Distribution::start_token(&ts);
+    let alice =
+        docker_dir(serde_json::json!({ reg.addr(): {"username": "alice", "password": "secret"} }));
+    let tree = common::tempdir();
+    std::fs::write(tree.path().join("f"), "x\n").unwrap();
+    for repo in ["public/app", "private/app"] {
+        let out = std::process::Command::new(common::ggfs_bin())
+            .args(["append", "-f", tree.path().to_str().unwrap(), "-t"])
+            .arg(reg.reference(&format!("{repo}:v1")))
+            .env("DOCKER_CONFIG", alice.path())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+    }
+    let anon = docker_dir(serde_json::json!({}));
+    // This test's process alone reads the variable (nextest: a process per test).
+    std::env::set_var("DOCKER_CONFIG", anon.path());
+    let m = common::mount::Mount::start(reg.addr(), &[]);
+    let public = std::fs::read_to_string(m.path("public/app/v1/rootfs/f"));
+    assert_eq!(public.unwrap(), "x\n");
+    let err = std::fs::metadata(m.path("private/app/v1")).expect_err("a private tag");
+    assert_eq!(err.raw_os_error(), Some(libc::EACCES), "{err}");
+    // Its repository, listed by nobody and refused, is no empty prefix.
+    let err = std::fs::read_dir(m.path("private/app/v1/rootfs")).expect_err("beneath it");
+    assert_eq!(err.raw_os_error(), Some(libc::EACCES), "{err}");
+}

@@ -29,6 +29,8 @@ pub struct TokenOptions {
     /// Requests without credentials get the `pull` part of what they ask
     /// (like Docker Hub for public repositories); otherwise they get 401.
     pub anonymous_pull: bool,
+    /// Repositories anonymous requests get no access to (private ones).
+    pub private: Vec<String>,
     /// Token lifetime in seconds (distribution allows 60s of clock skew).
     pub expires_in: u64,
 }
@@ -39,6 +41,7 @@ impl Default for TokenOptions {
             user: "alice".into(),
             pass: "secret".into(),
             anonymous_pull: false,
+            private: Vec::new(),
             expires_in: 300,
         }
     }
@@ -355,6 +358,7 @@ fn issue(st: &State, user: &str, scopes: &[String], pull_only: bool, offline: bo
         access: scopes
             .iter()
             .filter_map(|s| parse_scope(s, pull_only))
+            .filter(|a| !user.is_empty() || !st.opts.private.contains(&a.name))
             .collect(),
     };
     let mut head = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);

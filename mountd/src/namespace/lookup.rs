@@ -254,9 +254,14 @@ impl Inner {
         }
         // A tag is looked up by its manifest, which is wanted next anyway:
         // one request, and no listing of the repository's tags.
+        let mut refused = None;
         if ggfs::reference::is_valid_tag(name) && self.may_be_repo_itself(path).await {
             match self.ns.resolve(path, name).await {
                 Ok(_) => return Ok(Node::Ns(Key::Tag(path.to_string(), name.to_string()))),
+                // Refused: a private tag, or no tag at all (Docker Hub
+                // answers 401 for a repository that does not exist) where
+                // a repository below may still be: looked for below.
+                Err(f) if f.errno == libc::EACCES => refused = Some(f),
                 // A registry that does not answer is no sign the name is a prefix.
                 Err(f) if f.errno == libc::ETIMEDOUT => return Err(f),
                 // Nor is one that answered with what we refuse (a manifest
@@ -272,7 +277,26 @@ impl Inner {
         if self.new_tags(path).iter().any(|t| t == name) {
             return Ok(Node::Ns(Key::NewTag(path.to_string(), name.to_string())));
         }
+        if let Some(f) = refused {
+            // Refused the tag, and no repository below by that name (none
+            // listed, no tags of its own): the refusal is the answer, not
+            // an empty prefix directory.
+            let child = join(path, name);
+            if self.ns.tags(&child).await.is_err() && !self.listed(&child).await {
+                return Err(f);
+            }
+        }
         self.lookup_child_repo(path, name).await
+    }
+
+    /// Whether the catalog, where the registry shows it, lists `repo` or
+    /// a repository below it.
+    async fn listed(&self, repo: &str) -> bool {
+        let (parent, name) = repo.rsplit_once('/').unwrap_or(("", repo));
+        match self.ns.catalog().await {
+            Ok(Some(cat)) => children_of(&cat, parent).iter().any(|c| c == name),
+            _ => false,
+        }
     }
 
     /// A child repository (or repository prefix). Listed ones exist; an
