@@ -47,6 +47,7 @@ pub async fn run(fs: Arc<Inner>, limits: Limits) {
         let dropped = fs.prune(limits);
         if dropped > 0 {
             tracing::debug!("dropped {dropped} unused trees");
+            release_freed();
         }
         if n % sweep_every == 0 {
             let forgotten = fs.lock().sweep(limits.names.as_secs());
@@ -132,5 +133,16 @@ impl Inner {
         }
         inodes.unlist(r.base);
         true
+    }
+}
+
+/// Hand what a dropped tree freed back to the system: glibc keeps freed
+/// heap memory for reuse, so without this the daemon's RSS grows in steps
+/// with fragmentation, not with what it holds.
+fn release_freed() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only returns free memory to the kernel.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
