@@ -19,9 +19,10 @@ const LOOKUPS: u64 = 1_000_000;
 /// RSS may grow this much between the first walk and the last (the
 /// allocator settling in: trees are built on whichever blocking thread)...
 const GROWTH_MIB: u64 = 16;
-/// ...and this much over the second half of the rounds (half a million
-/// lookups): flat, not growing with the lookups. Under the whole suite's
-/// load one run grew 2.5 MiB there (34.7 -> 44.3 MiB in all, slowing).
+/// ...and the least RSS of the second half of the rounds (half a million
+/// lookups) may be this much above the first half's: flat, not growing
+/// with the lookups. A round's own sample varies by several MiB under the
+/// whole suite's load (trees being built), so the floors are compared.
 const LATE_GROWTH_MIB: u64 = 4;
 
 fn tar_of(files: impl Iterator<Item = (String, Vec<u8>)>) -> Vec<u8> {
@@ -157,10 +158,15 @@ fn a_million_lookups_over_more_images_than_trees_kept_keep_rss_flat() {
         end_rss <= start_rss + GROWTH_MIB * 1024,
         "RSS grew from {start_rss} KiB to {end_rss} KiB (by round: {per_round:?})"
     );
-    let half = per_round[per_round.len() / 2];
+    // A round's sample catches tree builds in flight (a few MiB, more under
+    // load); what stays is the floor under them: it must not rise.
+    let (early, late) = per_round.split_at(per_round.len() / 2);
+    let floor = |r: &[u64]| r.iter().copied().min().unwrap_or(0);
     assert!(
-        end_rss <= half + LATE_GROWTH_MIB * 1024,
-        "RSS grew from {half} KiB half-way to {end_rss} KiB (by round: {per_round:?})"
+        floor(late) <= floor(early) + LATE_GROWTH_MIB * 1024,
+        "RSS's floor rose from {} KiB to {} KiB over the second half (by round: {per_round:?})",
+        floor(early),
+        floor(late)
     );
     m.unmount().unwrap();
 }
