@@ -150,6 +150,13 @@ pub(crate) struct NsIno {
     used: u64,
 }
 
+impl NsIno {
+    fn new(key: Key, lookups: u64) -> Self {
+        let used = crate::upper::rootfs::now_secs();
+        NsIno { key, lookups, used }
+    }
+}
+
 /// `NsIno::lookups` of the root and of inodes an earlier daemon handed
 /// out: unknown, so kept until the kernel forgets them.
 const HELD: u64 = u64::MAX;
@@ -177,13 +184,8 @@ pub(crate) struct Inodes {
 
 impl Inodes {
     fn new(log: Option<(Arc<InoLog>, Replayed)>) -> Self {
-        let root = NsIno {
-            key: Key::Root,
-            lookups: HELD,
-            used: 0,
-        };
         let mut i = Inodes {
-            keys: HashMap::from([(1, root)]),
+            keys: HashMap::from([(1, NsIno::new(Key::Root, HELD))]),
             next_ns: 2,
             by_key: HashMap::from([(Key::Root, 1)]),
             trees: BTreeMap::new(),
@@ -201,12 +203,7 @@ impl Inodes {
         i.next_ns = r.next.max(2);
         for (ino, key) in r.keys {
             i.by_key.insert(key.clone(), ino);
-            let held = NsIno {
-                key,
-                lookups: HELD,
-                used: 0,
-            };
-            i.keys.insert(ino, held);
+            i.keys.insert(ino, NsIno::new(key, HELD));
         }
         i.next_base = r
             .trees
@@ -222,10 +219,9 @@ impl Inodes {
     }
 
     pub(crate) fn ino(&mut self, key: Key) -> u64 {
-        let now = crate::upper::rootfs::now_secs();
         if let Some(&i) = self.by_key.get(&key) {
             if let Some(n) = self.keys.get_mut(&i) {
-                n.used = now;
+                n.used = crate::upper::rootfs::now_secs();
             }
             return i;
         }
@@ -235,12 +231,7 @@ impl Inodes {
         let i = self.next_ns;
         self.next_ns += 1;
         self.by_key.insert(key.clone(), i);
-        let n = NsIno {
-            key,
-            lookups: 0,
-            used: now,
-        };
-        self.keys.insert(i, n);
+        self.keys.insert(i, NsIno::new(key, 0));
         i
     }
 

@@ -282,20 +282,21 @@ impl Inner {
             // listed, no tags of its own): the refusal is the answer, not
             // an empty prefix directory.
             let child = join(path, name);
-            if self.ns.tags(&child).await.is_err() && !self.listed(&child).await {
+            let listed = self.listed(path, name).await.ok().flatten();
+            if self.ns.tags(&child).await.is_err() && listed != Some(true) {
                 return Err(f);
             }
         }
         self.lookup_child_repo(path, name).await
     }
 
-    /// Whether the catalog, where the registry shows it, lists `repo` or
-    /// a repository below it.
-    async fn listed(&self, repo: &str) -> bool {
-        let (parent, name) = repo.rsplit_once('/').unwrap_or(("", repo));
+    /// Whether the catalog lists `name` (a repository, or a prefix of
+    /// some) below `path`; `None` where the registry keeps it to itself.
+    async fn listed(&self, path: &str, name: &str) -> Res<Option<bool>> {
         match self.ns.catalog().await {
-            Ok(Some(cat)) => children_of(&cat, parent).iter().any(|c| c == name),
-            _ => false,
+            Ok(Some(cat)) => Ok(Some(children_of(&cat, path).iter().any(|c| c == name))),
+            Err(f) if f.errno == libc::ETIMEDOUT => Err(f),
+            _ => Ok(None),
         }
     }
 
@@ -307,11 +308,7 @@ impl Inner {
             return Err(Fail::noent(name));
         }
         let child = join(path, name);
-        let listed = match self.ns.catalog().await {
-            Ok(Some(cat)) => Some(children_of(&cat, path).iter().any(|c| c == name)),
-            Err(f) if f.errno == libc::ETIMEDOUT => return Err(f),
-            _ => None,
-        };
+        let listed = self.listed(path, name).await?;
         if listed == Some(true) || self.ns.tags(&child).await.is_ok() || listed.is_none() {
             return Ok(Node::Ns(Key::Repo(child)));
         }
