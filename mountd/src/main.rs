@@ -587,6 +587,12 @@ fn serve(args: &MountArgs, ready: &mut Ready) -> Result<()> {
     }
     let reg = backend::LibRegistry::new(host, insecure, stall, tls, keychain)?;
     let reg_name = backend::Registry::name(reg.as_ref());
+    // The API check goes out first, so its round trips overlap the local
+    // set-up below (the cache, the inode log) instead of following it.
+    let check = (!resumed).then(|| {
+        let (reg, host) = (reg.clone(), host.to_string());
+        rt.spawn(async move { ping(reg.as_ref(), &host).await })
+    });
     let cache_dir = args.cache_dir.clone().unwrap_or_else(cache::default_dir);
     let cache = Arc::new(cache::Cache::open(&cache_dir, args.cache_size)?);
     let stats = Arc::new(stats::Stats::default());
@@ -611,8 +617,9 @@ fn serve(args: &MountArgs, ready: &mut Ready) -> Result<()> {
             args.mountpoint.display(),
             args.generation + 1
         );
-    } else {
-        ping(reg.as_ref(), host, &rt)?;
+    }
+    if let Some(check) = check {
+        rt.block_on(check).context("the registry check")??;
     }
     inner
         .layers
@@ -694,8 +701,9 @@ fn serve(args: &MountArgs, ready: &mut Ready) -> Result<()> {
     Ok(())
 }
 
-fn ping(reg: &dyn backend::Registry, host: &str, rt: &tokio::runtime::Runtime) -> Result<()> {
-    rt.block_on(async { tokio::time::timeout(Duration::from_secs(30), reg.ping()).await })
+async fn ping(reg: &dyn backend::Registry, host: &str) -> Result<()> {
+    tokio::time::timeout(Duration::from_secs(30), reg.ping())
+        .await
         .map_err(|_| anyhow!("registry {host} unreachable: no answer to /v2/ within 30s"))?
         .map_err(|e| match e {
             // Named once, not three times.

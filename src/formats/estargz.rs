@@ -7,6 +7,7 @@
 //! TOC) give all metadata, and one more per chunk gives file bytes, each chunk
 //! checked against its `chunkDigest` before it is returned.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::io::{self, Read, Write};
 use std::ops::Range;
@@ -384,20 +385,25 @@ fn toc_json_from_member(member: &[u8]) -> Result<Vec<u8>> {
 // TOC JSON
 
 #[derive(Deserialize)]
-struct RawToc {
+struct RawToc<'a> {
     #[serde(default)]
     version: u32,
-    entries: Vec<RawEntry>,
+    #[serde(borrow)]
+    entries: Vec<RawEntry<'a>>,
 }
 
+/// An entry as the JSON has it. The strings that are only looked at are
+/// borrowed from the JSON (owned only when they hold escapes): a TOC has
+/// thousands of entries, and its decode is on the path of a first read.
 #[derive(Deserialize, Default)]
 #[serde(default, rename_all = "camelCase")]
-struct RawEntry {
+struct RawEntry<'a> {
     name: String,
-    #[serde(rename = "type")]
-    kind: String,
+    #[serde(rename = "type", borrow)]
+    kind: Cow<'a, str>,
     size: u64,
-    modtime: String,
+    #[serde(borrow)]
+    modtime: Cow<'a, str>,
     link_name: String,
     mode: u64,
     uid: u32,
@@ -405,18 +411,24 @@ struct RawEntry {
     dev_major: u32,
     dev_minor: u32,
     xattrs: BTreeMap<String, String>,
-    digest: String,
+    #[serde(borrow)]
+    digest: Cow<'a, str>,
     offset: u64,
     end_offset: u64,
     inner_offset: u64,
     chunk_offset: u64,
     chunk_size: u64,
-    chunk_digest: String,
-    chunk_type: String,
+    #[serde(borrow)]
+    chunk_digest: Cow<'a, str>,
+    #[serde(borrow)]
+    chunk_type: Cow<'a, str>,
 }
 
-impl RawEntry {
-    fn validate(self, index: usize) -> Result<TocEntry> {
+/// The last modtime parsed: most entries of a layer share a few times.
+type ModtimeMemo<'a> = Option<(Cow<'a, str>, (i64, u32))>;
+
+impl<'a> RawEntry<'a> {
+    fn validate(self, index: usize, memo: &mut ModtimeMemo<'a>) -> Result<TocEntry> {
         let what = || format!("TOC entry {index} ({:?})", self.name);
         let bad = |reason: String| Error::invalid(what(), reason);
         let kind = EntryType::parse(&self.kind)
@@ -429,7 +441,14 @@ impl RawEntry {
                 .map(Some)
                 .map_err(|e| bad(format!("{key}: {e}")))
         };
-        let (modtime, modtime_nsec) = parse_modtime(&self.modtime).map_err(bad)?;
+        let (modtime, modtime_nsec) = match memo {
+            Some((s, t)) if *s == self.modtime => *t,
+            _ => {
+                let t = parse_modtime(&self.modtime).map_err(bad)?;
+                *memo = Some((self.modtime.clone(), t));
+                t
+            }
+        };
         let mut xattrs = BTreeMap::new();
         for (k, v) in &self.xattrs {
             let bytes = base64::engine::general_purpose::STANDARD
@@ -437,7 +456,7 @@ impl RawEntry {
                 .map_err(|e| bad(format!("xattr {k:?} is not base64: {e}")))?;
             xattrs.insert(k.clone(), bytes);
         }
-        let zeros = match self.chunk_type.as_str() {
+        let zeros = match &*self.chunk_type {
             "" | "data" => false,
             "zeros" => true,
             other => return Err(bad(format!("unknown chunkType {other:?}"))),
@@ -488,7 +507,13 @@ impl Toc {
         toc_offset: u64,
         expected: Option<&Digest>,
     ) -> Result<Toc> {
-        let toc_digest = Digest::of(json);
+        // The hash runs on the other core while the JSON is parsed; the
+        // entries are used only once both are done.
+        let (toc_digest, raw) = std::thread::scope(|s| {
+            let hash = s.spawn(|| Digest::of(json));
+            let raw = serde_json::from_slice::<RawToc>(json);
+            (hash.join().unwrap_or_else(|_| Digest::of(json)), raw)
+        });
         if let Some(expected) = expected.filter(|&e| *e != toc_digest) {
             return Err(Error::ContentMismatch {
                 what: format!("TOC of blob {blob}"),
@@ -496,13 +521,13 @@ impl Toc {
                 actual: toc_digest,
             });
         }
-        let raw: RawToc = serde_json::from_slice(json)
-            .map_err(|e| Error::invalid(format!("TOC of blob {blob}"), e.to_string()))?;
+        let raw = raw.map_err(|e| Error::invalid(format!("TOC of blob {blob}"), e.to_string()))?;
+        let mut memo = None;
         let entries = raw
             .entries
             .into_iter()
             .enumerate()
-            .map(|(i, e)| e.validate(i))
+            .map(|(i, e)| e.validate(i, &mut memo))
             .collect::<Result<Vec<_>>>()
             .map_err(|e| in_blob(e, &blob))?;
         let chunks = resolve_chunks(&entries, toc_offset).map_err(|e| in_blob(e, &blob))?;
@@ -996,6 +1021,25 @@ mod tests {
         assert_eq!(toc.entries[6].mode, 0o666);
         assert_eq!(toc.entries[6].dev_minor, 3);
         assert!(toc.prefetch_range().is_none());
+    }
+
+    #[test]
+    fn escaped_strings_and_shared_modtimes_parse() {
+        // The borrowed fields take escapes too (owned then), and a modtime
+        // the memo holds is not taken for the next entry's different one.
+        let json = br#"{"entries":[
+            {"name":"d\/e","type":"\u0064ir","modtime":"2024-01-02T03:04:05Z"},
+            {"name":"d/f","type":"reg","modtime":"2024-01-02T03:04:05Z"},
+            {"name":"d/g","type":"reg","modtime":"2024-01-02T03:04:0\u0036Z",
+             "chunkType":"\u007aeros","size":4,"chunkSize":4}
+        ]}"#;
+        let toc = Toc::from_json(json, blob(), ChunkCompression::Gzip, 1, None).unwrap();
+        assert_eq!(toc.entries[0].name, "d/e");
+        assert_eq!(toc.entries[0].kind, EntryType::Dir);
+        assert_eq!(toc.entries[0].modtime, 1_704_164_645);
+        assert_eq!(toc.entries[1].modtime, 1_704_164_645);
+        assert_eq!(toc.entries[2].modtime, 1_704_164_646);
+        assert!(toc.entries[2].zeros);
     }
 
     #[test]
