@@ -159,6 +159,9 @@ fn a_request_in_flight_when_the_daemon_dies_is_answered_by_the_next() {
     let m = Mount::start(proxy.addr(), &[]);
     let want = std::fs::read(common::fixture_rootfs().join("small.txt")).unwrap();
     let p = m.path("rs/app/v1/rootfs/small.txt");
+    // The catalog the mount asked for at start is in before the freeze:
+    // otherwise the read waits on it, and no request of its own goes out.
+    assert!(m.path("rs/app").is_dir());
     reg.pause();
     let before = proxy.request_count();
     let reader = std::thread::spawn(move || std::fs::read(p));

@@ -5,15 +5,17 @@
 //! files go. Readers keep open descriptors, so eviction never pulls bytes
 //! from under a read in progress.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use bytes::Bytes;
 use ggfs::{Digest, Error, Result};
 
 /// What a cached file holds.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Kind {
     /// A whole blob, verified against its digest.
     Blob,
@@ -53,6 +55,8 @@ pub struct Cache {
     evicting: Arc<AtomicBool>,
     pub hits: AtomicU64,
     pub misses: AtomicU64,
+    /// Bytes on their way to disk (see [`Cache::pending`]).
+    writing: std::sync::Mutex<HashMap<(Kind, Digest), Bytes>>,
 }
 
 impl Cache {
@@ -68,12 +72,32 @@ impl Cache {
             evicting: Arc::new(AtomicBool::new(false)),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
+            writing: Default::default(),
         };
         if cache.used() > limit && !cache.evicting.swap(true, Ordering::AcqRel) {
             evict(&cache.root, limit, &cache.used);
             cache.evicting.store(false, Ordering::Release);
         }
         Ok(cache)
+    }
+
+    /// Verified bytes whose cache write has not landed yet: a big file's
+    /// next READ comes while its chunk is still being written, and must
+    /// not fetch it again.
+    pub fn pending(&self, kind: Kind, digest: &Digest) -> Option<Bytes> {
+        let writing = self.writing.lock().unwrap_or_else(|p| p.into_inner());
+        writing.get(&(kind, digest.clone())).cloned()
+    }
+
+    /// Hold `bytes` as pending until the returned guard is dropped.
+    pub fn writing(self: &Arc<Self>, kind: Kind, digest: &Digest, bytes: &Bytes) -> Writing {
+        let key = (kind, digest.clone());
+        let mut writing = self.writing.lock().unwrap_or_else(|p| p.into_inner());
+        writing.insert(key.clone(), bytes.clone());
+        Writing {
+            cache: self.clone(),
+            key,
+        }
     }
 
     pub fn root(&self) -> &Path {
@@ -301,6 +325,19 @@ fn syncfs(dir: &Path) -> std::io::Result<()> {
     match unsafe { libc::syncfs(d.as_raw_fd()) } {
         0 => Ok(()),
         _ => Err(std::io::Error::last_os_error()),
+    }
+}
+
+/// Bytes held as pending while their cache write runs.
+pub struct Writing {
+    cache: Arc<Cache>,
+    key: (Kind, Digest),
+}
+
+impl Drop for Writing {
+    fn drop(&mut self) {
+        let mut writing = self.cache.writing.lock().unwrap_or_else(|p| p.into_inner());
+        writing.remove(&self.key);
     }
 }
 

@@ -539,9 +539,14 @@ pub fn store(cache: &Cache, kind: cache::Kind, d: &Digest, bytes: &[u8]) {
 
 /// [`store`] on a blocking thread, not waited for: a reader has its bytes
 /// before their write and fsync.
+/// Until the write lands, [`Cache::pending`] has the bytes.
 pub fn store_later(cache: &Arc<Cache>, kind: cache::Kind, d: &Digest, bytes: &Bytes) {
+    let pending = cache.writing(kind, d, bytes);
     let (cache, d, bytes) = (cache.clone(), d.clone(), bytes.clone());
-    tokio::task::spawn_blocking(move || store(&cache, kind, &d, &bytes));
+    tokio::task::spawn_blocking(move || {
+        store(&cache, kind, &d, &bytes);
+        drop(pending);
+    });
 }
 
 type OpenCell = Arc<OnceCell<Arc<dyn LayerData>>>;

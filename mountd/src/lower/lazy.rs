@@ -335,10 +335,12 @@ impl TocLayer {
         let whole = self
             .flights
             .run(c.blob_offset, || async {
+                let demand = self.rest.demand(c.blob_offset);
                 let bytes = self.toc.read_chunk(self.source.as_ref(), c).await?;
                 if let Some(d) = &c.digest {
                     crate::lower::layer::store_later(&self.cache, cache::Kind::Chunk, d, &bytes);
                 }
+                demand.done();
                 Ok(bytes)
             })
             .await
@@ -348,7 +350,11 @@ impl TocLayer {
 
     /// Bytes `from..to` of a chunk the cache holds.
     async fn cached_part(&self, c: &Chunk, from: u64, to: u64) -> Option<Bytes> {
-        let path = self.cache.get(cache::Kind::Chunk, c.digest.as_ref()?)?;
+        let d = c.digest.as_ref()?;
+        if let Some(b) = self.cache.pending(cache::Kind::Chunk, d) {
+            return Some(b.slice((from as usize).min(b.len())..(to as usize).min(b.len())));
+        }
+        let path = self.cache.get(cache::Kind::Chunk, d)?;
         let part = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {
             use std::os::unix::fs::FileExt;
             let f = std::fs::File::open(path)?;
@@ -398,10 +404,10 @@ impl TocLayer {
         let mut runs: Vec<std::ops::Range<usize>> = Vec::new();
         for i in range {
             let c = &self.rest.chunks[i];
-            let missing = c
-                .digest
-                .as_ref()
-                .is_some_and(|d| !self.cache.path(cache::Kind::Chunk, d).exists());
+            let missing = !self.rest.demanded(c.blob_offset)
+                && c.digest
+                    .as_ref()
+                    .is_some_and(|d| !self.cache.path(cache::Kind::Chunk, d).exists());
             match runs.last_mut() {
                 Some(r) if missing && r.end == i => r.end = i + 1,
                 _ if missing => runs.push(i..i + 1),
