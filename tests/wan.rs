@@ -121,7 +121,7 @@ fn first_file_in_a_handful_of_requests_whole_tree_in_segments() {
         fx.layer_size
     );
 
-    // The whole tree: the layer in ~1 MiB segments, plus the few files
+    // The whole tree: the layer in 1-2 MiB segments, plus the few files
     // read before the background fetch started and those read while it
     // caught up; never a request per file.
     assert_same_tree(&root, &fx.expected);

@@ -1,6 +1,6 @@
 //! Fetching the rest of a lazily read layer in the background, once its
 //! tree is in real use (a few of its files read): one Range request per
-//! ~1 MiB segment of the blob, a few in flight, instead of one per file.
+//! 1-2 MiB segment of the blob, a few in flight, instead of one per file.
 //! Demand reads go first: a read that misses tells the fetcher where it
 //! is, so the next segment fetched is the one it is reading through, and
 //! a read whose chunk is in a segment already in flight waits a moment
@@ -18,12 +18,24 @@ use ggfs::formats::estargz::{Chunk, Toc};
 use tokio::sync::watch;
 
 /// Compressed bytes asked for in one background request (more when one
-/// chunk is bigger): long enough that the link stays full with a few in
-/// flight, short enough that a demand read sharing the link with them is
-/// not kept long. Over a 20 ms, 200 Mbit/s link, a container start took
-/// ~1.5 s with 1 MiB against ~2.0 s with 2 MiB; a whole-tree read about
-/// the same (3.65 s against 3.57 s, within the noise).
-const SEGMENT: u64 = 1 << 20;
+/// chunk is bigger): about [`SEGMENT_TIME`] of transfer at the rate the
+/// layer's TOC came, between these bounds. Short segments keep a demand
+/// read that shares a slow link with them from waiting long; long ones
+/// cost fewer requests where a request costs more than its bytes. Over a
+/// 20 ms, 200 Mbit/s link a container start took ~1.5 s with 1 MiB
+/// against ~2.0 s with 2 MiB; on loopback a whole-tree read took ~20% more
+/// time with 1 MiB than with 2 MiB.
+const MIN_SEGMENT: u64 = 1 << 20;
+const MAX_SEGMENT: u64 = 2 << 20;
+const SEGMENT_TIME: f64 = 0.1;
+
+/// The segment size for a link that brought the TOC at `rate` bytes/s
+/// (`None`: it came from the cache, nothing measured).
+pub fn segment_for(rate: Option<f64>) -> u64 {
+    rate.map_or(MAX_SEGMENT, |r| {
+        ((r * SEGMENT_TIME) as u64).clamp(MIN_SEGMENT, MAX_SEGMENT)
+    })
+}
 /// Background requests in flight at once: enough to fill a long link,
 /// few enough that a demand read's request gets its share of it.
 pub const PARALLEL: usize = 3;
@@ -83,7 +95,7 @@ pub struct Rest {
 }
 
 impl Rest {
-    pub fn plan(toc: &Toc, when: When) -> Rest {
+    pub fn plan(toc: &Toc, when: When, segment: u64) -> Rest {
         let mut chunks: Vec<Chunk> = (0..toc.entries.len())
             .flat_map(|i| toc.chunks(i).iter())
             .filter(|c| !c.zeros && c.digest.is_some() && c.blob_end > c.blob_offset)
@@ -97,7 +109,7 @@ impl Rest {
         let mut start = 0;
         for i in 1..=chunks.len() {
             let end = i == chunks.len()
-                || chunks[i].blob_end.saturating_sub(chunks[start].blob_offset) > SEGMENT;
+                || chunks[i].blob_end.saturating_sub(chunks[start].blob_offset) > segment;
             if end {
                 segments.push(start..i);
                 start = i;
@@ -247,4 +259,19 @@ impl Drop for Demand<'_> {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn segments_follow_the_link_between_bounds() {
+        assert_eq!(segment_for(None), MAX_SEGMENT);
+        // A 408 KB TOC in 45 ms (20 ms away, 200 Mbit/s, a busy link).
+        assert_eq!(segment_for(Some(408e3 / 0.045)), MIN_SEGMENT);
+        assert_eq!(segment_for(Some(15e6)), 1_500_000);
+        // Loopback.
+        assert_eq!(segment_for(Some(400e6)), MAX_SEGMENT);
+    }
 }

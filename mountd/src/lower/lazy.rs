@@ -120,6 +120,11 @@ pub async fn open(layer: &Layer, cache: Arc<Cache>, when: When) -> Result<Option
         }
         _ => return Ok(None),
     };
+    let segment = fetch::segment_for(rec.rate());
+    tracing::debug!(
+        "layer {}: background segments of {segment} bytes",
+        layer.digest
+    );
     if toc.verified {
         // Its write and fsync are not the first read's to wait for.
         let (c, d) = (cache.clone(), layer.digest.clone());
@@ -144,7 +149,7 @@ pub async fn open(layer: &Layer, cache: Arc<Cache>, when: When) -> Result<Option
         true => When::Never,
         false => when,
     };
-    let rest = Rest::plan(&toc, when);
+    let rest = Rest::plan(&toc, when, segment);
     let l = Arc::new_cyclic(|me| TocLayer {
         digest: layer.digest.clone(),
         toc,
@@ -176,6 +181,8 @@ struct Recorder {
     inner: Arc<dyn Source>,
     seen: Mutex<Vec<(u64, u64, Bytes)>>,
     fresh: std::sync::atomic::AtomicBool,
+    /// Bytes fetched and the time their requests took.
+    net: Mutex<(u64, std::time::Duration)>,
 }
 
 impl Recorder {
@@ -189,7 +196,15 @@ impl Recorder {
             inner,
             seen: Mutex::new(seen),
             fresh: std::sync::atomic::AtomicBool::new(false),
+            net: Mutex::default(),
         }
+    }
+
+    /// Bytes per second the registry's answers came at, if any were
+    /// fetched (a round trip and the transfer, as a segment will cost).
+    fn rate(&self) -> Option<f64> {
+        let (bytes, took) = *self.net.lock().unwrap_or_else(|p| p.into_inner());
+        (bytes > 0).then(|| bytes as f64 / took.as_secs_f64().max(1e-4))
     }
 
     /// Persist what was fetched, if anything new was.
@@ -244,7 +259,13 @@ impl Source for Recorder {
                 return Ok(b.clone());
             }
         }
+        let started = std::time::Instant::now();
         let b = self.inner.blob_range(digest, offset, len).await?;
+        {
+            let mut net = self.net.lock().unwrap_or_else(|p| p.into_inner());
+            net.0 += b.len() as u64;
+            net.1 += started.elapsed();
+        }
         self.fresh.store(true, std::sync::atomic::Ordering::Relaxed);
         let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
         seen.push((offset, len, b.clone()));
