@@ -360,6 +360,9 @@ fn which(bin: &str) -> Option<PathBuf> {
 /// How long a signalled daemon waits for a busy session to end.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 
+/// Set once the daemon is shutting its runtime down.
+pub static STOPPING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// An error if `mp` is still a mount point (an unmount left it busy).
 fn still_mounted(mp: &Path) -> std::io::Result<()> {
     match is_mount_point(mp) {
@@ -697,6 +700,8 @@ fn serve(args: &MountArgs, ready: &mut Ready) -> Result<()> {
             }
         });
     }
+    // What the shutdown cuts short (background fetches) is not a fault.
+    STOPPING.store(true, std::sync::atomic::Ordering::SeqCst);
     rt.shutdown_timeout(Duration::from_secs(2));
     Ok(())
 }

@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 use std::hash::Hash;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, Weak};
 
 use async_trait::async_trait;
@@ -396,13 +397,17 @@ impl TocLayer {
         tokio::spawn(async move {
             let worker = || async {
                 while let Some(s) = me.rest.claim() {
-                    if let Err(e) = me.fetch_segment(s).await {
-                        tracing::warn!("background fetch of layer {}: {e}", me.digest);
+                    match me.fetch_segment(s).await {
+                        Err(_) if crate::STOPPING.load(Ordering::SeqCst) => return,
+                        Err(e) => tracing::warn!("background fetch of layer {}: {e}", me.digest),
+                        Ok(()) => {}
                     }
                 }
             };
             futures::future::join_all((0..fetch::PARALLEL).map(|_| worker())).await;
-            tracing::info!("layer {}: background fetch done", me.digest);
+            if !crate::STOPPING.load(Ordering::SeqCst) {
+                tracing::info!("layer {}: background fetch done", me.digest);
+            }
         });
     }
 
