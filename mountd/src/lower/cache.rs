@@ -47,6 +47,9 @@ impl Kind {
     }
 }
 
+/// How stale a file's mtime (its last use) may get before a use refreshes it.
+const REFRESH_AFTER: std::time::Duration = std::time::Duration::from_secs(60);
+
 pub struct Cache {
     root: PathBuf,
     limit: u64,
@@ -130,8 +133,15 @@ impl Cache {
     pub fn open_file(&self, kind: Kind, digest: &Digest) -> Option<std::fs::File> {
         match std::fs::File::open(self.path(kind, digest)) {
             Ok(f) => {
-                // Its owner may set the time on a read-only descriptor.
-                let _ = f.set_modified(SystemTime::now());
+                // Its owner may set the time on a read-only descriptor. Once
+                // a minute is enough for the LRU order, and spares an inode
+                // write per READ of a chunk a big file is read through.
+                let stale = f.metadata().and_then(|m| m.modified()).map_or(true, |t| {
+                    t.elapsed().map_or(true, |age| age > REFRESH_AFTER)
+                });
+                if stale {
+                    let _ = f.set_modified(SystemTime::now());
+                }
                 self.hits.fetch_add(1, Ordering::Relaxed);
                 Some(f)
             }

@@ -376,16 +376,17 @@ impl TocLayer {
         if let Some(b) = self.cache.pending(cache::Kind::Chunk, d) {
             return Some(b.slice((from as usize).min(b.len())..(to as usize).min(b.len())));
         }
-        let path = self.cache.get(cache::Kind::Chunk, d)?;
-        let part = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {
+        // One open, off the async worker.
+        let (cache, d) = (self.cache.clone(), d.clone());
+        let part = tokio::task::spawn_blocking(move || {
             use std::os::unix::fs::FileExt;
-            let f = std::fs::File::open(path)?;
+            let f = cache.open_file(cache::Kind::Chunk, &d)?;
             let mut buf = vec![0u8; (to - from) as usize];
-            f.read_exact_at(&mut buf, from)?;
-            Ok(buf)
+            f.read_exact_at(&mut buf, from).ok()?;
+            Some(buf)
         })
         .await;
-        part.ok()?.ok().map(Bytes::from)
+        part.ok()?.map(Bytes::from)
     }
 
     /// Fetch the chunks of the layer the cache does not hold, a segment
