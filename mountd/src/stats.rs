@@ -59,6 +59,11 @@ impl Stats {
         self.passthrough_opens.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Merged trees built so far.
+    pub fn built(&self) -> u64 {
+        self.trees_built.load(Ordering::Relaxed)
+    }
+
     pub fn tree_built(&self) {
         self.trees_built.fetch_add(1, Ordering::Relaxed);
     }

@@ -36,6 +36,7 @@ pub fn segment_for(rate: Option<f64>) -> u64 {
         ((r * SEGMENT_TIME) as u64).clamp(MIN_SEGMENT, MAX_SEGMENT)
     })
 }
+
 /// Background requests in flight at once: enough to fill a long link,
 /// few enough that a demand read's request gets its share of it.
 pub const PARALLEL: usize = 3;

@@ -42,13 +42,21 @@ impl Default for Limits {
 pub async fn run(fs: Arc<Inner>, limits: Limits) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let sweep_every = limits.names.as_secs().clamp(1, 10);
+    let (mut last, mut trimmed) = (fs.ns.stats.built(), fs.ns.stats.built());
     for n in 1u64.. {
         tick.tick().await;
+        let built = fs.ns.stats.built();
         let dropped = fs.prune(limits);
         if dropped > 0 {
             tracing::debug!("dropped {dropped} unused trees");
-            release_freed();
         }
+        // After drops, and once builds stop: what a build's scratch freed
+        // after the last trim would otherwise stay with the process.
+        if dropped > 0 || (built == last && built != trimmed) {
+            release_freed();
+            trimmed = built;
+        }
+        last = built;
         if n % sweep_every == 0 {
             let forgotten = fs.lock().sweep(limits.names.as_secs());
             if forgotten > 0 {
