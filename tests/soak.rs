@@ -20,14 +20,32 @@ const LOOKUPS: u64 = 1_000_000;
 /// allocator settling in: trees are built on whichever blocking thread)...
 const GROWTH_MIB: u64 = 16;
 /// ...and over the second half (half a million lookups) this much: flat,
-/// not growing with the lookups. Both ends of that half are taken at rest:
+/// not growing with the lookups. Both ends of that half are taken at rest
+/// ([`rest_rss_kib`]):
 /// a round's own sample catches trees being built and, under the whole
 /// suite's load, varied by 18 MiB within a run (even its floor rose 4 MiB
-/// in a run whose RSS at rest ended where it began).
-const LATE_GROWTH_MIB: u64 = 4;
-/// What a build in flight held is handed back this long after the last
-/// lookup (the daemon trims its heap on the first second with no build).
-const SETTLE: std::time::Duration = std::time::Duration::from_secs(3);
+/// in a run whose RSS at rest ended where it began). The smallest heap
+/// allocation is 32 bytes, so anything kept per lookup adds 16 MiB or more
+/// over the half: twice this bound.
+const LATE_GROWTH_MIB: u64 = 8;
+/// At rest: this long after the last lookup, what a build in flight held
+/// is handed back (the daemon trims its heap on the first second with no
+/// build), and the blocking threads a busy machine made the runtime start
+/// (each with its stack) have ended (tokio keeps an idle one 10 s).
+const SETTLE: std::time::Duration = std::time::Duration::from_secs(12);
+
+/// RSS at rest: the least of a few samples taken once settled, so that
+/// one caught during the prune's own work does not count.
+fn rest_rss_kib(pid: u32) -> u64 {
+    std::thread::sleep(SETTLE);
+    (0..8)
+        .map(|_| {
+            std::thread::sleep(std::time::Duration::from_millis(250));
+            rss_kib(pid)
+        })
+        .min()
+        .unwrap_or(0)
+}
 
 fn tar_of(files: impl Iterator<Item = (String, Vec<u8>)>) -> Vec<u8> {
     let mut b = tar::Builder::new(Vec::new());
@@ -131,8 +149,7 @@ fn a_million_lookups_over_more_images_than_trees_kept_keep_rss_flat() {
     let mut half_rss = None;
     while stat(&m, "lookups") - start_lookups < LOOKUPS {
         if half_rss.is_none() && stat(&m, "lookups") - start_lookups >= LOOKUPS / 2 {
-            std::thread::sleep(SETTLE);
-            half_rss = Some(rss_kib(m.pid()));
+            half_rss = Some(rest_rss_kib(m.pid()));
         }
         // The kernel keeps a tree's entries as long as an image's: drop
         // them (and so its inodes, forgotten here too), so each round asks again.
@@ -149,8 +166,7 @@ fn a_million_lookups_over_more_images_than_trees_kept_keep_rss_flat() {
         );
     }
     // What the daemon holds at rest, not what a tree build in flight does.
-    std::thread::sleep(SETTLE);
-    let end_rss = rss_kib(m.pid());
+    let end_rss = rest_rss_kib(m.pid());
     let half_rss = half_rss.expect("a round ended past half the lookups");
     let built = stat(&m, "trees_built");
     let dropped = stat(&m, "trees_dropped");
