@@ -6,8 +6,8 @@
 //! a read whose chunk is in a segment already in flight waits a moment
 //! for that segment before asking for the chunk itself. Chunks are
 //! verified and cached one by one, so an interrupted fetch resumes where
-//! the cache stops. A chunk a demand read fetched is not asked for again
-//! by a segment.
+//! the cache stops. A chunk a demand read has on the wire, or is writing
+//! to the cache, is not asked for again by a segment.
 
 use std::collections::{HashMap, HashSet};
 use std::ops::Range;
@@ -91,8 +91,6 @@ pub struct Rest {
     claimed: Mutex<Vec<bool>>,
     hint: AtomicUsize,
     inflight: Mutex<HashMap<usize, watch::Receiver<()>>>,
-    /// Blob offsets of the chunks demand reads fetched (or are fetching).
-    demanded: Mutex<HashSet<u64>>,
 }
 
 impl Rest {
@@ -126,24 +124,7 @@ impl Rest {
             claimed: Mutex::new(vec![false; n]),
             hint: AtomicUsize::new(0),
             inflight: Mutex::new(HashMap::new()),
-            demanded: Mutex::new(HashSet::new()),
         }
-    }
-
-    /// A demand read fetches the chunk at `blob_offset` until the guard is
-    /// dropped; [`Demand::done`] keeps it out of the segments fetched later.
-    pub fn demand(&self, blob_offset: u64) -> Demand<'_> {
-        lock(&self.demanded).insert(blob_offset);
-        Demand {
-            rest: self,
-            blob_offset,
-            done: false,
-        }
-    }
-
-    /// Whether a demand read has fetched (or is fetching) that chunk.
-    pub fn demanded(&self, blob_offset: u64) -> bool {
-        lock(&self.demanded).contains(&blob_offset)
     }
 
     /// Note a read of file `entry`; true exactly once, when the fetch of
@@ -232,29 +213,6 @@ pub struct Inflight<'a> {
 impl Drop for Inflight<'_> {
     fn drop(&mut self) {
         lock(&self.rest.inflight).remove(&self.s);
-    }
-}
-
-/// A demand read's chunk on the wire (see [`Rest::demand`]).
-pub struct Demand<'a> {
-    rest: &'a Rest,
-    blob_offset: u64,
-    done: bool,
-}
-
-impl Demand<'_> {
-    /// The chunk came and is being cached.
-    pub fn done(mut self) {
-        self.done = true;
-    }
-}
-
-impl Drop for Demand<'_> {
-    fn drop(&mut self) {
-        if !self.done {
-            // Failed or cancelled: a segment may still bring it.
-            lock(&self.rest.demanded).remove(&self.blob_offset);
-        }
     }
 }
 

@@ -538,8 +538,8 @@ pub fn store(cache: &Cache, kind: cache::Kind, d: &Digest, bytes: &[u8]) {
 }
 
 /// [`store`] on a blocking thread, not waited for: a reader has its bytes
-/// before their write and fsync.
-/// Until the write lands, [`Cache::pending`] has the bytes.
+/// before their write and fsync, and [`Cache::pending`] has them until the
+/// write lands.
 pub fn store_later(cache: &Arc<Cache>, kind: cache::Kind, d: &Digest, bytes: &Bytes) {
     let pending = cache.writing(kind, d, bytes);
     let (cache, d, bytes) = (cache.clone(), d.clone(), bytes.clone());

@@ -70,6 +70,12 @@ impl<K: Hash + Eq + Clone, V: Clone> SingleFlight<K, V> {
         }
         out
     }
+
+    /// Whether a run for `key` is under way.
+    pub fn in_flight(&self, key: &K) -> bool {
+        let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        map.contains_key(key)
+    }
 }
 
 pub struct TocLayer {
@@ -181,8 +187,8 @@ pub async fn open(layer: &Layer, cache: Arc<Cache>, when: When) -> Result<Option
 struct Recorder {
     inner: Arc<dyn Source>,
     seen: Mutex<Vec<(u64, u64, Bytes)>>,
-    fresh: std::sync::atomic::AtomicBool,
-    /// Bytes fetched and the time their requests took.
+    /// Bytes fetched (none: nothing new to save) and the time their
+    /// requests took.
     net: Mutex<(u64, std::time::Duration)>,
 }
 
@@ -196,7 +202,6 @@ impl Recorder {
         Recorder {
             inner,
             seen: Mutex::new(seen),
-            fresh: std::sync::atomic::AtomicBool::new(false),
             net: Mutex::default(),
         }
     }
@@ -210,7 +215,7 @@ impl Recorder {
 
     /// Persist what was fetched, if anything new was.
     fn save(&self, cache: &Cache, digest: &Digest) {
-        if !self.fresh.load(std::sync::atomic::Ordering::Relaxed) {
+        if self.net.lock().unwrap_or_else(|p| p.into_inner()).0 == 0 {
             return;
         }
         let seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
@@ -267,7 +272,6 @@ impl Source for Recorder {
             net.0 += b.len() as u64;
             net.1 += started.elapsed();
         }
-        self.fresh.store(true, std::sync::atomic::Ordering::Relaxed);
         let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
         seen.push((offset, len, b.clone()));
         Ok(b)
@@ -357,12 +361,10 @@ impl TocLayer {
         let whole = self
             .flights
             .run(c.blob_offset, || async {
-                let demand = self.rest.demand(c.blob_offset);
                 let bytes = self.toc.read_chunk(self.source.as_ref(), c).await?;
                 if let Some(d) = &c.digest {
                     crate::lower::layer::store_later(&self.cache, cache::Kind::Chunk, d, &bytes);
                 }
-                demand.done();
                 Ok(bytes)
             })
             .await
@@ -431,10 +433,12 @@ impl TocLayer {
         let mut runs: Vec<std::ops::Range<usize>> = Vec::new();
         for i in range {
             let c = &self.rest.chunks[i];
-            let missing = !self.rest.demanded(c.blob_offset)
-                && c.digest
-                    .as_ref()
-                    .is_some_and(|d| !self.cache.path(cache::Kind::Chunk, d).exists());
+            // Not cached, not being written, not on the wire for a read.
+            let missing = !self.flights.in_flight(&c.blob_offset)
+                && c.digest.as_ref().is_some_and(|d| {
+                    self.cache.pending(cache::Kind::Chunk, d).is_none()
+                        && !self.cache.path(cache::Kind::Chunk, d).exists()
+                });
             match runs.last_mut() {
                 Some(r) if missing && r.end == i => r.end = i + 1,
                 _ if missing => runs.push(i..i + 1),

@@ -42,7 +42,8 @@ impl Default for Limits {
 pub async fn run(fs: Arc<Inner>, limits: Limits) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let sweep_every = limits.names.as_secs().clamp(1, 10);
-    let (mut last, mut trimmed) = (fs.ns.stats.built(), fs.ns.stats.built());
+    let mut last = fs.ns.stats.built();
+    let mut trimmed = last;
     for n in 1u64.. {
         tick.tick().await;
         let built = fs.ns.stats.built();
