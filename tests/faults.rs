@@ -103,38 +103,30 @@ const CHUNK: usize = 1 << 20;
 const BIG: usize = 5 * CHUNK + 12_345;
 
 /// `f/big:v1` on `reg`: two small layers and one of `BIG` bytes (plus
-/// its tar headers). Copy uploads blobs in digest order, so it is rebuilt
-/// until some small blob sorts before the big one: those are in the
-/// target when the big one breaks off. Returns the big layer's digest
-/// and every blob's (digest, size), config included.
+/// its tar headers). Copy sends the biggest blob first. Returns the big
+/// layer's digest and every blob's (digest, size), config included.
 fn big_layer_image(reg: &Distribution) -> (String, Vec<(String, u64)>) {
-    for seed in 0..20 {
-        let work = common::tempdir();
-        let mut args = vec!["append".to_string()];
-        for (i, len) in [100_000, 100_000, BIG].into_iter().enumerate() {
-            let dir = work.path().join(format!("l{i}"));
-            std::fs::create_dir(&dir).unwrap();
-            let data = common::pseudo_random(len, 1000 * seed + i as u64);
-            std::fs::write(dir.join("data"), data).unwrap();
-            args.extend(["-f".into(), dir.display().to_string()]);
-        }
-        args.extend(["--layer-format", "none", "-t"].map(String::from));
-        args.push(reg.reference("f/big:v1"));
-        common::ggfs(&args.iter().map(String::as_str).collect::<Vec<_>>());
-        let m: serde_json::Value =
-            serde_json::from_str(&common::ggfs(&["manifest", &reg.reference("f/big:v1")])).unwrap();
-        let desc = |d: &serde_json::Value| {
-            let digest = d["digest"].as_str().unwrap().to_string();
-            (digest, d["size"].as_u64().unwrap())
-        };
-        let mut blobs: Vec<_> = m["layers"].as_array().unwrap().iter().map(desc).collect();
-        let big = blobs[2].0.clone();
-        blobs.push(desc(&m["config"]));
-        if blobs.iter().any(|(d, _)| *d < big) {
-            return (big, blobs);
-        }
+    let work = common::tempdir();
+    let mut args = vec!["append".to_string()];
+    for (i, len) in [100_000, 100_000, BIG].into_iter().enumerate() {
+        let dir = work.path().join(format!("l{i}"));
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::write(dir.join("data"), common::pseudo_random(len, i as u64)).unwrap();
+        args.extend(["-f".into(), dir.display().to_string()]);
     }
-    panic!("20 builds all sorted the big layer first");
+    args.extend(["--layer-format", "none", "-t"].map(String::from));
+    args.push(reg.reference("f/big:v1"));
+    common::ggfs(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let m: serde_json::Value =
+        serde_json::from_str(&common::ggfs(&["manifest", &reg.reference("f/big:v1")])).unwrap();
+    let desc = |d: &serde_json::Value| {
+        let digest = d["digest"].as_str().unwrap().to_string();
+        (digest, d["size"].as_u64().unwrap())
+    };
+    let mut blobs: Vec<_> = m["layers"].as_array().unwrap().iter().map(desc).collect();
+    let big = blobs[2].0.clone();
+    blobs.push(desc(&m["config"]));
+    (big, blobs)
 }
 
 /// `ggfs` with its cache (and so its upload records) in `cache`.
@@ -295,15 +287,14 @@ fn chunked_upload_killed_mid_blob_resumes_from_the_registry_offset() {
         !text.contains("authorization") && !text.contains("token"),
         "{text}"
     );
-    // -j 1 in digest order: exactly the blobs before the big one landed.
-    for (d, _) in &b.blobs {
-        assert_eq!(
-            b.present.contains(d),
-            *d < b.big,
-            "{d} (big layer {})",
-            b.big
-        );
-    }
+    // -j 1, biggest first: the big layer was the first blob sent, so
+    // none had landed.
+    assert!(
+        b.present.is_empty(),
+        "{:?} (big layer {})",
+        b.present,
+        b.big
+    );
 
     let requests = b.rerun();
     b.assert_present_not_sent(&requests);
@@ -767,4 +758,66 @@ fn source_killed_mid_copy_resumes_without_resending() {
         assert_eq!(common::sha256_digest(&bytes), *d);
     }
     common::ggfs(&["validate", &target]);
+}
+
+/// Copy streams a blob on as it comes in: with the source's answer held
+/// 3 MiB into the 5 MiB layer, the target has already been sent 2 MiB of
+/// it, both in one PUT (the default 16 MiB chunk size) and in a PATCH of
+/// a chunked upload (4 MiB chunks). Buffering a blob or a chunk before
+/// sending it, as before, sent none: over a WAN that made the transfer
+/// down and the transfer up take turns. Both copies end whole.
+#[test]
+fn copy_sends_a_blob_on_while_it_is_still_coming_in() {
+    let src = Distribution::start();
+    let (big, _) = big_layer_image(&src);
+    let src_proxy = CountingProxy::start(src.addr());
+    let dst = Distribution::start();
+    let dst_proxy = CountingProxy::start(dst.addr());
+    let source = format!("{}/f/big:v1", src_proxy.addr());
+    for (repo, chunk) in [("f/put", None), ("f/patch", Some(4 << 20))] {
+        src_proxy.reset();
+        dst_proxy.reset();
+        src_proxy.pause_down_at(3 << 20);
+        let target = format!("{}/{repo}:v1", dst_proxy.addr());
+        let mut cmd = Command::new(common::ggfs_bin());
+        if let Some(c) = chunk {
+            cmd.args(["--upload-chunk-size", &c.to_string()]);
+        }
+        let mut copy = cmd
+            .args(["copy", "-j", "1", &source, &target])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let t0 = Instant::now();
+        while dst_proxy.bytes_up() < 2 << 20 {
+            if t0.elapsed() > Duration::from_secs(60) || copy.try_wait().unwrap().is_some() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let (down, up) = (src_proxy.bytes_down(), dst_proxy.bytes_up());
+        src_proxy.resume_down();
+        let out = copy.wait_with_output().unwrap();
+        assert!(
+            down <= 3 << 20 && up >= 2 << 20,
+            "{repo}: {up} bytes sent up while {down} had come down of layer {big}"
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let sent = dst_proxy.requests();
+        let method = if chunk.is_some() { "PATCH" } else { "PUT" };
+        assert!(
+            sent.iter()
+                .any(|r| r.method == method && !r.path.contains("manifests")),
+            "{repo}: no blob {method} in {sent:?}"
+        );
+        assert_eq!(
+            common::ggfs(&["digest", &target]),
+            common::ggfs(&["digest", &src.reference("f/big:v1")])
+        );
+    }
 }

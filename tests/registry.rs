@@ -923,3 +923,53 @@ async fn broken_blob_downloads_resume() {
         );
     }
 }
+
+/// A streamed PUT that the registry answers 503 is sent again whole, from
+/// the bytes kept: the source is read once, both PUTs carry every byte.
+#[tokio::test]
+async fn a_streamed_upload_answered_503_goes_again_from_the_bytes_kept() {
+    let puts = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let p = puts.clone();
+    let s = scripted(move |req, _| match req.method.as_str() {
+        "POST" => response(
+            "202 Accepted",
+            &[("Location", "/v2/x/blobs/uploads/u1")],
+            b"",
+        ),
+        "PUT" if p.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 => {
+            response("503 Service Unavailable", &[], b"")
+        }
+        "PUT" => response("201 Created", &[], b""),
+        _ => response("404 Not Found", &[], b""),
+    });
+    let c = fast_client();
+    let r = repo(&c, &s.addr, "x");
+    let pieces: Vec<Bytes> = (0..4).map(|i| chunk(i, 1000)).collect();
+    let digest = {
+        let mut h = Hasher::new();
+        pieces.iter().for_each(|b| h.update(b));
+        h.finish()
+    };
+    let reads = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let n = reads.clone();
+    let data: ByteStream = Box::pin(futures::stream::iter(pieces).map(move |b| {
+        n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Ok(b)
+    }));
+    r.put_blob(&digest, 4000, data).await.unwrap();
+    assert_eq!(
+        reads.load(std::sync::atomic::Ordering::SeqCst),
+        4,
+        "source read once"
+    );
+    let seen = s.seen.lock().unwrap().clone();
+    let puts: Vec<_> = seen.iter().filter(|r| r.method == "PUT").collect();
+    assert_eq!(puts.len(), 2, "{seen:?}");
+    for p in puts {
+        assert_eq!(p.header("content-length"), Some("4000"), "{p:?}");
+        assert!(
+            p.path.contains(&digest.as_str().replace(':', "%3A")),
+            "{p:?}"
+        );
+    }
+}

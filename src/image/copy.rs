@@ -195,6 +195,9 @@ async fn copy_blobs(
 ) -> Result<()> {
     blobs.sort();
     blobs.dedup();
+    // The biggest first: over a slow link the longest transfer sets the
+    // end, so it should not wait for a slot behind small ones.
+    blobs.sort_by_key(|(_, size)| std::cmp::Reverse(*size));
     let outcomes: Vec<(BlobOutcome, u64)> = futures::stream::iter(blobs)
         .map(|(digest, size)| async move {
             let outcome = copy_blob(src, dst, &digest, size, opts).await?;

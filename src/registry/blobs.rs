@@ -109,6 +109,90 @@ fn drop_front(mut chunk: Bytes, skip: &mut u64) -> Bytes {
     chunk.split_off(n as usize)
 }
 
+/// An upload's source, handed out in pieces of at most the size asked for:
+/// the part of a piece past one PATCH's end goes into the next.
+struct Feed {
+    data: ByteStream,
+    /// Bytes the session already holds, still to read and drop.
+    skip: u64,
+    rest: Bytes,
+}
+
+impl Feed {
+    async fn take(&mut self, max: usize, what: &str) -> Result<Option<Bytes>> {
+        while self.rest.is_empty() {
+            match self.data.next().await {
+                Some(chunk) => {
+                    self.rest = drop_front(chunk.map_err(|e| from_io(what, e))?, &mut self.skip)
+                }
+                None => return Ok(None),
+            }
+        }
+        let n = max.min(self.rest.len());
+        Ok(Some(self.rest.split_to(n)))
+    }
+
+    /// Pass the next `len` bytes to `tx` (a request body) as they come,
+    /// and return them all. A request that went away is no reason to stop
+    /// reading: the bytes are wanted for the resend. A failing source ends
+    /// the body with an error, so the registry never takes a short chunk.
+    async fn send(
+        &mut self,
+        len: u64,
+        tx: tokio::sync::mpsc::Sender<io::Result<Bytes>>,
+        what: &str,
+    ) -> Result<Bytes> {
+        let mut kept = BytesMut::with_capacity(len as usize);
+        let mut tx = Some(tx);
+        while (kept.len() as u64) < len {
+            let want = (len - kept.len() as u64) as usize;
+            let piece = match self.take(want, what).await {
+                Ok(Some(p)) => Ok(p),
+                Ok(None) => Err(Error::invalid(
+                    what,
+                    format!("source ended before byte {len} of a chunk"),
+                )),
+                Err(e) => Err(e),
+            };
+            let piece = match piece {
+                Ok(p) => p,
+                Err(e) => {
+                    if let Some(tx) = tx.take() {
+                        let _ = tx.send(Err(io::Error::other("the source failed"))).await;
+                    }
+                    return Err(e);
+                }
+            };
+            kept.extend_from_slice(&piece);
+            if let Some(t) = &tx {
+                if t.send(Ok(piece)).await.is_err() {
+                    tx = None;
+                }
+            }
+        }
+        Ok(kept.freeze())
+    }
+}
+
+/// A channel's receiving end as a request body.
+struct Channel(tokio::sync::mpsc::Receiver<io::Result<Bytes>>);
+
+impl futures::Stream for Channel {
+    type Item = io::Result<Bytes>;
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        self.0.poll_recv(cx)
+    }
+}
+
+/// An upload session's URL with `?digest=`, which closes it.
+fn with_digest(mut loc: Url, digest: &Digest) -> Url {
+    loc.query_pairs_mut().append_pair("digest", digest.as_str());
+    loc
+}
+
 /// What POST /blobs/uploads/ gave us.
 enum Started {
     /// 201: the blob was mounted from another repository.
@@ -239,7 +323,7 @@ impl RegistryRepo {
             return Ok(());
         };
         let result = self
-            .upload_monolithic(loc.clone(), digest, data, &what)
+            .upload_monolithic(loc.clone(), digest, size, data, &what)
             .await;
         if result.is_err() {
             self.cancel_upload(loc).await;
@@ -346,47 +430,149 @@ impl RegistryRepo {
         }
     }
 
+    /// One PUT, its body streamed as the bytes come in (the download and
+    /// the upload overlap); resent from the bytes kept if it failed.
     async fn upload_monolithic(
         &self,
         loc: Url,
         digest: &Digest,
-        mut data: ByteStream,
+        size: u64,
+        data: ByteStream,
         what: &str,
     ) -> Result<()> {
-        let mut buf = BytesMut::new();
-        while let Some(chunk) = data.next().await {
-            buf.extend_from_slice(&chunk.map_err(|e| from_io(what, e))?);
+        let mut feed = Feed {
+            data,
+            skip: 0,
+            rest: Bytes::new(),
+        };
+        let req = self
+            .push(Method::PUT, with_digest(loc.clone(), digest))
+            .header(CONTENT_TYPE, OCTET_STREAM)
+            .header(CONTENT_LENGTH, &size.to_string());
+        let (sent, kept) = self.stream_body(&req, &mut feed, size, what).await;
+        let kept = kept?;
+        // Read to the source's end, where its digest and size are checked.
+        if feed.take(1, what).await?.is_some() {
+            return Err(Error::invalid(
+                what,
+                format!("source has more than {size} bytes"),
+            ));
         }
-        self.finish_upload(loc, digest, buf.freeze()).await
+        match sent {
+            Ok(resp) if resp.status() == StatusCode::CREATED => self.stored_as(&resp, digest),
+            Ok(resp)
+                if resp.status().is_client_error() && resp.status() != StatusCode::UNAUTHORIZED =>
+            {
+                Err(self.status_error(what, resp).await)
+            }
+            // Away, or a token run out: once more, with retries and auth.
+            _ => self.finish_upload(loc, digest, kept).await,
+        }
     }
 
-    /// PATCH `data` from `s.held` on. The bytes the session already holds
-    /// are read and dropped: `data` is digest-verified as a whole, so they
-    /// are still hashed.
+    /// Send `req` with the next `len` bytes of `feed` streamed as its body,
+    /// while keeping them for a resend.
+    async fn stream_body(
+        &self,
+        req: &super::transport::Req,
+        feed: &mut Feed,
+        len: u64,
+        what: &str,
+    ) -> (Result<Resp>, Result<Bytes>) {
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let body = reqwest::Body::wrap_stream(Channel(rx));
+        tokio::join!(self.t().send_streamed(req, body), feed.send(len, tx, what))
+    }
+
+    /// PATCH `data` from `s.held` on, a chunk per request, each streamed
+    /// as its bytes come in. The bytes the session already holds are read
+    /// and dropped: `data` is digest-verified as a whole, so they are still
+    /// hashed.
     async fn upload_chunked(
         &self,
         s: &mut Session,
         key: &Key<'_>,
-        mut data: ByteStream,
+        data: ByteStream,
         what: &str,
     ) -> Result<()> {
-        let chunk_size = self.client().chunk_size;
-        let mut buf = BytesMut::with_capacity(chunk_size);
-        let mut skip = s.held;
-        while let Some(chunk) = data.next().await {
-            let chunk = drop_front(chunk.map_err(|e| from_io(what, e))?, &mut skip);
-            buf.extend_from_slice(&chunk);
-            while buf.len() >= chunk_size {
-                let part = buf.split_to(chunk_size).freeze();
-                self.patch(s, part, what).await?;
-                self.remember(key, s);
-            }
+        let chunk_size = self.client().chunk_size.max(1) as u64;
+        let mut feed = Feed {
+            data,
+            skip: s.held,
+            rest: Bytes::new(),
+        };
+        while s.held < key.size {
+            let len = (key.size - s.held).min(chunk_size);
+            self.patch_streamed(s, &mut feed, len, what).await?;
+            self.remember(key, s);
         }
-        if !buf.is_empty() {
-            self.patch(s, buf.freeze(), what).await?;
+        // Read to the source's end, where its digest and size are checked.
+        if feed.take(1, what).await?.is_some() {
+            return Err(Error::invalid(
+                what,
+                format!("source has more than {} bytes", key.size),
+            ));
         }
         self.finish_upload(s.loc.clone(), key.digest, Bytes::new())
             .await
+    }
+
+    /// PATCH the next `len` bytes of `feed` at `s.held`, sending them as
+    /// they come in: the download and the upload overlap instead of taking
+    /// turns (over a WAN a chunk buffered first costs its whole transfer
+    /// again). The bytes are kept until the registry confirms them, and
+    /// resent through [`RegistryRepo::patch`] when it did not.
+    async fn patch_streamed(
+        &self,
+        s: &mut Session,
+        feed: &mut Feed,
+        len: u64,
+        what: &str,
+    ) -> Result<()> {
+        let (offset, end) = (s.held, s.held + len - 1);
+        let req = self
+            .push(Method::PATCH, s.loc.clone())
+            .header(CONTENT_TYPE, OCTET_STREAM)
+            .header(CONTENT_RANGE, &format!("{offset}-{end}"))
+            .header(CONTENT_LENGTH, &len.to_string());
+        let (sent, kept) = self.stream_body(&req, feed, len, what).await;
+        let kept = kept?;
+        let failure = match sent {
+            Ok(resp) if resp.status() == StatusCode::ACCEPTED => {
+                self.check_range_end(&resp, end, what)?;
+                (s.loc, s.held) = (self.location(&resp, what)?, end + 1);
+                return Ok(());
+            }
+            // A token that ran out during a long upload: `patch` renews it.
+            Ok(resp) if resp.status() == StatusCode::UNAUTHORIZED => {
+                return self.patch(s, kept, what).await
+            }
+            Ok(resp) if resp.status().is_server_error() => {
+                s.broken_off = true;
+                self.status_error(what, resp).await
+            }
+            Ok(resp) => {
+                s.broken_off = false;
+                return Err(self.status_error(what, resp).await);
+            }
+            Err(e) if resumable(&e) => {
+                s.broken_off = true;
+                e
+            }
+            Err(e) => return Err(e),
+        };
+        tracing::debug!(error = %failure, offset, "streamed chunk failed; checking the session");
+        let (held, next) = self.upload_progress(&s.loc, what).await?;
+        s.loc = next;
+        if held == end + 1 {
+            s.held = held;
+            return Ok(());
+        }
+        if held != offset {
+            s.broken_off = false;
+            return Err(self.registry_error(format!("{what}: after a failed chunk at {offset} the session holds {held} bytes ({failure})")));
+        }
+        self.patch(s, kept, what).await
     }
 
     /// POST to open an upload session, or (with `mount`) to mount a blob
@@ -510,11 +696,10 @@ impl RegistryRepo {
     }
 
     /// PUT `?digest=` closes the session; the registry verifies the digest.
-    async fn finish_upload(&self, mut loc: Url, digest: &Digest, body: Bytes) -> Result<()> {
+    async fn finish_upload(&self, loc: Url, digest: &Digest, body: Bytes) -> Result<()> {
         let what = self.blob_what(digest);
-        loc.query_pairs_mut().append_pair("digest", digest.as_str());
         let req = self
-            .push(Method::PUT, loc)
+            .push(Method::PUT, with_digest(loc, digest))
             .header(CONTENT_TYPE, OCTET_STREAM)
             .header(CONTENT_LENGTH, &body.len().to_string())
             .body(body);
@@ -522,14 +707,19 @@ impl RegistryRepo {
         if resp.status() != StatusCode::CREATED {
             return Err(self.status_error(&what, resp).await);
         }
+        self.stored_as(&resp, digest)
+    }
+
+    /// A 201 for `digest` must not name another digest of our algorithm.
+    fn stored_as(&self, resp: &Resp, digest: &Digest) -> Result<()> {
         // A registry may name a sha512 blob by its own canonical sha256
         // (distribution does): only a digest in our algorithm compares.
         let same_algorithm =
             |d: &str| d.split_once(':').map(|(a, _)| a) == Some(digest.algorithm());
         match resp.header("docker-content-digest") {
-            Some(d) if same_algorithm(d) && d != digest.as_str() => {
-                Err(self.registry_error(format!("{what}: registry stored it as {d}")))
-            }
+            Some(d) if same_algorithm(d) && d != digest.as_str() => Err(self.registry_error(
+                format!("{}: registry stored it as {d}", self.blob_what(digest)),
+            )),
             _ => Ok(()),
         }
     }

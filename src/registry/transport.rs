@@ -321,6 +321,41 @@ impl Transport {
         }
     }
 
+    /// Send `req` once with `body` streamed (an upload's bytes as they come
+    /// in), with the credentials `send` last used. A streamed body cannot be
+    /// replayed, so there is no retry, auth refresh or redirect here: the
+    /// caller resends what it kept through [`Transport::send`].
+    pub async fn send_streamed(&self, req: &Req, body: reqwest::Body) -> Result<Resp> {
+        let auth = self.authorization(req, None).await?;
+        let permit = self.jobs.clone().acquire_owned().await.ok();
+        let mut b = self
+            .http
+            .request(req.method.clone(), req.url.clone())
+            .headers(req.headers.clone())
+            .body(body);
+        if let Some(a) = auth {
+            b = b.header(AUTHORIZATION, a);
+        }
+        match b.send().await {
+            Ok(inner) => {
+                tracing::debug!(method = %req.method, url = %redact_url(&req.url), status = %inner.status(), "streamed");
+                Ok(Resp {
+                    inner,
+                    permit,
+                    tries: 1,
+                    stall: self.stall,
+                })
+            }
+            Err(e) => {
+                let what = format!("{} {}", req.method, redact_url(&req.url));
+                if e.is_timeout() {
+                    return Err(stalled(&req.url, what, self.stall));
+                }
+                Err(http_err(&what, e.without_url()))
+            }
+        }
+    }
+
     /// Send with exactly the given `Authorization` (credential checks).
     pub async fn send_plain(&self, req: &Req, auth: Option<&str>) -> Result<Resp> {
         self.send_following(req, auth).await

@@ -28,6 +28,8 @@ struct Stats {
     requests: Mutex<Vec<ProxyRequest>>,
     /// See [`CountingProxy::hold_after`].
     hold: Mutex<Option<(String, usize)>>,
+    /// See [`CountingProxy::pause_down_at`].
+    pause_down: Mutex<Option<u64>>,
 }
 
 pub struct CountingProxy {
@@ -151,6 +153,16 @@ impl CountingProxy {
         *self.stats.hold.lock().unwrap() = None;
     }
 
+    /// Once `n` bytes went down (to clients), send no more until
+    /// [`Self::resume_down`]: a download held in the middle of its body.
+    pub fn pause_down_at(&self, n: u64) {
+        *self.stats.pause_down.lock().unwrap() = Some(n);
+    }
+
+    pub fn resume_down(&self) {
+        *self.stats.pause_down.lock().unwrap() = None;
+    }
+
     /// Zeroes the byte counters and forgets the requests seen.
     pub fn reset(&self) {
         self.stats.down.store(0, Ordering::SeqCst);
@@ -209,7 +221,7 @@ fn accept_loop(
         };
         std::thread::spawn(move || pump_up(client, up, &st));
         let st = stats.clone();
-        std::thread::spawn(move || pump(s2, down, &st.down));
+        std::thread::spawn(move || pump(s2, down, &st));
     }
 }
 
@@ -256,13 +268,27 @@ fn delayed(mut to: TcpStream, delay: Duration, bucket: Option<Arc<Bucket>>) -> O
 }
 
 /// Upstream to client, counting.
-fn pump(mut from: TcpStream, mut to: Out, counter: &AtomicU64) {
+fn pump(mut from: TcpStream, mut to: Out, stats: &Stats) {
     let mut buf = vec![0u8; 64 * 1024];
-    while let Ok(n) = from.read(&mut buf) {
-        if n == 0 || !to.send(&buf[..n]) {
+    loop {
+        // Within a paused budget, read no more than it allows.
+        let room = match *stats.pause_down.lock().unwrap() {
+            Some(at) => at.saturating_sub(stats.down.load(Ordering::SeqCst)) as usize,
+            None => buf.len(),
+        };
+        if room == 0 {
+            std::thread::sleep(Duration::from_millis(5));
+            continue;
+        }
+        let want = room.min(buf.len());
+        let n = match from.read(&mut buf[..want]) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if !to.send(&buf[..n]) {
             break;
         }
-        counter.fetch_add(n as u64, Ordering::SeqCst);
+        stats.down.fetch_add(n as u64, Ordering::SeqCst);
     }
     to.close();
 }
