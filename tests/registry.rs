@@ -973,3 +973,49 @@ async fn a_streamed_upload_answered_503_goes_again_from_the_bytes_kept() {
         );
     }
 }
+
+/// An upload session on another host (the registry's `Location` points at
+/// its storage) gets the blob's streamed PUT without the registry's
+/// credentials.
+#[tokio::test]
+async fn uploads_never_carry_credentials_off_host() {
+    let storage = scripted(|_, _| response("201 Created", &[], b""));
+    let target = format!("http://{}/upload/u1?sig=abc", storage.addr);
+    let registry = scripted(move |req, _| match req.header("authorization") {
+        Some(a) if a.starts_with("Basic ") => {
+            response("202 Accepted", &[("Location", &target)], b"")
+        }
+        _ => response(
+            "401 Unauthorized",
+            &[("WWW-Authenticate", r#"Basic realm="test""#)],
+            b"",
+        ),
+    });
+    let dir = common::tempdir();
+    std::fs::write(
+        dir.path().join("config.json"),
+        serde_json::json!({"auths": {registry.addr.clone(): {"username": "u", "password": "p"}}})
+            .to_string(),
+    )
+    .unwrap();
+    let c = Client::builder(ClientOptions::default())
+        .keychain(Keychain::docker_dir(dir.path()))
+        .build()
+        .unwrap();
+    let r = repo(&c, &registry.addr, "up");
+    put(&r, b"a blob stored elsewhere").await.unwrap();
+    let seen = storage.seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(seen[0].method, "PUT");
+    assert!(
+        seen[0].path.starts_with("/upload/u1?sig=abc&digest="),
+        "{:?}",
+        seen[0]
+    );
+    assert_eq!(
+        seen[0].header("authorization"),
+        None,
+        "credentials leaked to {:?}",
+        seen[0]
+    );
+}

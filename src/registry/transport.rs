@@ -326,7 +326,11 @@ impl Transport {
     /// replayed, so there is no retry, auth refresh or redirect here: the
     /// caller resends what it kept through [`Transport::send`].
     pub async fn send_streamed(&self, req: &Req, body: reqwest::Body) -> Result<Resp> {
-        let auth = self.authorization(req, None).await?;
+        // An upload URL on another host gets no credentials, as in `send`.
+        let auth = match self.same_origin(&req.registry, &req.url) {
+            true => self.authorization(req, None).await?,
+            false => None,
+        };
         let permit = self.jobs.clone().acquire_owned().await.ok();
         let mut b = self
             .http
