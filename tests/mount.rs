@@ -1065,3 +1065,53 @@ fn a_plain_layers_blob_in_use_is_read_by_range() {
         "blobs/{layer} read whole differs from the registry's blob"
     );
 }
+
+/// `ls -la` of a repository: its tags come from one listing, and a tag
+/// directory's attributes need no manifest (they were a request each, one
+/// after another: over a WAN, 24 ms per tag). The first look inside a tag
+/// fetches its manifest, once.
+#[test]
+fn listing_a_repository_stats_its_tags_without_a_request_each() {
+    let reg = Distribution::start();
+    let work = common::tempdir();
+    std::fs::write(work.path().join("f"), "x").unwrap();
+    let first = reg.reference("many/app:t1");
+    common::ggfs(&[
+        "append",
+        "-f",
+        &work.path().display().to_string(),
+        "-t",
+        &first,
+    ]);
+    for i in 2..=6 {
+        common::ggfs(&["tag", &first, &format!("t{i}")]);
+    }
+    let proxy = CountingProxy::start(reg.addr());
+    let m = Mount::start(proxy.addr(), &[]);
+    proxy.reset();
+    let dir = m.path("many/app");
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["t1", "t2", "t3", "t4", "t5", "t6"]);
+    for n in &names {
+        assert!(
+            std::fs::symlink_metadata(dir.join(n)).unwrap().is_dir(),
+            "{n}"
+        );
+    }
+    let count = |what: &str| {
+        let reqs = proxy.requests();
+        (reqs.iter().filter(|r| r.path.contains(what)).count(), reqs)
+    };
+    let (manifests, reqs) = count("/manifests/");
+    assert_eq!(manifests, 0, "{reqs:#?}");
+    assert_eq!(count("/tags/list").0, 1, "{reqs:#?}");
+    let digest = read_string(&m.path("many/app/t3/digest"));
+    assert!(digest.starts_with("sha256:"), "{digest}");
+    read_string(&m.path("many/app/t3/manifest.json"));
+    let (manifests, reqs) = count("/manifests/");
+    assert_eq!(manifests, 1, "{reqs:#?}");
+}

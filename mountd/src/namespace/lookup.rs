@@ -252,8 +252,14 @@ impl Inner {
             self.ns.artifact(path, &d).await?;
             return Ok(Node::Ns(Key::Art(path.to_string(), d)));
         }
-        // A tag is looked up by its manifest, which is wanted next anyway:
-        // one request, and no listing of the repository's tags.
+        // A tag the repository's fresh listing names is shown without a
+        // request (`ls -la` of a repository was a manifest per tag, one
+        // after another); its manifest comes at the first look inside.
+        if self.ns.lists_tag(path, name) {
+            return Ok(Node::Ns(Key::Tag(path.to_string(), name.to_string())));
+        }
+        // Else a tag is looked up by its manifest, which is wanted next
+        // anyway: one request, and no listing of the repository's tags.
         let mut refused = None;
         if ggfs::reference::is_valid_tag(name) && self.may_be_repo_itself(path).await {
             match self.ns.resolve(path, name).await {

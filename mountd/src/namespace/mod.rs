@@ -155,6 +155,16 @@ impl<K: Hash + Eq + Clone, V: Clone> Memo<K, V> {
         map.remove(key);
     }
 
+    /// The value if it is there and younger than `ttl`.
+    pub fn fresh(&self, key: &K, ttl: Duration) -> Option<V> {
+        let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        let (born, cell) = map.get(key)?;
+        if born.elapsed() >= ttl {
+            return None;
+        }
+        cell.get()?.as_ref().ok().cloned()
+    }
+
     /// The value if it is already there (expired or not).
     pub fn peek(&self, key: &K) -> Option<V> {
         let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
@@ -355,6 +365,13 @@ impl Namespace {
                 Ok(Arc::new(self.reg.tags(repo).await?))
             })
             .await
+    }
+
+    /// Whether the repository's listing, fetched within `tag_ttl`, names
+    /// `tag` (no request).
+    pub fn lists_tag(&self, repo: &str, tag: &str) -> bool {
+        let tags = self.tags.fresh(&repo.to_string(), self.tag_ttl);
+        tags.is_some_and(|t| t.iter().any(|t| t == tag))
     }
 
     /// The digest a tag points at now (re-resolved after `tag_ttl`).
