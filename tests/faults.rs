@@ -821,3 +821,72 @@ fn copy_sends_a_blob_on_while_it_is_still_coming_in() {
         );
     }
 }
+
+/// `export` and a tarball `pull` open the next layers while one is still
+/// coming in (over a WAN each GET waits a round trip for its first byte):
+/// with the registry's answers held 100 KB into a six-layer image, the
+/// registry has been asked for four layers, not one. Both end whole, the
+/// export byte for byte as without the hold.
+#[test]
+fn export_and_pull_open_the_next_layers_while_one_is_read() {
+    let reg = Distribution::start();
+    let work = common::tempdir();
+    let mut args = vec!["append".to_string()];
+    for i in 0..6u64 {
+        let dir = work.path().join(format!("l{i}"));
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::write(dir.join(format!("f{i}")), common::pseudo_random(300_000, i)).unwrap();
+        args.extend(["-f".into(), dir.display().to_string()]);
+    }
+    args.extend(["-t".into(), reg.reference("f/six:v1")]);
+    common::ggfs(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let direct = work.path().join("direct.tar");
+    common::ggfs(&[
+        "export",
+        &reg.reference("f/six:v1"),
+        &direct.display().to_string(),
+    ]);
+
+    let proxy = CountingProxy::start(reg.addr());
+    let image = format!("{}/f/six:v1", proxy.addr());
+    for verb in ["export", "pull"] {
+        let out = work.path().join(format!("{verb}.tar"));
+        proxy.reset();
+        proxy.pause_down_at(100_000);
+        let run = Command::new(common::ggfs_bin())
+            .args([verb, &image, &out.display().to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let blob_gets = || {
+            let reqs = proxy.requests();
+            reqs.iter()
+                .filter(|r| r.method == "GET" && r.path.contains("/blobs/"))
+                .count()
+        };
+        let t0 = Instant::now();
+        while blob_gets() < 5 && t0.elapsed() < Duration::from_secs(30) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let (gets, down) = (blob_gets(), proxy.bytes_down());
+        proxy.resume_down();
+        let done = run.wait_with_output().unwrap();
+        // The config and the layer being read, and three ahead.
+        assert!(
+            gets >= 5 && down <= 100_000,
+            "{verb}: {gets} blob GETs with {down} bytes down"
+        );
+        assert!(
+            done.status.success(),
+            "{}",
+            String::from_utf8_lossy(&done.stderr)
+        );
+        if verb == "export" {
+            assert!(
+                std::fs::read(&out).unwrap() == std::fs::read(&direct).unwrap(),
+                "export differs"
+            );
+        }
+    }
+}

@@ -18,7 +18,8 @@ use std::io::{self, Read, Write};
 use std::path::{Component, Path, PathBuf};
 
 use crate::error::{from_io, Error, Result};
-use crate::image::{decompress, Image, Layer};
+use crate::image::ahead::Ahead;
+use crate::image::{decompress, ByteStream, Image, Layer};
 
 const WHITEOUT_PREFIX: &str = ".wh.";
 const OPAQUE_MARKER: &str = ".wh..wh..opq";
@@ -40,15 +41,11 @@ pub async fn flatten<W: Write + Send + 'static>(image: &Image, out: W) -> Result
     let mut layers = image.layers()?;
     layers.reverse(); // top first
     let what = format!("exporting image {}", image.digest());
-    tokio::task::spawn_blocking(move || {
-        let open = |i: usize| {
-            let l = &layers[i];
-            Ok((l.digest.to_string(), layer_reader(l)?))
-        };
-        flatten_layers(layers.len(), open, out)
-    })
-    .await
-    .map_err(|e| Error::invalid(what, e.to_string()))?
+    let count = layers.len();
+    let mut ahead = Ahead::new(layers, AHEAD);
+    tokio::task::spawn_blocking(move || flatten_layers(count, |i| open_ahead(&mut ahead, i), out))
+        .await
+        .map_err(|e| Error::invalid(what, e.to_string()))?
 }
 
 /// A reader of a layer's uncompressed tar, its compressed bytes verified as
@@ -58,6 +55,23 @@ pub async fn flatten<W: Write + Send + 'static>(image: &Image, out: W) -> Result
 pub fn layer_reader(layer: &Layer) -> Result<Box<dyn Read + Send>> {
     let handle = tokio::runtime::Handle::current();
     let stream = handle.block_on(layer.compressed())?;
+    stream_reader(layer, stream)
+}
+
+/// Layers opened ahead of the one being read (see [`Ahead`]).
+pub const AHEAD: usize = 3;
+
+/// Layer `i` of `ahead` as `flatten_layers` wants it: (name for errors,
+/// uncompressed tar). From a blocking thread, as [`layer_reader`].
+pub fn open_ahead(ahead: &mut Ahead, i: usize) -> Result<(String, Box<dyn Read + Send>)> {
+    let stream = ahead.open(i)?;
+    let layer = ahead.layer(i);
+    Ok((layer.digest.to_string(), stream_reader(layer, stream)?))
+}
+
+/// A reader of `layer`'s uncompressed tar from its compressed `stream`.
+fn stream_reader(layer: &Layer, stream: ByteStream) -> Result<Box<dyn Read + Send>> {
+    let handle = tokio::runtime::Handle::current();
     let bridge = tokio_util::io::SyncIoBridge::new_with_handle(
         tokio_util::io::StreamReader::new(stream),
         handle,

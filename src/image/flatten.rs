@@ -63,13 +63,12 @@ async fn merged_layer(image: &Image, compression: Compression) -> Result<LocalLa
     layers.reverse(); // top first, as flatten_layers wants them
     let what = format!("flattening image {}", image.digest());
     let (tx, rx) = sync_channel(PIPE_CHUNKS);
+    let count = layers.len();
+    let mut ahead = crate::image::ahead::Ahead::new(layers, crate::image::export::AHEAD);
     let export = tokio::task::spawn_blocking(move || {
-        let open = |i: usize| {
-            let l = &layers[i];
-            Ok((l.digest.to_string(), crate::image::export::layer_reader(l)?))
-        };
+        let open = |i: usize| crate::image::export::open_ahead(&mut ahead, i);
         let out = BufWriter::with_capacity(CHUNK, PipeWriter(tx));
-        let out = crate::image::export::flatten_layers(layers.len(), open, out)?;
+        let out = crate::image::export::flatten_layers(count, open, out)?;
         out.into_inner()
             .map_err(|e| Error::io("writing the flattened layer", e.into_error()))?;
         Ok::<_, Error>(())

@@ -17,6 +17,7 @@
 //! - Moving images: [`copy`] (any source to any sink) and [`export`] (the
 //!   merged filesystem as one tar).
 
+pub mod ahead;
 pub mod attach;
 pub mod compose;
 pub mod copy;

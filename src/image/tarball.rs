@@ -463,6 +463,18 @@ fn write_blocking<W: Write>(images: &[(Image, Vec<String>)], out: W) -> Result<W
     dir_entry(&mut b, "blobs/").map_err(werr)?;
     dir_entry(&mut b, "blobs/sha256/").map_err(werr)?;
     let mut written = std::collections::HashSet::new();
+    // Every layer blob to write, each once, in order: opened ahead.
+    let mut at = std::collections::HashMap::new();
+    let mut blobs = Vec::new();
+    for (image, _) in images {
+        for layer in image.layers()? {
+            if !at.contains_key(&layer.digest) {
+                at.insert(layer.digest.clone(), blobs.len());
+                blobs.push(layer);
+            }
+        }
+    }
+    let mut ahead = super::ahead::Ahead::new(blobs, super::export::AHEAD);
     let mut listing = Vec::new();
     let mut index = Vec::new();
     for (image, tags) in images {
@@ -475,7 +487,7 @@ fn write_blocking<W: Write>(images: &[(Image, Vec<String>)], out: W) -> Result<W
             if !written.insert(layer.digest.clone()) {
                 continue;
             }
-            let stream = handle.block_on(layer.compressed())?;
+            let stream = ahead.open(at[&layer.digest])?;
             let reader = tokio_util::io::SyncIoBridge::new_with_handle(
                 tokio_util::io::StreamReader::new(stream),
                 handle.clone(),
