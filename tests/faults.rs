@@ -823,12 +823,13 @@ fn copy_sends_a_blob_on_while_it_is_still_coming_in() {
 }
 
 /// `export` and a tarball `pull` open the next layers while one is still
-/// coming in (over a WAN each GET waits a round trip for its first byte):
-/// with the registry's answers held 100 KB into a six-layer image, the
-/// registry has been asked for four layers, not one. Both end whole, the
-/// export byte for byte as without the hold.
+/// coming in (over a WAN each GET waits a round trip for its first byte),
+/// and `validate` reads four layers at once: with the registry's answers
+/// held 100 KB into a six-layer image, the registry has been asked for
+/// four layers, not one. All end well, the export byte for byte as without
+/// the hold.
 #[test]
-fn export_and_pull_open_the_next_layers_while_one_is_read() {
+fn export_pull_and_validate_ask_for_the_next_layers_while_one_is_read() {
     let reg = Distribution::start();
     let work = common::tempdir();
     let mut args = vec!["append".to_string()];
@@ -849,12 +850,17 @@ fn export_and_pull_open_the_next_layers_while_one_is_read() {
 
     let proxy = CountingProxy::start(reg.addr());
     let image = format!("{}/f/six:v1", proxy.addr());
-    for verb in ["export", "pull"] {
+    for verb in ["export", "pull", "validate"] {
         let out = work.path().join(format!("{verb}.tar"));
         proxy.reset();
         proxy.pause_down_at(100_000);
+        let mut args = vec![verb, &image];
+        let out_arg = out.display().to_string();
+        if verb != "validate" {
+            args.push(&out_arg);
+        }
         let run = Command::new(common::ggfs_bin())
-            .args([verb, &image, &out.display().to_string()])
+            .args(args)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()

@@ -1,4 +1,5 @@
 use anyhow::{bail, Result};
+use futures::StreamExt;
 use ggfs::digest::Hasher;
 
 use super::Ctx;
@@ -9,7 +10,7 @@ pub struct Args {
     image: String,
 }
 
-/// Reads every layer once: the compressed bytes are checked against the
+/// Reads every layer once, four at a time: the compressed bytes are checked against the
 /// layer digest and the uncompressed tar against the config's DiffID.
 pub async fn run(ctx: &Ctx, a: Args) -> Result<()> {
     let image = ctx.image(&a.image).await?;
@@ -23,15 +24,22 @@ pub async fn run(ctx: &Ctx, a: Args) -> Result<()> {
             cfg.rootfs().diff_ids().len()
         );
     }
-    for layer in layers {
-        let l = layer.clone();
-        let diff_id = tokio::task::spawn_blocking(move || -> ggfs::Result<_> {
-            let reader = ggfs::image::export::layer_reader(&l)?;
-            Hasher::read_all(reader)
-                .map(Hasher::finish)
-                .map_err(|e| ggfs::error::from_io(format!("layer {}", l.digest), e))
+    // Four layers at a time (each on a blocking thread), reported in order.
+    let mut checked = futures::stream::iter(layers)
+        .map(|layer| async move {
+            let l = layer.clone();
+            let diff_id = tokio::task::spawn_blocking(move || -> ggfs::Result<_> {
+                let reader = ggfs::image::export::layer_reader(&l)?;
+                Hasher::read_all(reader)
+                    .map(Hasher::finish)
+                    .map_err(|e| ggfs::error::from_io(format!("layer {}", l.digest), e))
+            })
+            .await??;
+            Ok::<_, anyhow::Error>((layer, diff_id))
         })
-        .await??;
+        .buffered(4);
+    while let Some(done) = checked.next().await {
+        let (layer, diff_id) = done?;
         match &layer.diff_id {
             Some(want) if want != &diff_id => {
                 bail!(

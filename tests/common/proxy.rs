@@ -271,24 +271,36 @@ fn delayed(mut to: TcpStream, delay: Duration, bucket: Option<Arc<Bucket>>) -> O
 fn pump(mut from: TcpStream, mut to: Out, stats: &Stats) {
     let mut buf = vec![0u8; 64 * 1024];
     loop {
-        // Within a paused budget, read no more than it allows.
-        let room = match *stats.pause_down.lock().unwrap() {
-            Some(at) => at.saturating_sub(stats.down.load(Ordering::SeqCst)) as usize,
-            None => buf.len(),
+        // Within a paused budget, read no more than it allows: a share of
+        // it is claimed (counted as sent) before the read, the unused rest
+        // given back after, so connections together never exceed it.
+        // Unpaused, bytes are counted once read.
+        let claimed = match *stats.pause_down.lock().unwrap() {
+            Some(at) => {
+                let room = at.saturating_sub(stats.down.load(Ordering::SeqCst));
+                let want = room.min(buf.len() as u64);
+                stats.down.fetch_add(want, Ordering::SeqCst);
+                Some(want as usize)
+            }
+            None => None,
         };
-        if room == 0 {
+        if claimed == Some(0) {
             std::thread::sleep(Duration::from_millis(5));
             continue;
         }
-        let want = room.min(buf.len());
+        let want = claimed.unwrap_or(buf.len());
         let n = match from.read(&mut buf[..want]) {
-            Ok(0) | Err(_) => break,
+            Ok(0) | Err(_) => 0,
             Ok(n) => n,
         };
-        if !to.send(&buf[..n]) {
+        let unused = if claimed.is_some() { want - n } else { 0 };
+        stats.down.fetch_sub(unused as u64, Ordering::SeqCst);
+        if claimed.is_none() {
+            stats.down.fetch_add(n as u64, Ordering::SeqCst);
+        }
+        if n == 0 || !to.send(&buf[..n]) {
             break;
         }
-        stats.down.fetch_add(n as u64, Ordering::SeqCst);
     }
     to.close();
 }
