@@ -1019,3 +1019,56 @@ async fn uploads_never_carry_credentials_off_host() {
         seen[0]
     );
 }
+
+/// Ranges of a blob the registry redirects to storage elsewhere (S3, a
+/// CDN) go straight there once the redirect is known: one round trip a
+/// range instead of two. A storage URL that stops working (a presigned URL
+/// expired: 403) sends that read back through the registry, whose new
+/// redirect is used from then on. The bytes are right throughout.
+#[tokio::test]
+async fn ranges_of_a_redirected_blob_go_straight_to_storage() {
+    use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+    let blob = Arc::new(common::pseudo_random(100_000, 7));
+    let digest = Digest::of(&blob);
+    let expired = Arc::new(AtomicBool::new(false));
+    let (b, ex) = (blob.clone(), expired.clone());
+    let storage = scripted(move |req, _| {
+        if req.path.contains("sig=1") && ex.load(SeqCst) {
+            return response("403 Forbidden", &[], b"expired");
+        }
+        let range = req.header("range").unwrap_or("bytes=0-0");
+        let (a, z) = range
+            .trim_start_matches("bytes=")
+            .split_once('-')
+            .map(|(a, z)| (a.parse::<usize>().unwrap(), z.parse::<usize>().unwrap()))
+            .unwrap();
+        let cr = format!("bytes {a}-{z}/{}", b.len());
+        response("206 Partial Content", &[("Content-Range", &cr)], &b[a..=z])
+    });
+    let (to, ex) = (storage.addr.clone(), expired.clone());
+    let registry = scripted(move |_, _| {
+        let sig = if ex.load(SeqCst) { 2 } else { 1 };
+        let at = format!("http://{to}/object?sig={sig}");
+        response("307 Temporary Redirect", &[("Location", &at)], b"")
+    });
+    let c = fast_client();
+    let r = repo(&c, &registry.addr, "x");
+    let read = |i: usize| {
+        let (r, d, b) = (r.clone(), digest.clone(), blob.clone());
+        async move {
+            let got = r.get_blob_range(&d, i as u64 * 10_000, 1000).await.unwrap();
+            assert_eq!(&got[..], &b[i * 10_000..i * 10_000 + 1000], "range {i}");
+        }
+    };
+    let seen = |s: &Scripted| s.seen.lock().unwrap().len();
+    for i in 0..5 {
+        read(i).await;
+    }
+    assert_eq!((seen(&registry), seen(&storage)), (1, 5));
+    expired.store(true, SeqCst);
+    for i in 5..8 {
+        read(i).await;
+    }
+    // The first read after: storage refused sig=1, the registry sent sig=2.
+    assert_eq!((seen(&registry), seen(&storage)), (2, 9));
+}

@@ -220,11 +220,15 @@ fn names_the_kernel_forgets_are_dropped_and_found_again() {
     };
     let before = inodes();
     let tag = |i: usize| m.path(&format!("names/app/t{i}"));
-    let numbers: Vec<u64> = (0..TAGS)
-        .map(|i| std::fs::metadata(tag(i)).unwrap().ino())
+    // Each held open while counted: another test's drop_caches must not
+    // make the kernel forget them before then.
+    let open: Vec<std::fs::File> = (0..TAGS)
+        .map(|i| std::fs::File::open(tag(i)).unwrap())
         .collect();
+    let numbers: Vec<u64> = open.iter().map(|f| f.metadata().unwrap().ino()).collect();
     let held = inodes();
     assert!(held >= before + TAGS as u64, "{before} -> {held}");
+    drop(open);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     loop {
         std::fs::write("/proc/sys/vm/drop_caches", "2").unwrap();

@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use reqwest::header::{
@@ -226,9 +226,17 @@ pub(crate) struct Transport {
     /// Bearer tokens by registry and scope set.
     tokens: TokenCache,
     creds: Mutex<CredCache>,
+    /// Where blob URLs were redirected (object storage, a CDN), and when.
+    redirects: Mutex<HashMap<Url, (Url, Instant)>>,
 }
 
 const MAX_REDIRECTS: usize = 5;
+/// How long a blob's redirect target is used before the registry is
+/// asked again (presigned URLs live minutes: S3's, CDNs'); one that fails
+/// sooner is dropped at once.
+const REDIRECT_TTL: Duration = Duration::from_secs(300);
+/// Redirects remembered at most (the oldest go first).
+const MAX_REDIRECTS_KEPT: usize = 1024;
 const MAX_ERROR_BODY: u64 = 64 * 1024;
 
 impl Transport {
@@ -264,7 +272,35 @@ impl Transport {
             challenges: Mutex::new(HashMap::new()),
             tokens: TokenCache::default(),
             creds: Mutex::new(HashMap::new()),
+            redirects: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Where `url` was redirected to lately, if it was.
+    pub fn redirected(&self, url: &Url) -> Option<Url> {
+        let map = lock(&self.redirects);
+        let (to, when) = map.get(url)?;
+        (when.elapsed() < REDIRECT_TTL).then(|| to.clone())
+    }
+
+    /// Remember that `url` was answered from `to`.
+    pub fn remember_redirect(&self, url: &Url, to: &Url) {
+        if url == to {
+            return;
+        }
+        let mut map = lock(&self.redirects);
+        if map.len() >= MAX_REDIRECTS_KEPT {
+            let oldest = map
+                .iter()
+                .min_by_key(|(_, (_, t))| *t)
+                .map(|(k, _)| k.clone());
+            oldest.map(|k| map.remove(&k));
+        }
+        map.insert(url.clone(), (to.clone(), Instant::now()));
+    }
+
+    pub fn forget_redirect(&self, url: &Url) {
+        lock(&self.redirects).remove(url);
     }
 
     /// `http` for loopback and registries marked insecure, `https` otherwise.
