@@ -896,3 +896,48 @@ fn export_pull_and_validate_ask_for_the_next_layers_while_one_is_read() {
         }
     }
 }
+
+/// A download that breaks off mid-blob while its upload streams on is
+/// resumed by Range and the upload goes on: the copy ends whole, having
+/// asked the source for the rest of the layer once.
+#[test]
+fn a_download_broken_off_under_a_streaming_upload_resumes() {
+    let src = Distribution::start();
+    let (big, _) = big_layer_image(&src);
+    let src_proxy = CountingProxy::start(src.addr());
+    let dst = Distribution::start();
+    let source = format!("{}/f/big:v1", src_proxy.addr());
+    let target = dst.reference("f/big:v1");
+    src_proxy.cut_down_at(2 << 20);
+    let mut run = Command::new(common::ggfs_bin())
+        .args(["copy", "-j", "1", &source, &target])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while run.try_wait().unwrap().is_none() {
+        if t0.elapsed() > Duration::from_secs(120) {
+            let _ = run.kill();
+            panic!("the copy hung after its download broke off");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = run.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let hex = big.trim_start_matches("sha256:");
+    let reqs = src_proxy.requests();
+    let resumed: Vec<_> = reqs
+        .iter()
+        .filter(|r| r.path.contains(hex) && r.range.is_some())
+        .collect();
+    assert_eq!(resumed.len(), 1, "{reqs:#?}");
+    assert_eq!(
+        common::ggfs(&["digest", &target]),
+        common::ggfs(&["digest", &src.reference("f/big:v1")])
+    );
+}

@@ -367,7 +367,9 @@ impl Transport {
             true => self.authorization(req, None).await?,
             false => None,
         };
-        let permit = self.jobs.clone().acquire_owned().await.ok();
+        // No `jobs` slot: the body may wait on a download that needs one
+        // to resume (a copy's), which must not wait on us in turn. Callers
+        // bound their uploads themselves (copy: `-j`).
         let mut b = self
             .http
             .request(req.method.clone(), req.url.clone())
@@ -381,7 +383,7 @@ impl Transport {
                 tracing::debug!(method = %req.method, url = %redact_url(&req.url), status = %inner.status(), "streamed");
                 Ok(Resp {
                     inner,
-                    permit,
+                    permit: None,
                     tries: 1,
                     stall: self.stall,
                 })

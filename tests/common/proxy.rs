@@ -30,6 +30,8 @@ struct Stats {
     hold: Mutex<Option<(String, usize)>>,
     /// See [`CountingProxy::pause_down_at`].
     pause_down: Mutex<Option<u64>>,
+    /// See [`CountingProxy::cut_down_at`].
+    cut_down: Mutex<Option<u64>>,
 }
 
 pub struct CountingProxy {
@@ -157,6 +159,12 @@ impl CountingProxy {
     /// [`Self::resume_down`]: a download held in the middle of its body.
     pub fn pause_down_at(&self, n: u64) {
         *self.stats.pause_down.lock().unwrap() = Some(n);
+    }
+
+    /// Once `n` bytes went down, close the connection that carries the
+    /// next ones (once): a download broken off mid-body.
+    pub fn cut_down_at(&self, n: u64) {
+        *self.stats.cut_down.lock().unwrap() = Some(n);
     }
 
     pub fn resume_down(&self) {
@@ -299,6 +307,11 @@ fn pump(mut from: TcpStream, mut to: Out, stats: &Stats) {
             stats.down.fetch_add(n as u64, Ordering::SeqCst);
         }
         if n == 0 || !to.send(&buf[..n]) {
+            break;
+        }
+        let mut cut = stats.cut_down.lock().unwrap();
+        if cut.is_some_and(|at| stats.down.load(Ordering::SeqCst) >= at) {
+            *cut = None;
             break;
         }
     }
