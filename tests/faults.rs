@@ -941,3 +941,28 @@ fn a_download_broken_off_under_a_streaming_upload_resumes() {
         common::ggfs(&["digest", &src.reference("f/big:v1")])
     );
 }
+
+/// A copy asks the target about every blob at once before sending any
+/// (existence checks are cheap, and one at a time in transfer slots a
+/// commit onto a 20-layer image spent 6 round trips on them): even with
+/// one job, every HEAD comes before the first upload.
+#[test]
+fn copy_asks_about_every_blob_before_sending_any() {
+    let src = Distribution::start();
+    let (_, blobs) = big_layer_image(&src);
+    let dst = Distribution::start();
+    let proxy = CountingProxy::start(dst.addr());
+    let target = format!("{}/f/big:v1", proxy.addr());
+    common::ggfs(&["copy", "-j", "1", &src.reference("f/big:v1"), &target]);
+    let reqs = proxy.requests();
+    let is_blob = |r: &&common::ProxyRequest| r.path.contains("/blobs/");
+    let heads: Vec<usize> = (0..reqs.len())
+        .filter(|&i| reqs[i].method == "HEAD" && is_blob(&&reqs[i]))
+        .collect();
+    let first_upload = reqs.iter().position(|r| r.method == "POST");
+    assert_eq!(heads.len(), blobs.len(), "{reqs:#?}");
+    assert!(
+        first_upload.is_some_and(|p| heads.iter().all(|&h| h < p)),
+        "{reqs:#?}"
+    );
+}

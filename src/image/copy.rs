@@ -195,12 +195,34 @@ async fn copy_blobs(
 ) -> Result<()> {
     blobs.sort();
     blobs.dedup();
+    // Which blobs the sink has, asked all at once (a HEAD each, as many in
+    // flight as the client allows): only the others wait for a transfer
+    // slot. One after another in `jobs` slots, a commit onto a 20-layer
+    // image spent 6 round trips on them.
+    let present: Vec<(Digest, u64, bool)> = futures::stream::iter(blobs)
+        .map(|(digest, size)| async move {
+            let has = dst.has_blob(&digest).await?;
+            Ok::<_, Error>((digest, size, has))
+        })
+        .buffer_unordered(CHECKS)
+        .try_collect()
+        .await?;
+    let mut missing = Vec::new();
+    for (digest, size, has) in present {
+        match has {
+            true => {
+                opts.progress.finish(&digest, BlobOutcome::Present);
+                report.count(BlobOutcome::Present, size);
+            }
+            false => missing.push((digest, size)),
+        }
+    }
     // The biggest first: over a slow link the longest transfer sets the
     // end, so it should not wait for a slot behind small ones.
-    blobs.sort_by_key(|(_, size)| std::cmp::Reverse(*size));
-    let outcomes: Vec<(BlobOutcome, u64)> = futures::stream::iter(blobs)
+    missing.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    let outcomes: Vec<(BlobOutcome, u64)> = futures::stream::iter(missing)
         .map(|(digest, size)| async move {
-            let outcome = copy_blob(src, dst, &digest, size, opts).await?;
+            let outcome = transfer_blob(src, dst, &digest, size, opts).await?;
             opts.progress.finish(&digest, outcome);
             Ok::<_, Error>((outcome, size))
         })
@@ -213,6 +235,9 @@ async fn copy_blobs(
     Ok(())
 }
 
+/// Existence checks in flight at once (the client's `jobs` bounds them too).
+const CHECKS: usize = 16;
+
 /// Copy one blob: skip when present, mount when the sink can, else stream.
 pub async fn copy_blob(
     src: &Arc<dyn Source>,
@@ -224,6 +249,17 @@ pub async fn copy_blob(
     if dst.has_blob(digest).await? {
         return Ok(BlobOutcome::Present);
     }
+    transfer_blob(src, dst, digest, size, opts).await
+}
+
+/// A blob the sink lacks: mounted when the sink can, else streamed.
+async fn transfer_blob(
+    src: &Arc<dyn Source>,
+    dst: &Arc<dyn Sink>,
+    digest: &Digest,
+    size: u64,
+    opts: &CopyOptions,
+) -> Result<BlobOutcome> {
     if dst.mount_blob(digest, src.as_ref()).await? {
         return Ok(BlobOutcome::Mounted);
     }
