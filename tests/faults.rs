@@ -966,3 +966,46 @@ fn copy_asks_about_every_blob_before_sending_any() {
         "{reqs:#?}"
     );
 }
+
+/// Copying an index moves the blobs of all its platforms in one wave:
+/// with one job, every blob's HEAD (both platforms) comes before the first
+/// upload, and every child manifest goes up after the last blob, the index
+/// (its tag) last. The copy is whole: skopeo reads it back.
+#[test]
+fn an_index_is_copied_in_one_wave_of_blobs_then_its_manifests() {
+    let src = Distribution::start();
+    let work = common::tempdir();
+    let layout = work.path().join("layout");
+    common::index_two_platforms(&layout, "t");
+    common::push_oci_layout(&layout, "t", &src.reference("f/idx:t"));
+    let dst = Distribution::start();
+    let proxy = CountingProxy::start(dst.addr());
+    let target = format!("{}/f/idx:t", proxy.addr());
+    common::ggfs(&["copy", "-j", "1", &src.reference("f/idx:t"), &target]);
+    let reqs = proxy.requests();
+    let at = |pred: &dyn Fn(&common::ProxyRequest) -> bool| -> Vec<usize> {
+        (0..reqs.len()).filter(|&i| pred(&reqs[i])).collect()
+    };
+    let heads = at(&|r| r.method == "HEAD" && r.path.contains("/blobs/"));
+    let uploads = at(&|r| r.path.contains("/blobs/uploads/"));
+    let manifests = at(&|r| r.method == "PUT" && r.path.contains("/manifests/"));
+    // Two configs and two layers.
+    assert_eq!(heads.len(), 4, "{reqs:#?}");
+    assert!(heads.iter().max() < uploads.iter().min(), "{reqs:#?}");
+    assert_eq!(manifests.len(), 3, "{reqs:#?}");
+    assert!(uploads.iter().max() < manifests.iter().min(), "{reqs:#?}");
+    assert!(
+        reqs[*manifests.last().unwrap()]
+            .path
+            .ends_with("/manifests/t"),
+        "{reqs:#?}"
+    );
+    let out = work.path().join("back");
+    let status = Command::new("skopeo")
+        .args(["copy", "-q", "--all", "--src-tls-verify=false"])
+        .arg(format!("docker://{}", dst.reference("f/idx:t")))
+        .arg(format!("oci:{}:t", out.display()))
+        .status()
+        .unwrap();
+    assert!(status.success());
+}

@@ -146,7 +146,10 @@ struct Walk {
     depth: usize,
 }
 
-/// Copy everything `raw` references (blobs, child manifests), not `raw` itself.
+/// Copy everything `raw` references (blobs, child manifests), not `raw`
+/// itself. Every blob of every platform goes in one wave (one round of
+/// existence checks, transfers biggest first across all of them), then
+/// the child manifests, each after all blobs are in and before its parent.
 async fn copy_manifest(
     src: &Arc<dyn Source>,
     raw: &RawManifest,
@@ -155,13 +158,42 @@ async fn copy_manifest(
     report: &mut CopyReport,
     walk: &mut Walk,
 ) -> Result<()> {
+    let mut blobs = Vec::new();
+    let mut children = Vec::new();
+    collect(src, raw, &mut blobs, &mut children, walk).await?;
+    copy_blobs(src, dst, blobs, opts, report).await?;
+    // Images at once; then indexes, each after its children.
+    let (indexes, images): (Vec<_>, Vec<_>) = children.into_iter().partition(|c| c.is_index());
+    futures::stream::iter(images)
+        .map(|child| {
+            let dst = dst.clone();
+            async move { dst.put_manifest(&child, None).await }
+        })
+        .buffer_unordered(CHECKS)
+        .try_collect::<Vec<()>>()
+        .await?;
+    for child in &indexes {
+        dst.put_manifest(child, None).await?;
+    }
+    Ok(())
+}
+
+/// The blobs `raw` references, and its child manifests (fetched, each
+/// index's children at once) in the order they may be stored: children
+/// before the index that lists them.
+async fn collect(
+    src: &Arc<dyn Source>,
+    raw: &RawManifest,
+    blobs: &mut Vec<(Digest, u64)>,
+    children: &mut Vec<RawManifest>,
+    walk: &mut Walk,
+) -> Result<()> {
     match raw.parse()? {
         Parsed::Image(m) => {
-            let blobs = std::iter::once(m.config()).chain(m.layers().iter());
-            let blobs: Vec<(Digest, u64)> = blobs
-                .map(|d| Ok((manifest::digest_of(d)?, d.size())))
-                .collect::<Result<_>>()?;
-            copy_blobs(src, dst, blobs, opts, report).await
+            for d in std::iter::once(m.config()).chain(m.layers().iter()) {
+                blobs.push((manifest::digest_of(d)?, d.size()));
+            }
+            Ok(())
         }
         Parsed::Index(idx) => {
             if walk.depth >= MAX_INDEX_DEPTH {
@@ -171,14 +203,24 @@ async fn copy_manifest(
                 ));
             }
             walk.depth += 1;
+            let mut new = Vec::new();
             for desc in idx.manifests() {
                 // Copied already (through another path): the same bytes.
-                if !walk.seen.insert(manifest::digest_of(desc)?) {
-                    continue;
+                if walk.seen.insert(manifest::digest_of(desc)?) {
+                    new.push(desc.clone());
                 }
-                let child = image::fetch_child(src.as_ref(), desc).await?;
-                Box::pin(copy_manifest(src, &child, dst, opts, report, walk)).await?;
-                dst.put_manifest(&child, None).await?;
+            }
+            let fetched: Vec<RawManifest> = futures::stream::iter(new)
+                .map(|desc| {
+                    let src = src.clone();
+                    async move { image::fetch_child(src.as_ref(), &desc).await }
+                })
+                .buffered(CHECKS)
+                .try_collect()
+                .await?;
+            for child in fetched {
+                Box::pin(collect(src, &child, blobs, children, walk)).await?;
+                children.push(child);
             }
             walk.depth -= 1;
             Ok(())
