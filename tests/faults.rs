@@ -92,10 +92,7 @@ fn copy_killed_mid_push_resumes_without_resending() {
         "the rerun sent {up} bytes: the layer already pushed went again"
     );
     common::ggfs(&["validate", &target]);
-    assert_eq!(
-        common::ggfs(&["digest", &target]),
-        common::ggfs(&["digest", &src.reference("f/app:v1")])
-    );
+    assert_same_image(&target, &src.reference("f/app:v1"));
 }
 
 /// Upload chunk size of the resume test: its big layer is several chunks.
@@ -127,6 +124,21 @@ fn big_layer_image(reg: &Distribution) -> (String, Vec<(String, u64)>) {
     let big = blobs[2].0.clone();
     blobs.push(desc(&m["config"]));
     (big, blobs)
+}
+
+/// `a` and `b` name the same image (their manifests' digests).
+fn assert_same_image(a: &str, b: &str) {
+    assert_eq!(common::ggfs(&["digest", a]), common::ggfs(&["digest", b]));
+}
+
+/// `ggfs ARGS` in the background, its stderr kept for a failure message.
+fn spawn_ggfs(args: &[&str]) -> std::process::Child {
+    Command::new(common::ggfs_bin())
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
 }
 
 /// `ggfs` with its cache (and so its upload records) in `cache`.
@@ -262,10 +274,7 @@ impl BrokenOff {
             "record or lock left after success: {left:?}"
         );
         common::ggfs(&["validate", &self.target()]);
-        assert_eq!(
-            common::ggfs(&["digest", &self.target()]),
-            common::ggfs(&["digest", &self.src.reference("f/big:v1")])
-        );
+        assert_same_image(&self.target(), &self.src.reference("f/big:v1"));
     }
 }
 
@@ -815,10 +824,7 @@ fn copy_sends_a_blob_on_while_it_is_still_coming_in() {
                 .any(|r| r.method == method && !r.path.contains("manifests")),
             "{repo}: no blob {method} in {sent:?}"
         );
-        assert_eq!(
-            common::ggfs(&["digest", &target]),
-            common::ggfs(&["digest", &src.reference("f/big:v1")])
-        );
+        assert_same_image(&target, &src.reference("f/big:v1"));
     }
 }
 
@@ -859,12 +865,7 @@ fn export_pull_and_validate_ask_for_the_next_layers_while_one_is_read() {
         if verb != "validate" {
             args.push(&out_arg);
         }
-        let run = Command::new(common::ggfs_bin())
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let run = spawn_ggfs(&args);
         let blob_gets = || {
             let reqs = proxy.requests();
             reqs.iter()
@@ -909,12 +910,7 @@ fn a_download_broken_off_under_a_streaming_upload_resumes() {
     let source = format!("{}/f/big:v1", src_proxy.addr());
     let target = dst.reference("f/big:v1");
     src_proxy.cut_down_at(2 << 20);
-    let mut run = Command::new(common::ggfs_bin())
-        .args(["copy", "-j", "1", &source, &target])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut run = spawn_ggfs(&["copy", "-j", "1", &source, &target]);
     let t0 = Instant::now();
     while run.try_wait().unwrap().is_none() {
         if t0.elapsed() > Duration::from_secs(120) {
@@ -936,10 +932,7 @@ fn a_download_broken_off_under_a_streaming_upload_resumes() {
         .filter(|r| r.path.contains(hex) && r.range.is_some())
         .collect();
     assert_eq!(resumed.len(), 1, "{reqs:#?}");
-    assert_eq!(
-        common::ggfs(&["digest", &target]),
-        common::ggfs(&["digest", &src.reference("f/big:v1")])
-    );
+    assert_same_image(&target, &src.reference("f/big:v1"));
 }
 
 /// A copy asks the target about every blob at once before sending any

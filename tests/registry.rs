@@ -664,6 +664,26 @@ async fn garbage_answers_are_clear_errors() {
     assert!(matches!(err, Error::Http { .. }), "{err}");
 }
 
+/// A client whose docker config holds a login (u/p) for `registry`.
+fn client_with_login(registry: &str) -> (Client, tempfile::TempDir) {
+    let dir = common::tempdir();
+    let auths = serde_json::json!({"auths": {registry: {"username": "u", "password": "p"}}});
+    std::fs::write(dir.path().join("config.json"), auths.to_string()).unwrap();
+    let c = Client::builder(ClientOptions::default())
+        .keychain(Keychain::docker_dir(dir.path()))
+        .build()
+        .unwrap();
+    (c, dir)
+}
+
+fn assert_no_credentials(req: &Seen) {
+    assert_eq!(
+        req.header("authorization"),
+        None,
+        "credentials leaked to {req:?}"
+    );
+}
+
 #[tokio::test]
 async fn redirects_never_carry_credentials_off_host() {
     // Storage on another host: must not see the registry's Authorization.
@@ -680,17 +700,7 @@ async fn redirects_never_carry_credentials_off_host() {
             br#"{"errors":[{"code":"UNAUTHORIZED","message":"authentication required"}]}"#,
         ),
     });
-    let dir = common::tempdir();
-    std::fs::write(
-        dir.path().join("config.json"),
-        serde_json::json!({"auths": {registry.addr.clone(): {"username": "u", "password": "p"}}})
-            .to_string(),
-    )
-    .unwrap();
-    let c = Client::builder(ClientOptions::default())
-        .keychain(Keychain::docker_dir(dir.path()))
-        .build()
-        .unwrap();
+    let (c, _dir) = client_with_login(&registry.addr);
     let r = repo(&c, &registry.addr, "redir");
     let d = Digest::of(b"redirected blob");
     assert_eq!(
@@ -703,12 +713,7 @@ async fn redirects_never_carry_credentials_off_host() {
         (seen[0].method.as_str(), seen[0].path.as_str()),
         ("GET", "/bucket/object?sig=abc")
     );
-    assert_eq!(
-        seen[0].header("authorization"),
-        None,
-        "credentials leaked to {:?}",
-        seen[0]
-    );
+    assert_no_credentials(&seen[0]);
 }
 
 #[tokio::test]
@@ -991,17 +996,7 @@ async fn uploads_never_carry_credentials_off_host() {
             b"",
         ),
     });
-    let dir = common::tempdir();
-    std::fs::write(
-        dir.path().join("config.json"),
-        serde_json::json!({"auths": {registry.addr.clone(): {"username": "u", "password": "p"}}})
-            .to_string(),
-    )
-    .unwrap();
-    let c = Client::builder(ClientOptions::default())
-        .keychain(Keychain::docker_dir(dir.path()))
-        .build()
-        .unwrap();
+    let (c, _dir) = client_with_login(&registry.addr);
     let r = repo(&c, &registry.addr, "up");
     put(&r, b"a blob stored elsewhere").await.unwrap();
     let seen = storage.seen.lock().unwrap().clone();
@@ -1012,12 +1007,7 @@ async fn uploads_never_carry_credentials_off_host() {
         "{:?}",
         seen[0]
     );
-    assert_eq!(
-        seen[0].header("authorization"),
-        None,
-        "credentials leaked to {:?}",
-        seen[0]
-    );
+    assert_no_credentials(&seen[0]);
 }
 
 /// Ranges of a blob the registry redirects to storage elsewhere (S3, a
