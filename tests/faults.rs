@@ -1002,3 +1002,41 @@ fn an_index_is_copied_in_one_wave_of_blobs_then_its_manifests() {
         .unwrap();
     assert!(status.success());
 }
+
+/// A copy opens the target's upload (its POST) while the source is still
+/// being asked for the blob, not after: with the source's blob GETs held,
+/// the target has been asked to start an upload all the same.
+#[test]
+fn copy_opens_the_upload_while_the_source_is_asked() {
+    let src = Distribution::start();
+    big_layer_image(&src);
+    let src_proxy = CountingProxy::start(src.addr());
+    let dst = Distribution::start();
+    let dst_proxy = CountingProxy::start(dst.addr());
+    // The manifest passes; every blob GET after it is held.
+    src_proxy.hold_after("GET", 1);
+    let source = format!("{}/f/big:v1", src_proxy.addr());
+    let target = format!("{}/f/big:v1", dst_proxy.addr());
+    let mut copy = spawn_ggfs(&["copy", "-j", "1", &source, &target]);
+    let posted = || dst_proxy.requests().iter().any(|r| r.method == "POST");
+    let t0 = Instant::now();
+    while !posted() && t0.elapsed() < Duration::from_secs(30) {
+        if copy.try_wait().unwrap().is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let held = src_proxy.holding();
+    let _ = copy.kill();
+    let _ = copy.wait();
+    assert!(
+        held,
+        "no blob GET reached the source: {:#?}",
+        src_proxy.requests()
+    );
+    assert!(
+        posted(),
+        "no upload opened while the source was asked: {:#?}",
+        dst_proxy.requests()
+    );
+}

@@ -306,10 +306,38 @@ async fn transfer_blob(
         return Ok(BlobOutcome::Mounted);
     }
     opts.progress.start(digest, size);
-    let stream = src.blob(digest).await?;
+    // The source is asked while the sink opens its upload (a registry's
+    // POST): the two round trips overlap.
+    let opening = {
+        let (src, digest) = (src.clone(), digest.clone());
+        tokio::spawn(async move { src.blob(&digest).await })
+    };
+    // A source that failed to open is the error to report, in its kind
+    // (not found, auth), not the upload's failure it caused.
+    let failed = Arc::new(std::sync::Mutex::new(None));
+    let (slot, what) = (failed.clone(), format!("opening blob {digest}"));
+    let stream: ByteStream = Box::pin(
+        futures::stream::once(async move {
+            let opened = opening
+                .await
+                .map_err(|e| Error::invalid(what, e.to_string()));
+            opened.and_then(|r| r).map_err(|e| {
+                let msg = e.to_string();
+                *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                std::io::Error::other(msg)
+            })
+        })
+        .try_flatten(),
+    );
     let stream = counted(stream, digest.clone(), opts.progress.clone());
-    dst.put_blob(digest, size, stream).await?;
-    Ok(BlobOutcome::Uploaded)
+    match dst.put_blob(digest, size, stream).await {
+        Ok(()) => Ok(BlobOutcome::Uploaded),
+        Err(e) => Err(failed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .unwrap_or(e)),
+    }
 }
 
 fn counted(stream: ByteStream, digest: Digest, progress: Arc<dyn Progress>) -> ByteStream {
