@@ -119,6 +119,26 @@ struct Feed {
 }
 
 impl Feed {
+    /// `data`, of which the session already holds the first `skip` bytes.
+    fn new(data: ByteStream, skip: u64) -> Feed {
+        Feed {
+            data,
+            skip,
+            rest: Bytes::new(),
+        }
+    }
+
+    /// Read to the source's end, where its digest and size are checked.
+    async fn finish(&mut self, size: u64, what: &str) -> Result<()> {
+        match self.take(1, what).await? {
+            Some(_) => Err(Error::invalid(
+                what,
+                format!("source has more than {size} bytes"),
+            )),
+            None => Ok(()),
+        }
+    }
+
     async fn take(&mut self, max: usize, what: &str) -> Result<Option<Bytes>> {
         while self.rest.is_empty() {
             match self.data.next().await {
@@ -146,15 +166,13 @@ impl Feed {
         let mut tx = Some(tx);
         while (kept.len() as u64) < len {
             let want = (len - kept.len() as u64) as usize;
-            let piece = match self.take(want, what).await {
-                Ok(Some(p)) => Ok(p),
-                Ok(None) => Err(Error::invalid(
-                    what,
-                    format!("source ended before byte {len} of a chunk"),
-                )),
-                Err(e) => Err(e),
-            };
-            let piece = match piece {
+            let short =
+                || Error::invalid(what, format!("source ended before byte {len} of a chunk"));
+            let piece = match self
+                .take(want, what)
+                .await
+                .and_then(|p| p.ok_or_else(short))
+            {
                 Ok(p) => p,
                 Err(e) => {
                     if let Some(tx) = tx.take() {
@@ -476,24 +494,14 @@ impl RegistryRepo {
         data: ByteStream,
         what: &str,
     ) -> Result<()> {
-        let mut feed = Feed {
-            data,
-            skip: 0,
-            rest: Bytes::new(),
-        };
+        let mut feed = Feed::new(data, 0);
         let req = self
             .push(Method::PUT, with_digest(loc.clone(), digest))
             .header(CONTENT_TYPE, OCTET_STREAM)
             .header(CONTENT_LENGTH, &size.to_string());
         let (sent, kept) = self.stream_body(&req, &mut feed, size, what).await;
         let kept = kept?;
-        // Read to the source's end, where its digest and size are checked.
-        if feed.take(1, what).await?.is_some() {
-            return Err(Error::invalid(
-                what,
-                format!("source has more than {size} bytes"),
-            ));
-        }
+        feed.finish(size, what).await?;
         match sent {
             Ok(resp) if resp.status() == StatusCode::CREATED => self.stored_as(&resp, digest),
             Ok(resp)
@@ -532,23 +540,13 @@ impl RegistryRepo {
         what: &str,
     ) -> Result<()> {
         let chunk_size = self.client().chunk_size.max(1) as u64;
-        let mut feed = Feed {
-            data,
-            skip: s.held,
-            rest: Bytes::new(),
-        };
+        let mut feed = Feed::new(data, s.held);
         while s.held < key.size {
             let len = (key.size - s.held).min(chunk_size);
             self.patch_streamed(s, &mut feed, len, what).await?;
             self.remember(key, s);
         }
-        // Read to the source's end, where its digest and size are checked.
-        if feed.take(1, what).await?.is_some() {
-            return Err(Error::invalid(
-                what,
-                format!("source has more than {} bytes", key.size),
-            ));
-        }
+        feed.finish(key.size, what).await?;
         self.finish_upload(s.loc.clone(), key.digest, Bytes::new())
             .await
     }
@@ -597,18 +595,36 @@ impl RegistryRepo {
             }
             Err(e) => return Err(e),
         };
-        tracing::debug!(error = %failure, offset, "streamed chunk failed; checking the session");
+        match self.after_failed_patch(s, end, failure, what).await? {
+            true => Ok(()),
+            false => self.patch(s, kept, what).await,
+        }
+    }
+
+    /// A PATCH of bytes `s.held..=end` failed with `failure` (PATCH is not
+    /// blindly resent: it appends): ask the session how much it holds.
+    /// All of the chunk: `true`, go on; none: `false`, send it again;
+    /// anything else: give up.
+    async fn after_failed_patch(
+        &self,
+        s: &mut Session,
+        end: u64,
+        failure: Error,
+        what: &str,
+    ) -> Result<bool> {
+        let offset = s.held;
+        tracing::debug!(error = %failure, offset, "chunk upload failed; checking the session");
         let (held, next) = self.upload_progress(&s.loc, what).await?;
         s.loc = next;
         if held == end + 1 {
             s.held = held;
-            return Ok(());
+            return Ok(true);
         }
         if held != offset {
             s.broken_off = false;
             return Err(self.registry_error(format!("{what}: after a failed chunk at {offset} the session holds {held} bytes ({failure})")));
         }
-        self.patch(s, kept, what).await
+        Ok(false)
     }
 
     /// POST to open an upload session, or (with `mount`) to mount a blob
@@ -699,17 +715,9 @@ impl RegistryRepo {
                 Err(e @ Error::Http { .. }) if attempt <= PATCH_RETRIES => e,
                 Err(e) => return Err(e),
             };
-            tracing::debug!(error = %failure, offset, "chunk upload failed; checking the session");
-            let (held, next) = self.upload_progress(&s.loc, what).await?;
-            if held == end + 1 {
-                (s.loc, s.held) = (next, held);
+            if self.after_failed_patch(s, end, failure, what).await? {
                 return Ok(());
             }
-            if held != offset {
-                s.broken_off = false;
-                return Err(self.registry_error(format!("{what}: after a failed chunk at {offset} the session holds {held} bytes ({failure})")));
-            }
-            s.loc = next;
         }
     }
 

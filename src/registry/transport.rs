@@ -388,13 +388,12 @@ impl Transport {
                     stall: self.stall,
                 })
             }
-            Err(e) => {
-                let what = format!("{} {}", req.method, redact_url(&req.url));
-                if e.is_timeout() {
-                    return Err(stalled(&req.url, what, self.stall));
-                }
-                Err(http_err(&what, e.without_url()))
-            }
+            Err(e) => Err(self
+                .unretryable(&req.method, &req.url, &e)
+                .unwrap_or_else(|| {
+                    let what = format!("{} {}", req.method, redact_url(&req.url));
+                    http_err(&what, e.without_url())
+                })),
         }
     }
 
@@ -479,16 +478,8 @@ impl Transport {
                 }
                 Err(e) => {
                     tracing::debug!(method = %req.method, url = %redact_url(url), error = %e, attempt);
-                    if e.is_timeout() {
-                        // Waited a whole stall period already: say so, now.
-                        let what = format!("{} {}", req.method, redact_url(url));
-                        return Err(stalled(url, what, self.stall));
-                    }
-                    if let Some(problem) = certificate_problem(&e) {
-                        return Err(Error::Tls {
-                            registry: host_port(url),
-                            problem,
-                        });
+                    if let Some(err) = self.unretryable(&req.method, url, &e) {
+                        return Err(err);
                     }
                     let transient = e.is_connect() || (req.idempotent() && e.is_request());
                     if last || !transient {
@@ -500,6 +491,19 @@ impl Transport {
                 }
             }
         }
+    }
+
+    /// The error for a failed send that no retry would fix: a stall (a
+    /// whole stall period waited already) or a refused certificate.
+    fn unretryable(&self, method: &Method, url: &Url, e: &reqwest::Error) -> Option<Error> {
+        if e.is_timeout() {
+            let what = format!("{method} {}", redact_url(url));
+            return Some(stalled(url, what, self.stall));
+        }
+        certificate_problem(e).map(|problem| Error::Tls {
+            registry: host_port(url),
+            problem,
+        })
     }
 
     /// Exponential backoff, or the server's `Retry-After` (seconds), capped.
